@@ -1,0 +1,1 @@
+"""Checkpoint format, store and resharding."""

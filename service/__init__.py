@@ -1,0 +1,3 @@
+"""shardstep service: coordinator, job spec, command line and cluster submission."""
+
+__version__ = "0.1.0"

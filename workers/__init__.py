@@ -1,0 +1,1 @@
+"""What runs inside shardstep's actors: optimizers, layers, shard actors, gradient workers."""

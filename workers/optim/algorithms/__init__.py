@@ -1,0 +1,1 @@
+"""One module per optimizer algorithm: its update rule and its torch-style class."""

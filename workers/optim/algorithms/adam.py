@@ -1,0 +1,123 @@
+"""Adam and AdamW (Kingma & Ba 2015, arXiv:1412.6980; Loshchilov & Hutter 2019, arXiv:1711.05101).
+
+    g  = -grad if maximize else grad
+    decoupled:  p = p * (1 - lr * wd)          else:  g = g + wd * p
+    m  = lerp(m, g, 1 - beta1)                 v = beta2 * v + (1 - beta2) * g * g
+    v̂  = max(v̂, v) if amsgrad else v
+    p  = p - lr / (1 - beta1^t) * m / (sqrt(v̂) / sqrt(1 - beta2^t) + eps)
+
+The operation order follows torch.optim.Adam's single-tensor path, in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import (
+    Rule,
+    advance,
+    check_bool,
+    check_device_flags,
+    check_interval,
+    check_min,
+    check_pair,
+    flat,
+    new_step,
+    scalars,
+)
+
+ADAM_DEFAULTS = dict(
+    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, maximize=False,
+    foreach=None, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False,
+)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_min("eps", group["eps"])
+    beta1, beta2 = check_pair("betas", group["betas"])
+    check_interval("betas[0]", beta1, 0.0, 1.0)
+    check_interval("betas[1]", beta2, 0.0, 1.0)
+    check_min("weight_decay", group["weight_decay"])
+    for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
+        check_bool(flag, group[flag])
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    state = {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
+    if group["amsgrad"]:
+        state["max_exp_avg_sq"] = np.zeros_like(param)
+    return state
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _adam_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize, amsgrad,
+                 weight_decay, decoupled, decay, lerp_w, lerp_w_small, lerp_1mw,
+                 beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            if decoupled:
+                p = p * decay
+            else:
+                g = g + weight_decay * p
+        m = exp_avg[i]
+        # torch's lerp: the form depends on |w| < 0.5 for accuracy
+        if lerp_w_small:
+            m = m + lerp_w * (g - m)
+        else:
+            m = g - (g - m) * lerp_1mw
+        exp_avg[i] = m
+        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g
+        exp_avg_sq[i] = v
+        if amsgrad:
+            v = max(max_exp_avg_sq[i], v)
+            max_exp_avg_sq[i] = v
+        denom = math.sqrt(v) / bias_correction2_sqrt + eps
+        param[i] = p + neg_step_size * m / denom
+
+
+def update(param, grad, state, group) -> None:
+    step = advance(state["step"])
+    beta1, beta2 = group["betas"]
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    lerp_w = 1 - beta1
+    exp_avg_sq = flat(state["exp_avg_sq"])
+    max_exp_avg_sq = flat(state["max_exp_avg_sq"]) if group["amsgrad"] else exp_avg_sq
+    (decay, lerp_w32, beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size, wd) = scalars(
+        param.dtype, 1 - lr * weight_decay, lerp_w, beta2, 1 - beta2, bias_correction2**0.5,
+        group["eps"], -(lr / bias_correction1), weight_decay,
+    )
+    _adam_kernel(
+        flat(param), flat(grad), flat(state["exp_avg"]), exp_avg_sq, max_exp_avg_sq,
+        bool(group["maximize"]), bool(group["amsgrad"]), wd, bool(group["decoupled_weight_decay"]),
+        decay, lerp_w32, abs(lerp_w) < 0.5, param.dtype.type(1) - lerp_w32,
+        beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
+    )
+
+
+RULE = Rule(name="adam", defaults=ADAM_DEFAULTS, validate=validate, init_state=init_state, update=update)
+
+
+class Adam(Optimizer):
+    """torch.optim.Adam: every argument and default of torch 2.13."""
+
+    rule = RULE
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        super().__init__(params, dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        ))

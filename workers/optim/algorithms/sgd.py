@@ -1,0 +1,106 @@
+"""SGD with momentum, dampening and Nesterov momentum (Sutskever et al. 2013), as torch.optim.SGD.
+
+    g = -grad if maximize else grad;   g = g + wd * p
+    b = g on the first step, else momentum * b + (1 - dampening) * g
+    g = g + momentum * b if nesterov else b            (when momentum != 0)
+    p = p - lr * g
+
+Row-sparse gradients (embeddings) are accepted without momentum and weight decay, as in torch
+(whose sparse momentum buffer would grow dense; use Adagrad or SparseAdam for those).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import Rule, check_bool, check_device_flags, check_min, flat, scalars
+
+SGD_DEFAULTS = dict(lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False,
+                    foreach=None, differentiable=False, fused=None)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_min("momentum", group["momentum"])
+    check_min("weight_decay", group["weight_decay"])
+    check_min("dampening", group["dampening"], float("-inf"))
+    check_bool("nesterov", group["nesterov"])
+    check_bool("maximize", group["maximize"])
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            "nesterov momentum requires momentum > 0 and dampening = 0; got "
+            f"momentum={group['momentum']}, dampening={group['dampening']}"
+        )
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    # torch creates the momentum buffer from the first gradient, and no state without momentum
+    return {}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _sgd_kernel(param, grad, buf, maximize, weight_decay, has_momentum, first, momentum,
+                one_minus_dampening, nesterov, neg_lr):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if has_momentum:
+            if first:
+                b = g
+            else:
+                b = buf[i] * momentum + one_minus_dampening * g
+            buf[i] = b
+            if nesterov:
+                g = g + momentum * b
+            else:
+                g = b
+        param[i] = p + neg_lr * g
+
+
+def update(param, grad, state, group) -> None:
+    momentum = group["momentum"]
+    first = False
+    if momentum != 0 and "momentum_buffer" not in state:
+        state["momentum_buffer"] = np.empty_like(param)
+        first = True
+    param, grad = flat(param), flat(grad)
+    buf = flat(state["momentum_buffer"]) if momentum != 0 else param
+    weight_decay, momentum_, one_minus_dampening, neg_lr = scalars(
+        param.dtype, group["weight_decay"], momentum, 1 - group["dampening"], -group["lr"])
+    _sgd_kernel(param, grad, buf, bool(group["maximize"]), weight_decay, momentum != 0, first,
+                momentum_, one_minus_dampening, bool(group["nesterov"]), neg_lr)
+
+
+def update_rows(param, rows, values, state, group) -> None:
+    if group["momentum"] != 0 or group["weight_decay"] != 0:
+        raise RuntimeError(
+            "SGD with sparse gradients needs momentum=0 and weight_decay=0; got "
+            f"momentum={group['momentum']}, weight_decay={group['weight_decay']}"
+        )
+    neg_lr = param.dtype.type(-group["lr"])
+    if group["maximize"]:
+        values = -values
+    param[rows] += neg_lr * values
+
+
+RULE = Rule(name="sgd", defaults=SGD_DEFAULTS, validate=validate, init_state=init_state,
+            update=update, update_rows=update_rows, scalar_state=())
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD: every argument and default of torch 2.13."""
+
+    rule = RULE
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        super().__init__(params, dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused,
+        ))

@@ -1,0 +1,146 @@
+"""The contract every optimizer algorithm fulfils: a pure update rule on arrays.
+
+An algorithm is a :class:`Rule`: its torch-compatible defaults, a validator for
+hyperparameters, ``init_state`` (the named state of one parameter, or of any slice of one),
+and ``update`` / ``update_rows`` that advance a parameter (or slice) and its state in place.
+The torch-style :class:`~workers.optim.optimizer.Optimizer` and the shard actors call the
+same rule; neither branches on which algorithm runs.
+
+Elementwise rules never reduce across elements, so applying ``update`` to every slice of a
+parameter is the same as applying it to the whole parameter. State entries named in
+``scalar_state`` are per-parameter scalars (a step counter, a decaying factor) that depend
+only on the step and the hyperparameters, so every slice holds the same value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# torch keeps step counters and per-parameter scalar state as float32 0-d tensors
+# (``torch.optim.optimizer._get_scalar_dtype()`` under the default dtype); we hold the same
+# dtype so values round exactly as torch's do and state_dicts convert both ways unchanged.
+SCALAR_DTYPE = np.float32
+
+# Flags that only select torch's device kernels or autograd behaviour. They are stored in
+# param_groups with torch's values so state_dicts interoperate.
+#  - foreach, fused: accepted and ignored; every update here is already one fused pass.
+#  - capturable, differentiable: only False is accepted (no CUDA graphs, no autograd through
+#    the step); True raises ValueError.
+IGNORED_FLAGS = ("foreach", "fused")
+FALSE_ONLY_FLAGS = ("capturable", "differentiable")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One optimizer algorithm, shared by the facade and the shard actors."""
+
+    name: str
+    defaults: Mapping[str, Any]
+    validate: Callable[[Mapping[str, Any]], None]
+    init_state: Callable[[np.ndarray, Mapping[str, Any]], dict[str, Any]]
+    # update(param, grad, state, group): dense gradient; param, grad and array state share one
+    # shape (the parameter's in the facade, a 1-D slice in a shard); updates happen in place
+    # and state the rule creates lazily takes that shape.
+    update: Callable[[np.ndarray, np.ndarray, dict[str, Any], Mapping[str, Any]], None] | None
+    # update_rows(param, rows, values, state, group): param is 2-D (rows, -1); rows are unique
+    # and sorted; values[k] is the gradient of row rows[k].
+    update_rows: Callable[..., None] | None = None
+    scalar_state: tuple[str, ...] = field(default=("step",))
+
+    @property
+    def accepts_dense(self) -> bool:
+        return self.update is not None
+
+    @property
+    def accepts_sparse(self) -> bool:
+        return self.update_rows is not None
+
+
+def new_step() -> np.ndarray:
+    """A step counter as torch stores it: a float32 0-d array, 0 before the first step."""
+    return np.zeros((), dtype=SCALAR_DTYPE)
+
+
+def advance(step: np.ndarray) -> float:
+    """Increment a step counter in place and return the new value as a Python float."""
+    step += 1
+    return float(step)
+
+
+def flat(array: np.ndarray) -> np.ndarray:
+    """A 1-D view of a C-contiguous array (never a copy: updates must land in place)."""
+    if not array.flags.c_contiguous:
+        raise ValueError("optimizer arrays must be C-contiguous so updates happen in place")
+    return array.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# hyperparameter checks: each names the argument, the value received and what is allowed
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def require_number(name: str, value: Any) -> float:
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.floating):
+        value = value.item()
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN; got {value}")
+    return value
+
+
+def check_min(name: str, value: Any, low: float = 0.0) -> None:
+    value = require_number(name, value)
+    if not value >= low:
+        raise ValueError(f"{name} must be >= {low:g}; got {value}")
+
+
+def check_interval(name: str, value: Any, low: float, high: float, *, closed_high: bool = False) -> None:
+    """Check ``low <= value < high`` (or ``<= high`` when ``closed_high``)."""
+    value = require_number(name, value)
+    inside = low <= value <= high if closed_high else low <= value < high
+    if not inside:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}; got {value}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}")
+
+
+def check_pair(name: str, value: Any) -> tuple[Any, Any]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (a, b); got {value!r}")
+    return value[0], value[1]
+
+
+def check_device_flags(group: Mapping[str, Any]) -> None:
+    """Device-only flags: see IGNORED_FLAGS and FALSE_ONLY_FLAGS."""
+    for flag in IGNORED_FLAGS:
+        if flag in group and group[flag] not in (None, True, False):
+            raise ValueError(f"{flag} must be None, True or False; got {group[flag]!r}")
+    for flag in FALSE_ONLY_FLAGS:
+        if group.get(flag, False):
+            raise ValueError(
+                f"{flag}=True is a torch device feature shardstep does not have; "
+                f"got {flag}={group[flag]!r}, allowed: False"
+            )
+    if group.get("foreach") and group.get("fused"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def scalars(dtype: np.dtype, *values: float) -> tuple:
+    """Hyperparameters as scalars of the parameter's dtype, so kernels compute in that dtype
+    (float32 arithmetic for float32 parameters, as torch's CPU kernels do)."""
+    kind = np.dtype(dtype).type
+    return tuple(kind(v) for v in values)
