@@ -177,6 +177,28 @@ def test_dense_optimizer_rejects_sparse_gradients_and_sparse_adam_dense_ones():
         Adam([emb]).step()
 
 
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "sparse_adam"])
+def test_an_empty_sparse_gradient_changes_no_parameter(name):
+    emb = Parameter(np.ones((4, 3), np.float32), name="emb")
+    optimizer = optimizer_class(name)([emb], lr=0.1)
+    emb.grad = RowSparseGrad([1], np.ones((1, 3), np.float32), (4, 3))
+    optimizer.zero_grad(set_to_none=False)
+    assert emb.grad.indices.size == 0
+    before = emb.data.copy()
+    optimizer.step()
+    np.testing.assert_array_equal(emb.data, before)
+
+
+def test_sparse_adagrad_refuses_weight_decay_and_keeps_its_state():
+    emb = Parameter(np.ones((4, 3), np.float32), name="emb")
+    optimizer = optimizer_class("adagrad")([emb], lr=0.1, weight_decay=0.1)
+    emb.grad = RowSparseGrad([1], np.ones((1, 3), np.float32), (4, 3))
+    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients; got weight_decay=0.1"):
+        optimizer.step()
+    assert optimizer.state[emb]["step"] == 0
+    np.testing.assert_array_equal(emb.data, np.ones((4, 3), np.float32))
+
+
 def test_grad_shape_and_dtype_are_checked():
     w = _params()[0]
     with pytest.raises(ValueError, match=r"grad for parameter w must have shape \(3, 2\); got \(2, 3\)"):

@@ -143,8 +143,9 @@ class Optimizer:
                     if not state:
                         state.update(rule.init_state(p.data, group))
                     grad = grad.coalesce()
-                    rule.update_rows(p.data.reshape(p.shape[0], -1), grad.indices,
-                                     grad.values.reshape(grad.indices.size, -1), state, group)
+                    row_size = p.size // p.shape[0] if p.shape[0] else 0
+                    rule.update_rows(p.data.reshape(p.shape[0], row_size), grad.indices,
+                                     grad.values.reshape(grad.indices.size, row_size), state, group)
                 else:
                     if not rule.accepts_dense:
                         raise RuntimeError(

@@ -1,0 +1,91 @@
+"""Adadelta (Zeiler 2012, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701), as
+torch.optim.Adadelta.
+
+    g = -grad if maximize else grad;   g = g + wd * p
+    v = rho * v + (1 - rho) * g * g
+    d = sqrt(u + eps) / sqrt(v + eps) * g
+    u = rho * u + (1 - rho) * d * d
+    p = p - lr * d
+
+The operation order follows torch's single-tensor path, in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import (
+    Rule,
+    advance,
+    check_bool,
+    check_device_flags,
+    check_interval,
+    check_min,
+    flat,
+    new_step,
+    scalars,
+)
+
+ADADELTA_DEFAULTS = dict(
+    lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, maximize=False, capturable=False, foreach=None,
+    differentiable=False,
+)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_interval("rho", group["rho"], 0.0, 1.0, closed_high=True)
+    check_min("eps", group["eps"])
+    check_min("weight_decay", group["weight_decay"])
+    check_bool("maximize", group["maximize"])
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    return {"step": new_step(), "square_avg": np.zeros_like(param), "acc_delta": np.zeros_like(param)}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _adadelta_kernel(param, grad, square_avg, acc_delta, maximize, weight_decay, rho,
+                     one_minus_rho, eps, neg_lr):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        v = square_avg[i] * rho + one_minus_rho * g * g
+        square_avg[i] = v
+        u = acc_delta[i]
+        delta = math.sqrt(u + eps) / math.sqrt(v + eps) * g
+        acc_delta[i] = u * rho + one_minus_rho * delta * delta
+        param[i] = p + neg_lr * delta
+
+
+def update(param, grad, state, group) -> None:
+    advance(state["step"])
+    rho = group["rho"]
+    weight_decay, rho_, one_minus_rho, eps, neg_lr = scalars(
+        param.dtype, group["weight_decay"], rho, 1 - rho, group["eps"], -group["lr"])
+    _adadelta_kernel(flat(param), flat(grad), flat(state["square_avg"]), flat(state["acc_delta"]),
+                     bool(group["maximize"]), weight_decay, rho_, one_minus_rho, eps, neg_lr)
+
+
+RULE = Rule(name="adadelta", defaults=ADADELTA_DEFAULTS, validate=validate, init_state=init_state,
+            update=update)
+
+
+class Adadelta(Optimizer):
+    """torch.optim.Adadelta: every argument and default of torch 2.13."""
+
+    rule = RULE
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False):
+        super().__init__(params, dict(
+            lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+            capturable=capturable, foreach=foreach, differentiable=differentiable,
+        ))

@@ -1,0 +1,123 @@
+"""Adagrad (Duchi, Hazan & Singer 2011, "Adaptive Subgradient Methods for Online Learning and
+Stochastic Optimization", JMLR 12:2121-2159), as torch.optim.Adagrad.
+
+    g   = -grad if maximize else grad;     g = g + wd * p
+    clr = lr / (1 + (t - 1) * lr_decay)
+    s   = s + g * g                        (s starts at initial_accumulator_value)
+    p   = p - clr * g / (sqrt(s) + eps)
+
+Row-sparse gradients (embeddings) update ``s`` and ``p`` only at the gradient's rows, as torch's
+sparse path does; weight decay is refused for them, as in torch (it would touch every row).
+The operation order follows torch's single-tensor path, in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import (
+    Rule,
+    advance,
+    check_bool,
+    check_device_flags,
+    check_min,
+    flat,
+    new_step,
+    scalars,
+)
+
+ADAGRAD_DEFAULTS = dict(
+    lr=1e-2, lr_decay=0, eps=1e-10, weight_decay=0, initial_accumulator_value=0, foreach=None,
+    maximize=False, differentiable=False, fused=None,
+)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_min("lr_decay", group["lr_decay"])
+    check_min("weight_decay", group["weight_decay"])
+    check_min("initial_accumulator_value", group["initial_accumulator_value"])
+    check_min("eps", group["eps"])
+    check_bool("maximize", group["maximize"])
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    return {"step": new_step(), "sum": np.full_like(param, group["initial_accumulator_value"])}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _adagrad_kernel(param, grad, state_sum, maximize, weight_decay, eps, neg_clr):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        s = state_sum[i] + g * g
+        state_sum[i] = s
+        # torch's addcdiv: p + value * g / std
+        param[i] = p + neg_clr * g / (math.sqrt(s) + eps)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _adagrad_rows_kernel(param, rows, values, state_sum, maximize, eps, neg_clr):
+    for k in prange(rows.size):
+        r = rows[k]
+        for j in range(param.shape[1]):
+            g = -values[k, j] if maximize else values[k, j]
+            s = state_sum[r, j] + g * g
+            state_sum[r, j] = s
+            # torch's sparse path: p.add_(g / std, alpha=-clr)
+            param[r, j] = param[r, j] + neg_clr * (g / (math.sqrt(s) + eps))
+
+
+def _neg_clr(group, step: float) -> float:
+    return -(group["lr"] / (1 + (step - 1) * group["lr_decay"]))
+
+
+def update(param, grad, state, group) -> None:
+    step = advance(state["step"])
+    weight_decay, eps, neg_clr = scalars(param.dtype, group["weight_decay"], group["eps"],
+                                         _neg_clr(group, step))
+    _adagrad_kernel(flat(param), flat(grad), flat(state["sum"]), bool(group["maximize"]),
+                    weight_decay, eps, neg_clr)
+
+
+def update_rows(param, rows, values, state, group) -> None:
+    if group["weight_decay"] != 0:
+        raise RuntimeError(
+            "weight_decay option is not compatible with sparse gradients; got "
+            f"weight_decay={group['weight_decay']}, allowed with sparse gradients: 0"
+        )
+    step = advance(state["step"])
+    eps, neg_clr = scalars(param.dtype, group["eps"], _neg_clr(group, step))
+    state_sum = flat(state["sum"]).reshape(param.shape)
+    _adagrad_rows_kernel(param, rows, values, state_sum, bool(group["maximize"]), eps, neg_clr)
+
+
+RULE = Rule(name="adagrad", defaults=ADAGRAD_DEFAULTS, validate=validate, init_state=init_state,
+            update=update, update_rows=update_rows)
+
+
+class Adagrad(Optimizer):
+    """torch.optim.Adagrad: every argument and default of torch 2.13.
+
+    As in torch, state ('step' and 'sum') exists for every parameter from construction on.
+    """
+
+    rule = RULE
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None):
+        super().__init__(params, dict(
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, fused=fused,
+        ))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].update(RULE.init_state(p.data, group))

@@ -1,0 +1,104 @@
+"""Adamax, Adam's infinity-norm variant (Kingma & Ba 2015, arXiv:1412.6980, section 7.1), as
+torch.optim.Adamax.
+
+    g = -grad if maximize else grad;   g = g + wd * p
+    m = lerp(m, g, 1 - beta1)
+    u = max(beta2 * u, |g| + eps)
+    p = p - lr / (1 - beta1^t) * m / u
+
+The operation order follows torch's single-tensor path, in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import (
+    Rule,
+    advance,
+    check_bool,
+    check_device_flags,
+    check_interval,
+    check_min,
+    check_pair,
+    flat,
+    new_step,
+    scalars,
+)
+
+ADAMAX_DEFAULTS = dict(
+    lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, maximize=False,
+    differentiable=False, capturable=False,
+)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_min("eps", group["eps"])
+    beta1, beta2 = check_pair("betas", group["betas"])
+    check_interval("betas[0]", beta1, 0.0, 1.0)
+    check_interval("betas[1]", beta2, 0.0, 1.0)
+    check_min("weight_decay", group["weight_decay"])
+    check_bool("maximize", group["maximize"])
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_inf": np.zeros_like(param)}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _adamax_kernel(param, grad, exp_avg, exp_inf, maximize, weight_decay, lerp_w, lerp_w_small,
+                   lerp_1mw, beta2, eps, neg_clr):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        m = exp_avg[i]
+        # torch's lerp: the form depends on |w| < 0.5 for accuracy
+        if lerp_w_small:
+            m = m + lerp_w * (g - m)
+        else:
+            m = g - (g - m) * lerp_1mw
+        exp_avg[i] = m
+        # torch.maximum(exp_inf * beta2, |g| + eps), NaN-propagating like torch.maximum
+        u = exp_inf[i] * beta2
+        a = abs(g) + eps
+        if not (u > a or u != u):
+            u = a
+        exp_inf[i] = u
+        param[i] = p + neg_clr * m / u
+
+
+def update(param, grad, state, group) -> None:
+    step = advance(state["step"])
+    beta1, beta2 = group["betas"]
+    clr = group["lr"] / (1 - beta1**step)
+    weight_decay, lerp_w, beta2_, eps, neg_clr = scalars(
+        param.dtype, group["weight_decay"], 1 - beta1, beta2, group["eps"], -clr)
+    _adamax_kernel(
+        flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_inf"]),
+        bool(group["maximize"]), weight_decay, lerp_w, bool(abs(lerp_w) < 0.5),
+        param.dtype.type(1) - lerp_w, beta2_, eps, neg_clr,
+    )
+
+
+RULE = Rule(name="adamax", defaults=ADAMAX_DEFAULTS, validate=validate, init_state=init_state,
+            update=update)
+
+
+class Adamax(Optimizer):
+    """torch.optim.Adamax: every argument and default of torch 2.13."""
+
+    rule = RULE
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
+                 maximize=False, differentiable=False, capturable=False):
+        super().__init__(params, dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+            differentiable=differentiable, capturable=capturable,
+        ))

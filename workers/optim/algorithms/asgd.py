@@ -1,0 +1,105 @@
+"""ASGD: averaged stochastic gradient descent (Polyak & Juditsky 1992, "Acceleration of
+Stochastic Approximation by Averaging", SIAM J. Control Optim. 30(4)), as torch.optim.ASGD.
+
+    g  = -grad if maximize else grad;   g = g + wd * p
+    p  = p * (1 - lambd * eta) - eta * g
+    ax = ax + mu * (p - ax)   if mu != 1, else  ax = p
+    then, with the new step t:
+    eta = lr / (1 + lambd * lr * t)^alpha      mu = 1 / max(1, t - t0)
+
+eta and mu are float32 scalars, as in torch (rounded once from the float64 formula), and
+the update reads eta back from its float32 value. The operation order follows
+torch.optim.ASGD's single-tensor path, in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import (
+    SCALAR_DTYPE,
+    Rule,
+    advance,
+    check_bool,
+    check_device_flags,
+    check_min,
+    flat,
+    new_step,
+    require_number,
+    scalars,
+)
+
+ASGD_DEFAULTS = dict(
+    lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None, maximize=False,
+    differentiable=False, capturable=False,
+)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_min("weight_decay", group["weight_decay"])
+    # torch checks neither lambd, alpha nor t0; they must at least be numbers
+    for name in ("lambd", "alpha", "t0"):
+        require_number(name, group[name])
+    check_bool("maximize", group["maximize"])
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    return {
+        "step": new_step(),
+        "eta": np.array(group["lr"], dtype=SCALAR_DTYPE),
+        "mu": np.ones((), dtype=SCALAR_DTYPE),
+        "ax": np.zeros_like(param),
+    }
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _asgd_kernel(param, grad, ax, maximize, weight_decay, decay, neg_eta, average, mu):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        p = p * decay
+        p = p + neg_eta * g
+        param[i] = p
+        if average:
+            a = ax[i]
+            ax[i] = a + (p - a) * mu
+        else:
+            ax[i] = p
+
+
+def update(param, grad, state, group) -> None:
+    step = advance(state["step"])
+    lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
+    eta_value = float(state["eta"])
+    mu_value = float(state["mu"])
+    decay, neg_eta, wd, mu = scalars(param.dtype, 1 - lambd * eta_value, -eta_value,
+                                     group["weight_decay"], mu_value)
+    _asgd_kernel(flat(param), flat(grad), flat(state["ax"]), bool(group["maximize"]), wd, decay,
+                 neg_eta, mu_value != 1, mu)
+    # torch writes float32 scalars (torch.as_tensor of a Python float) into eta and mu, which
+    # a loaded state may hold in the parameter's dtype
+    state["eta"][...] = SCALAR_DTYPE(lr / ((1 + lambd * lr * step) ** alpha))
+    state["mu"][...] = SCALAR_DTYPE(1 / max(1, step - t0))
+
+
+RULE = Rule(name="asgd", defaults=ASGD_DEFAULTS, validate=validate, init_state=init_state,
+            update=update, scalar_state=("step", "eta", "mu"))
+
+
+class ASGD(Optimizer):
+    """torch.optim.ASGD: every argument and default of torch 2.13."""
+
+    rule = RULE
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
+                 maximize=False, differentiable=False, capturable=False):
+        super().__init__(params, dict(
+            lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, capturable=capturable,
+        ))

@@ -1,0 +1,140 @@
+"""NAdam: Adam with Nesterov momentum (Dozat 2016, "Incorporating Nesterov Momentum into
+Adam", ICLR workshop), with torch's momentum decay schedule.
+
+    g  = -grad if maximize else grad
+    decoupled:  p = p * (1 - lr * wd)          else:  g = g + wd * p
+    mu_t = beta1 * (1 - 0.5 * 0.96^(t * psi)),  mu_{t+1} likewise;  Π_t = Π_{t-1} * mu_t
+    m  = lerp(m, g, 1 - beta1)                 v = beta2 * v + (1 - beta2) * g * g
+    d  = sqrt(v / (1 - beta2^t)) + eps
+    p  = p - lr (1 - mu_t) / (1 - Π_t) * g / d - lr mu_{t+1} / (1 - Π_t mu_{t+1}) * m / d
+
+(psi = momentum_decay.) Π (``mu_product``) is a float32 scalar, as in torch, and rounds as
+torch's does. The operation order follows torch.optim.NAdam's single-tensor path, in the
+parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import (
+    SCALAR_DTYPE,
+    Rule,
+    advance,
+    check_bool,
+    check_device_flags,
+    check_interval,
+    check_min,
+    check_pair,
+    flat,
+    new_step,
+    scalars,
+)
+
+NADAM_DEFAULTS = dict(
+    lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
+    decoupled_weight_decay=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_min("eps", group["eps"])
+    beta1, beta2 = check_pair("betas", group["betas"])
+    check_interval("betas[0]", beta1, 0.0, 1.0)
+    check_interval("betas[1]", beta2, 0.0, 1.0)
+    check_min("weight_decay", group["weight_decay"])
+    check_min("momentum_decay", group["momentum_decay"])
+    for flag in ("decoupled_weight_decay", "maximize"):
+        check_bool(flag, group[flag])
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    return {
+        "step": new_step(),
+        "mu_product": np.ones((), dtype=SCALAR_DTYPE),
+        "exp_avg": np.zeros_like(param),
+        "exp_avg_sq": np.zeros_like(param),
+    }
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _nadam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, decoupled, decay,
+                  lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction2, eps,
+                  grad_coef, exp_avg_coef):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            if decoupled:
+                p = p * decay
+            else:
+                g = g + weight_decay * p
+        m = exp_avg[i]
+        # torch's lerp: the form depends on |w| < 0.5 for accuracy
+        if lerp_w_small:
+            m = m + lerp_w * (g - m)
+        else:
+            m = g - (g - m) * lerp_1mw
+        exp_avg[i] = m
+        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g
+        exp_avg_sq[i] = v
+        denom = math.sqrt(v / bias_correction2) + eps
+        # two addcdiv_ calls: the parameter rounds after each
+        p = p + grad_coef * g / denom
+        param[i] = p + exp_avg_coef * m / denom
+
+
+def update(param, grad, state, group) -> None:
+    step = advance(state["step"])
+    beta1, beta2 = group["betas"]
+    lr, weight_decay, momentum_decay = group["lr"], group["weight_decay"], group["momentum_decay"]
+    bias_correction2 = 1 - beta2**step
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    # torch keeps mu_product as a float32 scalar and multiplies it by mu in float32. A state
+    # loaded for a float64 parameter holds it as float64 (the facade casts as torch does); we
+    # still advance it in float32, so a resumed run continues bit-identically (torch, after
+    # load_state_dict, continues in float64 and drifts from its own run by ~3e-13 relative)
+    mu_product = state["mu_product"]
+    mu_product[...] = SCALAR_DTYPE(mu_product) * SCALAR_DTYPE(mu)
+    mu_product_value = float(mu_product)
+    mu_product_next = mu_product_value * mu_next
+    grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product_value)
+    exp_avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
+    lerp_w = 1 - beta1
+    (decay, lerp_w_, beta2_, one_minus_beta2, bc2, eps, grad_coef_, exp_avg_coef_, wd) = scalars(
+        param.dtype, 1 - lr * weight_decay, lerp_w, beta2, 1 - beta2, bias_correction2,
+        group["eps"], grad_coef, exp_avg_coef, weight_decay,
+    )
+    _nadam_kernel(
+        flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_avg_sq"]),
+        bool(group["maximize"]), wd, bool(group["decoupled_weight_decay"]), decay,
+        lerp_w_, abs(lerp_w) < 0.5, param.dtype.type(1) - lerp_w_, beta2_, one_minus_beta2, bc2,
+        eps, grad_coef_, exp_avg_coef_,
+    )
+
+
+RULE = Rule(name="nadam", defaults=NADAM_DEFAULTS, validate=validate, init_state=init_state,
+            update=update, scalar_state=("step", "mu_product"))
+
+
+class NAdam(Optimizer):
+    """torch.optim.NAdam: every argument and default of torch 2.13."""
+
+    rule = RULE
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False):
+        super().__init__(params, dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
+            capturable=capturable, differentiable=differentiable,
+        ))

@@ -1,0 +1,128 @@
+"""RAdam: Adam with a rectified adaptive learning rate (Liu et al. 2020, "On the Variance of
+the Adaptive Learning Rate and Beyond", arXiv:1908.03265).
+
+    g  = -grad if maximize else grad
+    decoupled:  p = p * (1 - lr * wd)          else:  g = g + wd * p
+    m  = lerp(m, g, 1 - beta1)                 v = beta2 * v + (1 - beta2) * g * g
+    m̂  = m / (1 - beta1^t)
+    rho_inf = 2 / (1 - beta2) - 1              rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)
+    rho_t > 5:  r = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+                p = p - m̂ * lr * (sqrt(1 - beta2^t) / (sqrt(v) + eps)) * r
+    otherwise:  p = p - m̂ * lr                 (the un-adapted, SGD-with-momentum step)
+
+The operation order follows torch.optim.RAdam's single-tensor path, in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from workers.optim.optimizer import Optimizer
+from workers.optim.rule import (
+    Rule,
+    advance,
+    check_bool,
+    check_device_flags,
+    check_interval,
+    check_min,
+    check_pair,
+    flat,
+    new_step,
+    scalars,
+)
+
+RADAM_DEFAULTS = dict(
+    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, maximize=False, foreach=None,
+    capturable=False, decoupled_weight_decay=False, differentiable=False,
+)
+
+
+def validate(group) -> None:
+    check_min("lr", group["lr"])
+    check_min("eps", group["eps"])
+    beta1, beta2 = check_pair("betas", group["betas"])
+    check_interval("betas[0]", beta1, 0.0, 1.0)
+    check_interval("betas[1]", beta2, 0.0, 1.0)
+    check_min("weight_decay", group["weight_decay"])
+    for flag in ("maximize", "decoupled_weight_decay"):
+        check_bool(flag, group[flag])
+    check_device_flags(group)
+
+
+def init_state(param: np.ndarray, group) -> dict:
+    return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _radam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, decoupled, decay,
+                  lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction1, lr,
+                  rectify, eps, one, bias_correction2_sqrt, rect):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if weight_decay != 0:
+            if decoupled:
+                p = p * decay
+            else:
+                g = g + weight_decay * p
+        m = exp_avg[i]
+        # torch's lerp: the form depends on |w| < 0.5 for accuracy
+        if lerp_w_small:
+            m = m + lerp_w * (g - m)
+        else:
+            m = g - (g - m) * lerp_1mw
+        exp_avg[i] = m
+        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g
+        exp_avg_sq[i] = v
+        u = m / bias_correction1 * lr
+        if rectify:
+            # torch: sqrt(bc2) / t is t.reciprocal() * sqrt(bc2), two roundings
+            adaptive = one / (math.sqrt(v) + eps) * bias_correction2_sqrt
+            u = u * adaptive * rect
+        param[i] = p - u
+
+
+def update(param, grad, state, group) -> None:
+    step = advance(state["step"])
+    beta1, beta2 = group["betas"]
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rectify = rho_t > 5.0
+    rect = 1.0
+    if rectify:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    lerp_w = 1 - beta1
+    (decay, lerp_w_, beta2_, one_minus_beta2, bc1, lr_, eps, one, bc2_sqrt, rect_, wd) = scalars(
+        param.dtype, 1 - lr * weight_decay, lerp_w, beta2, 1 - beta2, bias_correction1, lr,
+        group["eps"], 1, bias_correction2**0.5, rect, weight_decay,
+    )
+    _radam_kernel(
+        flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_avg_sq"]),
+        bool(group["maximize"]), wd, bool(group["decoupled_weight_decay"]), decay,
+        lerp_w_, abs(lerp_w) < 0.5, one - lerp_w_, beta2_, one_minus_beta2, bc1, lr_,
+        bool(rectify), eps, one, bc2_sqrt, rect_,
+    )
+
+
+RULE = Rule(name="radam", defaults=RADAM_DEFAULTS, validate=validate, init_state=init_state, update=update)
+
+
+class RAdam(Optimizer):
+    """torch.optim.RAdam: every argument and default of torch 2.13."""
+
+    rule = RULE
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False):
+        super().__init__(params, dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, maximize=maximize, foreach=foreach, capturable=capturable,
+            decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
+        ))
