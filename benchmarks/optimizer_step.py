@@ -1,0 +1,227 @@
+"""One optimizer step: shardstep's kernel vs torch.optim's fastest CPU implementation.
+
+    python benchmarks/optimizer_step.py                       # 10M and 100M, 1 and 2 threads
+    python benchmarks/optimizer_step.py --sizes 1e6 --repeats 3 --no-write   # a quick look
+
+Needs the ``bench`` extra (torch 2.13.0). For every elementwise optimizer, on float32
+parameters of each size and at each thread count, both systems step the same data
+alternately (ours, torch, ours, torch, ...) so machine noise hits both alike; the table
+gives medians and p90 and the ratio torch/ours (> 1: shardstep is faster). torch runs its
+fused CPU kernel where it has one (SGD, Adagrad, Adam, AdamW), else foreach.
+
+Reference for the memory system, measured in the same run: a one-pass numba "triad"
+(a = b + s * c) at the same thread count; "of triad" is the effective bandwidth of our
+step (the bytes the update must read and write, once) divided by the triad's.
+SparseAdam (row-sparse gradients) and LBFGS (not elementwise) are not in this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from workers.optim import Parameter, optimizer_class  # noqa: E402
+
+# optimizer -> hyperparameters (the common configuration: defaults, SGD with momentum)
+CONFIGS = {
+    "sgd": {"lr": 0.01, "momentum": 0.9},
+    "adagrad": {},
+    "rmsprop": {},
+    "adadelta": {},
+    "adam": {},
+    "adamw": {},
+    "adamax": {},
+    "nadam": {},
+    "radam": {},
+    "asgd": {},
+    "rprop": {},
+}
+TORCH_FUSED = {"sgd", "adagrad", "adam", "adamw"}
+BEGIN, END = "<!-- optimizer-step:begin -->", "<!-- optimizer-step:end -->"
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _triad(a, b, c, s):
+    for i in prange(a.size):
+        a[i] = b[i] + s * c[i]
+
+
+def triad_bandwidth(n: int, repeats: int) -> float:
+    """GB/s of one pass reading two float32 arrays and writing one."""
+    a, b, c = (np.full(n, 1.0, np.float32) for _ in range(3))
+    s = np.float32(0.5)
+    _triad(a, b, c, s)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _triad(a, b, c, s)
+        times.append(time.perf_counter() - start)
+    return 3 * 4 * n / statistics.median(times) / 1e9
+
+
+def _state_arrays(optimizer, param) -> int:
+    return sum(1 for v in optimizer.state[param].values() if isinstance(v, np.ndarray) and v.ndim > 0)
+
+
+def measure(name: str, n: int, repeats: int, torch) -> dict:
+    rng = np.random.default_rng(0)
+    data = rng.random(n, dtype=np.float32) - np.float32(0.5)
+    grad = rng.random(n, dtype=np.float32) - np.float32(0.5)
+    kwargs = CONFIGS[name]
+
+    ours_p = Parameter(data.copy())
+    ours_p.grad = grad.copy()
+    ours = optimizer_class(name)([ours_p], **kwargs)
+
+    torch_p = torch.nn.Parameter(torch.from_numpy(data.copy()))
+    torch_p.grad = torch.from_numpy(grad.copy())
+    impl = {"fused": True} if name in TORCH_FUSED else {"foreach": True}
+    reference = getattr(torch.optim, type(ours).__name__)([torch_p], **kwargs, **impl)
+    del data
+
+    for _ in range(2):  # warm-up: compilation, state allocation, page faults
+        ours.step()
+        reference.step()
+    ours_times, torch_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours.step()
+        ours_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        reference.step()
+        torch_times.append(time.perf_counter() - start)
+    # each element is read (param, grad, state) and written (param, state) once
+    arrays = _state_arrays(ours, ours_p)
+    moved = 4 * n * (3 + 2 * arrays)
+    result = {
+        "impl": "fused" if name in TORCH_FUSED else "foreach",
+        "ours": statistics.median(ours_times),
+        "ours_p90": _p90(ours_times),
+        "torch": statistics.median(torch_times),
+        "torch_p90": _p90(torch_times),
+        "bytes": moved,
+    }
+    del ours, reference, ours_p, torch_p, grad
+    gc.collect()
+    return result
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"model name\s*:\s*(.+)", text)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}"
+
+
+def render(rows: list[dict], header: dict) -> str:
+    lines = [
+        BEGIN,
+        "## One optimizer step (float32): shardstep vs torch.optim",
+        "",
+        f"Machine: {header['machine']}. numpy {header['numpy']}, numba {header['numba']}, "
+        f"torch {header['torch']}, Python {header['python']}. Measured {header['date']}.",
+        "",
+        f"Command: `{header['command']}`",
+        "",
+        "Medians (p90) of interleaved steps on the same data; ratio = torch ms / shardstep ms "
+        "(> 1.0: shardstep faster). torch runs `fused=True` where it has a CPU fused kernel, "
+        "else `foreach=True`. Triad = a one-pass numba a = b + s*c at the same thread count "
+        f"(measured here: {header['triad']}); 'of triad' = bytes the update must move once / "
+        "time, over the triad's GB/s.",
+        "",
+        "| optimizer | torch impl | elements | threads | shardstep ms | torch ms | ratio | of triad |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['impl']} | {r['n'] / 1e6:.0f}M | {r['threads']} | "
+            f"{r['ours'] * 1e3:.1f} ({r['ours_p90'] * 1e3:.1f}) | "
+            f"{r['torch'] * 1e3:.1f} ({r['torch_p90'] * 1e3:.1f}) | "
+            f"{r['torch'] / r['ours']:.2f}x | {r['gbs'] / r['triad_gbs'] * 100:.0f}% |"
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write(doc: Path, section: str) -> None:
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e7, 1e8])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--optimizers", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        parser.error("torch is not installed: pip install -e '.[bench]'")
+
+    rows = []
+    triads = {}
+    for threads in args.threads:
+        if threads > numba.config.NUMBA_NUM_THREADS:
+            parser.error(f"--threads {threads} exceeds numba's {numba.config.NUMBA_NUM_THREADS} threads")
+    for n in (int(s) for s in args.sizes):
+        for threads in args.threads:
+            numba.set_num_threads(threads)
+            torch.set_num_threads(threads)
+            triads[(n, threads)] = triad_bandwidth(n, args.repeats)
+            for name in args.optimizers:
+                r = measure(name, n, args.repeats, torch)
+                r.update(name=name, n=n, threads=threads, gbs=r["bytes"] / r["ours"] / 1e9,
+                         triad_gbs=triads[(n, threads)])
+                rows.append(r)
+                print(f"{name:9s} {n / 1e6:5.0f}M {threads}t  ours {r['ours'] * 1e3:8.2f} ms  "
+                      f"torch {r['torch'] * 1e3:8.2f} ms ({r['impl']})  ratio {r['torch'] / r['ours']:.2f}x",
+                      flush=True)
+    header = {
+        "machine": machine(), "numpy": np.__version__, "numba": numba.__version__,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/optimizer_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "triad": ", ".join(f"{n / 1e6:.0f}M/{t}t {gbs:.1f} GB/s" for (n, t), gbs in triads.items()),
+    }
+    section = render(rows, header)
+    print(section)
+    if not args.no_write:
+        write(args.doc, section)
+        print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
