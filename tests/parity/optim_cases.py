@@ -22,6 +22,8 @@ class OptimCase:
     # hyperparameters of a second param group holding the bias "b" (None: one group)
     second_group: dict[str, Any] | None = None
     steps: int = STEPS
+    # a looser float32 tolerance, only with a measured reason in ``notes``
+    float32_rtol: float | None = None
     notes: str = field(default="", compare=False)
 
     @property
@@ -44,6 +46,15 @@ def _fmt(value: Any) -> str:
 def _cases(optimizer: str, *configs: dict[str, Any], **common) -> list[OptimCase]:
     return [OptimCase(optimizer, dict(config), **common) for config in configs]
 
+
+# Why LBFGS gets 1e-3 in float32 on these cases (measured; float64 stays at 1e-10): a float32
+# dot product differs from torch's (MKL sdot) by one ulp on some vectors, and the strong-Wolfe
+# cubic extrapolation turns that ulp into a different step length (t = 4.45298 vs 4.45293 at
+# step 1); later an evaluation count or a stopping test near convergence flips. Measured worst
+# errors: 2.4e-4 and 1.4e-4 (strong Wolfe), 1.5e-4 (history_size=3, state loaded from torch).
+# torch itself, run with ATEN_CPU_CAPABILITY=default (same maths, other kernels), misses its
+# own trajectories on the strong-Wolfe cases by 8.7e-4 and 7.6e-4.
+_LBFGS_FLOAT32 = "float32 line search amplifies one-ulp dot-product differences; see above"
 
 CASES: list[OptimCase] = [
     *_cases("sgd", {"lr": 0.1}, {"lr": 0.1, "momentum": 0.9},
@@ -103,10 +114,12 @@ CASES: list[OptimCase] = [
             {"lr": 0.01, "maximize": True}),
     OptimCase("rprop", {"lr": 0.01}, second_group={"lr": 0.001}),
 
-    *_cases("lbfgs", {"lr": 1, "max_iter": 4}, {"lr": 1, "max_iter": 4, "line_search_fn": "strong_wolfe"},
+    OptimCase("lbfgs", {"lr": 1, "max_iter": 4}),
+    *_cases("lbfgs", {"lr": 1, "max_iter": 4, "line_search_fn": "strong_wolfe"},
             {"lr": 0.5, "max_iter": 3, "history_size": 3},
             {"lr": 1, "max_iter": 5, "history_size": 2, "line_search_fn": "strong_wolfe",
-             "tolerance_change": 1e-12}),
+             "tolerance_change": 1e-12},
+            float32_rtol=1e-3, notes=_LBFGS_FLOAT32),
 ]
 
 CASE_IDS = {case.id: case for case in CASES}

@@ -89,4 +89,10 @@ ERROR_CASES: list[tuple[str, dict, type, str]] = [
     ("rprop", {"etas": (0.5, 1.0)}, ValueError, r"etas must satisfy 0 < etas\[0\] < 1 < etas\[1\]; got \(0.5, 1.0\)"),
     ("rprop", {"step_sizes": (1e-6, "50")}, TypeError, r"step_sizes\[1\] must be a real number; got '50' of type str"),
     # --- lbfgs ---
+    # torch's constructor checks only lr; our ValueErrors it lacks (max_iter/max_eval/history_size
+    # < 1, tolerances < 0, line_search_fn) are in tests/test_lbfgs.py, as torch accepts them here
+    ("lbfgs", {"lr": -0.1}, ValueError, r"lr must be >= 0; got -0.1"),
+    ("lbfgs", {"max_iter": 2.5}, TypeError, r"max_iter must be an int; got 2.5 of type float"),
+    ("lbfgs", {"history_size": "10"}, TypeError, r"history_size must be an int; got '10' of type str"),
+    ("lbfgs", {"tolerance_grad": "1e-7"}, TypeError, r"tolerance_grad must be a real number; got '1e-7' of type str"),
 ]

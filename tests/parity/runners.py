@@ -142,7 +142,9 @@ def numpy_to_torch(value):
     return value
 
 
-def tolerance(dtype: str) -> float:
+def tolerance(dtype: str, case: OptimCase | None = None) -> float:
+    if dtype == "float32" and case is not None and case.float32_rtol is not None:
+        return case.float32_rtol
     return {"float32": 1e-5, "float64": 1e-10}[dtype]
 
 
@@ -150,7 +152,7 @@ def assert_trajectories_close(ours: np.ndarray, reference: np.ndarray, case: Opt
                               sizes: list[int]) -> None:
     """Per parameter and step: max|ours - ref| <= rtol * max|ref| (the normwise relative error
     in the max norm), so a coordinate crossing zero is judged against its parameter's scale."""
-    rtol = tolerance(dtype)
+    rtol = tolerance(dtype, case)
     assert ours.shape == reference.shape, (ours.shape, reference.shape)
     bounds = np.cumsum([0, *sizes])
     worst = 0.0
