@@ -124,6 +124,23 @@ def check_pair(name: str, value: Any) -> tuple[Any, Any]:
     return value[0], value[1]
 
 
+def check_betas(group: Mapping[str, Any]) -> None:
+    """The Adam family's ``betas``: a pair, each in [0, 1)."""
+    beta1, beta2 = check_pair("betas", group["betas"])
+    check_interval("betas[0]", beta1, 0.0, 1.0)
+    check_interval("betas[1]", beta2, 0.0, 1.0)
+
+
+def check_adam_family(group: Mapping[str, Any]) -> None:
+    """The checks torch's Adam, AdamW, Adamax, NAdam and RAdam share."""
+    check_min("lr", group["lr"])
+    check_min("eps", group["eps"])
+    check_betas(group)
+    check_min("weight_decay", group["weight_decay"])
+    check_bool("maximize", group["maximize"])
+    check_device_flags(group)
+
+
 def check_device_flags(group: Mapping[str, Any]) -> None:
     """Device-only flags: see IGNORED_FLAGS and FALSE_ONLY_FLAGS."""
     for flag in IGNORED_FLAGS:
@@ -137,6 +154,13 @@ def check_device_flags(group: Mapping[str, Any]) -> None:
             )
     if group.get("foreach") and group.get("fused"):
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def lerp_weight(dtype: np.dtype, weight: float) -> tuple:
+    """``(w, |w| < 0.5, 1 - w)`` in the parameter's dtype for torch's two-form lerp, which
+    computes ``m + w (g - m)`` for small weights and ``g - (g - m)(1 - w)`` otherwise."""
+    w = np.dtype(dtype).type(weight)
+    return w, bool(abs(weight) < 0.5), np.dtype(dtype).type(1) - w
 
 
 def scalars(dtype: np.dtype, *values: float) -> tuple:

@@ -20,12 +20,10 @@ from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
     Rule,
     advance,
+    check_adam_family,
     check_bool,
-    check_device_flags,
-    check_interval,
-    check_min,
-    check_pair,
     flat,
+    lerp_weight,
     new_step,
     scalars,
 )
@@ -37,15 +35,9 @@ ADAM_DEFAULTS = dict(
 
 
 def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("eps", group["eps"])
-    beta1, beta2 = check_pair("betas", group["betas"])
-    check_interval("betas[0]", beta1, 0.0, 1.0)
-    check_interval("betas[1]", beta2, 0.0, 1.0)
-    check_min("weight_decay", group["weight_decay"])
-    for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
+    check_adam_family(group)
+    for flag in ("amsgrad", "decoupled_weight_decay"):
         check_bool(flag, group[flag])
-    check_device_flags(group)
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -89,17 +81,16 @@ def update(param, grad, state, group) -> None:
     lr, weight_decay = group["lr"], group["weight_decay"]
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    lerp_w = 1 - beta1
     exp_avg_sq = flat(state["exp_avg_sq"])
     max_exp_avg_sq = flat(state["max_exp_avg_sq"]) if group["amsgrad"] else exp_avg_sq
-    (decay, lerp_w32, beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size, wd) = scalars(
-        param.dtype, 1 - lr * weight_decay, lerp_w, beta2, 1 - beta2, bias_correction2**0.5,
+    (decay, beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size, wd) = scalars(
+        param.dtype, 1 - lr * weight_decay, beta2, 1 - beta2, bias_correction2**0.5,
         group["eps"], -(lr / bias_correction1), weight_decay,
     )
     _adam_kernel(
         flat(param), flat(grad), flat(state["exp_avg"]), exp_avg_sq, max_exp_avg_sq,
         bool(group["maximize"]), bool(group["amsgrad"]), wd, bool(group["decoupled_weight_decay"]),
-        decay, lerp_w32, abs(lerp_w) < 0.5, param.dtype.type(1) - lerp_w32,
+        decay, *lerp_weight(param.dtype, 1 - beta1),
         beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
     )
 

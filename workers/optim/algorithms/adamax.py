@@ -18,11 +18,7 @@ from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
     Rule,
     advance,
-    check_bool,
-    check_device_flags,
-    check_interval,
-    check_min,
-    check_pair,
+    check_adam_family,
     flat,
     new_step,
     scalars,
@@ -35,14 +31,7 @@ ADAMAX_DEFAULTS = dict(
 
 
 def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("eps", group["eps"])
-    beta1, beta2 = check_pair("betas", group["betas"])
-    check_interval("betas[0]", beta1, 0.0, 1.0)
-    check_interval("betas[1]", beta2, 0.0, 1.0)
-    check_min("weight_decay", group["weight_decay"])
-    check_bool("maximize", group["maximize"])
-    check_device_flags(group)
+    check_adam_family(group)
 
 
 def init_state(param: np.ndarray, group) -> dict:

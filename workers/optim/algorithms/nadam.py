@@ -25,11 +25,9 @@ from workers.optim.rule import (
     SCALAR_DTYPE,
     Rule,
     advance,
+    check_adam_family,
     check_bool,
-    check_device_flags,
-    check_interval,
     check_min,
-    check_pair,
     flat,
     new_step,
     scalars,
@@ -42,16 +40,9 @@ NADAM_DEFAULTS = dict(
 
 
 def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("eps", group["eps"])
-    beta1, beta2 = check_pair("betas", group["betas"])
-    check_interval("betas[0]", beta1, 0.0, 1.0)
-    check_interval("betas[1]", beta2, 0.0, 1.0)
-    check_min("weight_decay", group["weight_decay"])
+    check_adam_family(group)
     check_min("momentum_decay", group["momentum_decay"])
-    for flag in ("decoupled_weight_decay", "maximize"):
-        check_bool(flag, group[flag])
-    check_device_flags(group)
+    check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
 
 def init_state(param: np.ndarray, group) -> dict:

@@ -24,11 +24,8 @@ from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
     Rule,
     advance,
+    check_adam_family,
     check_bool,
-    check_device_flags,
-    check_interval,
-    check_min,
-    check_pair,
     flat,
     new_step,
     scalars,
@@ -41,15 +38,8 @@ RADAM_DEFAULTS = dict(
 
 
 def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("eps", group["eps"])
-    beta1, beta2 = check_pair("betas", group["betas"])
-    check_interval("betas[0]", beta1, 0.0, 1.0)
-    check_interval("betas[1]", beta2, 0.0, 1.0)
-    check_min("weight_decay", group["weight_decay"])
-    for flag in ("maximize", "decoupled_weight_decay"):
-        check_bool(flag, group[flag])
-    check_device_flags(group)
+    check_adam_family(group)
+    check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
 
 def init_state(param: np.ndarray, group) -> dict:

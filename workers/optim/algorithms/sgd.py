@@ -15,7 +15,14 @@ import numpy as np
 from numba import njit, prange
 
 from workers.optim.optimizer import Optimizer
-from workers.optim.rule import Rule, check_bool, check_device_flags, check_min, flat, scalars
+from workers.optim.rule import (
+    Rule,
+    check_bool,
+    check_device_flags,
+    check_min,
+    flat,
+    scalars,
+)
 
 SGD_DEFAULTS = dict(lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False,
                     foreach=None, differentiable=False, fused=None)

@@ -23,9 +23,8 @@ from numba import njit, prange
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
     Rule,
+    check_betas,
     check_bool,
-    check_interval,
-    check_pair,
     flat,
     require_number,
     scalars,
@@ -43,9 +42,7 @@ def _check_positive(name: str, value) -> None:
 def validate(group) -> None:
     _check_positive("lr", group["lr"])
     _check_positive("eps", group["eps"])
-    beta1, beta2 = check_pair("betas", group["betas"])
-    check_interval("betas[0]", beta1, 0.0, 1.0)
-    check_interval("betas[1]", beta2, 0.0, 1.0)
+    check_betas(group)
     check_bool("maximize", group["maximize"])
 
 
