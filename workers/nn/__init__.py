@@ -1,0 +1,49 @@
+"""Layers and losses in numpy with torch.nn's semantics and explicit, exact gradients.
+
+    from workers.nn import Linear, ReLU, Sequential, CrossEntropyLoss
+
+    model = Sequential(Linear(64, 32, rng=rng), ReLU(), Linear(32, 10, rng=rng))
+    criterion = CrossEntropyLoss()
+    loss = criterion(model(x), y)            # forward caches what backward needs
+    model.backward(criterion.backward())     # accumulates into each Parameter's .grad
+
+``workers.nn.functional`` holds the math as pure functions shared by the classes and tasks.
+"""
+
+from __future__ import annotations
+
+from workers.nn import functional
+from workers.nn.layers import (
+    GELU,
+    Dropout,
+    Embedding,
+    Linear,
+    LogSoftmax,
+    ReLU,
+    Sequential,
+    Softmax,
+    Tanh,
+)
+from workers.nn.losses import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CosineEmbeddingLoss,
+    CrossEntropyLoss,
+    HuberLoss,
+    KLDivLoss,
+    L1Loss,
+    Loss,
+    MarginRankingLoss,
+    MSELoss,
+    NLLLoss,
+    SmoothL1Loss,
+    TripletMarginLoss,
+)
+from workers.nn.module import Module, accumulate_grad
+
+__all__ = [
+    "functional", "Module", "accumulate_grad",
+    "Linear", "Embedding", "ReLU", "Tanh", "GELU", "Dropout", "LogSoftmax", "Softmax", "Sequential",
+    "Loss", "NLLLoss", "CrossEntropyLoss", "TripletMarginLoss", "MSELoss", "L1Loss", "SmoothL1Loss",
+    "HuberLoss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss", "MarginRankingLoss", "CosineEmbeddingLoss",
+]

@@ -1,0 +1,324 @@
+"""Layers with torch.nn's constructor arguments, default initializations and parameter names.
+
+Initialization draws from a numpy Generator (``rng``: a Generator, an int seed, or None for
+fresh entropy) with torch's default distributions, not torch's random stream:
+
+- Linear: weight and bias ~ U(-1/sqrt(in_features), 1/sqrt(in_features)) (torch's
+  kaiming_uniform_(a=sqrt(5)) for the weight); the weight has torch's (out, in) layout.
+- Embedding: weight ~ N(0, 1), the padding row zero.
+
+Passing one Generator to the layers of a model in order makes its named parameters a
+function of one seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+
+from workers.nn import functional as F
+from workers.nn.checks import float_array, integer, real
+from workers.nn.module import Module, accumulate_grad, as_generator, float_dtype
+from workers.optim.parameter import Parameter
+
+
+def _grad_like(owner: str, grad, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The gradient arriving at a layer's output: real-valued, of the output's shape, in its dtype."""
+    array = np.asarray(grad)
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.floating)
+                                       or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"{owner}.backward: grad_output must be a real-valued array; got dtype {array.dtype}")
+    if array.shape != tuple(shape):
+        raise ValueError(f"{owner}.backward: grad_output must have the output's shape {tuple(shape)}; "
+                         f"got {array.shape}")
+    return array.astype(dtype, copy=False)
+
+
+def _size(owner: str, name: str, value) -> int:
+    value = integer(owner, name, value)
+    if value < 0:
+        raise ValueError(f"{owner}: {name} must be >= 0; got {value}")
+    return value
+
+
+class Linear(Module):
+    """y = x W^T + b over the last axis; input (*, in_features) -> (*, out_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32, rng=None):
+        super().__init__()
+        owner = "Linear"
+        self.in_features = _size(owner, "in_features", in_features)
+        self.out_features = _size(owner, "out_features", out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"{owner}: bias must be a bool; got {bias!r}")
+        dtype = float_dtype(dtype, owner)
+        generator = as_generator(rng, owner)
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        weight = generator.uniform(-bound, bound, (self.out_features, self.in_features))
+        self.weight = Parameter(weight.astype(dtype), name="weight")
+        if bias:
+            self.bias = Parameter(generator.uniform(-bound, bound, self.out_features).astype(dtype), name="bias")
+        else:
+            self.bias = None
+
+    def forward(self, x) -> np.ndarray:
+        x = float_array("Linear", "input", x)
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"Linear: input dtype {x.dtype} must match the layer's dtype {self.weight.dtype}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear: input must have shape (*, in_features={self.in_features}); got {x.shape}")
+        self._cache = x
+        return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        x = self._cached()
+        grad = _grad_like("Linear", grad_output, (*x.shape[:-1], self.out_features), x.dtype)
+        d_input, d_weight, d_bias = F.linear_backward(grad, x, self.weight.data, self.bias is not None,
+                                                      need_input_grad)
+        accumulate_grad(self.weight, d_weight)
+        if self.bias is not None:
+            accumulate_grad(self.bias, d_bias)
+        return d_input
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """A lookup table: integer indices of any shape -> (*indices.shape, embedding_dim).
+
+    With ``sparse=True`` the weight's gradient is a RowSparseGrad (one row per looked-up index,
+    for SparseAdam / sparse Adagrad); otherwise dense. The ``padding_idx`` row is initialized
+    to zero and never receives a gradient. ``backward`` returns None: indices have no gradient.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 sparse: bool = False, dtype=np.float32, rng=None):
+        super().__init__()
+        owner = "Embedding"
+        self.num_embeddings = _size(owner, "num_embeddings", num_embeddings)
+        self.embedding_dim = _size(owner, "embedding_dim", embedding_dim)
+        if padding_idx is not None:
+            padding_idx = integer(owner, "padding_idx", padding_idx)
+            if not -self.num_embeddings <= padding_idx < self.num_embeddings:
+                raise ValueError(f"{owner}: padding_idx must be in [{-self.num_embeddings}, "
+                                 f"{self.num_embeddings}); got {padding_idx}")
+            padding_idx %= self.num_embeddings
+        self.padding_idx = padding_idx
+        if not isinstance(sparse, bool):
+            raise TypeError(f"{owner}: sparse must be a bool; got {sparse!r}")
+        self.sparse = sparse
+        dtype = float_dtype(dtype, owner)
+        weight = as_generator(rng, owner).standard_normal((self.num_embeddings, self.embedding_dim))
+        if padding_idx is not None:
+            weight[padding_idx] = 0
+        self.weight = Parameter(weight.astype(dtype), name="weight")
+
+    def forward(self, indices) -> np.ndarray:
+        indices = np.asarray(indices)
+        if indices.dtype == np.bool_ or not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"Embedding: indices must be an integer array; got dtype {indices.dtype}")
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_embeddings):
+            bad = indices[(indices < 0) | (indices >= self.num_embeddings)].flat[0]
+            raise IndexError(f"Embedding: index {bad} is out of range [0, {self.num_embeddings})")
+        self._cache = indices
+        return F.embedding(indices, self.weight.data)
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> None:
+        indices = self._cached()
+        grad = _grad_like("Embedding", grad_output, (*indices.shape, self.embedding_dim), self.weight.dtype)
+        accumulate_grad(self.weight, F.embedding_backward(grad, indices, self.num_embeddings,
+                                                          self.padding_idx, self.sparse))
+
+    def extra_repr(self) -> str:
+        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{extra}" + (", sparse=True" if self.sparse else "")
+
+
+class _Elementwise(Module):
+    """An activation: same shape in and out, any float dtype."""
+
+    def _input(self, x) -> np.ndarray:
+        return float_array(type(self).__name__, "input", x)
+
+    def _grad(self, grad_output, like: np.ndarray) -> np.ndarray:
+        return _grad_like(type(self).__name__, grad_output, like.shape, like.dtype)
+
+
+class ReLU(_Elementwise):
+    """max(x, 0); the gradient is 0 where x <= 0 (torch's threshold_backward)."""
+
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        self._cache = x
+        return F.relu(x)
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        x = self._cached()
+        grad = self._grad(grad_output, x)
+        return F.relu_backward(grad, x) if need_input_grad else None
+
+
+class Tanh(_Elementwise):
+    def forward(self, x) -> np.ndarray:
+        output = F.tanh(self._input(x))
+        self._cache = output
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        output = self._cached()
+        grad = self._grad(grad_output, output)
+        return F.tanh_backward(grad, output) if need_input_grad else None
+
+
+class GELU(_Elementwise):
+    """x * Phi(x) (``approximate='none'``) or its tanh approximation (``'tanh'``)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        if approximate not in F.GELU_APPROXIMATIONS:
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh'; got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        self._cache = x
+        return F.gelu(x, self.approximate)
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        x = self._cached()
+        grad = self._grad(grad_output, x)
+        return F.gelu_backward(grad, x, self.approximate) if need_input_grad else None
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class Dropout(_Elementwise):
+    """In training, zero each element with probability ``p`` and scale the rest by 1 / (1 - p);
+    the identity in eval mode. The masks come from ``rng`` (a Generator or seed), so a seeded
+    run draws the same masks every time."""
+
+    def __init__(self, p: float = 0.5, rng=None):
+        super().__init__()
+        p = real("Dropout", "p", p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p (the probability of an element to be zeroed) must be in [0, 1]; got {p}")
+        self.p = p
+        self.rng = as_generator(rng, "Dropout")
+
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        if not self.training or self.p == 0.0:
+            self._cache = (x, None)
+            return x
+        mask = F.dropout_mask(x.shape, self.p, x.dtype, self.rng)
+        self._cache = (x, mask)
+        return x * mask
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        x, mask = self._cached()
+        grad = self._grad(grad_output, x)
+        if not need_input_grad:
+            return None
+        return grad if mask is None else grad * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _SoftmaxBase(_Elementwise):
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.dim = None if dim is None else integer(type(self).__name__, "dim", dim)
+
+    def _axis(self, ndim: int) -> int:
+        dim = F.implicit_softmax_dim(ndim) if self.dim is None else self.dim
+        return F.softmax_axis(type(self).__name__, dim, ndim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(_SoftmaxBase):
+    """log softmax along ``dim``, computed as x - max - log(sum(exp(x - max))): finite for any
+    finite input. ``dim=None`` picks torch's legacy implicit dimension."""
+
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        axis = self._axis(x.ndim)
+        output = F.log_softmax(x, axis)
+        self._cache = (output, axis)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        output, axis = self._cached()
+        grad = self._grad(grad_output, output)
+        return F.log_softmax_backward(grad, output, axis) if need_input_grad else None
+
+
+class Softmax(_SoftmaxBase):
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        axis = self._axis(x.ndim)
+        output = F.softmax(x, axis)
+        self._cache = (output, axis)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        output, axis = self._cached()
+        grad = self._grad(grad_output, output)
+        return F.softmax_backward(grad, output, axis) if need_input_grad else None
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named "0", "1", ... (or by the keys of one
+    mapping), so parameters are "0.weight", "0.bias", "2.weight", ... as in torch."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], Mapping):
+            items = list(modules[0].items())
+        else:
+            items = [(str(i), m) for i, m in enumerate(modules)]
+        for name, module in items:
+            if not isinstance(module, Module):
+                raise TypeError(f"Sequential: item {name!r} must be a Module; got {type(module).__name__}")
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"Sequential: module names must be non-empty strings without '.'; got {name!r}")
+            setattr(self, name, module)
+
+    def append(self, module: Module) -> Sequential:
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential.append: expected a Module; got {type(module).__name__}")
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        modules = list(self._modules.items())
+        if isinstance(index, slice):
+            return Sequential(OrderedDict(modules[index]))
+        return modules[index][1]
+
+    def forward(self, x):
+        for module in self._modules.values():
+            x = module(x)
+        return x
+
+    def backward(self, grad_output, need_input_grad: bool = True):
+        """Back through the modules in reverse order; the first module computes its input's
+        gradient only if ``need_input_grad`` (a model's data needs none)."""
+        grad = grad_output
+        modules = list(self._modules.values())
+        for index in range(len(modules) - 1, -1, -1):
+            grad = modules[index].backward(grad, need_input_grad=need_input_grad or index > 0)
+        return grad

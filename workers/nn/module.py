@@ -1,0 +1,242 @@
+"""Module: torch.nn.Module's bookkeeping (parameters, children, names, state_dict, train/eval)
+with an explicit backward.
+
+``forward(x)`` computes the output and caches what the gradient needs; ``backward(grad)``
+returns the gradient with respect to the input and adds each parameter's gradient to its
+``.grad`` (set if None, added if present: gradients accumulate across calls until
+``zero_grad()``, as in torch). ``backward(grad, need_input_grad=False)`` skips the input's
+gradient and returns None, as torch skips it for inputs that do not require a gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from workers.optim.parameter import FLOAT_DTYPES, Parameter, RowSparseGrad
+
+
+def as_generator(rng, owner: str) -> np.random.Generator:
+    """A numpy Generator from a Generator, an int seed, or None (fresh OS entropy)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0):
+        return np.random.default_rng(rng)
+    raise TypeError(f"{owner}: rng must be a numpy Generator, a non-negative int seed or None; got {rng!r}")
+
+
+def float_dtype(dtype, owner: str) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in FLOAT_DTYPES:
+        raise TypeError(f"{owner}: dtype must be float32 or float64; got {dtype!r}")
+    return resolved
+
+
+def accumulate_grad(param: Parameter, grad) -> None:
+    """Add ``grad`` (dense ndarray or RowSparseGrad) to ``param.grad``, as torch's AccumulateGrad:
+    sparse + sparse stays sparse (rows concatenated, repeats not summed), anything + dense is dense."""
+    if not param.requires_grad:
+        return
+    current = param.grad
+    if current is None:
+        param.grad = grad
+    elif isinstance(current, RowSparseGrad):
+        if isinstance(grad, RowSparseGrad):
+            param.grad = RowSparseGrad(np.concatenate([current.indices, grad.indices]),
+                                       np.concatenate([current.values, grad.values]), param.shape)
+        else:
+            param.grad = current.to_dense() + grad
+    else:
+        if not current.flags.writeable:  # a gradient someone handed in read-only: add into a copy
+            current = param.grad = current.copy()
+        if isinstance(grad, RowSparseGrad):
+            np.add.at(current, grad.indices, grad.values)
+        else:
+            current += grad
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Module:
+    """Base class: assign Parameters and Modules as attributes and they are registered by name."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "training", True)
+
+    # -- registration ------------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"call Module.__init__() in {type(self).__name__}.__init__ before "
+                                 f"assigning attribute {name!r}")
+        if isinstance(value, Parameter):
+            self._modules.pop(name, None)
+            self.__dict__.pop(name, None)
+            if value.name is None:
+                value.name = name
+            self._parameters[name] = value      # replacing keeps the name's place in the order
+        elif isinstance(value, Module):
+            self._parameters.pop(name, None)
+            self.__dict__.pop(name, None)
+            self._modules[name] = value
+        elif name in self._parameters and value is not None:
+            raise TypeError(f"cannot assign {type(value).__name__} to parameter {name!r} of "
+                            f"{type(self).__name__}: a Parameter or None is expected")
+        else:
+            self._parameters.pop(name, None)
+            self._modules.pop(name, None)
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: parameters and children live in the registries
+        registries = self.__dict__
+        if "_parameters" in registries and name in registries["_parameters"]:
+            return registries["_parameters"][name]
+        if "_modules" in registries and name in registries["_modules"]:
+            return registries["_modules"][name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._parameters:
+            del self._parameters[name]
+        elif name in self._modules:
+            del self._modules[name]
+        else:
+            object.__delattr__(self, name)
+
+    # -- traversal -----------------------------------------------------------------------------
+
+    def children(self) -> list[Module]:
+        return list(self._modules.values())
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """This module (named ``prefix``) and every descendant, depth first, by dotted name."""
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self, prefix: str = "", remove_duplicate: bool = True) -> list[tuple[str, Parameter]]:
+        """(dotted name, Parameter) pairs in registration order: ``"weight"`` in a Linear,
+        ``"0.weight"`` for the first layer of a Sequential. A Parameter shared by two modules
+        is listed once, under its first name (as torch)."""
+        seen: set[int] = set()
+        pairs = []
+        for module_name, module in self.named_modules(prefix):
+            for name, param in module._parameters.items():
+                if remove_duplicate:
+                    if id(param) in seen:
+                        continue
+                    seen.add(id(param))
+                pairs.append((f"{module_name}.{name}" if module_name else name, param))
+        return pairs
+
+    def parameters(self) -> list[Parameter]:
+        return [param for _, param in self.named_parameters()]
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """{dotted name: copy of the parameter's data}; torch's layout, so
+        ``{k: v.numpy() for k, v in torch_model.state_dict().items()}`` loads here and back."""
+        return {name: param.data.copy() for name, param in self.named_parameters(remove_duplicate=False)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Copy arrays into the parameters in place (optimizers holding them stay valid), casting
+        to each parameter's dtype. Every name and shape is checked before anything is copied;
+        with ``strict``, missing and unexpected names are errors too."""
+        owner = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{owner}.load_state_dict expects a mapping of name -> array; "
+                            f"got {type(state_dict).__name__}")
+        params = dict(self.named_parameters(remove_duplicate=False))
+        missing = [name for name in params if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in params]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing parameters: {', '.join(missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected parameters: {', '.join(map(str, unexpected))} "
+                            f"(this model has: {', '.join(params)})")
+        arrays = {}
+        for name, param in params.items():
+            if name not in state_dict:
+                continue
+            value = np.asarray(state_dict[name])
+            if value.dtype == np.bool_ or not (np.issubdtype(value.dtype, np.floating)
+                                              or np.issubdtype(value.dtype, np.integer)):
+                problems.append(f"parameter {name!r} must be a real-valued array; got dtype {value.dtype}")
+            elif value.shape != param.shape:
+                problems.append(f"size mismatch for parameter {name!r}: the model has shape "
+                                f"{param.shape}, the state_dict has shape {value.shape}")
+            else:
+                arrays[name] = value
+        if problems:
+            raise ValueError(f"{owner}.load_state_dict: " + "; ".join(problems))
+        for name, value in arrays.items():
+            params[name].data[...] = value
+        return IncompatibleKeys(missing, unexpected)
+
+    # -- modes and gradients ---------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Module:
+        if not isinstance(mode, bool):
+            raise TypeError(f"train(mode) expects a bool; got {mode!r}")
+        for _, module in self.named_modules():
+            object.__setattr__(module, "training", mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every parameter's gradient (``set_to_none``, the default as in torch) or zero it
+        in place (a row-sparse gradient becomes one with no rows)."""
+        for param in self.parameters():
+            grad = param.grad
+            if set_to_none or grad is None:
+                param.grad = None
+            elif isinstance(grad, RowSparseGrad):
+                param.grad = RowSparseGrad(np.zeros(0, np.int64),
+                                           np.zeros((0, *param.shape[1:]), param.dtype), param.shape)
+            else:
+                grad[...] = 0
+
+    # -- computation -------------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        object.__setattr__(self, "_cache", None)  # a call that fails leaves nothing for backward
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
+    def backward(self, grad_output, need_input_grad: bool = True):
+        """Accumulate parameter gradients; return d loss / d input (None if not
+        ``need_input_grad``, which spares the work when the input is data)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define backward")
+
+    def _cached(self):
+        """What forward saved for backward, or a clear error when forward has not run."""
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return cache
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in self._modules.items()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
