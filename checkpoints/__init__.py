@@ -1,1 +1,45 @@
-"""Checkpoint format, store and resharding."""
+"""Checkpoints: a documented, pickle-free file format, sharded run checkpoints that load at
+any shard count, retention and asynchronous saves.
+
+Single files: :func:`dump` / :func:`load`. Run checkpoints: a :class:`CheckpointStore`
+begins a step, every shard writes its slices with :func:`write_shard` (in parallel, from
+its own process), the store commits; :func:`open_checkpoint` reads one back at any shard
+count (``load_shard``) or consolidated (``export``). The format is specified in
+``checkpoints/FORMAT.md``; the guide is ``docs/checkpoints.md``.
+"""
+
+from __future__ import annotations
+
+from checkpoints.async_save import AsyncSaver
+from checkpoints.errors import CheckpointError, CorruptCheckpointError
+from checkpoints.format import dump, load
+from checkpoints.layout import ParamSpec, ShardLayout, partition
+from checkpoints.run import (
+    CheckpointStore,
+    PendingCheckpoint,
+    Retention,
+    RunCheckpoint,
+    committed_steps,
+    latest_step,
+    open_checkpoint,
+    write_shard,
+)
+
+__all__ = [
+    "AsyncSaver",
+    "CheckpointError",
+    "CheckpointStore",
+    "CorruptCheckpointError",
+    "ParamSpec",
+    "PendingCheckpoint",
+    "Retention",
+    "RunCheckpoint",
+    "ShardLayout",
+    "committed_steps",
+    "dump",
+    "latest_step",
+    "load",
+    "open_checkpoint",
+    "partition",
+    "write_shard",
+]

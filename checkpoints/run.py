@@ -1,0 +1,794 @@
+"""Sharded run checkpoints: written by every shard in parallel, committed atomically,
+loadable at any shard count, pruned by a retention policy.
+
+A run directory holds one directory per committed step::
+
+    <root>/step-0000000100/manifest.ckpt                # written last, by the commit
+    <root>/step-0000000100/shard-00000-of-00004.ckpt    # written by shard 0
+    ...
+
+A checkpoint is written into ``step-<k>.pending-<token>/``: each shard writes its own file
+there (:func:`write_shard`, no gathering through one process), then
+:meth:`CheckpointStore.commit` checks every file's header, writes the manifest and renames
+the directory to ``step-<k>``. That rename is the commit: a directory without the plain
+``step-<k>`` name is never loaded, and the writer's store removes such leftovers when it
+opens. Retention deletes by renaming to ``step-<k>.deleting-<token>`` first, so a crash
+mid-delete also leaves only a leftover. Layout and manifest: ``checkpoints/FORMAT.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import math
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from checkpoints.errors import CheckpointError, CorruptCheckpointError
+from checkpoints.format import (
+    DTYPES,
+    Encoder,
+    FileReader,
+    StreamedArray,
+    TensorRef,
+    _fsync_directory,
+    dump,
+    fill,
+    load,
+    write_file,
+)
+from checkpoints.layout import ParamSpec, ShardLayout
+
+MANIFEST = "manifest.ckpt"
+MANIFEST_KIND = "shardstep-run-checkpoint"
+MANIFEST_VERSION = 1
+LOCK = ".writer.lock"
+STEP_DIR = re.compile(r"step-(\d+)")
+LEFTOVER = re.compile(r"step-\d+\.(pending|deleting)-[0-9a-f]+|\..*\.tmp-\d+-[0-9a-f]+")
+SHARD_FIELDS = ("run_id", "step", "shard", "num_shards", "param", "state")
+MANIFEST_FIELDS = ("kind", "version", "run_id", "step", "created", "num_shards", "params",
+                   "param_groups", "state", "shards", "metrics", "extra")
+
+
+def step_directory(root: Path, step: int) -> Path:
+    return root / f"step-{step:010d}"
+
+
+def shard_file_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}.ckpt"
+
+
+def _check_step(step: Any) -> int:
+    if type(step) is not int or step < 0:
+        raise ValueError(f"step must be a non-negative int; got {step!r}")
+    return step
+
+
+# ---------------------------------------------------------------------------------------
+# writing one shard
+
+
+@dataclass(frozen=True)
+class PendingCheckpoint:
+    """A checkpoint being written; small and picklable, so it can be sent to shard actors."""
+
+    directory: str
+    run_id: str
+    step: int
+    layout: ShardLayout
+
+    def shard_path(self, shard: int) -> Path:
+        return Path(self.directory) / shard_file_name(shard, self.layout.num_shards)
+
+
+def encode_shard(pending: PendingCheckpoint, shard: int, params: Mapping[str, np.ndarray],
+                 state: Mapping[str, Mapping[str, Any]] | None,
+                 stage: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[Encoder, Any]:
+    """Check one shard's slices against the layout and encode its file's value tree."""
+    if not isinstance(pending, PendingCheckpoint):
+        raise TypeError(f"pending must be a PendingCheckpoint from CheckpointStore.begin; got {type(pending).__name__}")
+    layout = pending.layout
+    layout._check_shard(shard)
+    state = {} if state is None else state
+    if not isinstance(params, Mapping) or not isinstance(state, Mapping):
+        raise TypeError("params and state must be dicts keyed by parameter name")
+    names = [spec.name for spec in layout.params]
+    missing = [name for name in names if name not in params]
+    unknown = [name for name in params if name not in layout._by_name]
+    unknown_state = [name for name in state if name not in layout._by_name]
+    if missing or unknown or unknown_state:
+        raise ValueError(
+            f"shard {shard}: params must hold exactly the layout's parameters; missing "
+            f"{missing}, unknown {unknown}, unknown in state {unknown_state}"
+        )
+    for name in names:
+        start, stop = layout.slice(name, shard)
+        _check_slice(params[name], f"params[{name!r}]", layout.spec(name).dtype, stop - start, shard)
+    for name, entries in state.items():
+        if not isinstance(entries, Mapping):
+            raise TypeError(f"state[{name!r}] must be a dict of named state; got {type(entries).__name__}")
+        start, stop = layout.slice(name, shard)
+        for key, value in entries.items():
+            if type(key) is not str:
+                raise TypeError(f"state[{name!r}] key {key!r} must be a str")
+            if isinstance(value, np.ndarray) and value.ndim >= 1:
+                _check_slice(value, f"state[{name!r}][{key!r}]", None, stop - start, shard)
+    tree = {
+        "run_id": pending.run_id, "step": pending.step, "shard": shard, "num_shards": layout.num_shards,
+        "param": {name: params[name] for name in names},
+        "state": {name: dict(entries) for name, entries in state.items()},
+    }
+    encoder = Encoder(stage)
+    return encoder, encoder.encode(tree)
+
+
+def _check_slice(array: Any, what: str, dtype: str | None, length: int, shard: int) -> None:
+    if not isinstance(array, np.ndarray) or array.ndim != 1 or array.size != length:
+        shape = getattr(array, "shape", type(array).__name__)
+        raise ValueError(
+            f"shard {shard}: {what} must be a 1-D array of the shard's {length} elements; got {shape}"
+        )
+    if dtype is not None and array.dtype.name != dtype:
+        raise ValueError(f"shard {shard}: {what} has dtype {array.dtype}; the layout says {dtype}")
+
+
+def write_shard(pending: PendingCheckpoint, shard: int, params: Mapping[str, np.ndarray],
+                state: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Write one shard's file of a pending checkpoint (atomically; call from that shard).
+
+    ``params[name]`` is the shard's flat slice ``layout.slice(name, shard)`` of every
+    parameter; ``state[name]`` its optimizer state: 1-D arrays of the slice's length are
+    per-element state (sliced), anything else (0-d step counters, Python numbers) is
+    per-parameter scalar state, which every shard must hold with the same value.
+    """
+    encoder, tree = encode_shard(pending, shard, params, state)
+    write_file(pending.shard_path(shard), tree, encoder.tensors)
+
+
+# ---------------------------------------------------------------------------------------
+# retention
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which committed checkpoints to keep: the union of the newest ``keep_last``, every step
+    divisible by ``keep_every`` and the ``keep_best`` best by ``metric`` (``mode`` "min" or
+    "max"). Rules left at None keep nothing by themselves; with no rule at all every
+    checkpoint is kept. The newest committed checkpoint is always kept, and checkpoints being
+    written are never considered."""
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: int | None = None
+    metric: str | None = None
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every", "keep_best"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None; got {value!r}")
+        if (self.keep_best is None) != (self.metric is None):
+            raise ValueError(
+                f"keep_best and metric go together; got keep_best={self.keep_best!r}, metric={self.metric!r}"
+            )
+        if self.metric is not None and type(self.metric) is not str:
+            raise ValueError(f"metric must be a str; got {self.metric!r}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max'; got {self.mode!r}")
+
+    def keep(self, checkpoints: Mapping[int, Mapping[str, float]]) -> set[int]:
+        """The steps to keep among ``{step: metrics}``."""
+        steps = sorted(checkpoints)
+        if not steps:
+            return set()
+        if self.keep_last is None and self.keep_every is None and self.keep_best is None:
+            return set(steps)
+        kept = {steps[-1]}
+        if self.keep_last is not None:
+            kept.update(steps[-self.keep_last:])
+        if self.keep_every is not None:
+            kept.update(step for step in steps if step % self.keep_every == 0)
+        if self.keep_best is not None:
+            sign = 1 if self.mode == "min" else -1
+            ranked = [
+                (sign * float(metrics[self.metric]), -step, step)
+                for step, metrics in checkpoints.items()
+                if self.metric in metrics and not math.isnan(float(metrics[self.metric]))
+            ]
+            kept.update(step for _, _, step in sorted(ranked)[:self.keep_best])
+        return kept
+
+
+# ---------------------------------------------------------------------------------------
+# the writer's store
+
+
+class CheckpointStore:
+    """The writer side of one run directory: begin, commit, abort, prune.
+
+    One store writes a run directory at a time (an exclusive lock file, released by the
+    kernel if the process dies); opening it removes leftovers of crashed writes. Reading
+    (:func:`open_checkpoint`, :func:`latest_step`) needs no store.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, run_id: str, retention: Retention | None = None):
+        if type(run_id) is not str or not run_id:
+            raise ValueError(f"run_id must be a non-empty str; got {run_id!r}")
+        if retention is not None and not isinstance(retention, Retention):
+            raise TypeError(f"retention must be a Retention; got {type(retention).__name__}")
+        self.root = Path(root)
+        self.run_id = run_id
+        self.retention = retention
+        self._pending: set[str] = set()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise CheckpointError(f"cannot open run directory {self.root}: {error.strerror or error}") from error
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
+            raise CheckpointError(
+                f"run directory {self.root} is being written by another CheckpointStore "
+                "(its lock file is held); one writer per run directory"
+            ) from None
+        self.cleanup()
+
+    def close(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._lock < 0:
+            raise CheckpointError(f"the store of {self.root} is closed")
+
+    def cleanup(self) -> list[str]:
+        """Remove what crashed writes left behind (pending or half-deleted directories,
+        temporary files), except this store's own pending checkpoints; returns the names."""
+        removed = []
+        for entry in sorted(os.listdir(self.root)):
+            if LEFTOVER.fullmatch(entry) and str(self.root / entry) not in self._pending:
+                _remove(self.root / entry)
+                removed.append(entry)
+        return removed
+
+    def begin(self, step: int, layout: ShardLayout) -> PendingCheckpoint:
+        """Create the pending directory of ``step``; hand the result to every shard."""
+        self._check_open()
+        _check_step(step)
+        if not isinstance(layout, ShardLayout):
+            raise TypeError(f"layout must be a ShardLayout; got {type(layout).__name__}")
+        if (step_directory(self.root, step) / MANIFEST).exists():
+            raise CheckpointError(f"step {step} is already committed in {self.root}")
+        newest = latest_step(self.root)
+        if newest is not None:
+            owner = RunCheckpoint(step_directory(self.root, newest)).run_id
+            if owner != self.run_id:
+                raise CheckpointError(
+                    f"{self.root} holds checkpoints of run {owner!r}; this store writes run "
+                    f"{self.run_id!r}: use a separate directory per run"
+                )
+        directory = step_directory(self.root, step).with_name(
+            f"step-{step:010d}.pending-{secrets.token_hex(6)}")
+        try:
+            directory.mkdir()
+            _fsync_directory(self.root)
+        except OSError as error:
+            raise CheckpointError(f"cannot create {directory}: {error.strerror or error}") from error
+        self._pending.add(str(directory))
+        return PendingCheckpoint(str(directory), self.run_id, step, layout)
+
+    def abort(self, pending: PendingCheckpoint) -> None:
+        """Discard a pending checkpoint and whatever its shards wrote."""
+        self._own(pending)
+        self._pending.discard(pending.directory)
+        _remove(Path(pending.directory))
+
+    def _own(self, pending: PendingCheckpoint) -> None:
+        self._check_open()
+        if not isinstance(pending, PendingCheckpoint) or pending.directory not in self._pending:
+            raise CheckpointError(f"{pending!r} is not a pending checkpoint of this store")
+
+    def commit(self, pending: PendingCheckpoint, *, param_groups: list[dict] | None = None,
+               extra: Any = None, metrics: Mapping[str, float] | None = None) -> Path:
+        """Check every shard file, write the manifest, make the checkpoint visible atomically,
+        then apply retention. Returns the committed directory.
+
+        ``param_groups``: optimizer groups (hyperparameters plus ``"params"``: the member
+        parameter names, in the optimizer's order); default one group of every parameter.
+        ``extra``: coordinator state (scheduler, RNG, data position; any savable value).
+        ``metrics``: numbers retention can rank by (e.g. ``{"loss": 0.31}``).
+        """
+        self._own(pending)
+        layout = pending.layout
+        groups = _check_groups(param_groups, layout)
+        metrics = _check_metrics(metrics)
+        directory = Path(pending.directory)
+        final = step_directory(self.root, pending.step)
+        if final.exists():
+            raise CheckpointError(f"step {pending.step} is already committed in {self.root}")
+        try:
+            entries = os.listdir(directory)
+        except OSError as error:
+            raise CheckpointError(f"cannot commit step {pending.step}: {directory}: {error.strerror or error}") from error
+        for entry in entries:
+            if LEFTOVER.fullmatch(entry):
+                _remove(directory / entry)  # a shard writer's temporary file from a retried write
+
+        shards, schema = [], None
+        for shard in range(layout.num_shards):
+            path = pending.shard_path(shard)
+            if not path.exists():
+                raise CheckpointError(
+                    f"cannot commit step {pending.step}: shard {shard} of {layout.num_shards} was not written ({path})"
+                )
+            with FileReader(path) as reader:
+                shard_schema = _shard_schema(reader, pending, shard)
+                shards.append({
+                    "file": path.name, "size": reader.size, "header_checksum": reader.header_checksum,
+                    "slices": {name: list(bounds) for name, bounds in layout.slices(shard).items()},
+                })
+            if schema is None:
+                schema = shard_schema
+            elif not _same(schema, shard_schema):
+                raise CheckpointError(
+                    f"cannot commit step {pending.step}: shard {shard}'s optimizer state differs from "
+                    f"shard 0's in its keys, dtypes or scalar values ({_first_difference(schema, shard_schema)})"
+                )
+        grouped = {name for group in groups for name in group["params"]}
+        stray = [name for name in schema if name not in grouped]
+        if stray:
+            raise ValueError(f"optimizer state for parameters {stray} that no param group lists")
+        manifest = {
+            "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "run_id": pending.run_id,
+            "step": pending.step, "created": time.time(), "num_shards": layout.num_shards,
+            "params": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in layout.params],
+            "param_groups": groups, "state": schema, "shards": shards, "metrics": metrics, "extra": extra,
+        }
+        dump(manifest, directory / MANIFEST)
+        try:
+            os.rename(directory, final)
+            _fsync_directory(self.root)
+        except OSError as error:
+            raise CheckpointError(f"cannot commit {final}: {error.strerror or error}") from error
+        self._pending.discard(pending.directory)
+        self.prune()
+        return final
+
+    def prune(self) -> list[int]:
+        """Apply the retention policy; returns the deleted steps."""
+        self._check_open()
+        if self.retention is None:
+            return []
+        steps = committed_steps(self.root)
+        metrics = {step: RunCheckpoint(step_directory(self.root, step)).metrics for step in steps}
+        kept = self.retention.keep(metrics)
+        deleted = [step for step in steps if step not in kept]
+        for step in deleted:
+            doomed = step_directory(self.root, step)
+            hidden = doomed.with_name(f"{doomed.name}.deleting-{secrets.token_hex(6)}")
+            os.rename(doomed, hidden)
+            _fsync_directory(self.root)
+            shutil.rmtree(hidden)
+        return deleted
+
+    def latest(self) -> int | None:
+        return latest_step(self.root)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _check_groups(param_groups: list[dict] | None, layout: ShardLayout) -> list[dict]:
+    names = [spec.name for spec in layout.params]
+    if param_groups is None:
+        return [{"params": names}]
+    if type(param_groups) is not list:
+        raise TypeError(f"param_groups must be a list of dicts; got {type(param_groups).__name__}")
+    seen: dict[str, int] = {}
+    groups = []
+    for index, group in enumerate(param_groups):
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise ValueError(f"param_groups[{index}] must be a dict with a 'params' list of parameter names")
+        members = group["params"]
+        if type(members) not in (list, tuple) or any(type(name) is not str for name in members):
+            raise ValueError(f"param_groups[{index}]['params'] must list parameter names; got {members!r}")
+        for name in members:
+            if name not in layout._by_name:
+                raise ValueError(f"param_groups[{index}] lists {name!r}, which the layout does not have")
+            if name in seen:
+                raise ValueError(f"parameter {name!r} is in param_groups[{seen[name]}] and param_groups[{index}]")
+            seen[name] = index
+        groups.append({key: (list(members) if key == "params" else value) for key, value in group.items()})
+    Encoder().encode(groups)  # every hyperparameter must be savable: fail here, not later
+    return groups
+
+
+def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict of name -> number; got {type(metrics).__name__}")
+    checked = {}
+    for name, value in metrics.items():
+        if type(name) is not str or isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"metrics must map names to numbers; got {name!r}: {value!r}")
+        checked[name] = float(value)
+    return checked
+
+
+def _shard_schema(reader: FileReader, pending: PendingCheckpoint, shard: int) -> dict:
+    """A shard file's optimizer-state schema ({name: {key: {"per_element": dtype} or
+    {"value": v}}}), after checking the file against the pending checkpoint."""
+    tree = reader.tree
+    layout = pending.layout
+    if type(tree) is not dict or tuple(tree) != SHARD_FIELDS:
+        raise CorruptCheckpointError(f"{reader.path}: not a shard file (fields {list(tree) if type(tree) is dict else type(tree).__name__})")
+    expected = {"run_id": pending.run_id, "step": pending.step, "shard": shard, "num_shards": layout.num_shards}
+    for key, value in expected.items():
+        if tree[key] != value or type(tree[key]) is not type(value):
+            raise CheckpointError(f"{reader.path}: {key} is {tree[key]!r}; this checkpoint expects {value!r}")
+    if type(tree["param"]) is not dict or list(tree["param"]) != [s.name for s in layout.params]:
+        raise CorruptCheckpointError(f"{reader.path}: its parameters do not match the layout")
+    for spec in layout.params:
+        start, stop = layout.slice(spec.name, shard)
+        _check_entry(reader, tree["param"][spec.name], f"param {spec.name!r}", spec.dtype, stop - start)
+    if type(tree["state"]) is not dict:
+        raise CorruptCheckpointError(f"{reader.path}: state must be a map")
+    schema = {}
+    for name, entries in tree["state"].items():
+        if name not in layout._by_name or type(entries) is not dict:
+            raise CorruptCheckpointError(f"{reader.path}: state for unknown parameter {name!r}")
+        start, stop = layout.slice(name, shard)
+        schema[name] = {}
+        for key, value in entries.items():
+            if type(value) is TensorRef and len(reader.entries[value.index].shape) == 1:
+                entry = _check_entry(reader, value, f"state {name!r}/{key!r}", None, stop - start)
+                schema[name][key] = {"per_element": entry.dtype.name}
+            else:
+                schema[name][key] = {"value": _read_value(reader, value)}
+    return schema
+
+
+def _check_entry(reader: FileReader, ref: Any, what: str, dtype: str | None, length: int):
+    if type(ref) is not TensorRef:
+        raise CorruptCheckpointError(f"{reader.path}: {what} is not an array")
+    entry = reader.entries[ref.index]
+    if entry.shape != (length,) or (dtype is not None and entry.dtype.name != dtype):
+        raise CorruptCheckpointError(
+            f"{reader.path}: {what} is {entry.dtype.name}{list(entry.shape)}; expected "
+            f"{dtype or 'an array'} of {length} elements"
+        )
+    return entry
+
+
+def _read_value(reader: FileReader, value: Any) -> Any:
+    """A small replicated value with its arrays read in full."""
+    refs: list[TensorRef] = []
+
+    def collect(node: Any) -> None:
+        if type(node) is TensorRef:
+            refs.append(node)
+        elif type(node) in (dict,):
+            for item in node.values():
+                collect(item)
+        elif type(node) in (list, tuple):
+            for item in node:
+                collect(item)
+
+    collect(value)
+    arrays = [None] * len(reader.entries)
+    for ref in refs:
+        arrays[ref.index] = reader.read_array(reader.entries[ref.index])
+    return fill(value, arrays)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Exact equality of saved values: same types, same bits (NaN equals itself)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, np.generic):
+        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    if type(a) is float:
+        return np.float64(a).tobytes() == np.float64(b).tobytes()
+    if type(a) is dict:
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if type(a) in (list, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for name in list(a) + [n for n in b if n not in a]:
+        if name not in a or name not in b:
+            return f"parameter {name!r} has state in only one of them"
+        if list(a[name]) != list(b[name]):
+            return f"parameter {name!r}: keys {list(a[name])} vs {list(b[name])}"
+        for key in a[name]:
+            if not _same(a[name][key], b[name][key]):
+                return f"parameter {name!r}, {key!r}: {a[name][key]!r} vs {b[name][key]!r}"
+    return "order of parameters"
+
+
+# ---------------------------------------------------------------------------------------
+# reading committed checkpoints
+
+
+def committed_steps(root: str | os.PathLike) -> list[int]:
+    """The committed steps in a run directory, oldest first (pending ones never count)."""
+    root = Path(root)
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise CheckpointError(f"cannot list {root}: {error.strerror or error}") from error
+    steps = []
+    for name in names:
+        match = STEP_DIR.fullmatch(name)
+        if match and (root / name / MANIFEST).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def latest_step(root: str | os.PathLike) -> int | None:
+    """The newest committed step, or None."""
+    steps = committed_steps(root)
+    return steps[-1] if steps else None
+
+
+def open_checkpoint(root: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
+    """A committed checkpoint of a run directory: ``step``, or the newest when None."""
+    root = Path(root)
+    if step is None:
+        step = latest_step(root)
+        if step is None:
+            raise CheckpointError(f"no committed checkpoint in {root}")
+    _check_step(step)
+    directory = step_directory(root, step)
+    if not (directory / MANIFEST).is_file():
+        raise CheckpointError(f"step {step} is not committed in {root}; committed: {committed_steps(root)}")
+    return RunCheckpoint(directory)
+
+
+class RunCheckpoint:
+    """A committed checkpoint: its manifest, and readers of its shard files.
+
+    ``load_shard(shard, num_shards)`` gives one shard of any new shard count, reading only
+    the byte ranges (to the 1 MiB checksum chunk) it needs; ``export()`` gives the full
+    parameters and a torch-layout optimizer state_dict. Both verify every chunk they read.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        manifest = load(self.directory / MANIFEST)
+        self._manifest = _check_manifest(manifest, self.directory / MANIFEST)
+        self.run_id: str = manifest["run_id"]
+        self.step: int = manifest["step"]
+        self.metrics: dict[str, float] = manifest["metrics"]
+        self.extra: Any = manifest["extra"]
+        self.param_groups: list[dict] = manifest["param_groups"]
+        self.layout = ShardLayout(
+            tuple(ParamSpec(p["name"], tuple(p["shape"]), p["dtype"]) for p in manifest["params"]),
+            manifest["num_shards"])
+        self._readers: dict[int, FileReader] = {}
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def __enter__(self) -> RunCheckpoint:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _reader(self, shard: int) -> FileReader:
+        reader = self._readers.get(shard)
+        if reader is None:
+            record = self._manifest["shards"][shard]
+            reader = FileReader(self.directory / record["file"])
+            if reader.size != record["size"] or reader.header_checksum != record["header_checksum"]:
+                reader.close()
+                raise CorruptCheckpointError(
+                    f"{reader.path}: size {reader.size} / header checksum {reader.header_checksum:#x} differ "
+                    f"from the manifest's {record['size']} / {record['header_checksum']:#x}; the file was "
+                    "replaced or damaged"
+                )
+            try:
+                reader.check_padding()
+            except BaseException:
+                reader.close()
+                raise
+            self._readers[shard] = reader
+        return reader
+
+    def _read(self, name: str, key: str | None, dtype: np.dtype, start: int, stop: int, out: np.ndarray) -> None:
+        """Elements [start, stop) of a parameter (key None) or of its per-element state
+        ``key``, gathered from the shard files that hold them, into ``out`` (1-D)."""
+        view = memoryview(out.view(np.uint8))
+        size = dtype.itemsize
+        for shard, record in enumerate(self._manifest["shards"]):
+            lo, hi = record["slices"][name]
+            a, b = max(start, lo), min(stop, hi)
+            if a >= b:
+                continue
+            reader = self._reader(shard)
+            tree = reader.tree
+            ref = tree["param"][name] if key is None else tree["state"].get(name, {}).get(key)
+            if type(ref) is not TensorRef:
+                raise CorruptCheckpointError(f"{reader.path}: lacks {'param' if key is None else key!r} of {name!r}")
+            entry = reader.entries[ref.index]
+            if entry.shape != (hi - lo,) or entry.dtype != dtype:
+                raise CorruptCheckpointError(f"{reader.path}: {name!r}/{key} does not match the manifest")
+            reader.read_into(entry, view[(a - start) * size:(b - start) * size], (a - lo) * size, (b - lo) * size)
+            reader.check_bool(entry, out[a - start:b - start])
+
+    def load_shard(self, shard: int, num_shards: int) -> dict[str, dict]:
+        """Shard ``shard`` of ``num_shards`` (any count): ``{"params": {name: 1-D slice},
+        "state": {name: {key: slice or scalar}}}`` with the slices of
+        ``ShardLayout(params, num_shards)``."""
+        layout = ShardLayout(self.layout.params, num_shards)
+        layout._check_shard(shard)
+        params, state = {}, {}
+        for spec in layout.params:
+            start, stop = layout.slice(spec.name, shard)
+            params[spec.name] = self._fresh(spec.name, None, DTYPES[spec.dtype], start, stop)
+        for name, entries in self._manifest["state"].items():
+            start, stop = layout.slice(name, shard)
+            state[name] = {
+                key: (self._fresh(name, key, DTYPES[kind["per_element"]], start, stop)
+                      if "per_element" in kind else copy.deepcopy(kind["value"]))
+                for key, kind in entries.items()
+            }
+        return {"params": params, "state": state}
+
+    def _fresh(self, name: str, key: str | None, dtype: np.dtype, start: int, stop: int) -> np.ndarray:
+        out = np.empty(stop - start, dtype)
+        self._read(name, key, dtype, start, stop, out)
+        return out
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The consolidated model parameters (name -> full array) and optimizer state_dict in
+        torch's layout (``{"state": {index: {...}}, "param_groups": [{..., "params":
+        [index, ...]}]}``, indices numbered group by group as torch does). Each array is
+        allocated once at full size and filled straight from the shard files."""
+
+        def full(name: str, key: str | None, dtype: np.dtype) -> np.ndarray:
+            spec = self.layout.spec(name)
+            array = np.empty(spec.shape, dtype)
+            self._read(name, key, dtype, 0, spec.numel, array.reshape(-1))
+            return array
+
+        return self._consolidated(full)
+
+    def export_file(self, path: str | os.PathLike) -> None:
+        """Write the export as one single-file checkpoint, ``{"model": params, "optimizer":
+        state_dict}``, streaming: every array goes from the shard files to the new file a
+        block at a time, so memory holds one 8 MiB block, never the state."""
+
+        def streamed(name: str, key: str | None, dtype: np.dtype) -> StreamedArray:
+            spec = self.layout.spec(name)
+
+            def blocks(max_bytes: int):
+                step = max(1, max_bytes // dtype.itemsize)
+                buffer = np.empty(min(step, spec.numel), dtype)
+                for start in range(0, spec.numel, step):
+                    stop = min(start + step, spec.numel)
+                    self._read(name, key, dtype, start, stop, buffer[:stop - start])
+                    yield memoryview(buffer[:stop - start].view(np.uint8))
+
+            return StreamedArray(dtype, spec.shape, blocks)
+
+        model, optimizer = self._consolidated(streamed)
+        encoder = Encoder()
+        write_file(path, encoder.encode({"model": model, "optimizer": optimizer}), encoder.tensors)
+
+    def _consolidated(self, array: Callable[[str, str | None, np.dtype], Any]) -> tuple[dict, dict]:
+        params = {spec.name: array(spec.name, None, DTYPES[spec.dtype]) for spec in self.layout.params}
+        index: dict[str, int] = {}
+        groups = []
+        for group in self.param_groups:
+            exported = {}
+            for key, value in group.items():
+                if key == "params":
+                    value = [index.setdefault(name, len(index)) for name in value]
+                exported[key] = copy.deepcopy(value)
+            groups.append(exported)
+        state = {}
+        for name, entries in self._manifest["state"].items():
+            state[index[name]] = {
+                key: (array(name, key, DTYPES[kind["per_element"]]) if "per_element" in kind
+                      else copy.deepcopy(kind["value"]))
+                for key, kind in entries.items()
+            }
+        return params, {"state": state, "param_groups": groups}
+
+
+def _check_manifest(manifest: Any, path: Path) -> dict:
+    """Every field the readers rely on, so a bad manifest is a CorruptCheckpointError."""
+
+    def bad(message: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: {message}")
+
+    if type(manifest) is not dict or manifest.get("kind") != MANIFEST_KIND:
+        raise bad("not a run-checkpoint manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise bad(f"unsupported manifest version {manifest.get('version')!r}; this reader reads {MANIFEST_VERSION}")
+    if list(manifest) != list(MANIFEST_FIELDS):
+        raise bad(f"manifest fields {list(manifest)}; expected {list(MANIFEST_FIELDS)}")
+    num_shards = manifest["num_shards"]
+    if type(num_shards) is not int or num_shards < 1 or type(manifest["step"]) is not int:
+        raise bad("num_shards / step must be positive ints")
+    try:
+        specs = [ParamSpec(p["name"], tuple(p["shape"]), p["dtype"]) for p in manifest["params"]]
+        ShardLayout(tuple(specs), num_shards)
+    except (TypeError, ValueError, KeyError) as error:
+        raise bad(f"bad parameter table ({error})") from None
+    shards = manifest["shards"]
+    if type(shards) is not list or len(shards) != num_shards:
+        raise bad(f"lists {len(shards) if type(shards) is list else '?'} shard files for {num_shards} shards")
+    for shard, record in enumerate(shards):
+        if (type(record) is not dict or type(record.get("file")) is not str or "/" in record["file"]
+                or type(record.get("size")) is not int or type(record.get("header_checksum")) is not int
+                or type(record.get("slices")) is not dict):
+            raise bad(f"shard record {shard} is malformed")
+    for spec in specs:
+        expected = 0
+        for shard, record in enumerate(shards):
+            bounds = record["slices"].get(spec.name)
+            if (type(bounds) is not list or len(bounds) != 2 or bounds[0] != expected
+                    or type(bounds[1]) is not int or bounds[1] < bounds[0]):
+                raise bad(f"shard {shard}'s slice of {spec.name!r} is {bounds!r}; slices must tile the parameter in order")
+            expected = bounds[1]
+        if expected != spec.numel:
+            raise bad(f"the slices of {spec.name!r} cover {expected} of its {spec.numel} elements")
+    names = {spec.name for spec in specs}
+    state = manifest["state"]
+    if type(state) is not dict:
+        raise bad("state schema must be a map")
+    for name, entries in state.items():
+        if name not in names or type(entries) is not dict:
+            raise bad(f"state schema for unknown parameter {name!r}")
+        for key, kind in entries.items():
+            if not (type(kind) is dict and (list(kind) == ["value"] or
+                    (list(kind) == ["per_element"] and kind["per_element"] in DTYPES))):
+                raise bad(f"state schema of {name!r}/{key!r} is malformed: {kind!r}")
+    groups = manifest["param_groups"]
+    if type(groups) is not list or any(type(g) is not dict or type(g.get("params")) is not list
+                                       or any(n not in names for n in g["params"]) for g in groups):
+        raise bad("param_groups must be maps whose 'params' list parameter names")
+    grouped = {name for group in groups for name in group["params"]}
+    if any(name not in grouped for name in state):
+        raise bad("optimizer state for a parameter that no param group lists")
+    if type(manifest["metrics"]) is not dict:
+        raise bad("metrics must be a map")
+    return manifest
