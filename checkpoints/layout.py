@@ -12,7 +12,6 @@ empty range.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from checkpoints.format import ALLOWED_DTYPES, DTYPES
