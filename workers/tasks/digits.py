@@ -1,0 +1,122 @@
+"""``digits``: an MLP classifier on the UCI optical handwritten digits (8x8, 1,797 images).
+
+Data: ``data/digits.npz`` (source, licence and the held-out rule in ``data/README.md``):
+1,442 training and 355 held-out images; a pixel count 0..16 becomes the input ``count / 16``.
+Model: Linear(64, h1), activation, ..., Linear(hk, 10) (``hidden=[h1, ..., hk]``), torch's
+default initialization. Loss: cross-entropy (``workers.nn.CrossEntropyLoss``) over the
+logits. Metrics: held-out ``accuracy`` and mean ``loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.nn import CrossEntropyLoss
+from workers.tasks.base import Batch, Task, check_dtype
+from workers.tasks.models import INIT_STREAM, BoundModule, check_activation, check_widths, mlp
+
+DATA_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
+IMAGES, PIXELS, CLASSES, MAX_COUNT = 1797, 64, 10, 16
+
+
+@dataclass(frozen=True, eq=False)
+class DigitsData:
+    """The images as float inputs in [0, 1] (``(n, 64)``), their labels, per split."""
+
+    train_inputs: np.ndarray
+    train_labels: np.ndarray
+    held_out_inputs: np.ndarray
+    held_out_labels: np.ndarray
+
+
+def load_digits(dtype: np.dtype) -> DigitsData:
+    """Read and check ``data/digits.npz``; inputs are ``count / 16`` in ``dtype``."""
+    with np.load(DATA_FILE, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    expected = {"images": ((IMAGES, 8, 8), np.uint8), "labels": ((IMAGES,), np.uint8),
+                "held_out": ((IMAGES,), np.bool_)}
+    for key, (shape, kind) in expected.items():
+        array = arrays.get(key)
+        if array is None or array.shape != shape or array.dtype != kind:
+            got = None if array is None else (array.shape, str(array.dtype))
+            raise ValueError(f"{DATA_FILE} is damaged: {key!r} must be {np.dtype(kind)} of shape {shape}; got {got}")
+    images, labels, held_out = arrays["images"], arrays["labels"], arrays["held_out"]
+    if images.max() > MAX_COUNT or labels.max() >= CLASSES:
+        raise ValueError(f"{DATA_FILE} is damaged: pixel counts must be <= 16 and labels < 10")
+    inputs = images.reshape(IMAGES, PIXELS).astype(dtype) / dtype.type(MAX_COUNT)
+    labels = labels.astype(np.int64)
+    return DigitsData(inputs[~held_out], labels[~held_out], inputs[held_out], labels[held_out])
+
+
+class DigitsTask(Task):
+    """Classify 8x8 handwritten digits with an MLP and cross-entropy.
+
+    hidden: widths of the hidden layers (default one layer of 256). activation: 'relu',
+    'tanh' or 'gelu'. dtype: 'float32' (default) or 'float64'.
+    """
+
+    name = "digits"
+
+    def __init__(self, *, hidden: int | Sequence[int] = (256,), activation: str = "relu",
+                 dtype: str = "float32"):
+        self.hidden = check_widths("hidden", hidden)
+        self.activation = check_activation(activation)
+        self.dtype = check_dtype("dtype", dtype)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (PIXELS, *self.hidden, CLASSES)
+
+    def _data(self) -> DigitsData:
+        return self.cached("data", lambda: load_digits(self.dtype))
+
+    def _model(self) -> BoundModule:
+        return self.cached("model", lambda: self._build(0))
+
+    def _build(self, seed: int) -> BoundModule:
+        rng = np.random.default_rng([seed, 0, INIT_STREAM])
+        return BoundModule(mlp(self.sizes, self.activation, self.dtype, rng), self.name)
+
+    @property
+    def train_size(self) -> int:
+        return int(self._data().train_labels.size)
+
+    def init_params(self, seed: int) -> dict[str, np.ndarray]:
+        bound = self._build(seed)
+        self.cached("model", lambda: bound)  # the first model built also serves the computations
+        return bound.init()
+
+    def examples(self, seed: int, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        data = self._data()
+        return {"inputs": data.train_inputs[positions], "labels": data.train_labels[positions]}
+
+    def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch):
+        model = self._model()
+        model.bind(params)
+        if batch.size == 0:
+            return 0.0, model.grads()
+        criterion = self.cached("criterion", lambda: CrossEntropyLoss(reduction="sum"))
+        logits = model.module.forward(batch.data["inputs"])
+        total = criterion(logits, batch.data["labels"])
+        model.module.backward(criterion.backward(1.0 / batch.global_size))
+        return float(total) / batch.global_size, model.grads()
+
+    def logits(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+        model = self._model()
+        model.bind(params)
+        model.module.eval()
+        try:
+            return model.module.forward(inputs)
+        finally:
+            model.module.train()
+
+    def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
+        data = self._data()
+        logits = self.logits(params, data.held_out_inputs)
+        loss = CrossEntropyLoss(reduction="mean")(logits, data.held_out_labels)
+        accuracy = np.mean(logits.argmax(axis=1) == data.held_out_labels)
+        return {"accuracy": float(accuracy), "loss": float(loss)}

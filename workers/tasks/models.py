@@ -1,0 +1,108 @@
+"""Helpers the built-in tasks share: MLPs from ``workers.nn`` and running a module on
+parameters it does not own."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from workers.nn import GELU, Linear, ReLU, Sequential, Tanh
+from workers.optim.parameter import RowSparseGrad
+from workers.tasks.base import check_int, check_params
+
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "gelu": GELU}
+
+# entropy words of the generators derived from a seed (see base.SHUFFLE_STREAM)
+INIT_STREAM = 1
+SAMPLING_STREAM = 2
+DATA_STREAM = 3
+
+
+def check_activation(value: Any) -> str:
+    if value not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {value!r}")
+    return value
+
+
+def check_widths(name: str, value: Any) -> tuple[int, ...]:
+    """A sequence of positive layer widths (an int is one layer)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of positive integers; got {value!r}")
+    return tuple(check_int(f"{name}[{i}]", width, 1) for i, width in enumerate(value))
+
+
+def mlp(sizes: Sequence[int], activation: str, dtype: np.dtype, rng: np.random.Generator) -> Sequential:
+    """Linear(sizes[0], sizes[1]), act, Linear(sizes[1], sizes[2]), act, ..., Linear(.., sizes[-1]).
+
+    Parameter names are torch's for the same ``nn.Sequential``: ``"0.weight"``, ``"0.bias"``,
+    ``"2.weight"``, ...; weights have torch's (out, in) shape and default initialization."""
+    layers = []
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        if index:
+            layers.append(ACTIVATIONS[activation]())
+        layers.append(Linear(fan_in, fan_out, bias=True, dtype=dtype, rng=rng))
+    return Sequential(*layers)
+
+
+def mlp_param_count(sizes: Sequence[int]) -> int:
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in itertools.pairwise(sizes))
+
+
+class BoundModule:
+    """A ``workers.nn`` module run on caller-owned parameter arrays.
+
+    :meth:`bind` points each module Parameter's ``.data`` at the caller's array (no copy)
+    and clears its gradient; after ``forward``/``backward``, :meth:`grads` hands out the
+    gradients the module accumulated. The module never writes ``.data``, so the caller's
+    arrays are read, never modified.
+    """
+
+    def __init__(self, module: Any, owner: str, prefix: str = "", sparse: bool = False):
+        self.module = module
+        self.owner = owner
+        self.sparse = sparse
+        self.parameters = {prefix + name: p for name, p in module.named_parameters()}
+        self.shapes = {name: p.shape for name, p in self.parameters.items()}
+        dtypes = {p.dtype for p in self.parameters.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"{owner}: a bound module needs one parameter dtype; got {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop()
+
+    def init(self) -> dict[str, np.ndarray]:
+        """The module's own (freshly initialized) arrays by name."""
+        return {name: p.data for name, p in self.parameters.items()}
+
+    def bind(self, params: Mapping[str, np.ndarray], check: bool = True) -> None:
+        if check:
+            check_params(params, self.shapes, self.dtype, self.owner)
+        for name, p in self.parameters.items():
+            p.data = params[name]
+            p.grad = None
+
+    def grads(self) -> dict[str, np.ndarray | RowSparseGrad]:
+        """Each parameter's gradient; a parameter the backward pass did not reach gets zeros
+        (dense) or an empty row-sparse gradient (when ``sparse``)."""
+        out = {}
+        for name, p in self.parameters.items():
+            grad = p.grad
+            if grad is None:
+                grad = empty_sparse(p.shape, p.dtype) if self.sparse else np.zeros(p.shape, p.dtype)
+            out[name] = grad
+        return out
+
+
+def check_bound(params: Mapping[str, np.ndarray], bound: Sequence[BoundModule], owner: str) -> None:
+    """``params`` must have exactly the names of all ``bound`` modules together."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module in bound:
+        shapes.update(module.shapes)
+    check_params(params, shapes, bound[0].dtype, owner)
+
+
+def empty_sparse(shape: tuple[int, ...], dtype: np.dtype) -> RowSparseGrad:
+    return RowSparseGrad(np.zeros(0, np.int64), np.zeros((0, *shape[1:]), dtype), shape)

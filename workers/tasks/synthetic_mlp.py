@@ -1,0 +1,141 @@
+"""``synthetic-mlp``: an MLP classifier sized by parameter count, on synthetic data.
+
+For scale and speed work: ``params`` picks the width ``w`` of ``depth`` equal hidden layers
+so that the MLP ``inputs -> w -> ... -> w -> classes`` (torch's Linear layers with biases,
+default initialization) has the parameter count nearest to ``params``
+(:func:`width_for`); :attr:`SyntheticMLPTask.num_params` is the exact count.
+
+Data (a function of ``data_seed``): inputs with independent N(0, 1) entries, labelled by
+a random linear teacher, ``label = argmax(x T)`` with ``T`` (inputs x classes) N(0, 1);
+``examples`` training and ``eval_examples`` held-out examples. Loss: cross-entropy.
+Metrics: held-out ``accuracy`` and ``loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.nn import CrossEntropyLoss
+from workers.tasks.base import Batch, Task, check_dtype, check_int
+from workers.tasks.models import DATA_STREAM, INIT_STREAM, BoundModule, check_activation, mlp, mlp_param_count
+
+
+def width_for(params: int, depth: int, inputs: int, classes: int) -> int:
+    """The hidden width whose MLP has the parameter count nearest to ``params``.
+
+    count(w) = (inputs + 1) w + (depth - 1)(w^2 + w) + (w + 1) classes, increasing in w."""
+    linear = inputs + 1 + (depth - 1) + classes
+    if depth == 1:
+        estimate = (params - classes) / linear
+    else:
+        quadratic = depth - 1
+        estimate = (-linear + math.sqrt(linear * linear + 4 * quadratic * (params - classes))) / (2 * quadratic)
+    candidates = {max(1, math.floor(estimate)), max(1, math.ceil(estimate))}
+
+    def count(w: int) -> int:
+        return mlp_param_count((inputs, *[w] * depth, classes))
+
+    return min(sorted(candidates), key=lambda w: abs(count(w) - params))
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherData:
+    train_inputs: np.ndarray
+    train_labels: np.ndarray
+    held_out_inputs: np.ndarray
+    held_out_labels: np.ndarray
+
+
+class SyntheticMLPTask(Task):
+    """A ``params``-sized MLP classifier on teacher-labelled Gaussian inputs.
+
+    params: target parameter count (default 1,000,000). depth: hidden layers (default 4).
+    inputs, classes: input size and number of classes (default 256, 10). examples,
+    eval_examples: training and held-out set sizes (default 8192, 1024). activation:
+    'relu' (default), 'tanh' or 'gelu'. data_seed: the data (default 0). dtype: 'float32'
+    (default) or 'float64'.
+    """
+
+    name = "synthetic-mlp"
+
+    def __init__(self, *, params: int = 1_000_000, depth: int = 4, inputs: int = 256, classes: int = 10,
+                 examples: int = 8192, eval_examples: int = 1024, activation: str = "relu",
+                 data_seed: int = 0, dtype: str = "float32"):
+        self.depth = check_int("depth", depth, 1)
+        self.inputs = check_int("inputs", inputs, 1)
+        self.classes = check_int("classes", classes, 2)
+        smallest = mlp_param_count((self.inputs, *[1] * self.depth, self.classes))
+        self.target_params = check_int("params", params, smallest)
+        self.examples_count = check_int("examples", examples, 1)
+        self.eval_examples = check_int("eval_examples", eval_examples, 1)
+        self.activation = check_activation(activation)
+        self.data_seed = check_int("data_seed", data_seed, 0)
+        self.dtype = check_dtype("dtype", dtype)
+        self.width = width_for(self.target_params, self.depth, self.inputs, self.classes)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (self.inputs, *[self.width] * self.depth, self.classes)
+
+    @property
+    def num_params(self) -> int:
+        """The model's exact parameter count."""
+        return mlp_param_count(self.sizes)
+
+    def _make(self) -> TeacherData:
+        rng = np.random.default_rng([self.data_seed, 0, DATA_STREAM])
+        teacher = rng.standard_normal((self.inputs, self.classes)).astype(self.dtype)
+        total = self.examples_count + self.eval_examples
+        inputs = rng.standard_normal((total, self.inputs), dtype=self.dtype)
+        labels = (inputs @ teacher).argmax(axis=1).astype(np.int64)
+        cut = self.examples_count
+        return TeacherData(inputs[:cut], labels[:cut], inputs[cut:], labels[cut:])
+
+    def _data(self) -> TeacherData:
+        return self.cached("data", self._make)
+
+    def _build(self, seed: int) -> BoundModule:
+        rng = np.random.default_rng([seed, 0, INIT_STREAM])
+        return BoundModule(mlp(self.sizes, self.activation, self.dtype, rng), self.name)
+
+    def _model(self) -> BoundModule:
+        return self.cached("model", lambda: self._build(0))
+
+    @property
+    def train_size(self) -> int:
+        return self.examples_count
+
+    def init_params(self, seed: int) -> dict[str, np.ndarray]:
+        bound = self._build(seed)
+        self.cached("model", lambda: bound)  # the first model built also serves the computations
+        return bound.init()
+
+    def examples(self, seed: int, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        data = self._data()
+        return {"inputs": data.train_inputs[positions], "labels": data.train_labels[positions]}
+
+    def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch):
+        model = self._model()
+        model.bind(params)
+        if batch.size == 0:
+            return 0.0, model.grads()
+        criterion = self.cached("criterion", lambda: CrossEntropyLoss(reduction="sum"))
+        total = criterion(model.module.forward(batch.data["inputs"]), batch.data["labels"])
+        model.module.backward(criterion.backward(1.0 / batch.global_size))
+        return float(total) / batch.global_size, model.grads()
+
+    def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
+        model = self._model()
+        model.bind(params)
+        data = self._data()
+        model.module.eval()
+        try:
+            logits = model.module.forward(data.held_out_inputs)
+        finally:
+            model.module.train()
+        loss = CrossEntropyLoss(reduction="mean")(logits, data.held_out_labels)
+        return {"accuracy": float(np.mean(logits.argmax(axis=1) == data.held_out_labels)), "loss": float(loss)}
