@@ -231,3 +231,28 @@ def test_torch_rejects_the_same_hyperparameters(case):
     cls = getattr(torch.optim, optimizer_class(name).__name__)
     with pytest.raises((ValueError, RuntimeError, TypeError, IndexError)):
         cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "adamax",
+                                  "nadam", "radam", "asgd", "rprop"])
+def test_serial_and_multithreaded_kernels_agree_bit_for_bit(name):
+    """Small parameters update on the calling thread, large ones on numba's threads; the
+    same source compiled both ways must give the same bits."""
+    from workers.optim.rule import PARALLEL_MIN_SIZE
+
+    rng = np.random.default_rng(5)
+    size = PARALLEL_MIN_SIZE + 3
+    data = rng.standard_normal(size).astype(np.float32)
+    grads = [rng.standard_normal(size).astype(np.float32) for _ in range(3)]
+    big = Parameter(data.copy())
+    pieces = [Parameter(part.copy()) for part in np.array_split(data, 3)]  # each below the threshold
+    assert all(p.size < PARALLEL_MIN_SIZE for p in pieces)
+    big_opt = optimizer_class(name)([big], lr=0.01)
+    small_opt = optimizer_class(name)(pieces, lr=0.01)
+    for grad in grads:
+        big.grad = grad
+        for p, part in zip(pieces, np.array_split(grad, 3)):
+            p.grad = part.copy()
+        big_opt.step()
+        small_opt.step()
+    np.testing.assert_array_equal(big.data, np.concatenate([p.data for p in pieces]))

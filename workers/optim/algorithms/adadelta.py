@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -25,6 +25,7 @@ from workers.optim.rule import (
     check_device_flags,
     check_interval,
     check_min,
+    elementwise_kernel,
     flat,
     new_step,
     scalars,
@@ -49,7 +50,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "square_avg": np.zeros_like(param), "acc_delta": np.zeros_like(param)}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _adadelta_kernel(param, grad, square_avg, acc_delta, maximize, weight_decay, rho,
                      one_minus_rho, eps, neg_lr):
     for i in prange(param.size):

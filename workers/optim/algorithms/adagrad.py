@@ -25,6 +25,7 @@ from workers.optim.rule import (
     check_bool,
     check_device_flags,
     check_min,
+    elementwise_kernel,
     flat,
     new_step,
     scalars,
@@ -50,7 +51,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "sum": np.full_like(param, group["initial_accumulator_value"])}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _adagrad_kernel(param, grad, state_sum, maximize, weight_decay, eps, neg_clr):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -22,6 +22,7 @@ from workers.optim.rule import (
     advance,
     check_adam_family,
     check_bool,
+    elementwise_kernel,
     flat,
     lerp_weight,
     new_step,
@@ -47,7 +48,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return state
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _adam_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize, amsgrad,
                  weight_decay, decoupled, decay, lerp_w, lerp_w_small, lerp_1mw,
                  beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size):

@@ -12,13 +12,14 @@ The operation order follows torch's single-tensor path, in the parameter's dtype
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
     Rule,
     advance,
     check_adam_family,
+    elementwise_kernel,
     flat,
     new_step,
     scalars,
@@ -38,7 +39,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_inf": np.zeros_like(param)}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _adamax_kernel(param, grad, exp_avg, exp_inf, maximize, weight_decay, lerp_w, lerp_w_small,
                    lerp_1mw, beta2, eps, neg_clr):
     for i in prange(param.size):

@@ -15,7 +15,7 @@ torch.optim.ASGD's single-tensor path, in the parameter's dtype.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -25,6 +25,7 @@ from workers.optim.rule import (
     check_bool,
     check_device_flags,
     check_min,
+    elementwise_kernel,
     flat,
     new_step,
     require_number,
@@ -56,7 +57,7 @@ def init_state(param: np.ndarray, group) -> dict:
     }
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _asgd_kernel(param, grad, ax, maximize, weight_decay, decay, neg_eta, average, mu):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -28,6 +28,7 @@ from workers.optim.rule import (
     check_adam_family,
     check_bool,
     check_min,
+    elementwise_kernel,
     flat,
     new_step,
     scalars,
@@ -54,7 +55,7 @@ def init_state(param: np.ndarray, group) -> dict:
     }
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _nadam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, decoupled, decay,
                   lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction2, eps,
                   grad_coef, exp_avg_coef):

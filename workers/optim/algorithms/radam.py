@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -26,6 +26,7 @@ from workers.optim.rule import (
     advance,
     check_adam_family,
     check_bool,
+    elementwise_kernel,
     flat,
     new_step,
     scalars,
@@ -46,7 +47,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _radam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, decoupled, decay,
                   lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction1, lr,
                   rectify, eps, one, bias_correction2_sqrt, rect):

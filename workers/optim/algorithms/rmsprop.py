@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -23,6 +23,7 @@ from workers.optim.rule import (
     check_bool,
     check_device_flags,
     check_min,
+    elementwise_kernel,
     flat,
     new_step,
     scalars,
@@ -54,7 +55,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return state
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _rmsprop_kernel(param, grad, square_avg, grad_avg, buf, maximize, weight_decay, alpha,
                     one_minus_alpha, centered, lerp_w, lerp_w_small, lerp_1mw, eps, has_momentum,
                     momentum, neg_lr):

@@ -15,7 +15,7 @@ single-tensor path, in the parameter's dtype (including torch's sign(NaN) = 0).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -25,6 +25,7 @@ from workers.optim.rule import (
     check_device_flags,
     check_min,
     check_pair,
+    elementwise_kernel,
     flat,
     new_step,
     require_number,
@@ -60,7 +61,7 @@ def init_state(param: np.ndarray, group) -> dict:
     }
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _rprop_kernel(param, grad, prev, step_size, maximize, etaminus, etaplus, step_size_min,
                   step_size_max, zero, one):
     for i in prange(param.size):

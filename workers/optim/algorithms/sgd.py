@@ -12,7 +12,7 @@ Row-sparse gradients (embeddings) are accepted without momentum and weight decay
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
@@ -20,6 +20,7 @@ from workers.optim.rule import (
     check_bool,
     check_device_flags,
     check_min,
+    elementwise_kernel,
     flat,
     scalars,
 )
@@ -48,7 +49,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return {}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _sgd_kernel(param, grad, buf, maximize, weight_decay, has_momentum, first, momentum,
                 one_minus_dampening, nesterov, neg_lr):
     for i in prange(param.size):

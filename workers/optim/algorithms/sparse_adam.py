@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.rule import (
     Rule,
     check_betas,
     check_bool,
+    elementwise_kernel,
     flat,
     require_number,
     scalars,
@@ -51,7 +52,7 @@ def init_state(param: np.ndarray, group) -> dict:
     return {"step": 0, "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _sparse_adam_kernel(param, rows, values, exp_avg, exp_avg_sq, maximize, one_minus_beta1,
                         one_minus_beta2, eps, neg_step_size):
     # rows are unique, so rows update independently
