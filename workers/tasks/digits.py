@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.nn import CrossEntropyLoss
-from workers.tasks.base import Batch, Task, check_dtype
-from workers.tasks.models import INIT_STREAM, BoundModule, check_activation, check_widths, mlp
+from workers.nn import CrossEntropyLoss, Module
+from workers.tasks.base import check_dtype
+from workers.tasks.models import ModelTask, check_activation, check_widths, mlp
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
 IMAGES, PIXELS, CLASSES, MAX_COUNT = 1797, 64, 10, 16
@@ -52,7 +52,7 @@ def load_digits(dtype: np.dtype) -> DigitsData:
     return DigitsData(inputs[~held_out], labels[~held_out], inputs[held_out], labels[held_out])
 
 
-class DigitsTask(Task):
+class DigitsTask(ModelTask):
     """Classify 8x8 handwritten digits with an MLP and cross-entropy.
 
     hidden: widths of the hidden layers (default one layer of 256). activation: 'relu',
@@ -60,6 +60,7 @@ class DigitsTask(Task):
     """
 
     name = "digits"
+    target_key = "labels"
 
     def __init__(self, *, hidden: int | Sequence[int] = (256,), activation: str = "relu",
                  dtype: str = "float32"):
@@ -74,45 +75,22 @@ class DigitsTask(Task):
     def _data(self) -> DigitsData:
         return self.cached("data", lambda: load_digits(self.dtype))
 
-    def _model(self) -> BoundModule:
-        return self.cached("model", lambda: self._build(0))
+    def build_module(self, rng: np.random.Generator) -> Module:
+        return mlp(self.sizes, self.activation, self.dtype, rng)
 
-    def _build(self, seed: int) -> BoundModule:
-        rng = np.random.default_rng([seed, 0, INIT_STREAM])
-        return BoundModule(mlp(self.sizes, self.activation, self.dtype, rng), self.name)
+    def make_criterion(self) -> CrossEntropyLoss:
+        return CrossEntropyLoss(reduction="sum")
+
+    def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        data = self._data()
+        return data.train_inputs, data.train_labels
 
     @property
     def train_size(self) -> int:
         return int(self._data().train_labels.size)
 
-    def init_params(self, seed: int) -> dict[str, np.ndarray]:
-        bound = self._build(seed)
-        self.cached("model", lambda: bound)  # the first model built also serves the computations
-        return bound.init()
-
-    def examples(self, seed: int, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        data = self._data()
-        return {"inputs": data.train_inputs[positions], "labels": data.train_labels[positions]}
-
-    def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch):
-        model = self._model()
-        model.bind(params)
-        if batch.size == 0:
-            return 0.0, model.grads()
-        criterion = self.cached("criterion", lambda: CrossEntropyLoss(reduction="sum"))
-        logits = model.module.forward(batch.data["inputs"])
-        total = criterion(logits, batch.data["labels"])
-        model.module.backward(criterion.backward(1.0 / batch.global_size))
-        return float(total) / batch.global_size, model.grads()
-
     def logits(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
-        model = self._model()
-        model.bind(params)
-        model.module.eval()
-        try:
-            return model.module.forward(inputs)
-        finally:
-            model.module.train()
+        return self.forward(params, inputs)
 
     def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
         data = self._data()

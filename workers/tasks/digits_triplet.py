@@ -17,10 +17,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from workers.nn import TripletMarginLoss
-from workers.tasks.base import Batch, Task, check_dtype, check_int, check_real
+from workers.nn import Module, TripletMarginLoss
+from workers.tasks.base import Batch, check_dtype, check_int, check_real
 from workers.tasks.digits import PIXELS, DigitsData, load_digits
-from workers.tasks.models import INIT_STREAM, SAMPLING_STREAM, BoundModule, check_activation, check_widths, mlp
+from workers.tasks.models import SAMPLING_STREAM, ModelTask, check_activation, check_widths, mlp
 
 # held-out images per block of the nearest-neighbour search (bounds its memory)
 _SEARCH_BLOCK = 512
@@ -49,7 +49,7 @@ def sample_triplets(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.nd
     return positive.astype(np.int64), negative.astype(np.int64)
 
 
-class DigitsTripletTask(Task):
+class DigitsTripletTask(ModelTask):
     """Learn a ``dim``-dimensional embedding of the digits with triplets.
 
     hidden: hidden widths (default [256]). dim: embedding size (default 64). margin: the
@@ -70,13 +70,8 @@ class DigitsTripletTask(Task):
     def _data(self) -> DigitsData:
         return self.cached("data", lambda: load_digits(self.dtype))
 
-    def _build(self, seed: int) -> BoundModule:
-        rng = np.random.default_rng([seed, 0, INIT_STREAM])
-        sizes = (PIXELS, *self.hidden, self.dim)
-        return BoundModule(mlp(sizes, self.activation, self.dtype, rng), self.name)
-
-    def _model(self) -> BoundModule:
-        return self.cached("model", lambda: self._build(0))
+    def build_module(self, rng: np.random.Generator) -> Module:
+        return mlp((PIXELS, *self.hidden, self.dim), self.activation, self.dtype, rng)
 
     def _criterion(self, reduction: str) -> TripletMarginLoss:
         return self.cached(f"criterion-{reduction}", lambda: TripletMarginLoss(margin=self.margin, p=2.0,
@@ -85,11 +80,6 @@ class DigitsTripletTask(Task):
     @property
     def train_size(self) -> int:
         return int(self._data().train_labels.size)
-
-    def init_params(self, seed: int) -> dict[str, np.ndarray]:
-        bound = self._build(seed)
-        self.cached("model", lambda: bound)  # the first model built also serves the computations
-        return bound.init()
 
     def _epoch_triplets(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         # one epoch's table, kept until another epoch is asked for
@@ -108,13 +98,7 @@ class DigitsTripletTask(Task):
                 "negative": inputs[negative[positions]]}
 
     def embed(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
-        model = self._model()
-        model.bind(params)
-        model.module.eval()
-        try:
-            return model.module.forward(inputs)
-        finally:
-            model.module.train()
+        return self.forward(params, inputs)
 
     def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch):
         model = self._model()

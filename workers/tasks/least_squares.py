@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from workers.nn import Linear, MSELoss
-from workers.tasks.base import Batch, Task, check_dtype, check_int, check_real
-from workers.tasks.models import DATA_STREAM, INIT_STREAM, BoundModule
+from workers.tasks.base import check_dtype, check_int, check_real
+from workers.tasks.models import DATA_STREAM, ModelTask
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,7 +30,7 @@ class RegressionData:
     targets: np.ndarray  # (rows, 1), task dtype
 
 
-class LeastSquaresTask(Task):
+class LeastSquaresTask(ModelTask):
     """Fit ``y ~ A w + b`` by least squares; LBFGS should reach the closed form.
 
     rows, cols: the size of ``A`` (default 512 x 32). condition: ratio of the largest to the
@@ -71,35 +71,19 @@ class LeastSquaresTask(Task):
         _, weight, bias = self.cached("data", self._make)
         return {"weight": weight[None, :].copy(), "bias": bias.copy()}
 
-    def _build(self, seed: int) -> BoundModule:
-        rng = np.random.default_rng([seed, 0, INIT_STREAM])
-        return BoundModule(Linear(self.cols, 1, bias=True, dtype=self.dtype, rng=rng), self.name)
+    def build_module(self, rng: np.random.Generator) -> Linear:
+        return Linear(self.cols, 1, bias=True, dtype=self.dtype, rng=rng)
 
-    def _model(self) -> BoundModule:
-        return self.cached("model", lambda: self._build(0))
+    def make_criterion(self) -> MSELoss:
+        return MSELoss(reduction="sum")
+
+    def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        data = self._data()
+        return data.inputs, data.targets
 
     @property
     def train_size(self) -> int:
         return self.rows
-
-    def init_params(self, seed: int) -> dict[str, np.ndarray]:
-        bound = self._build(seed)
-        self.cached("model", lambda: bound)  # the first model built also serves the computations
-        return bound.init()
-
-    def examples(self, seed: int, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        data = self._data()
-        return {"inputs": data.inputs[positions], "targets": data.targets[positions]}
-
-    def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch):
-        model = self._model()
-        model.bind(params)
-        if batch.size == 0:
-            return 0.0, model.grads()
-        criterion = self.cached("criterion", lambda: MSELoss(reduction="sum"))
-        total = criterion(model.module.forward(batch.data["inputs"]), batch.data["targets"])
-        model.module.backward(criterion.backward(1.0 / batch.global_size))
-        return float(total) / batch.global_size, model.grads()
 
     def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
         model = self._model()

@@ -1,17 +1,19 @@
-"""Helpers the built-in tasks share: MLPs from ``workers.nn`` and running a module on
-parameters it does not own."""
+"""Helpers the built-in tasks share: MLPs from ``workers.nn``, running a module on
+parameters it does not own, and :class:`ModelTask`, a task built around one such module."""
 
 from __future__ import annotations
 
 import itertools
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.nn import GELU, Linear, ReLU, Sequential, Tanh
+from workers.nn import GELU, Linear, Module, ReLU, Sequential, Tanh
+from workers.nn.losses import Loss
 from workers.optim.parameter import RowSparseGrad
-from workers.tasks.base import check_int, check_params
+from workers.tasks.base import Batch, Task, check_int, check_params
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "gelu": GELU}
 
@@ -106,3 +108,64 @@ def check_bound(params: Mapping[str, np.ndarray], bound: Sequence[BoundModule], 
 
 def empty_sparse(shape: tuple[int, ...], dtype: np.dtype) -> RowSparseGrad:
     return RowSparseGrad(np.zeros(0, np.int64), np.zeros((0, *shape[1:]), dtype), shape)
+
+
+class ModelTask(Task):
+    """A task whose model is one ``workers.nn`` module, initialized from ``seed``'s init
+    stream, and whose loss is a criterion of the module's output on the ``input_key`` array
+    and the ``target_key`` array of a batch.
+
+    Implement :meth:`build_module` and, for the provided :meth:`examples` and
+    :meth:`loss_and_grad`, :meth:`training_arrays` and :meth:`make_criterion`.
+    """
+
+    input_key: ClassVar[str] = "inputs"
+    target_key: ClassVar[str] = "targets"
+
+    @abstractmethod
+    def build_module(self, rng: np.random.Generator) -> Module:
+        """A freshly initialized module, its parameters drawn from ``rng``."""
+
+    def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The inputs and targets of the training set, one row per example."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_arrays or examples")
+
+    def make_criterion(self) -> Loss:
+        """The loss module, with ``reduction="sum"``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_criterion or loss_and_grad")
+
+    def _build(self, seed: int) -> BoundModule:
+        rng = np.random.default_rng([seed, 0, INIT_STREAM])
+        return BoundModule(self.build_module(rng), self.name)
+
+    def _model(self) -> BoundModule:
+        return self.cached("model", lambda: self._build(0))
+
+    def init_params(self, seed: int) -> dict[str, np.ndarray]:
+        bound = self._build(seed)
+        self.cached("model", lambda: bound)  # the first model built also serves the computations
+        return bound.init()
+
+    def examples(self, seed: int, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        inputs, targets = self.training_arrays()
+        return {self.input_key: inputs[positions], self.target_key: targets[positions]}
+
+    def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch):
+        model = self._model()
+        model.bind(params)
+        if batch.size == 0:
+            return 0.0, model.grads()
+        criterion = self.cached("criterion", self.make_criterion)
+        total = criterion(model.module.forward(batch.data[self.input_key]), batch.data[self.target_key])
+        model.module.backward(criterion.backward(1.0 / batch.global_size))
+        return float(total) / batch.global_size, model.grads()
+
+    def forward(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+        """The module's output on ``inputs`` in eval mode."""
+        model = self._model()
+        model.bind(params)
+        model.module.eval()
+        try:
+            return model.module.forward(inputs)
+        finally:
+            model.module.train()

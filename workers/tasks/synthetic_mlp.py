@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.nn import CrossEntropyLoss
-from workers.tasks.base import Batch, Task, check_dtype, check_int
-from workers.tasks.models import DATA_STREAM, INIT_STREAM, BoundModule, check_activation, mlp, mlp_param_count
+from workers.nn import CrossEntropyLoss, Module
+from workers.tasks.base import check_dtype, check_int
+from workers.tasks.models import DATA_STREAM, ModelTask, check_activation, mlp, mlp_param_count
 
 
 def width_for(params: int, depth: int, inputs: int, classes: int) -> int:
@@ -50,7 +50,7 @@ class TeacherData:
     held_out_labels: np.ndarray
 
 
-class SyntheticMLPTask(Task):
+class SyntheticMLPTask(ModelTask):
     """A ``params``-sized MLP classifier on teacher-labelled Gaussian inputs.
 
     params: target parameter count (default 1,000,000). depth: hidden layers (default 4).
@@ -61,6 +61,7 @@ class SyntheticMLPTask(Task):
     """
 
     name = "synthetic-mlp"
+    target_key = "labels"
 
     def __init__(self, *, params: int = 1_000_000, depth: int = 4, inputs: int = 256, classes: int = 10,
                  examples: int = 8192, eval_examples: int = 1024, activation: str = "relu",
@@ -98,44 +99,22 @@ class SyntheticMLPTask(Task):
     def _data(self) -> TeacherData:
         return self.cached("data", self._make)
 
-    def _build(self, seed: int) -> BoundModule:
-        rng = np.random.default_rng([seed, 0, INIT_STREAM])
-        return BoundModule(mlp(self.sizes, self.activation, self.dtype, rng), self.name)
+    def build_module(self, rng: np.random.Generator) -> Module:
+        return mlp(self.sizes, self.activation, self.dtype, rng)
 
-    def _model(self) -> BoundModule:
-        return self.cached("model", lambda: self._build(0))
+    def make_criterion(self) -> CrossEntropyLoss:
+        return CrossEntropyLoss(reduction="sum")
+
+    def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        data = self._data()
+        return data.train_inputs, data.train_labels
 
     @property
     def train_size(self) -> int:
         return self.examples_count
 
-    def init_params(self, seed: int) -> dict[str, np.ndarray]:
-        bound = self._build(seed)
-        self.cached("model", lambda: bound)  # the first model built also serves the computations
-        return bound.init()
-
-    def examples(self, seed: int, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        data = self._data()
-        return {"inputs": data.train_inputs[positions], "labels": data.train_labels[positions]}
-
-    def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch):
-        model = self._model()
-        model.bind(params)
-        if batch.size == 0:
-            return 0.0, model.grads()
-        criterion = self.cached("criterion", lambda: CrossEntropyLoss(reduction="sum"))
-        total = criterion(model.module.forward(batch.data["inputs"]), batch.data["labels"])
-        model.module.backward(criterion.backward(1.0 / batch.global_size))
-        return float(total) / batch.global_size, model.grads()
-
     def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
-        model = self._model()
-        model.bind(params)
         data = self._data()
-        model.module.eval()
-        try:
-            logits = model.module.forward(data.held_out_inputs)
-        finally:
-            model.module.train()
+        logits = self.forward(params, data.held_out_inputs)
         loss = CrossEntropyLoss(reduction="mean")(logits, data.held_out_labels)
         return {"accuracy": float(np.mean(logits.argmax(axis=1) == data.held_out_labels)), "loss": float(loss)}
