@@ -644,8 +644,11 @@ def _cubic_interpolate(x1, f1, g1, x2, f2, g2, bounds=None):
         xmin_bound, xmax_bound = bounds
     else:
         xmin_bound, xmax_bound = (x1, x2) if x1 <= x2 else (x2, x1)
-    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
-    d2_square = d1 * d1 - g1 * g2
+    # x1 == x2 (possible once tolerance_change is 0) gives inf/NaN here, as torch's tensor
+    # arithmetic does silently; the NaN comparisons below then take the midpoint
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+        d2_square = d1 * d1 - g1 * g2
     if d2_square >= 0:
         d2 = _sqrt(d2_square)
         if x1 <= x2:
