@@ -15,8 +15,8 @@ alternate (ours, torch fused, torch default, ours, ...) so machine noise hits ea
 tables give medians (p90).
 
 Where the time goes, measured in the same process with the same interleaving:
-``gemm`` is the step's matrix products alone at the same shapes (three per layer in ours,
-the first layer's input gradient included; torch skips that one), and ``adam`` is the
+``gemm`` is the step's matrix products alone at the same shapes (three per layer, two for
+the first, whose input gradient neither computes), and ``adam`` is the
 optimizer step alone; ``rest`` = step - gemm - adam: elementwise work (bias, ReLU, the
 loss), gathering the batch, and Python overhead.
 """
@@ -129,17 +129,19 @@ def measure_case(case: str, threads: int, repeats_scale: float) -> dict:
     weights = [rng.standard_normal((fan_out, fan_in), dtype=dtype) for fan_in, fan_out in layers]
     t_acts, t_grads, t_weights = ([torch.from_numpy(a) for a in group] for group in (acts, grads, weights))
 
+    # both skip the first layer's input gradient (the data needs none)
     def ours_gemm() -> None:
-        for x, g, w in zip(acts, grads, weights):
+        for index, (x, g, w) in enumerate(zip(acts, grads, weights)):
             x @ w.T          # forward
             g.T @ x          # weight gradient
-            g @ w            # input gradient (computed for every layer)
+            if index:
+                g @ w        # input gradient
 
     def torch_gemm() -> None:
         for index, (x, g, w) in enumerate(zip(t_acts, t_grads, t_weights)):
             x @ w.T
             g.T @ x
-            if index:        # autograd skips the input gradient of the first layer
+            if index:
                 g @ w
 
     ours_opt = trainer.optimizer
@@ -296,8 +298,8 @@ def render(rows: list[dict], header: dict) -> str:
     lines += [
         "",
         "Where the time goes (medians, ms): `gemm` = the step's matrix products alone at the same "
-        "shapes (numpy/OpenBLAS for shardstep, including the first layer's input gradient that "
-        "torch skips; torch/MKL), `adam` = the optimizer step alone, `rest` = step - gemm - adam "
+        "shapes (numpy/OpenBLAS for shardstep, torch/MKL; neither computes the first layer's "
+        "input gradient), `adam` = the optimizer step alone, `rest` = step - gemm - adam "
         "(bias, ReLU, loss, batch gathering, Python).",
         "",
         "| case | threads | shardstep gemm / adam / rest | gemm share | torch gemm / adam / rest | gemm share |",

@@ -113,7 +113,7 @@ class DigitsTripletTask(ModelTask):
         criterion = self._criterion("sum")
         total = criterion(embedded[:n], embedded[n:2 * n], embedded[2 * n:])
         grads = criterion.backward(1.0 / batch.global_size)
-        model.module.backward(np.concatenate(grads))
+        model.module.backward(np.concatenate(grads), need_input_grad=False)
         return float(total) / batch.global_size, model.grads()
 
     def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:

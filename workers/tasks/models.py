@@ -157,7 +157,8 @@ class ModelTask(Task):
             return 0.0, model.grads()
         criterion = self.cached("criterion", self.make_criterion)
         total = criterion(model.module.forward(batch.data[self.input_key]), batch.data[self.target_key])
-        model.module.backward(criterion.backward(1.0 / batch.global_size))
+        # the data needs no gradient: skip the first layer's input gradient, as torch does
+        model.module.backward(criterion.backward(1.0 / batch.global_size), need_input_grad=False)
         return float(total) / batch.global_size, model.grads()
 
     def forward(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
