@@ -188,9 +188,10 @@ def check_device_flags(group: Mapping[str, Any]) -> None:
 
 def lerp_weight(dtype: np.dtype, weight: float) -> tuple:
     """``(w, |w| < 0.5, 1 - w)`` in the parameter's dtype for torch's two-form lerp, which
-    computes ``m + w (g - m)`` for small weights and ``g - (g - m)(1 - w)`` otherwise."""
+    computes ``m + w (g - m)`` for small weights and ``g - (g - m)(1 - w)`` otherwise (the
+    test, like torch's, is on the weight as rounded to the dtype)."""
     w = np.dtype(dtype).type(weight)
-    return w, bool(abs(weight) < 0.5), np.dtype(dtype).type(1) - w
+    return w, bool(abs(w) < 0.5), np.dtype(dtype).type(1) - w
 
 
 def scalars(dtype: np.dtype, *values: float) -> tuple:

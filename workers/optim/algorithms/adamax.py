@@ -21,6 +21,7 @@ from workers.optim.rule import (
     check_adam_family,
     elementwise_kernel,
     flat,
+    lerp_weight,
     new_step,
     scalars,
 )
@@ -67,12 +68,12 @@ def update(param, grad, state, group) -> None:
     step = advance(state["step"])
     beta1, beta2 = group["betas"]
     clr = group["lr"] / (1 - beta1**step)
-    weight_decay, lerp_w, beta2_, eps, neg_clr = scalars(
-        param.dtype, group["weight_decay"], 1 - beta1, beta2, group["eps"], -clr)
+    weight_decay, beta2_, eps, neg_clr = scalars(
+        param.dtype, group["weight_decay"], beta2, group["eps"], -clr)
     _adamax_kernel(
         flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_inf"]),
-        bool(group["maximize"]), weight_decay, lerp_w, bool(abs(lerp_w) < 0.5),
-        param.dtype.type(1) - lerp_w, beta2_, eps, neg_clr,
+        bool(group["maximize"]), weight_decay, *lerp_weight(param.dtype, 1 - beta1),
+        beta2_, eps, neg_clr,
     )
 
 

@@ -30,6 +30,7 @@ from workers.optim.rule import (
     check_min,
     elementwise_kernel,
     flat,
+    lerp_weight,
     new_step,
     scalars,
 )
@@ -99,15 +100,14 @@ def update(param, grad, state, group) -> None:
     mu_product_next = mu_product_value * mu_next
     grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product_value)
     exp_avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
-    lerp_w = 1 - beta1
-    (decay, lerp_w_, beta2_, one_minus_beta2, bc2, eps, grad_coef_, exp_avg_coef_, wd) = scalars(
-        param.dtype, 1 - lr * weight_decay, lerp_w, beta2, 1 - beta2, bias_correction2,
+    (decay, beta2_, one_minus_beta2, bc2, eps, grad_coef_, exp_avg_coef_, wd) = scalars(
+        param.dtype, 1 - lr * weight_decay, beta2, 1 - beta2, bias_correction2,
         group["eps"], grad_coef, exp_avg_coef, weight_decay,
     )
     _nadam_kernel(
         flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_avg_sq"]),
         bool(group["maximize"]), wd, bool(group["decoupled_weight_decay"]), decay,
-        lerp_w_, abs(lerp_w) < 0.5, param.dtype.type(1) - lerp_w_, beta2_, one_minus_beta2, bc2,
+        *lerp_weight(param.dtype, 1 - beta1), beta2_, one_minus_beta2, bc2,
         eps, grad_coef_, exp_avg_coef_,
     )
 

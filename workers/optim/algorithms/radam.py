@@ -28,6 +28,7 @@ from workers.optim.rule import (
     check_bool,
     elementwise_kernel,
     flat,
+    lerp_weight,
     new_step,
     scalars,
 )
@@ -88,15 +89,14 @@ def update(param, grad, state, group) -> None:
     rect = 1.0
     if rectify:
         rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-    lerp_w = 1 - beta1
-    (decay, lerp_w_, beta2_, one_minus_beta2, bc1, lr_, eps, one, bc2_sqrt, rect_, wd) = scalars(
-        param.dtype, 1 - lr * weight_decay, lerp_w, beta2, 1 - beta2, bias_correction1, lr,
+    (decay, beta2_, one_minus_beta2, bc1, lr_, eps, one, bc2_sqrt, rect_, wd) = scalars(
+        param.dtype, 1 - lr * weight_decay, beta2, 1 - beta2, bias_correction1, lr,
         group["eps"], 1, bias_correction2**0.5, rect, weight_decay,
     )
     _radam_kernel(
         flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_avg_sq"]),
         bool(group["maximize"]), wd, bool(group["decoupled_weight_decay"]), decay,
-        lerp_w_, abs(lerp_w) < 0.5, one - lerp_w_, beta2_, one_minus_beta2, bc1, lr_,
+        *lerp_weight(param.dtype, 1 - beta1), beta2_, one_minus_beta2, bc1, lr_,
         bool(rectify), eps, one, bc2_sqrt, rect_,
     )
 

@@ -25,6 +25,7 @@ from workers.optim.rule import (
     check_min,
     elementwise_kernel,
     flat,
+    lerp_weight,
     new_step,
     scalars,
 )
@@ -97,14 +98,14 @@ def update(param, grad, state, group) -> None:
     square_avg = flat(state["square_avg"])
     grad_avg = flat(state["grad_avg"]) if centered else square_avg
     buf = flat(state["momentum_buffer"]) if momentum > 0 else square_avg
-    (weight_decay, alpha_, one_minus_alpha, lerp_w, eps, momentum_, neg_lr) = scalars(
-        param.dtype, group["weight_decay"], alpha, 1 - alpha, 1 - alpha, group["eps"], momentum,
+    (weight_decay, alpha_, one_minus_alpha, eps, momentum_, neg_lr) = scalars(
+        param.dtype, group["weight_decay"], alpha, 1 - alpha, group["eps"], momentum,
         -group["lr"],
     )
     _rmsprop_kernel(
         flat(param), flat(grad), square_avg, grad_avg, buf, bool(group["maximize"]), weight_decay,
-        alpha_, one_minus_alpha, centered, lerp_w, bool(abs(lerp_w) < 0.5),
-        param.dtype.type(1) - lerp_w, eps, momentum > 0, momentum_, neg_lr,
+        alpha_, one_minus_alpha, centered, *lerp_weight(param.dtype, 1 - alpha),
+        eps, momentum > 0, momentum_, neg_lr,
     )
 
 
