@@ -66,18 +66,29 @@ def parallel_shard_writer(pending: Any, shard: int, step: int, barrier: Any, tim
     times.put((shard, os.getpid(), started, time.monotonic()))
 
 
-def crash_writer(root: str, ready: Any, committed: Any) -> None:
+def crash_writer(root: str, ready: Any, committed: Any, stop_inside: tuple[int, int] | None = None,
+                 stopped: Any = None) -> None:
     """Resume a run after the newest committed step and save step after step (three
-    shards, keep the last two, plus a single-file copy of the newest) until killed."""
+    shards, keep the last two, plus a single-file copy of the newest) until killed.
+
+    ``stop_inside=(steps, shards)``: after committing ``steps`` steps, begin the next one,
+    write ``shards`` of its shard files, set ``stopped`` and wait there to be killed, so a
+    kill lands inside an uncommitted checkpoint for certain."""
     store = CheckpointStore(root, run_id=CRASH_RUN, retention=Retention(keep_last=2))
     layout = ShardLayout(CRASH_SPECS, CRASH_SHARDS)
     step = (store.latest() or 0) + 1
     ready.set()
-    while True:
+    for done in range(1 << 30):
         pending = store.begin(step, layout)
         for shard in range(CRASH_SHARDS):
+            if stop_inside == (done, shard):
+                stopped.set()
+                time.sleep(3600)
             params, state = expected_shard(layout, shard, step)
             write_shard(pending, shard, params, state)
+        if stop_inside == (done, CRASH_SHARDS):
+            stopped.set()
+            time.sleep(3600)
         store.commit(pending, extra={"data_position": step * 32}, metrics={"loss": 1.0 / step})
         committed.put(step)
         dump({"step": step, "params": expected_full(layout, step)[0]}, os.path.join(root, "latest.ckpt"))
