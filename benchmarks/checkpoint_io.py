@@ -325,8 +325,25 @@ def render(results: dict, header: dict, total_bytes: int) -> str:
             size = gb / 4 if key.startswith("load 1 of 4") else gb
             rate = f"{size / t:.2f}" if key != "commit" else ""
             lines.append(f"| {key} | {t * 1e3:,.0f} | {rate} |")
-    lines += ["", header["notes"], END]
+    lines += ["", *_targets(med), "", header["notes"], END]
     return "\n".join(lines)
+
+
+def _targets(med) -> list[str]:
+    """The performance targets, each with this run's figure and whether it is met."""
+    rows = [
+        ("save >= 3x torch.save (checksums on, fsync)", med("torch save") / med("ours save"), 3.0, "x"),
+        ("save >= 70% of raw write + fsync", med("raw write+fsync") / med("ours save"), 0.70, "%"),
+        ("load >= 5x torch.load (private arrays, warm)", med("torch load warm") / med("ours load warm"), 5.0, "x"),
+        ("load >= 5x torch.load (mmap=True, warm)", med("torch load warm") / med("ours mmap warm"), 5.0, "x"),
+        ("async save blocks <= 10% of the sync save", med("async steady") / med("ours save"), 0.10, "%<"),
+    ]
+    lines = ["| target | this run | met |", "|---|---:|---|"]
+    for name, value, goal, kind in rows:
+        met = value <= goal if kind == "%<" else value >= goal
+        shown = f"{value * 100:.0f}%" if kind.startswith("%") else f"{value:.2f}x"
+        lines.append(f"| {name} | {shown} | {'yes' if met else 'no'} |")
+    return lines
 
 
 def write(doc: Path, section: str) -> None:
