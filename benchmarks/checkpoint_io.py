@@ -38,6 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import machine, write_section  # noqa: E402
+
 import checkpoints  # noqa: E402
 from checkpoints import AsyncSaver, CheckpointStore, ShardLayout, open_checkpoint, write_shard  # noqa: E402
 
@@ -223,18 +225,6 @@ def _sharded_writer(pending, shard: int, total: int, barrier) -> None:
 
 # -- the report -----------------------------------------------------------------------------
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}"
-
 
 def render(results: dict, header: dict, total_bytes: int) -> str:
     gb = total_bytes / 1e9
@@ -344,15 +334,6 @@ def _targets(med) -> list[str]:
         shown = f"{value * 100:.0f}%" if kind.startswith("%") else f"{value:.2f}x"
         lines.append(f"| {name} | {shown} | {'yes' if met else 'no'} |")
     return lines
-
-
-def write(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         section = render(results, header, total)
         print(section)
         if not args.no_write:
-            write(args.doc, section)
+            write_section(args.doc, BEGIN, END, section)
             print(f"wrote {args.doc}")
     finally:
         shutil.rmtree(directory, ignore_errors=True)

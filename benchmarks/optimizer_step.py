@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -34,6 +32,8 @@ from numba import njit, prange
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import machine, write_section  # noqa: E402
 
 from workers.optim import Parameter, optimizer_class  # noqa: E402
 
@@ -119,18 +119,6 @@ def _p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"model name\s*:\s*(.+)", text)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}"
-
-
 def render(rows: list[dict], header: dict) -> str:
     lines = [
         BEGIN,
@@ -179,15 +167,6 @@ def _slower_rows(rows: list[dict]) -> list[str]:
     return text
 
 
-def write(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e7, 1e8])
@@ -226,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(rows, header)
     print(section)
     if not args.no_write:
-        write(args.doc, section)
+        write_section(args.doc, BEGIN, END, section)
         print(f"wrote {args.doc}")
     return 0
 

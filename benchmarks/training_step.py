@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import machine, write_section  # noqa: E402
 
 BEGIN, END = "<!-- training-step:begin -->", "<!-- training-step:end -->"
 # case -> (task name, task kwargs, batch size, timed steps)
@@ -249,17 +250,6 @@ def child(args: argparse.Namespace) -> int:
 # the driver: one process per thread count, then the table
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}"
-
-
 def _ms(value: float) -> str:
     return f"{value * 1e3:.3f}" if value < 0.01 else f"{value * 1e3:.2f}" if value < 0.1 else f"{value * 1e3:.1f}"
 
@@ -345,15 +335,6 @@ def render(rows: list[dict], header: dict) -> str:
     return "\n".join(lines)
 
 
-def write(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
 def _blas() -> str:
     import numpy as np
 
@@ -419,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(rows, header)
     print(section)
     if not args.no_write:
-        write(args.doc, section)
+        write_section(args.doc, BEGIN, END, section)
         print(f"wrote {args.doc}")
     return 0
 
