@@ -1,12 +1,15 @@
-"""How N shards split the parameters: each shard owns one contiguous flat range of every
-parameter, balanced to within one element.
+"""How N shards split the parameters: each shard owns one contiguous range of whole rows of
+every parameter, balanced to within one row.
 
-For a parameter of ``numel`` elements (C order, flattened) and ``N`` shards, shard ``s``
-owns elements ``[s * numel // N, (s + 1) * numel // N)``. The ranges tile the parameter in
-shard order, sizes differ by at most one, and the split depends only on ``(numel, N)``, so
-the shard actors, the checkpoint writer and every reader compute the same layout from the
-parameter table alone. A parameter with fewer elements than shards leaves some shards an
-empty range.
+A parameter of shape ``(R, ...)`` has ``R`` rows of ``row_size = prod(shape[1:])`` elements (a
+1-D parameter has rows of one element, a 0-d one a single row of one element). With ``N``
+shards, shard ``s`` owns rows ``[s * R // N, (s + 1) * R // N)``, i.e. the flat (C-order)
+elements ``[s * R // N * row_size, (s + 1) * R // N * row_size)``. The ranges tile the
+parameter in shard order, row counts differ by at most one, and the split depends only on
+``(shape, N)``, so the shard actors, the checkpoint writer and every reader compute the same
+layout from the parameter table alone. Whole rows keep a row-sparse gradient (an embedding
+table's) deliverable to the shards by owned rows. A parameter with fewer rows than shards
+leaves some shards an empty range.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from dataclasses import dataclass
 from checkpoints.format import ALLOWED_DTYPES, DTYPES
 
 
-def partition(numel: int, num_shards: int) -> list[int]:
-    """The N + 1 boundaries of a parameter's shard ranges: shard s owns
-    ``[bounds[s], bounds[s + 1])`` with ``bounds[s] = s * numel // N``."""
-    if type(numel) is not int or numel < 0:
-        raise ValueError(f"numel must be a non-negative int; got {numel!r}")
+def partition(rows: int, num_shards: int) -> list[int]:
+    """The N + 1 boundaries of the shards' row ranges: shard s owns rows
+    ``[bounds[s], bounds[s + 1])`` with ``bounds[s] = s * rows // N``."""
+    if type(rows) is not int or rows < 0:
+        raise ValueError(f"rows must be a non-negative int; got {rows!r}")
     if type(num_shards) is not int or num_shards < 1:
         raise ValueError(f"num_shards must be an int >= 1; got {num_shards!r}")
-    return [s * numel // num_shards for s in range(num_shards + 1)]
+    return [s * rows // num_shards for s in range(num_shards + 1)]
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,22 @@ class ParamSpec:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def rows(self) -> int:
+        """The leading dimension (1 for a 0-d parameter): the unit shards split by."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_size(self) -> int:
+        """Elements per row: ``prod(shape[1:])``."""
+        return math.prod(self.shape[1:])
+
 
 @dataclass(frozen=True)
 class ShardLayout:
     """The parameter table and the shard count; ``slice(name, shard)`` is that shard's
-    ``(start, stop)`` of the flattened parameter (see the module docstring for the rule)."""
+    ``(start, stop)`` of the flattened parameter, ``row_range(name, shard)`` its rows (see the
+    module docstring for the rule)."""
 
     params: tuple[ParamSpec, ...]
     num_shards: int
@@ -84,11 +98,17 @@ class ShardLayout:
         except KeyError:
             raise KeyError(f"unknown parameter {name!r}; the layout has {len(self.params)} parameters") from None
 
-    def slice(self, name: str, shard: int) -> tuple[int, int]:
+    def row_range(self, name: str, shard: int) -> tuple[int, int]:
+        """The rows ``[first, stop)`` of parameter ``name`` that ``shard`` owns."""
         self._check_shard(shard)
-        numel = self.spec(name).numel
-        n = self.num_shards
-        return shard * numel // n, (shard + 1) * numel // n
+        rows, n = self.spec(name).rows, self.num_shards
+        return shard * rows // n, (shard + 1) * rows // n
+
+    def slice(self, name: str, shard: int) -> tuple[int, int]:
+        """The flat elements ``[start, stop)`` of parameter ``name`` that ``shard`` owns."""
+        first, stop = self.row_range(name, shard)
+        row_size = self.spec(name).row_size
+        return first * row_size, stop * row_size
 
     def slices(self, shard: int) -> dict[str, tuple[int, int]]:
         """Every parameter's range for one shard, in table order."""

@@ -64,11 +64,13 @@ def test_partition_tiles_in_order_and_is_balanced(numel, shards):
     assert bounds == [s * numel // shards for s in range(shards + 1)]
 
 
-def test_layout_slices_follow_the_partition_of_each_parameter():
+def test_layout_slices_follow_the_row_partition_of_each_parameter():
     layout = ShardLayout(SPECS, 4)
     for spec in SPECS:
-        bounds = partition(spec.numel, 4)
-        assert [layout.slice(spec.name, s) for s in range(4)] == list(zip(bounds, bounds[1:]))
+        bounds = partition(spec.rows, 4)
+        assert [layout.row_range(spec.name, s) for s in range(4)] == list(zip(bounds, bounds[1:]))
+        assert [layout.slice(spec.name, s) for s in range(4)] == [
+            (a * spec.row_size, b * spec.row_size) for a, b in zip(bounds, bounds[1:])]
     assert list(layout.slices(2)) == [s.name for s in SPECS]
 
 
@@ -287,8 +289,8 @@ def test_commit_refuses_missing_or_inconsistent_shards_and_changes_nothing(tmp_p
      r"shard 1: params\['tiny'\] must be a 1-D array of the shard's 1 elements; got \(5,\)"),
     (lambda p, s: p.update(tiny=p["tiny"].astype(np.float32)), ValueError,
      r"params\['tiny'\] has dtype float32; the layout says float16"),
-    (lambda p, s: s["matrix"].update(exp_avg=np.zeros((2, 6))), ValueError,
-     r"state\['matrix'\]\['exp_avg'\] must be a 1-D array of the shard's 12 elements; got \(2, 6\)"),
+    (lambda p, s: s["matrix"].update(exp_avg=np.zeros((2, 5))), ValueError,
+     r"state\['matrix'\]\['exp_avg'\] must be a 1-D array of the shard's 10 elements; got \(2, 5\)"),
     (lambda p, s: s["matrix"].update({3: 1}), TypeError, r"state\['matrix'\] key 3 must be a str"),
     (lambda p, s: s.update(ghost={}), ValueError, r"unknown in state \['ghost'\]"),
 ])
@@ -328,7 +330,7 @@ def test_damaged_or_swapped_shard_files_are_detected_on_load(tmp_path):
         open_checkpoint(tmp_path, 2).export()
     shard = step1 / "shard-00000-of-00002.ckpt"
     intact = shard.read_bytes()
-    for position, message in ((-1, "checksum mismatch in tensor"), (-80, "nonzero byte in the padding before")):
+    for position, message in ((-1, "checksum mismatch in tensor"), (-62, "nonzero byte in the padding before")):
         data = bytearray(intact)
         data[position] ^= 1
         shard.write_bytes(data)
