@@ -1,0 +1,600 @@
+"""The coordinator: one explicit state machine that drives a sharded run.
+
+    STARTING -> RUNNING <-> CHECKPOINTING
+        |          |              |
+        +------> RECOVERING <-----+      (an actor was lost: restart all, restore the latest
+        |          |                      committed checkpoint, replay; at most max_failures)
+        v          v
+      FAILED    FINISHED
+
+Each optimizer step is ``optimizer.step(closure)`` as in torch: the closure is ONE distributed
+evaluation (every shard sends its slices, every gradient worker computes its part of the
+global batch, every shard adds the workers' pieces of its slice in rank order) and returns
+the global loss; the step then applies the optimizer's rule on every shard. The coordinator
+submits the whole evaluation before it waits once for the losses and the shards' reports
+(non-finite gradients, partial norms for clipping); the apply is not waited for: calls to an
+actor run in order, so the next evaluation sees the updated parameters. LBFGS runs its
+driver here on vectors that stay in the shards (:mod:`service.sharded_lbfgs`).
+
+Determinism: a run's parameters after ``n`` steps equal, bit for bit, those of the local loop
+(:class:`workers.training.Trainer` with ``world_size = workers``) for every number of shards,
+both backends, and any resume or recovery (elementwise optimizers; LBFGS adds its dot
+products over shards, so it matches to rounding).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from checkpoints import CheckpointStore, ShardLayout, latest_step, open_checkpoint
+from checkpoints.layout import ParamSpec
+from service.backend import make_backend
+from service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError
+from service.sharded_lbfgs import ShardedSpace
+from workers.gradient_worker import GradientWorker
+from workers.optim import Parameter, lr_scheduler
+from workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver, combine_sum
+from workers.optim.optimizer import Optimizer
+from workers.shard import ShardActor
+from workers.tasks import make_task
+from workers.tasks.base import Task
+from workers.training import build_optimizer, build_scheduler
+
+JOB_FILE = "job.json"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+# hyperparameter keys that are bookkeeping, not sent to the shards' rules
+_NOT_HYPERPARAMETERS = ("params", "param_names")
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    CHECKPOINTING = "checkpointing"
+    RECOVERING = "recovering"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.RUNNING, Phase.RECOVERING, Phase.FAILED}),
+    Phase.RUNNING: frozenset({Phase.CHECKPOINTING, Phase.RECOVERING, Phase.FINISHED, Phase.FAILED}),
+    Phase.CHECKPOINTING: frozenset({Phase.RUNNING, Phase.RECOVERING, Phase.FINISHED, Phase.FAILED}),
+    Phase.RECOVERING: frozenset({Phase.RUNNING, Phase.RECOVERING, Phase.FAILED}),
+    Phase.FINISHED: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+
+
+class _SkipStep(Exception):
+    """The closure found a non-finite value and the job skips such steps."""
+
+
+class ShardedOptimizer(Optimizer):
+    """The coordinator's view of a sharded optimizer: ``param_groups`` (hyperparameters and
+    parameter NAMES), ``defaults`` and ``_step_count``, so the LR schedulers of
+    :mod:`workers.optim.lr_scheduler` work unchanged; ``step(closure)`` runs the closure and
+    has the shards apply the rule (``apply`` is given by the coordinator)."""
+
+    def __init__(self, local: Optimizer, apply: Callable[[list[dict]], None],
+                 driver: LBFGSDriver | None = None):
+        self.defaults = dict(local.defaults)
+        self.state = {}
+        self._step_count = 0
+        self.param_groups = []
+        for group in local.param_groups:
+            hyper = {k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
+            hyper["params"] = list(group["param_names"])
+            self.param_groups.append(hyper)
+        self.rule = type(local).rule
+        self._apply = apply
+        self.driver = driver
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMETERS} for g in self.param_groups]
+
+    def step(self, closure: Callable[[], float]) -> float:  # type: ignore[override]
+        if self.driver is not None:
+            loss = self.driver.step(closure, self.hyperparameters()[0])
+        else:
+            loss = closure()
+            self._apply(self.hyperparameters())
+        self._step_count += 1
+        return loss
+
+
+@dataclass(frozen=True, eq=False)
+class RunResult:
+    """What a finished run reports: the final parameters, per-step records, evaluations,
+    the final metrics, and where things stand."""
+
+    params: dict[str, np.ndarray]
+    history: list[dict[str, Any]]
+    evaluations: list[dict[str, Any]]
+    metrics: dict[str, float]
+    steps: int
+    epoch: int
+    batch: int
+    failures: int
+    run_dir: Path
+    checkpoint_steps: list[int]
+
+
+class Coordinator:
+    """Runs one job (a validated :class:`service.jobspec.JobSpec`) to the end.
+
+    ``task``: an already-built task (default: built from the spec). ``on_step(record)`` sees
+    every step's record. ``resume``: continue from the run directory's latest committed
+    checkpoint when there is one (``run`` on an existing directory resumes, never
+    overwrites).
+    """
+
+    def __init__(self, spec: Any, *, task: Task | None = None,
+                 on_step: Callable[[dict[str, Any]], Any] | None = None):
+        self.spec = spec
+        self.task = task if task is not None else make_task(spec.task, **dict(spec.task_args))
+        self.on_step = on_step
+        self.phase = Phase.STARTING
+        self.phase_log: list[Phase] = [Phase.STARTING]
+        self.run_dir = Path(spec.run_dir)
+        self.failures = 0
+        self.backend: Any = None
+        self.shards: list[Any] = []
+        self.workers: list[Any] = []
+        self.store: CheckpointStore | None = None
+        self._outstanding: list[Any] = []
+        self._saving: tuple[Any, dict] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.evaluations: list[dict[str, Any]] = []
+        self.round_trips = 0
+
+    # -- the state machine ---------------------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise RuntimeError(f"coordinator cannot go from {self.phase.value} to {phase.value}")
+        self.phase = phase
+        self.phase_log.append(phase)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        spec = self.spec
+        try:
+            self._prepare_directory()
+            self.backend = make_backend(spec.backend, spec.address)
+            self._start()
+            self._enter(Phase.RUNNING)
+            metrics = self._train()
+            self._finish_saves()
+            if self.last_checkpoint != self.step_count:
+                self._checkpoint(wait=True)
+            self._enter(Phase.FINISHED)
+            params = self._gather_params()
+            return RunResult(params=params, history=self.history, evaluations=self.evaluations,
+                             metrics=metrics, steps=self.step_count, epoch=self.epoch, batch=self.batch_index,
+                             failures=self.failures, run_dir=self.run_dir,
+                             checkpoint_steps=_committed(self.run_dir))
+        except BaseException:
+            if self.phase not in (Phase.FINISHED, Phase.FAILED):
+                self.phase = Phase.FAILED
+                self.phase_log.append(Phase.FAILED)
+            if self._saving is not None and self.store is not None:
+                try:
+                    self.store.abort(self._saving[0])
+                except Exception:
+                    pass
+                self._saving = None
+            raise
+        finally:
+            self._stop_actors()
+            if self.store is not None:
+                self.store.close()
+            if self.backend is not None:
+                self.backend.shutdown()
+
+    def _prepare_directory(self) -> None:
+        """Create the run directory, or check that it belongs to this job (resume)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        job_path = self.run_dir / JOB_FILE
+        if job_path.exists():
+            saved = json.loads(job_path.read_text())
+            self.run_id = saved["run_id"]
+        else:
+            self.run_id = secrets.token_hex(8)
+            tmp = job_path.with_name(f".{JOB_FILE}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"run_id": self.run_id, "job": self.spec.to_dict()}, indent=1))
+            os.replace(tmp, job_path)
+        self.store = CheckpointStore(self.run_dir / CHECKPOINT_DIR, run_id=self.run_id,
+                                     retention=self.spec.retention())
+
+    def _train(self) -> dict[str, float]:
+        spec = self.spec
+        metrics: dict[str, float] | None = None
+        while ((spec.epochs is None or self.epoch < spec.epochs)
+               and (spec.steps is None or self.step_count < spec.steps)):
+            try:
+                record = self._step()
+                metrics = None
+                if (spec.eval_every is not None and not record.get("skipped")
+                        and self.step_count % spec.eval_every == 0):
+                    metrics = self._evaluate_params()
+                    record["eval"] = metrics
+                    self.evaluations.append({"step": self.step_count, "epoch": self.epoch, **metrics})
+                self.last_metrics = {"loss": record["loss"], **(metrics or {})}
+                if (spec.checkpoint_every is not None and not record.get("skipped")
+                        and self.step_count % spec.checkpoint_every == 0):
+                    self._checkpoint(wait=not spec.checkpoint_async)
+            except ActorLostError as error:
+                metrics = None
+                self._recover(error)
+                continue
+            self.history.append(record)
+            self._log(record)
+            if self.on_step is not None and self.on_step(record) is True:
+                break
+        if metrics is None:
+            metrics = self._with_recovery(self._evaluate_params)
+            self.evaluations.append({"step": self.step_count, "epoch": self.epoch, **metrics})
+        self.last_metrics = {**self.last_metrics, **metrics}
+        return metrics
+
+    def _with_recovery(self, action: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return action()
+            except ActorLostError as error:
+                self._recover(error)
+
+    # -- starting and restoring ------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Build the optimizer view and the schedulers, then the actors, from the latest
+        committed checkpoint or from the task's initial parameters."""
+        spec, task = self.spec, self.task
+        step = latest_step(self.run_dir / CHECKPOINT_DIR)
+        if step is None:
+            initial = task.init_params(spec.seed)
+            specs = tuple(ParamSpec(name, tuple(a.shape), a.dtype.name) for name, a in initial.items())
+        else:
+            initial = None
+            with open_checkpoint(self.run_dir / CHECKPOINT_DIR, step) as checkpoint:
+                specs = checkpoint.layout.params
+                extra = checkpoint.extra
+                groups = checkpoint.param_groups
+        self.layout = ShardLayout(specs, spec.shards)
+        self._build_optimizer()
+        self.step_count = self.epoch = self.batch_index = 0
+        self.epoch_losses: list[float] = []
+        self.last_metrics: dict[str, float] = {}
+        self.last_checkpoint: int | None = None
+        if step is not None:
+            self._restore(step, extra, groups)
+        self._start_actors(initial, step)
+        driver = self.optimizer.driver
+        if driver is not None and step is not None and driver.started:
+            # the history's Gram matrix is not saved: one batched reduction rebuilds it
+            self.space._history = extra["coordinator"]["lbfgs"]["history"]
+            names = driver._history_names(self.space._history)
+            if names:
+                driver.hist_gram = combine_sum(self.space.partial_gram(names, names))
+
+    def _build_optimizer(self) -> None:
+        spec = self.spec
+        placeholders = {s.name: Parameter(np.zeros(0, s.dtype), name=s.name) for s in self.layout.params}
+        rules = self.task.param_groups if spec.param_groups is None else spec.param_groups
+        local = build_optimizer(spec.optimizer, spec.optimizer_args, placeholders, rules)
+        driver = None
+        if isinstance(local, LBFGS):
+            if spec.clip_grad_norm is not None:
+                raise ValueError("clip_grad_norm cannot be used with LBFGS (its line search needs the true gradient)")
+            dtypes = {s.dtype for s in self.layout.params}
+            self.space = ShardedSpace(spec.shards, np.dtype(dtypes.pop()), self._lbfgs_call, self._wait)
+            driver = LBFGSDriver(self.space)
+        self.optimizer = ShardedOptimizer(local, self._apply, driver)
+        self.schedulers = [build_scheduler(s.name, s.args, self.optimizer) for s in spec.schedulers]
+
+    def _restore(self, step: int, extra: Mapping[str, Any], groups: list[dict]) -> None:
+        names = [g["params"] for g in self.optimizer.param_groups]
+        saved_names = [list(g["params"]) for g in groups]
+        if names != saved_names:
+            raise RunFailedError(f"the checkpoint at step {step} groups the parameters as {saved_names}; this job "
+                                 f"groups them as {names}: the param-group rules changed")
+        for group, saved in zip(self.optimizer.param_groups, groups):
+            group.clear()
+            group.update(saved)
+            group["params"] = list(saved["params"])
+        coordinator = extra["coordinator"]
+        for scheduler, state in zip(self.schedulers, coordinator["schedulers"], strict=True):
+            scheduler.load_state_dict(state)
+        self.step_count = coordinator["step"]
+        self.epoch = coordinator["epoch"]
+        self.batch_index = coordinator["batch"]
+        self.epoch_losses = list(coordinator["epoch_losses"])
+        self.optimizer._step_count = coordinator["optimizer_steps"]
+        self.last_metrics = dict(coordinator.get("metrics", {}))
+        self.last_checkpoint = step
+        if self.optimizer.driver is not None:
+            _import_driver(self.optimizer.driver, coordinator["lbfgs"])
+        self._truncate_log(step)
+
+    def _start_actors(self, initial: Mapping[str, np.ndarray] | None, step: int | None) -> None:
+        spec, backend, layout = self.spec, self.backend, self.layout
+        groups = [{"params": list(g["params"])} for g in self.optimizer.param_groups]
+        threads = max(1, int(spec.shard_cpus)) if spec.backend == "ray" else None
+        self.shards = []
+        for shard in range(spec.shards):
+            if initial is not None:
+                params = {}
+                for s in layout.params:
+                    start, stop = layout.slice(s.name, shard)
+                    params[s.name] = initial[s.name].reshape(-1)[start:stop]
+                args = (shard, layout, spec.optimizer, groups, params)
+                kwargs: dict[str, Any] = {"threads": threads}
+            else:
+                args = (shard, layout, spec.optimizer, groups, None)
+                kwargs = {"threads": threads,
+                          "checkpoint": str(self.run_dir / CHECKPOINT_DIR / f"step-{step:010d}")}
+            self.shards.append(backend.start(ShardActor, args, kwargs, spec.shard_cpus, f"shard {shard}"))
+        worker_threads = max(1, int(spec.worker_cpus)) if spec.backend == "ray" else None
+        self.workers = [
+            backend.start(GradientWorker, (self.task, rank, spec.workers, spec.seed, spec.batch_size, layout),
+                          {"threads": worker_threads}, spec.worker_cpus, f"gradient worker {rank}")
+            for rank in range(spec.workers)
+        ]
+        self.pids = self._wait([backend.call(a, "ping") for a in self.shards + self.workers])
+
+    def _stop_actors(self) -> None:
+        if self.backend is None:
+            return
+        for actor in self.shards + self.workers:
+            self.backend.kill(actor)
+        self.shards, self.workers = [], []
+
+    def _recover(self, error: ActorLostError) -> None:
+        self.failures += 1
+        self._enter(Phase.RECOVERING)
+        if self.failures > self.spec.max_failures:
+            self._enter(Phase.FAILED)
+            raise RunFailedError(
+                f"{error}; this is failure {self.failures} and the job allows max_failures="
+                f"{self.spec.max_failures}. The committed checkpoints in {self.run_dir / CHECKPOINT_DIR} are "
+                f"intact (latest: step {latest_step(self.run_dir / CHECKPOINT_DIR)}); continue with "
+                f"`shardstep resume {self.run_dir}`"
+            ) from error
+        if self._saving is not None:
+            self.store.abort(self._saving[0])
+            self._saving = None
+        self._stop_actors()
+        self._outstanding = []
+        restored = latest_step(self.run_dir / CHECKPOINT_DIR)
+        self.history = [r for r in self.history if r["step"] <= (restored or 0)]
+        self.evaluations = [e for e in self.evaluations if e["step"] <= (restored or 0)]
+        self._start()
+        self._enter(Phase.RUNNING)
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def _step(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        spec = self.spec
+        epoch, index = self.epoch, self.batch_index
+        lr = self.optimizer.param_groups[0].get("lr")
+        calls = 0
+        self._clip_scale = None
+
+        def closure() -> float:
+            nonlocal calls
+            calls += 1
+            loss, reports = self._distributed_evaluation(epoch, index, norm=spec.clip_grad_norm is not None)
+            if calls == 1:
+                bad = sorted({name for report in reports for name in report["nonfinite"]})
+                if not math.isfinite(loss) or bad:
+                    what = f"training loss is {loss}" + (f" and the gradients of {', '.join(bad)} are not finite"
+                                                         if bad else "")
+                    message = (f"{what} at step {self.step_count + 1} (epoch {epoch}, batch {index}), before "
+                               f"the update; the parameters are unchanged")
+                    if spec.nonfinite == "skip":
+                        raise _SkipStep(message)
+                    raise NonFiniteError(message + ". Lower the learning rate, clip gradients "
+                                         "(clip_grad_norm), or set nonfinite = \"skip\"")
+                if spec.clip_grad_norm is not None:
+                    total = 0.0
+                    for report in reports:
+                        total += report["sumsq"]
+                    norm = math.sqrt(total)
+                    scale = spec.clip_grad_norm / (norm + 1e-6)
+                    self._clip_scale = scale if scale < 1.0 else None
+            return loss
+
+        try:
+            loss = self.optimizer.step(closure)
+        except _SkipStep as skip:
+            self._outstanding.extend(self.backend.call(s, "discard_grads") for s in self.shards)
+            record = {"step": self.step_count, "epoch": epoch, "batch": index, "skipped": True,
+                      "loss": float("nan"), "message": str(skip), "lr": _plain(lr)}
+            self._advance_batch(None)
+            record["seconds"] = time.perf_counter() - start
+            return record
+        record = {"step": self.step_count + 1, "epoch": epoch, "batch": index,
+                  "examples": min(spec.batch_size, self.task.train_size - index * spec.batch_size),
+                  "loss": float(loss), "lr": _plain(lr)}
+        self.step_count += 1
+        self.epoch_losses.append(record["loss"])
+        if self.schedulers:
+            self._tick("step", record["loss"])
+        self._advance_batch(record)
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    def _advance_batch(self, record: dict | None) -> None:
+        self.batch_index += 1
+        if self.batch_index == self.task.num_batches(self.spec.batch_size):
+            if self.schedulers and self.epoch_losses:
+                self._tick("epoch", float(np.mean(self.epoch_losses)))
+            self.epoch += 1
+            self.batch_index = 0
+            self.epoch_losses = []
+
+    def _tick(self, interval: str, loss: float) -> None:
+        evaluated: dict[str, float] | None = None
+        for scheduler, scheduler_spec in zip(self.schedulers, self.spec.schedulers):
+            if scheduler_spec.interval != interval:
+                continue
+            if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+                if scheduler_spec.monitor == "loss":
+                    scheduler.step(loss)
+                else:
+                    evaluated = evaluated or self._evaluate_params()
+                    if scheduler_spec.monitor not in evaluated:
+                        raise ValueError(f"ReduceLROnPlateau monitors {scheduler_spec.monitor!r}, which the task's "
+                                         f"evaluation does not report; it reports {sorted(evaluated)}")
+                    scheduler.step(evaluated[scheduler_spec.monitor])
+            else:
+                scheduler.step()
+
+    def _distributed_evaluation(self, epoch: int, index: int, norm: bool) -> tuple[float, list[dict]]:
+        """One closure evaluation: gather, compute, reduce; one wait."""
+        backend, n = self.backend, len(self.shards)
+        slices = [backend.call(s, "get_params") for s in self.shards]
+        outputs = [backend.call(w, "compute", epoch, index, *slices, num_returns=n + 1) for w in self.workers]
+        reports = [backend.call(shard, "reduce", *[out[1 + s] for out in outputs], norm=norm)
+                   for s, shard in enumerate(self.shards)]
+        polls = [backend.call(s, "saved") for s in self.shards] if self._saving is not None else []
+        values = self._wait([out[0] for out in outputs] + reports + polls)
+        losses, reports, polls = values[:len(outputs)], values[len(outputs):len(outputs) + n], values[len(outputs) + n:]
+        if polls and all(p is not None for p in polls):
+            self._commit()
+        loss = 0.0
+        for part in losses:
+            loss += part
+        return loss, reports
+
+    def _apply(self, hyperparameters: list[dict]) -> None:
+        self._outstanding.extend(self.backend.call(s, "apply", hyperparameters, self._clip_scale)
+                                 for s in self.shards)
+
+    def _lbfgs_call(self, shard: int, method: str, *args: Any) -> Any:
+        return self.backend.call(self.shards[shard], "lbfgs", method, *args)
+
+    def _wait(self, refs: list) -> list:
+        """Wait for ``refs`` and every fire-and-forget call made since the last wait."""
+        outstanding, self._outstanding = self._outstanding, []
+        self.round_trips += 1
+        values = self.backend.get(outstanding + list(refs))
+        return values[len(outstanding):]
+
+    def _evaluate_params(self) -> dict[str, float]:
+        slices = [self.backend.call(s, "get_params") for s in self.shards]
+        return self._wait([self.backend.call(self.workers[0], "evaluate", *slices)])[0]
+
+    def _gather_params(self) -> dict[str, np.ndarray]:
+        slices = self._wait([self.backend.call(s, "get_params") for s in self.shards])
+        params = {}
+        for spec in self.layout.params:
+            pieces = [piece[spec.name] for piece in slices]
+            params[spec.name] = np.concatenate(pieces).reshape(spec.shape)
+        return params
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _checkpoint(self, wait: bool) -> None:
+        """Every shard writes its own file (staged now, written in the background unless
+        ``wait``); the commit follows once all are on disk."""
+        self._enter(Phase.CHECKPOINTING)
+        self._finish_saves()
+        pending = self.store.begin(self.step_count, self.layout)
+        try:
+            self._wait([self.backend.call(s, "save", pending, wait) for s in self.shards])
+        except ActorCallError:
+            self.store.abort(pending)
+            raise
+        coordinator = {
+            "step": self.step_count, "epoch": self.epoch, "batch": self.batch_index,
+            "epoch_losses": list(self.epoch_losses), "optimizer_steps": self.optimizer._step_count,
+            "schedulers": [s.state_dict() for s in self.schedulers], "metrics": dict(self.last_metrics),
+            "lbfgs": None if self.optimizer.driver is None else _export_driver(self.optimizer.driver),
+        }
+        payload = {
+            "param_groups": [dict(g) for g in self.optimizer.param_groups],
+            "extra": {"coordinator": coordinator, "job": self.spec.to_dict()},
+            "metrics": {k: v for k, v in self.last_metrics.items() if isinstance(v, float) and math.isfinite(v)},
+        }
+        self._saving = (pending, payload)
+        self.last_checkpoint = self.step_count
+        if wait:
+            self._commit()
+        self._enter(Phase.RUNNING)
+
+    def _finish_saves(self) -> None:
+        if self._saving is not None:
+            self._wait([self.backend.call(s, "saved", True) for s in self.shards])
+            self._commit()
+
+    def _commit(self) -> None:
+        pending, payload = self._saving
+        self._saving = None
+        self.store.commit(pending, **payload)
+
+    # -- run directory log ----------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a") as log:
+            log.write(json.dumps(record, default=_plain) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines past the restored step (they are about to be replayed)."""
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def _committed(run_dir: Path) -> list[int]:
+    from checkpoints import committed_steps
+
+    return committed_steps(run_dir / CHECKPOINT_DIR)
+
+
+def _export_driver(driver: LBFGSDriver) -> dict[str, Any]:
+    """The driver's scalars (its vectors are in the shards' checkpoint files)."""
+    def scalar(value: Any) -> Any:
+        return None if value is None else (float(value) if isinstance(value, (np.generic, float)) else value)
+    return {
+        "func_evals": driver.func_evals, "n_iter": driver.n_iter, "started": driver.started,
+        "t": scalar(driver.t), "ro": [scalar(r) for r in driver.ro], "h_diag": scalar(driver.h_diag),
+        "prev_loss": driver.prev_loss, "al": None if driver.al is None else [scalar(a) for a in driver.al],
+        "history": driver.space.history_len(),
+    }
+
+
+def _import_driver(driver: LBFGSDriver, state: Mapping[str, Any]) -> None:
+    dt = driver.dt
+    def scalar(value: Any) -> Any:
+        return None if value is None else dt(value)
+    driver.func_evals, driver.n_iter, driver.started = state["func_evals"], state["n_iter"], state["started"]
+    driver.t = scalar(state["t"])
+    driver.ro = [scalar(r) for r in state["ro"]]
+    driver.h_diag = state["h_diag"] if isinstance(state["h_diag"], int) else scalar(state["h_diag"])
+    driver.prev_loss = state["prev_loss"]
+    driver.al = None if state["al"] is None else [scalar(a) for a in state["al"]]

@@ -1,0 +1,117 @@
+"""The gradient worker: rank ``r`` of ``W`` data-parallel workers.
+
+Each step it gathers the current parameters from the shards (one slice per shard, through
+Ray's object store: zero-copy reads of the shards' results), computes the task's summable
+``loss_and_grad`` on its deterministic shard of the global batch (the sharding rule of
+:mod:`workers.tasks.base`) and returns the loss plus its gradient cut into one piece per
+shard, so every shard receives only what it owns: a contiguous range of a dense gradient,
+or the rows it owns of a row-sparse one (renumbered from the shard's first row).
+
+The same class runs as a Ray actor and as a plain object in the inline backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from checkpoints import ShardLayout
+from workers.optim import RowSparseGrad
+from workers.runtime import limit_threads
+from workers.tasks.base import Task, epoch_order
+
+
+class GradientWorker:
+    """Rank ``rank`` of ``world_size``: the task, the data stream, the layout of the shards."""
+
+    def __init__(self, task: Task, rank: int, world_size: int, seed: int, batch_size: int,
+                 layout: ShardLayout, threads: int | None = None):
+        if threads is not None:
+            limit_threads(threads)
+        self.task = task
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.batch_size = batch_size
+        self.layout = layout
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def ping(self) -> tuple[int, int]:
+        """(rank, process id): proves the actor is up and says where it runs."""
+        return self.rank, os.getpid()
+
+    def gather(self, slices: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Whole parameters from the shards' slices (shard order). With one shard the slice
+        is the parameter (a view, no copy)."""
+        params = {}
+        for spec in self.layout.params:
+            pieces = [piece[spec.name] for piece in slices]
+            flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            array = flat.reshape(spec.shape)
+            if array.flags.writeable:
+                array = array.view()
+                array.flags.writeable = False
+            params[spec.name] = array
+        return params
+
+    def compute(self, epoch: int, index: int, *slices: Mapping[str, np.ndarray]) -> tuple:
+        """Loss and gradient pieces of global batch ``index`` of ``epoch`` at the parameters
+        the shards sent: ``(loss, piece_0, ..., piece_{N-1})``."""
+        params = self.gather(slices)
+        batch = self._batch(epoch, index)
+        loss, grads = self.task.loss_and_grad(params, batch)
+        return (float(loss), *self.split(grads))
+
+    def evaluate(self, *slices: Mapping[str, np.ndarray]) -> dict[str, float]:
+        metrics = self.task.evaluate(self.gather(slices))
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"{type(self.task).__name__}.evaluate must return a dict of metrics; "
+                            f"got {type(metrics).__name__}")
+        return {str(key): float(value) for key, value in metrics.items()}
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _batch(self, epoch: int, index: int):
+        # the epoch's order is one permutation of the training set: computed once per epoch
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.seed, epoch, self.task.train_size))
+        return self.task._shard(self.seed, epoch, index, self.batch_size, self.rank, self.world_size,
+                                self._order[1])
+
+    def split(self, grads: Any) -> list[dict[str, Any]]:
+        """One dict per shard: its range of every gradient."""
+        layout = self.layout
+        owner = type(self.task).__name__
+        names = [spec.name for spec in layout.params]
+        if not isinstance(grads, Mapping) or set(grads) != set(names):
+            got = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
+            raise ValueError(f"{owner}.loss_and_grad must return a gradient for every parameter; "
+                             f"expected {sorted(names)}, got {got}")
+        pieces: list[dict[str, Any]] = [{} for _ in range(layout.num_shards)]
+        for spec in layout.params:
+            grad = grads[spec.name]
+            if isinstance(grad, RowSparseGrad):
+                if grad.shape != spec.shape or grad.dtype != np.dtype(spec.dtype):
+                    raise ValueError(f"{owner}: sparse gradient {spec.name!r} has shape {grad.shape} and dtype "
+                                     f"{grad.dtype}; the parameter has {spec.shape} and {spec.dtype}")
+                # rows in shard order, each shard's in their original order (a stable sort)
+                order = np.argsort(grad.indices, kind="stable")
+                indices, values = grad.indices[order], grad.values[order]
+                for shard in range(layout.num_shards):
+                    first, stop = layout.row_range(spec.name, shard)
+                    lo, hi = np.searchsorted(indices, [first, stop])
+                    local = RowSparseGrad(indices[lo:hi] - first, values[lo:hi], (stop - first, *spec.shape[1:]))
+                    pieces[shard][spec.name] = local
+                continue
+            if not isinstance(grad, np.ndarray) or grad.shape != spec.shape or grad.dtype != np.dtype(spec.dtype):
+                shape = getattr(grad, "shape", type(grad).__name__)
+                raise ValueError(f"{owner}: gradient {spec.name!r} must be an ndarray of shape {spec.shape} and "
+                                 f"dtype {spec.dtype}; got {shape} {getattr(grad, 'dtype', '')}")
+            flat = np.ascontiguousarray(grad).reshape(-1)
+            for shard in range(layout.num_shards):
+                start, stop = layout.slice(spec.name, shard)
+                pieces[shard][spec.name] = flat[start:stop]
+        return pieces

@@ -1,0 +1,262 @@
+"""The shard actor: whole rows of every parameter, their optimizer state and their gradient.
+
+Shard ``s`` of ``N`` owns rows ``layout.row_range(name, s)`` of every parameter (the rule of
+:mod:`checkpoints.layout`) as flat 1-D slices, and the optimizer state of exactly those
+elements. It applies the same :class:`~workers.optim.rule.Rule` the torch-style optimizer
+applies to whole parameters; elementwise rules give the same bits slice by slice, so a
+sharded run equals a single-process one.
+
+One step, as the coordinator drives it::
+
+    params()                  -> {name: slice}        gathered by every gradient worker
+    reduce(partial_0, ..., partial_{W-1})             gradient slices of the W workers, added
+                              -> report               in rank order (the fixed reduction order)
+    apply(hyperparameters, clip_scale)                the rule on every slice
+
+The same class runs as a Ray actor (``ray.remote(ShardActor)``) and as a plain object in the
+inline backend; nothing here knows which.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, ShardLayout, write_shard
+from workers.optim import Parameter, RowSparseGrad, optimizer_class
+from workers.optim.algorithms.lbfgs import LocalSlices
+from workers.runtime import limit_threads
+
+# state keys of LBFGS's vectors, cut into per-parameter pieces for the checkpoint
+LBFGS_PREFIX = "lbfgs."
+
+
+class ShardActor:
+    """Shard ``shard`` of ``layout``: parameter slices, optimizer state, gradient buffer.
+
+    optimizer: a registry name; groups: ``[{"params": [names], ...}]`` (hyperparameters are
+    sent with every :meth:`apply`, so scheduler changes reach the shard with the next step).
+    params: this shard's 1-D slice of every parameter (copied). state: its optimizer state,
+    as :meth:`state_slices` returns it (e.g. from a checkpoint's ``load_shard``), or None.
+    """
+
+    def __init__(self, shard: int, layout: ShardLayout, optimizer: str, groups: Sequence[Mapping[str, Any]],
+                 params: Mapping[str, np.ndarray] | None, state: Mapping[str, Mapping[str, Any]] | None = None,
+                 threads: int | None = None, checkpoint: str | None = None):
+        if threads is not None:
+            limit_threads(threads)
+        if checkpoint is not None:
+            # every shard reads its own rows of the committed files (any earlier shard count)
+            with RunCheckpoint(checkpoint) as committed:
+                loaded = committed.load_shard(shard, layout.num_shards)
+            params, state = loaded["params"], loaded["state"]
+        self.shard = shard
+        self.layout = layout
+        self.rule = optimizer_class(optimizer).rule
+        self.optimizer_name = optimizer
+        self.group_of: dict[str, int] = {}
+        for index, group in enumerate(groups):
+            for name in group["params"]:
+                self.group_of[name] = index
+        self.params: dict[str, Parameter] = {}
+        self.rows: dict[str, tuple[int, int]] = {}
+        for spec in layout.params:
+            start, stop = layout.slice(spec.name, shard)
+            array = np.array(params[spec.name], dtype=spec.dtype, copy=True)
+            if array.shape != (stop - start,):
+                raise ValueError(f"shard {shard}: slice of {spec.name!r} has shape {array.shape}; "
+                                 f"the layout gives it {stop - start} elements")
+            self.params[spec.name] = Parameter(array, name=spec.name)
+            self.rows[spec.name] = layout.row_range(spec.name, shard)
+        self.state: dict[str, dict[str, Any]] = {name: {} for name in self.params}
+        self.grads: dict[str, np.ndarray | RowSparseGrad | None] = {name: None for name in self.params}
+        self.saver = AsyncSaver()
+        self.saving_step: int | None = None
+        self.space: LocalSlices | None = None
+        if state:
+            vectors = {}
+            for name, entries in state.items():
+                for key, value in entries.items():
+                    if key.startswith(LBFGS_PREFIX):
+                        vectors.setdefault(key, {})[name] = value
+                    else:
+                        self.state[name][key] = np.array(value, copy=True) if isinstance(value, np.ndarray) else value
+            if vectors:
+                self._load_vectors(vectors)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def ping(self) -> tuple[int, int]:
+        """(shard, process id): proves the actor is up and says where it runs."""
+        return self.shard, os.getpid()
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        """This shard's slice of every parameter (for the gradient workers to gather)."""
+        return {name: p.data for name, p in self.params.items()}
+
+    def reduce(self, *partials: Mapping[str, Any], norm: bool = False) -> dict[str, Any]:
+        """Add the workers' gradient slices in rank order into this shard's gradient.
+
+        Dense slices add elementwise, ``(g_0 + g_1) + g_2 ...`` (as
+        :func:`~workers.tasks.combine_partials`); row-sparse ones concatenate in rank order
+        (repeated rows add up when applied). Returns ``{"nonfinite": [names], "sumsq":
+        partial squared norm or None}`` (``sumsq`` when ``norm``: the coordinator adds the
+        shards' partials for global-norm clipping)."""
+        nonfinite: list[str] = []
+        sumsq = 0.0
+        for name in self.params:
+            total: Any = None
+            for partial in partials:
+                grad = partial[name]
+                if total is None:
+                    total = grad if isinstance(grad, RowSparseGrad) else np.array(grad, copy=True)
+                elif isinstance(grad, RowSparseGrad):
+                    total = RowSparseGrad(np.concatenate([total.indices, grad.indices]),
+                                          np.concatenate([total.values, grad.values]), total.shape)
+                else:
+                    total += grad
+            self.grads[name] = total
+            values = total.values.reshape(-1) if isinstance(total, RowSparseGrad) else total
+            if values.size:
+                # a dot product is one fast pass; only when it is not finite do we look closer
+                # (a huge but finite gradient can overflow the square)
+                square = float(np.dot(values, values))
+                if not math.isfinite(square) and not np.isfinite(values).all():
+                    nonfinite.append(name)
+                elif norm:
+                    if isinstance(total, RowSparseGrad):
+                        square = float(np.dot(*(2 * [total.coalesce().values.reshape(-1)])))
+                    sumsq += square
+        return {"nonfinite": nonfinite, "sumsq": sumsq if norm else None}
+
+    def apply(self, hyperparameters: Sequence[Mapping[str, Any]], clip_scale: float | None = None) -> None:
+        """One optimizer step on every slice with its group's hyperparameters; gradients
+        are multiplied by ``clip_scale`` first when given (global-norm clipping)."""
+        rule = self.rule
+        for name, p in self.params.items():
+            grad = self.grads[name]
+            if grad is None:
+                continue
+            group = hyperparameters[self.group_of[name]]
+            state = self.state[name]
+            if isinstance(grad, RowSparseGrad):
+                if not rule.accepts_sparse:
+                    raise RuntimeError(f"{self.optimizer_name} does not support sparse gradients (parameter "
+                                       f"{name!r}); use SparseAdam, Adagrad or SGD for them")
+                if not state:
+                    state.update(rule.init_state(p.data, group))
+                grad = grad.coalesce()
+                values = grad.values
+                if clip_scale is not None:
+                    values = values * values.dtype.type(clip_scale)
+                first, stop = self.rows[name]
+                row_size = p.size // (stop - first) if stop > first else 0
+                rule.update_rows(p.data.reshape(stop - first, row_size), grad.indices,
+                                 values.reshape(grad.indices.size, row_size), state, group)
+            else:
+                if not rule.accepts_dense:
+                    raise RuntimeError(f"{self.optimizer_name} does not support dense gradients (parameter "
+                                       f"{name!r}); use Adam for them")
+                if clip_scale is not None:
+                    grad *= grad.dtype.type(clip_scale)
+                if not state:
+                    state.update(rule.init_state(p.data, group))
+                rule.update(p.data, grad, state, group)
+            self.grads[name] = None
+
+    def discard_grads(self) -> None:
+        """Drop the reduced gradient (a skipped step)."""
+        for name in self.grads:
+            self.grads[name] = None
+
+    # -- LBFGS: the shard's slices of every vector ------------------------------------------
+
+    def _space(self) -> LocalSlices:
+        if self.space is None:
+            dtypes = {p.dtype for p in self.params.values()}
+            pieces = [(p, 0, p.size) for p in self.params.values()]
+            self.space = LocalSlices([pieces], dtypes.pop())
+        return self.space
+
+    def lbfgs(self, method: str, *args: Any) -> Any:
+        """Run one :class:`~workers.optim.algorithms.lbfgs.VectorSpace` operation on this
+        shard's slices (one slice: its pieces of every parameter, in table order)."""
+        self._space()
+        if method == "gather_grad":
+            for name, p in self.params.items():
+                grad = self.grads[name]
+                p.grad = grad.to_dense().reshape(-1) if isinstance(grad, RowSparseGrad) else grad
+        return getattr(self.space, method)(*args)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_slices(self) -> dict[str, dict[str, Any]]:
+        """The optimizer state of this shard, by parameter name (non-empty entries). LBFGS's
+        vectors are cut into per-parameter pieces: ``lbfgs.d``, ``lbfgs.prev_g`` and the
+        history pairs ``lbfgs.s.<i>`` / ``lbfgs.y.<i>`` (oldest first)."""
+        if self.space is not None:
+            return self._vector_state()
+        return {name: dict(entries) for name, entries in self.state.items() if entries}
+
+    def _vector_state(self) -> dict[str, dict[str, Any]]:
+        space = self.space
+        vectors: list[tuple[str, Any]] = [(f"{LBFGS_PREFIX}{v}", v) for v in ("d", "prev_g") if v in space._rows]
+        for i in range(space.history_len()):
+            vectors += [(f"{LBFGS_PREFIX}s.{i}", ("s", i)), (f"{LBFGS_PREFIX}y.{i}", ("y", i))]
+        state: dict[str, dict[str, Any]] = {name: {} for name in self.params}
+        for key, vector in vectors:
+            whole = space.export(vector)
+            offset = 0
+            for name, p in self.params.items():
+                state[name][key] = whole[offset:offset + p.size]
+                offset += p.size
+        return {name: entries for name, entries in state.items() if entries}
+
+    def _load_vectors(self, vectors: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        space = self._space()
+        def whole(key: str) -> np.ndarray:
+            return np.concatenate([np.asarray(vectors[key][name]).reshape(-1) for name in self.params])
+        for name in ("d", "prev_g"):
+            if f"{LBFGS_PREFIX}{name}" in vectors:
+                space.load(name, whole(f"{LBFGS_PREFIX}{name}"))
+        i = 0
+        while f"{LBFGS_PREFIX}s.{i}" in vectors:
+            space.load("s", whole(f"{LBFGS_PREFIX}s.{i}"))
+            space.load("y", whole(f"{LBFGS_PREFIX}y.{i}"))
+            space.push_history("s", "y")
+            i += 1
+
+    def save(self, pending: PendingCheckpoint, wait: bool = False) -> None:
+        """Write this shard's file of ``pending``: staged now, written in the background
+        (reported by :meth:`saved`), or before returning when ``wait``."""
+        params = {name: p.data for name, p in self.params.items()}
+        bad = [name for name, array in params.items() if not np.isfinite(array).all()]
+        bad += [f"{name} ({key})" for name, entries in self.state.items() for key, value in entries.items()
+                if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating)
+                and not np.isfinite(value).all()]
+        if bad:
+            raise FloatingPointError(f"shard {self.shard}: refusing to checkpoint step {pending.step}: "
+                                     f"non-finite values in {', '.join(bad)}")
+        if wait:
+            self.saver.wait()
+            write_shard(pending, self.shard, params, self.state_slices())
+            self.saving_step = None
+            return
+        self.saver.write_shard(pending, self.shard, params, self.state_slices())
+        self.saving_step = pending.step
+
+    def saved(self, wait: bool = False) -> int | None:
+        """The step of the background save if it is finished (raising if it failed), else
+        None; with ``wait`` block until it is."""
+        if self.saving_step is None or (self.saver.busy and not wait):
+            return None
+        step, self.saving_step = self.saving_step, None
+        self.saver.wait()
+        return step
+
+    def close(self) -> None:
+        self.saver.close()
