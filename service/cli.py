@@ -1,18 +1,264 @@
-"""The ``shardstep`` command line."""
+"""The ``shardstep`` command line.
+
+    shardstep run JOB.toml [--shards N] [--workers W] [--backend ray|inline] [--address ADDR]
+    shardstep resume RUN_DIR [--shards M] [--workers W] [--backend ...] [--address ADDR]
+    shardstep inspect RUN_DIR_or_CHECKPOINT
+    shardstep export RUN_DIR --out FILE [--step K]
+
+Exit codes: 0 done; 1 the run failed (an actor error, more failures than max_failures, a
+non-finite loss); 2 bad input (a job file that does not validate, a directory that is not a
+run, no checkpoint to resume). Errors are one message on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from service import __version__
 
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the command line: exit code 2."""
+
 
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from checkpoints import CheckpointError
+    from service.errors import ShardstepError
+    from service.jobspec import JobSpecError
+
+    try:
+        return args.handler(args)
+    except (UsageError, JobSpecError, CheckpointError) as error:
+        print(f"shardstep {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShardstepError as error:
+        print(f"shardstep {args.command}: the run failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"shardstep {args.command}: interrupted; committed checkpoints are kept "
+              "(continue with `shardstep resume RUN_DIR`)", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardstep", description="Sharded-optimizer training on Ray.")
     parser.add_argument("--version", action="version", version=f"shardstep {__version__}")
-    parser.parse_args(argv)
-    print(f"shardstep {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def resources(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--shards", type=_positive, help="number of optimizer shards (overrides the job)")
+        command.add_argument("--workers", type=_positive, help="number of gradient workers (overrides the job)")
+        command.add_argument("--backend", choices=("ray", "inline"), help="where the actors run")
+        command.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+        command.add_argument("--quiet", action="store_true", help="print only the summary")
+
+    run = commands.add_parser("run", help="run a job file (resumes its run directory if it has checkpoints)")
+    run.add_argument("job", help="the job's TOML file")
+    resources(run)
+    run.set_defaults(handler=_run)
+
+    resume = commands.add_parser("resume", help="continue a run from its latest committed checkpoint")
+    resume.add_argument("run_dir", help="the run directory")
+    resources(resume)
+    resume.set_defaults(handler=_resume)
+
+    inspect = commands.add_parser("inspect", help="describe a run directory or one checkpoint")
+    inspect.add_argument("path", help="a run directory or a step-<k> checkpoint directory")
+    inspect.set_defaults(handler=_inspect)
+
+    export = commands.add_parser("export", help="write consolidated parameters and a torch-layout optimizer state_dict")
+    export.add_argument("run_dir", help="the run directory")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--step", type=_non_negative, help="the checkpoint step (default: the latest)")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# run / resume
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    changes = {key: getattr(args, key) for key in ("shards", "workers", "backend", "address")
+               if getattr(args, key) is not None}
+    if changes.get("backend") == "inline" and "address" not in changes:
+        changes["address"] = None  # a cluster address means nothing to the inline backend
+    return changes
+
+
+def _run(args: argparse.Namespace) -> int:
+    from service.jobspec import load_job
+
+    spec = load_job(args.job)
+    changes = _overrides(args)
+    if changes:
+        spec = spec.replace(**changes)
+    return _train(spec, args.quiet)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from checkpoints import latest_step
+    from service.coordinator import CHECKPOINT_DIR, JOB_FILE
+    from service.jobspec import JobSpec
+
+    run_dir = Path(args.run_dir)
+    job_path = run_dir / JOB_FILE
+    if not job_path.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (it has no {JOB_FILE}); start a run with "
+                         f"`shardstep run JOB.toml`")
+    if latest_step(run_dir / CHECKPOINT_DIR) is None:
+        raise UsageError(f"{run_dir} has no committed checkpoint to resume from; start it again with "
+                         f"`shardstep run JOB.toml`")
+    try:
+        saved = json.loads(job_path.read_text())["job"]
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"{job_path} is unreadable or damaged: {error}") from error
+    spec = JobSpec.from_dict(saved)
+    changes = {"run_dir": str(run_dir.resolve()), **_overrides(args)}
+    return _train(spec.replace(**changes), args.quiet)
+
+
+def _train(spec: Any, quiet: bool) -> int:
+    from checkpoints import latest_step
+    from service.coordinator import CHECKPOINT_DIR, Coordinator
+
+    start = time.perf_counter()
+    resumed = latest_step(Path(spec.run_dir) / CHECKPOINT_DIR)
+    total = spec.steps
+    if not quiet:
+        where = f"resuming from step {resumed}" if resumed is not None else "starting"
+        print(f"shardstep: {spec.task} with {spec.optimizer}, {spec.shards} shard(s), {spec.workers} "
+              f"worker(s), {spec.backend} backend; {where}; run directory {spec.run_dir}", flush=True)
+    every = max(1, (total or 100) // 20)
+
+    def report(record: dict[str, Any]) -> None:
+        if quiet or (record["step"] % every and not record.get("skipped")):
+            return
+        if record.get("skipped"):
+            print(f"skipped batch {record['batch']} of epoch {record['epoch']}: {record['message']}", flush=True)
+            return
+        of = f"/{total}" if total is not None else ""
+        line = f"step {record['step']}{of}  epoch {record['epoch']}  loss {record['loss']:.6g}  lr {record['lr']:.4g}"
+        if "eval" in record:
+            line += "  " + "  ".join(f"{k} {v:.4g}" for k, v in record["eval"].items())
+        print(line, flush=True)
+
+    try:
+        result = Coordinator(spec, on_step=report).run()
+    except (ValueError, TypeError) as error:
+        # configuration errors the spec could not see (e.g. a checkpoint from another job)
+        raise UsageError(str(error)) from error
+    seconds = time.perf_counter() - start
+    metrics = "  ".join(f"{k} {v:.6g}" for k, v in result.metrics.items() if math.isfinite(v))
+    print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s; {metrics}; "
+          f"checkpoints at steps {result.checkpoint_steps[-5:]} in {Path(spec.run_dir) / CHECKPOINT_DIR}"
+          + (f"; recovered from {result.failures} failure(s)" if result.failures else ""), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# inspect / export
+
+
+def _checkpoint_of(path: Path, step: int | None = None):
+    from checkpoints import RunCheckpoint, open_checkpoint
+    from checkpoints.run import MANIFEST
+    from service.coordinator import CHECKPOINT_DIR
+
+    if (path / MANIFEST).is_file():
+        return RunCheckpoint(path)
+    root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+    if not root.is_dir():
+        raise UsageError(f"{path} is neither a run directory nor a checkpoint directory")
+    return open_checkpoint(root, step)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from checkpoints import committed_steps
+    from service.coordinator import CHECKPOINT_DIR
+
+    path = Path(args.path)
+    with _checkpoint_of(path) as checkpoint:
+        manifest = checkpoint._manifest
+        lines = [f"checkpoint  {checkpoint.directory}",
+                 f"run         {checkpoint.run_id}",
+                 f"step        {checkpoint.step}",
+                 f"shards      {checkpoint.layout.num_shards}"]
+        if (path / CHECKPOINT_DIR).is_dir():
+            lines.append(f"committed   steps {committed_steps(path / CHECKPOINT_DIR)}")
+        if checkpoint.metrics:
+            lines.append("metrics     " + "  ".join(f"{k} {v:.6g}" for k, v in checkpoint.metrics.items()))
+        coordinator = (checkpoint.extra or {}).get("coordinator") if isinstance(checkpoint.extra, dict) else None
+        if coordinator:
+            lines.append(f"position    epoch {coordinator['epoch']}, batch {coordinator['batch']}")
+        lines.append("")
+        rows = [("parameter", "shape", "dtype", "elements", "group", "state")]
+        group_of = {name: i for i, g in enumerate(checkpoint.param_groups) for name in g["params"]}
+        total = 0
+        for spec in checkpoint.layout.params:
+            state = ", ".join(sorted(manifest["state"].get(spec.name, {})))
+            rows.append((spec.name, "x".join(map(str, spec.shape)) or "()", spec.dtype, f"{spec.numel:,}",
+                         str(group_of.get(spec.name, "-")), state or "-"))
+            total += spec.numel
+        lines += _table(rows)
+        lines.append(f"total {total:,} elements")
+        lines.append("")
+        for index, group in enumerate(checkpoint.param_groups):
+            hyper = ", ".join(f"{k}={v}" for k, v in group.items() if k != "params" and v is not None)
+            lines.append(f"group {index}: {hyper}")
+    print("\n".join(lines))
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _export(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name")
+    with _checkpoint_of(run_dir, args.step) as checkpoint:
+        checkpoint.export_file(out)
+        step = checkpoint.step
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): parameters and optimizer state_dict of step {step}; "
+          f"load with checkpoints.load({str(out)!r})")
     return 0
 
 

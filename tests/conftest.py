@@ -15,3 +15,21 @@ def require_torch():
 
         return torch
     return pytest.importorskip("torch", reason="torch not installed: live parity needs the parity extra")
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the whole test session, on loopback only, shut down at the
+    end (which stops exactly the processes it started). Yields its GCS address, which a
+    subprocess reaches with RAY_ADDRESS."""
+    # without this, Ray moves the node to the machine's external address
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+                       logging_level="ERROR", log_to_driver=False)
+    try:
+        addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
+        assert addresses == {"127.0.0.1"}, f"Ray left loopback: nodes at {addresses}"
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()

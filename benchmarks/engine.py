@@ -1,0 +1,609 @@
+"""The distributed engine: step rate inline vs Ray, object-store traffic, coordinator overhead,
+shard memory, and LBFGS round trips.
+
+    python benchmarks/engine.py             # the published table (about 8 minutes on 2 cores)
+    python benchmarks/engine.py --quick     # a smaller run for a quick look (under 2 minutes;
+                                            # prints the section, never writes the doc)
+
+Every figure comes from real runs of ``Coordinator(spec).run()`` (``service/coordinator.py``)
+on a private single-node Ray instance that listens on loopback only (this script starts it
+and stops it; the coordinator reuses it), or on the inline backend in this process:
+
+1. Step time, inline vs ray: ``synthetic-mlp`` at about 1M and 10M parameters, Adam, 2
+   gradient workers, 1/2/4 shards. The time of a step is the coordinator's own per-step
+   ``seconds``; the first ``WARMUP`` steps of every run are skipped. Runs alternate between
+   the backends and configurations over several rounds; medians (p90) over the pooled steps.
+2. Object-store bytes per step, in the same Ray runs: the raylet's cumulative count of bytes
+   created in the object store (``store_stats.cumulative_created_bytes`` of Ray's memory-info
+   reply), read in the run's ``on_step`` callback after the last warm-up step and after the
+   last step; the difference over the steps between. Minimum: every parameter crosses once to
+   the workers (each shard puts its slice once: P bytes) and every worker's gradient crosses
+   once to the shards (W x P bytes): P (1 + W).
+3. Coordinator overhead per step, tiny model (``synthetic-mlp`` of about 1k parameters, 1
+   shard, 1 worker): the ray step minus the actors' compute, where the compute is the same
+   actor methods (``get_params``, ``compute``, ``reduce``, ``apply``) called directly on
+   plain ``ShardActor`` / ``GradientWorker`` objects in this process, interleaved with the
+   runs. Reference from the same rounds: a no-op Ray actor method, called one at a time
+   (sync), submitted in a batch and waited once (pipelined), and as a chain of three
+   dependent calls on two actors (the shape of a step: shard, worker, shard).
+4. Shard memory: ``synthetic-mlp`` of about 100M float32 parameters with Adam, 1 worker, 1/2/4
+   shards: VmRSS (and its anonymous and shared-memory parts) of every shard actor's process
+   from ``/proc/<pid>/status``, read in ``on_step`` after step 1 once every shard has answered
+   a ``ping`` submitted after its ``apply`` (so Adam's state exists and the step's gradient is
+   released). Expected: 12 bytes per element the shard owns (parameter, exp_avg,
+   exp_avg_sq) plus the RSS of an idle shard actor right after it started.
+5. LBFGS on ``least-squares``: the coordinator's ``round_trips`` (every wait) and the sharded
+   space's ``round_trips`` (reductions) per iteration, counted between the end of step 1 and
+   the end of the last step, for several ``history_size`` values at a fixed ``max_iter``.
+
+Needs ``grpcio`` for item 2 (Ray's memory-info request goes through its gRPC client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# a private Ray node on loopback: without this variable Ray moves the node to the machine's
+# external address
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+from benchmarks.report import machine, write_section  # noqa: E402
+
+BEGIN, END = "<!-- engine:begin -->", "<!-- engine:end -->"
+WARMUP = 3
+FLOAT32_BYTES = 4
+ADAM_ARRAYS = 3  # parameter, exp_avg, exp_avg_sq
+
+# what each mode runs: model sizes and shard counts of item 1, timed steps per run, rounds
+MODES: dict[str, dict[str, Any]] = {
+    "full": {
+        "sizes": {"1M": 1_000_000, "10M": 10_000_000}, "shards": (1, 2, 4), "rounds": 2,
+        "timed": {"1M": 30, "10M": 12}, "tiny_rounds": 3, "tiny_timed": 150, "echo_calls": 400,
+        "memory_params": 100_000_000, "memory_shards": (1, 2, 4), "histories": (5, 20, 80), "lbfgs_steps": 6,
+    },
+    "quick": {
+        "sizes": {"1M": 1_000_000, "10M": 10_000_000}, "shards": (1, 4), "rounds": 1,
+        "timed": {"1M": 10, "10M": 4}, "tiny_rounds": 1, "tiny_timed": 60, "echo_calls": 200,
+        "memory_params": 20_000_000, "memory_shards": (1, 4), "histories": (5, 80), "lbfgs_steps": 3,
+    },
+}
+BATCH = 128
+WORKERS = 2
+TINY_PARAMS = 1_000
+TINY_BATCH = 32
+MEMORY_BATCH = 8
+LBFGS_TASK = {"rows": 2048, "cols": 256, "condition": 1000.0}
+LBFGS_MAX_ITER = 20
+LBFGS_SHARDS = 2
+
+
+# ---------------------------------------------------------------------------------------
+# jobs and runs
+
+
+def job(run_dir: str, *, task: str, task_args: dict, optimizer: str, optimizer_args: dict, steps: int,
+        batch_size: int, shards: int, workers: int, backend: str):
+    from service.jobspec import JobSpec
+
+    return JobSpec(task=task, task_args=task_args, optimizer=optimizer, optimizer_args=optimizer_args,
+                   param_groups=None, schedulers=(), steps=steps, epochs=None, batch_size=batch_size,
+                   shards=shards, workers=workers, backend=backend, run_dir=run_dir)
+
+
+def run_job(spec_args: dict, task: Any, on_step: Callable[[Any, dict], Any] | None = None):
+    """One ``Coordinator(spec).run()`` in a fresh run directory; ``on_step(coordinator,
+    record)`` sees every step. Returns (coordinator, result)."""
+    from service.coordinator import Coordinator
+
+    with tempfile.TemporaryDirectory(prefix="shardstep-engine-") as run_dir:
+        spec = job(run_dir, **spec_args)
+        coordinator: Any = None
+
+        def hook(record: dict) -> None:
+            if on_step is not None:
+                on_step(coordinator, record)
+
+        coordinator = Coordinator(spec, task=task, on_step=hook)
+        result = coordinator.run()
+    return coordinator, result
+
+
+def store_created() -> tuple[int, int]:
+    """(bytes, objects) created in this Ray node's object store since it started."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+    return stats.cumulative_created_bytes, stats.cumulative_created_objects
+
+
+def median_p90(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+# ---------------------------------------------------------------------------------------
+# 1 and 2: step time inline vs ray, object-store bytes
+
+
+def measure_scaling(mode: dict) -> list[dict]:
+    from workers.tasks import make_task
+
+    tasks = {label: make_task("synthetic-mlp", params=n, eval_examples=16) for label, n in mode["sizes"].items()}
+    configs = [(label, shards) for label in tasks for shards in mode["shards"]]
+    times: dict[tuple, list[float]] = {}
+    traffic: dict[tuple, list[tuple[int, int, int]]] = {}
+    for round_index in range(mode["rounds"]):
+        for index, (label, shards) in enumerate(configs):
+            backends = ("inline", "ray") if (round_index + index) % 2 == 0 else ("ray", "inline")
+            for backend in backends:
+                steps = WARMUP + mode["timed"][label]
+                marks: dict[int, tuple[int, int]] = {}
+
+                def on_step(coordinator, record, backend=backend, steps=steps, marks=marks):
+                    if backend == "ray" and record["step"] in (WARMUP, steps):
+                        marks[record["step"]] = store_created()
+
+                _, result = run_job(dict(task="synthetic-mlp", task_args={}, optimizer="adam",
+                                         optimizer_args={"lr": 1e-3}, steps=steps, batch_size=BATCH,
+                                         shards=shards, workers=WORKERS, backend=backend),
+                                    tasks[label], on_step)
+                seconds = [r["seconds"] for r in result.history[WARMUP:]]
+                times.setdefault((label, shards, backend), []).extend(seconds)
+                if backend == "ray":
+                    (b0, o0), (b1, o1) = marks[WARMUP], marks[steps]
+                    traffic.setdefault((label, shards), []).append((b1 - b0, o1 - o0, steps - WARMUP))
+                print(f"  round {round_index + 1} {label:3s} shards {shards} {backend:6s} "
+                      f"median {statistics.median(seconds) * 1e3:8.2f} ms", flush=True)
+    rows = []
+    for label, shards in configs:
+        task = tasks[label]
+        param_bytes = task.num_params * FLOAT32_BYTES
+        inline, inline_p90 = median_p90(times[(label, shards, "inline")])
+        ray, ray_p90 = median_p90(times[(label, shards, "ray")])
+        per_step = [b / n for b, _, n in traffic[(label, shards)]]
+        objects = [o / n for _, o, n in traffic[(label, shards)]]
+        rows.append({
+            "model": label, "params": task.num_params, "sizes": task.sizes, "shards": shards,
+            "inline": inline, "inline_p90": inline_p90, "ray": ray, "ray_p90": ray_p90,
+            "steps": len(times[(label, shards, "ray")]),
+            "bytes": statistics.median(per_step), "bytes_spread": (min(per_step), max(per_step)),
+            "objects": statistics.median(objects), "minimum": param_bytes * (1 + WORKERS),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# 3: coordinator overhead on a tiny model, and Ray's own round trip
+
+
+class Echo:
+    """A Ray actor that does nothing: the floor under any actor call."""
+
+    def noop(self, *args: Any) -> None:
+        return None
+
+    def threads(self) -> dict[str, str | None]:
+        import numba
+
+        return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "numba": str(numba.get_num_threads())}
+
+
+def local_compute(task: Any, timed: int) -> list[float]:
+    """The actors' work of ``timed`` steps, called directly on plain objects in this process:
+    the same methods, arguments and order a step of the coordinator uses (1 shard, 1 worker)."""
+    from checkpoints import ShardLayout
+    from checkpoints.layout import ParamSpec
+    from workers.gradient_worker import GradientWorker
+    from workers.optim import Parameter
+    from workers.shard import ShardActor
+    from workers.training import build_optimizer
+
+    initial = task.init_params(0)
+    layout = ShardLayout(tuple(ParamSpec(n, tuple(a.shape), a.dtype.name) for n, a in initial.items()), 1)
+    placeholders = {n: Parameter(a.reshape(-1)[:0], name=n) for n, a in initial.items()}
+    local = build_optimizer("adam", {"lr": 1e-3}, placeholders, task.param_groups)
+    groups = [{"params": list(g["param_names"])} for g in local.param_groups]
+    hyperparameters = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in local.param_groups]
+    shard = ShardActor(0, layout, "adam", groups, {n: a.reshape(-1) for n, a in initial.items()})
+    worker = GradientWorker(task, 0, 1, 0, TINY_BATCH, layout)
+    batches = task.num_batches(TINY_BATCH)
+    seconds = []
+    for step in range(WARMUP + timed):
+        start = time.perf_counter()
+        loss, piece = worker.compute(step // batches, step % batches, shard.get_params())
+        shard.reduce(piece, norm=False)
+        shard.apply(hyperparameters, None)
+        seconds.append(time.perf_counter() - start)
+    shard.close()
+    return seconds[WARMUP:]
+
+
+def measure_overhead(mode: dict) -> dict:
+    import ray
+
+    from workers.tasks import make_task
+
+    task = make_task("synthetic-mlp", params=TINY_PARAMS, eval_examples=16)
+    echo_class = ray.remote(Echo)
+    calls = mode["echo_calls"]
+    series: dict[str, list[float]] = {k: [] for k in ("ray", "inline", "compute", "sync", "pipelined", "chain")}
+    threads = None
+    for round_index in range(mode["tiny_rounds"]):
+        order = ("ray", "inline") if round_index % 2 == 0 else ("inline", "ray")
+        for backend in order:
+            _, result = run_job(dict(task="synthetic-mlp", task_args={}, optimizer="adam", optimizer_args={"lr": 1e-3},
+                                     steps=WARMUP + mode["tiny_timed"], batch_size=TINY_BATCH, shards=1, workers=1,
+                                     backend=backend), task)
+            series[backend].extend(r["seconds"] for r in result.history[WARMUP:])
+        series["compute"].extend(local_compute(task, mode["tiny_timed"]))
+        # the same options the Ray backend gives the engine's actors
+        first, second = (echo_class.options(num_cpus=0, max_restarts=0, max_task_retries=0).remote()
+                         for _ in range(2))
+        ray.get([first.noop.remote(), second.noop.remote()])
+        threads = ray.get(first.threads.remote())
+        for _ in range(calls):
+            start = time.perf_counter()
+            ray.get(first.noop.remote())
+            series["sync"].append(time.perf_counter() - start)
+        for _ in range(5):
+            start = time.perf_counter()
+            ray.get([first.noop.remote() for _ in range(calls // 5)])
+            series["pipelined"].append((time.perf_counter() - start) / (calls // 5))
+        for _ in range(calls // 2):
+            start = time.perf_counter()
+            ray.get(first.noop.remote(second.noop.remote(first.noop.remote())))
+            series["chain"].append(time.perf_counter() - start)
+        for actor in (first, second):
+            ray.kill(actor)
+        print(f"  round {round_index + 1} tiny: ray {statistics.median(series['ray']) * 1e3:.3f} ms, inline "
+              f"{statistics.median(series['inline']) * 1e3:.3f} ms, compute "
+              f"{statistics.median(series['compute']) * 1e3:.3f} ms, sync call "
+              f"{statistics.median(series['sync']) * 1e3:.3f} ms", flush=True)
+    out = {"params": task.num_params, "sizes": task.sizes, "actor_threads": threads}
+    for key, values in series.items():
+        out[key], out[key + "_p90"] = median_p90(values)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 4: shard memory
+
+
+STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """The RSS fields of ``/proc/<pid>/status`` in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in STATUS_FIELDS:
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def idle_shard_memory(actors: int = 3) -> dict[str, int]:
+    """The RSS of a shard actor right after it started (a 16-element parameter, Adam), as the
+    Ray backend starts the engine's actors; medians over ``actors`` actors."""
+    import numpy as np
+
+    from checkpoints import ShardLayout
+    from checkpoints.layout import ParamSpec
+    from service.backend import RayBackend
+    from workers.shard import ShardActor
+
+    backend = RayBackend()
+    layout = ShardLayout((ParamSpec("weight", (16,), "float32"),), 1)
+    readings = []
+    for _ in range(actors):
+        actor = backend.start(ShardActor, (0, layout, "adam", [{"params": ["weight"]}],
+                                           {"weight": np.zeros(16, np.float32)}), {"threads": 1}, 0.0, "idle shard")
+        _, pid = backend.get([backend.call(actor, "ping")])[0]
+        readings.append(process_memory(pid))
+        backend.kill(actor)
+    return {key: int(statistics.median(r[key] for r in readings)) for key in STATUS_FIELDS}
+
+
+def measure_memory(mode: dict) -> dict:
+    from workers.tasks import make_task
+
+    baseline = idle_shard_memory()
+    rows = []
+    for label, params in (("~1k", TINY_PARAMS), (f"~{mode['memory_params'] // 1_000_000}M", mode["memory_params"])):
+        task = make_task("synthetic-mlp", params=params, examples=64, eval_examples=8)
+        for shards in (1,) if params == TINY_PARAMS else mode["memory_shards"]:
+            readings: list[dict] = []
+
+            def on_step(coordinator, record, readings=readings):
+                backend = coordinator.backend
+                # calls to an actor run in order: the ping answers after the step's apply
+                answers = backend.get([backend.call(s, "ping") for s in coordinator.shards])
+                for shard, pid in answers:
+                    elements = sum(stop - start for start, stop in coordinator.layout.slices(shard).values())
+                    readings.append({"shard": shard, "elements": elements, **process_memory(pid)})
+
+            start = time.perf_counter()
+            run_job(dict(task="synthetic-mlp", task_args={}, optimizer="adam", optimizer_args={"lr": 1e-3},
+                         steps=1, batch_size=MEMORY_BATCH, shards=shards, workers=1, backend="ray"), task, on_step)
+            for reading in readings:
+                reading["expected"] = ADAM_ARRAYS * FLOAT32_BYTES * reading["elements"] + baseline["VmRSS"]
+            worst = max(readings, key=lambda r: abs(r["VmRSS"] / r["expected"] - 1))
+            rows.append({"model": label, "params": task.num_params, "sizes": task.sizes, "shards": shards,
+                         "readings": readings, "worst": worst})
+            print(f"  memory {label} shards {shards}: " + ", ".join(
+                f"shard {r['shard']} VmRSS {r['VmRSS'] / 2**20:.0f} MiB (anon {r['RssAnon'] / 2**20:.0f}, shmem "
+                f"{r['RssShmem'] / 2**20:.0f}) expected {r['expected'] / 2**20:.0f} MiB" for r in readings)
+                  + f"  [{time.perf_counter() - start:.1f} s]", flush=True)
+    return {"baseline": baseline, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------
+# 5: LBFGS round trips
+
+
+def measure_lbfgs(mode: dict) -> list[dict]:
+    from workers.tasks import make_task
+
+    task = make_task("least-squares", **LBFGS_TASK)
+    rows = []
+    for history in mode["histories"]:
+        marks: dict[int, dict] = {}
+
+        def on_step(coordinator, record, marks=marks):
+            driver = coordinator.optimizer.driver
+            marks[record["step"]] = {"trips": coordinator.round_trips, "reductions": coordinator.space.round_trips,
+                                     "iterations": driver.n_iter, "evals": driver.func_evals,
+                                     "history": coordinator.space.history_len(), "seconds": record["seconds"]}
+
+        steps = mode["lbfgs_steps"]
+        run_job(dict(task="least-squares", task_args={}, optimizer="lbfgs",
+                     optimizer_args={"lr": 1, "max_iter": LBFGS_MAX_ITER, "history_size": history}, steps=steps,
+                     batch_size=LBFGS_TASK["rows"], shards=LBFGS_SHARDS, workers=1, backend="ray"), task, on_step)
+        first, last = marks[1], marks[steps]
+        iterations = last["iterations"] - first["iterations"]
+        rows.append({
+            "history_size": history, "iterations": iterations, "evals": last["evals"] - first["evals"],
+            "trips": (last["trips"] - first["trips"]) / iterations,
+            "reductions": (last["reductions"] - first["reductions"]) / iterations,
+            "history_reached": max(m["history"] for m in marks.values()),
+            "ms_per_iteration": sum(marks[s]["seconds"] for s in range(2, steps + 1)) / iterations * 1e3,
+            "first_step": {k: first[k] for k in ("trips", "reductions", "iterations", "evals")},
+        })
+        r = rows[-1]
+        print(f"  lbfgs history_size {history}: {r['iterations']} iterations, {r['trips']:.2f} round trips and "
+              f"{r['reductions']:.2f} reductions per iteration, history reached {r['history_reached']}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# the section
+
+
+def _ms(value: float) -> str:
+    return f"{value * 1e3:.3f}" if value < 0.01 else f"{value * 1e3:.2f}" if value < 0.1 else f"{value * 1e3:.1f}"
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.1f}"
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.0f}"
+
+
+def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict], header: dict) -> str:
+    met = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    ten = [r for r in scaling if r["model"] == "10M"]
+    worst_ratio = max(r["ray"] / r["inline"] for r in ten) if ten else float("nan")
+    ray_overhead = overhead["ray"] - overhead["compute"]
+    memory_rows = [r for r in memory["rows"] if r["params"] != TINY_PARAMS]
+    worst_memory = max(abs(r["worst"]["VmRSS"] / r["worst"]["expected"] - 1) for r in memory_rows)
+    trips = [r["trips"] for r in lbfgs]
+    reductions = [r["reductions"] for r in lbfgs]
+    lines = [
+        BEGIN,
+        "## The distributed engine: inline vs Ray, object-store traffic, overhead, shard memory, LBFGS round trips",
+        "",
+        f"Machine: {header['machine']}. Ray {header['ray']}, numpy {header['numpy']}, numba {header['numba']}, "
+        f"Python {header['python']}. Measured {header['date']}; load average {header['load_before']} before, "
+        f"{header['load_after']} after; {header['minutes']:.1f} minutes in all. This machine is shared with other "
+        "work: compare the p90s with the medians.",
+        "",
+        f"Command: `{header['command']}`",
+        "",
+        "Every figure comes from `Coordinator(spec).run()` on a private single-node Ray instance on loopback "
+        "(the script starts it; the coordinator reuses it) or on the inline backend in the script's process. "
+        "The engine's actors get the Ray backend's defaults (`worker_cpus = shard_cpus = 0`): numba limited to "
+        f"1 thread, and Ray sets OMP_NUM_THREADS={overhead['actor_threads']['OMP_NUM_THREADS']} in its workers, "
+        "so OpenBLAS runs 1 thread per actor; the inline backend runs every actor's work one after another in "
+        "one process with the default 2 threads for numba and OpenBLAS.",
+        "",
+        "### Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| ray step time within 1.5x of inline at 10M parameters | worst ray/inline {worst_ratio:.2f}x "
+        "(" + ", ".join(f"{r['shards']} shard(s): {r['ray'] / r['inline']:.2f}x" for r in ten) + ") | "
+        f"{met(worst_ratio <= 1.5)} |",
+        f"| object-store bytes per step = minimum P (1 + W) | "
+        + ", ".join(f"{r['model']}/{r['shards']}: {r['bytes'] / r['minimum']:.3f}x" for r in scaling)
+        + f" | {met(all(r['bytes'] <= r['minimum'] * 1.01 for r in scaling))} |",
+        f"| coordinator overhead per step <= 3 ms (tiny model, ray, 1 shard, 1 worker) | {_ms(ray_overhead)} ms "
+        f"(ray step {_ms(overhead['ray'])} - compute {_ms(overhead['compute'])}) | {met(ray_overhead <= 0.003)} |",
+        f"| shard RSS within 10% of 12 B x elements + idle actor | worst {worst_memory:.1%} "
+        f"({memory_rows[-1]['model']} parameters) | {met(worst_memory <= 0.10)} |",
+        f"| LBFGS round trips per iteration constant in history_size | coordinator "
+        f"{', '.join(f'{t:.2f}' for t in trips)}; reductions {', '.join(f'{t:.2f}' for t in reductions)} "
+        f"(history_size {', '.join(str(r['history_size']) for r in lbfgs)}) | "
+        f"{met(max(trips) - min(trips) < 1e-9 and max(reductions) - min(reductions) < 1e-9)} |",
+        "",
+        f"### Step time, inline vs ray (Adam, {WORKERS} gradient workers, batch {BATCH})",
+        "",
+        f"Medians (p90) of the steps after the first {WARMUP} of every run (the coordinator's per-step "
+        "`seconds`: from submitting the step's evaluation to its losses, plus the apply that the next step "
+        "waits for); runs alternate between backends and configurations over "
+        f"{header['rounds']} round(s). Models: "
+        + "; ".join(f"{r['model']}: {'-'.join(map(str, r['sizes']))}" for r in scaling if r["shards"] == scaling[0]["shards"])
+        + ".",
+        "",
+        "| model | params | shards | steps | inline ms | ray ms | inline steps/s | ray steps/s | ray / inline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in scaling:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['shards']} | {r['steps']} | {_ms(r['inline'])} "
+                     f"({_ms(r['inline_p90'])}) | {_ms(r['ray'])} ({_ms(r['ray_p90'])}) | {1 / r['inline']:.1f} | "
+                     f"{1 / r['ray']:.1f} | {r['ray'] / r['inline']:.2f} |")
+    lines += [
+        "",
+        "### Object-store bytes per step (the same Ray runs)",
+        "",
+        "Measured: the raylet's count of bytes created in the object store since the node started "
+        "(`store_stats.cumulative_created_bytes` of Ray's memory-info reply, which counts every object put "
+        "into shared memory: actor results above Ray's 100 KiB inline limit and large arguments), read in "
+        f"`on_step` after step {WARMUP} and after the last step of every Ray run; bytes per step = the "
+        "difference / the steps between (median over the runs, range in brackets). Objects below the inline "
+        "limit (losses, shard reports) travel inside Ray's messages and are not counted. Minimum: P (1 + W) "
+        f"bytes, P = the parameters' bytes (float32), W = {WORKERS}: every shard puts its slice once for all "
+        "workers, every worker puts its gradient once, cut into one piece per shard.",
+        "",
+        "| model | shards | MB per step | objects per step | minimum MB | measured / minimum |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in scaling:
+        low, high = r["bytes_spread"]
+        spread = "" if high - low < 1 else f" ({_mb(low)}-{_mb(high)})"
+        lines.append(f"| {r['model']} | {r['shards']} | {_mb(r['bytes'])}{spread} | {r['objects']:.1f} | "
+                     f"{_mb(r['minimum'])} | {r['bytes'] / r['minimum']:.3f} |")
+    o = overhead
+    lines += [
+        "",
+        f"### Coordinator overhead per step (synthetic-mlp {'-'.join(map(str, o['sizes']))}, {o['params']:,} "
+        f"parameters, batch {TINY_BATCH}, 1 shard, 1 worker)",
+        "",
+        "Compute = the actors' methods of one step (`get_params`, `compute`, `reduce`, `apply`) called "
+        "directly on plain `ShardActor` / `GradientWorker` objects in the script's process, interleaved with "
+        "the runs; overhead = step - compute. The no-op rows are a Ray actor method that does nothing, on "
+        "actors started with the engine's options: one call waited at a time (sync), a batch of calls "
+        "waited once (pipelined, per call), and three dependent calls on two actors waited once (chain: "
+        "the dependency shape of a step, shard -> worker -> shard). Medians (p90).",
+        "",
+        "| what | ms |",
+        "|---|---:|",
+        f"| ray step | {_ms(o['ray'])} ({_ms(o['ray_p90'])}) |",
+        f"| inline step | {_ms(o['inline'])} ({_ms(o['inline_p90'])}) |",
+        f"| compute (the actors' methods, in-process) | {_ms(o['compute'])} ({_ms(o['compute_p90'])}) |",
+        f"| **ray overhead = ray step - compute** | **{_ms(o['ray'] - o['compute'])}** |",
+        f"| inline overhead = inline step - compute | {_ms(o['inline'] - o['compute'])} |",
+        f"| no-op actor call, sync | {_ms(o['sync'])} ({_ms(o['sync_p90'])}) |",
+        f"| no-op actor call, pipelined (per call) | {_ms(o['pipelined'])} ({_ms(o['pipelined_p90'])}) |",
+        f"| chain of 3 dependent no-op calls | {_ms(o['chain'])} ({_ms(o['chain_p90'])}) |",
+    ]
+    base = memory["baseline"]
+    lines += [
+        "",
+        "### Shard actor memory after one Adam step (1 worker, batch "
+        f"{MEMORY_BATCH})",
+        "",
+        "RSS from `/proc/<pid>/status` of every shard actor's process (its pid from `ShardActor.ping`), read "
+        "in `on_step` after step 1 once every shard has answered a ping submitted after its apply. "
+        f"Expected = 12 B x the elements the shard owns (float32 parameter, exp_avg, exp_avg_sq) + the "
+        f"VmRSS of an idle shard actor right after it started ({_mib(base['VmRSS'])} MiB: anon "
+        f"{_mib(base['RssAnon'])}, file {_mib(base['RssFile'])}, shmem {_mib(base['RssShmem'])}; median of 3). "
+        "VmRSS = RssAnon (private memory) + RssFile (mapped code and files) + RssShmem (object-store pages this "
+        "process has touched: its own results and the arguments it read, which the object store accounts "
+        "for and frees). Models: "
+        + "; ".join(f"{r['model']}: {'-'.join(map(str, r['sizes']))} ({r['params']:,} parameters)"
+                    for r in memory["rows"] if r["shards"] == 1)
+        + ". Per shard: the one furthest from its expectation.",
+        "",
+        "| model | shards | elements per shard | expected MiB | VmRSS MiB | RssAnon MiB | RssShmem MiB | "
+        "VmRSS / expected | RssAnon + idle RssFile + idle RssShmem / expected |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in memory["rows"]:
+        w = r["worst"]
+        private = w["RssAnon"] + base["RssFile"] + base["RssShmem"]
+        lines.append(f"| {r['model']} | {r['shards']} | {w['elements']:,} | {_mib(w['expected'])} | {_mib(w['VmRSS'])} | "
+                     f"{_mib(w['RssAnon'])} | {_mib(w['RssShmem'])} | {w['VmRSS'] / w['expected']:.3f} | "
+                     f"{private / w['expected']:.3f} |")
+    lines += [
+        "",
+        f"### LBFGS round trips per iteration (least-squares {LBFGS_TASK['rows']} x {LBFGS_TASK['cols']}, "
+        f"float64, lr 1, max_iter {LBFGS_MAX_ITER}, {LBFGS_SHARDS} shards, 1 worker, ray)",
+        "",
+        "Counted between the end of step 1 and the end of the last step: the coordinator's `round_trips` "
+        "(every wait: closure evaluations and reductions) and `ShardedSpace.round_trips` (reductions alone), "
+        "divided by the LBFGS iterations in between (the driver's `n_iter`). Time per iteration: the steps' "
+        "`seconds` over the same iterations.",
+        "",
+        "| history_size | iterations | closure evaluations | history length reached | coordinator round trips "
+        "/ iteration | space reductions / iteration | ms / iteration |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in lbfgs:
+        lines.append(f"| {r['history_size']} | {r['iterations']} | {r['evals']} | {r['history_reached']} | "
+                     f"{r['trips']:.2f} | {r['reductions']:.2f} | {r['ms_per_iteration']:.2f} |")
+    lines += ["", *header["notes"], END]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer configurations and steps; never writes the doc")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    args = parser.parse_args(argv)
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        parser.error("the object-store byte count needs Ray's gRPC client: pip install grpcio")
+    import numba
+    import numpy as np
+    import ray
+
+    mode = MODES["quick" if args.quick else "full"]
+    started = time.perf_counter()
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+    try:
+        print("step time and object-store bytes", flush=True)
+        scaling = measure_scaling(mode)
+        print("coordinator overhead", flush=True)
+        overhead = measure_overhead(mode)
+        print("shard memory", flush=True)
+        memory = measure_memory(mode)
+        print("LBFGS round trips", flush=True)
+        lbfgs = measure_lbfgs(mode)
+    finally:
+        ray.shutdown()
+    header = {
+        "machine": machine(), "ray": ray.__version__, "numpy": np.__version__, "numba": numba.__version__,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rounds": mode["rounds"],
+        "command": " ".join(["python benchmarks/engine.py", *(argv if argv is not None else sys.argv[1:])]),
+        "load_before": load_before, "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "minutes": (time.perf_counter() - started) / 60, "notes": NOTES,
+    }
+    section = render(scaling, overhead, memory, lbfgs, header)
+    print(section)
+    if not args.no_write and not args.quick:
+        write_section(args.doc, BEGIN, END, section)
+        print(f"wrote {args.doc}")
+    return 0
+
+
+NOTES: list[str] = []
+
+if __name__ == "__main__":
+    sys.exit(main())

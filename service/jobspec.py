@@ -1,0 +1,810 @@
+"""The job file: what a training job runs, checked in full before anything starts.
+
+A job is described by a TOML file (reference and example: ``docs/jobs.md``)::
+
+    spec = load_job("examples/jobs/digits.toml")     # JobSpec, or JobSpecError
+    spec = spec.replace(shards=4)                     # command-line overrides, checked again
+
+Loading checks every key and value, then builds what the job will build, so a mistake
+fails here with the key that caused it instead of on a cluster minutes later:
+
+- the task, once, with ``make_task(name, **args)``, and its initial parameters (for their
+  names and dtypes: no task exposes them without allocating them);
+- the optimizer, by ``workers.training.build_optimizer``, over zero-size stand-ins that
+  carry the task's parameter names and dtypes, once per param-group rule and once with all
+  rules (a pattern that matches no parameter is an error);
+- every scheduler, by ``workers.training.build_scheduler``, on that optimizer;
+- a metric named by ``schedulers[i].monitor`` or ``checkpoint.metric`` other than "loss"
+  against the keys of one ``task.evaluate`` of the initial parameters (run only then).
+
+Every failure is a :class:`JobSpecError` whose message names the key path
+(``training.steps``), the value received and what is allowed; messages of a loaded file
+start with ``"<file>: "``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import inspect
+import math
+import numbers
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from checkpoints.run import Retention
+from workers.optim import Parameter, lr_scheduler
+from workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
+from workers.optim.registry import NAMES as OPTIMIZER_NAMES
+from workers.tasks import TASK_NAMES, make_task, task_class
+from workers.tasks.base import ParamGroupRule, Task
+from workers.training import (
+    SCHEDULER_INTERVALS,
+    SCHEDULER_NAMES,
+    build_optimizer,
+    build_scheduler,
+)
+
+__all__ = ["BACKENDS", "NONFINITE_POLICIES", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job", "parse_job"]
+
+BACKENDS = ("ray", "inline")
+NONFINITE_POLICIES = ("stop", "skip")
+KEEP_MODES = ("min", "max")
+# the metric every job has: the training loss of a step
+TRAINING_LOSS = "loss"
+PLATEAU = "ReduceLROnPlateau"
+
+
+class JobSpecError(ValueError):
+    """A job file or job spec that cannot run; the message names the key, the value and what
+    is allowed."""
+
+
+# ---------------------------------------------------------------------------------------
+# where each field lives in the job file (the one table the parser, the checks and the
+# messages share)
+
+FIELD_KEYS: dict[str, str] = {
+    "task": "task.name",
+    "task_args": "task.args",
+    "optimizer": "optimizer.name",
+    "optimizer_args": "optimizer.args",
+    "param_groups": "param_groups",
+    "schedulers": "schedulers",
+    "steps": "training.steps",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "seed": "training.seed",
+    "eval_every": "training.eval_every",
+    "clip_grad_norm": "training.clip_grad_norm",
+    "nonfinite": "training.nonfinite",
+    "shards": "resources.shards",
+    "workers": "resources.workers",
+    "backend": "resources.backend",
+    "address": "resources.address",
+    "max_failures": "resources.max_failures",
+    "worker_cpus": "resources.worker_cpus",
+    "shard_cpus": "resources.shard_cpus",
+    "checkpoint_every": "checkpoint.every",
+    "checkpoint_async": "checkpoint.async",
+    "keep_last": "checkpoint.keep_last",
+    "keep_every": "checkpoint.keep_every",
+    "keep_best": "checkpoint.keep_best",
+    "keep_metric": "checkpoint.metric",
+    "keep_mode": "checkpoint.mode",
+    "run_dir": "run_dir",
+}
+# the tables of plain settings: table -> {key: field}
+SETTING_TABLES: dict[str, dict[str, str]] = {
+    table: {key.partition(".")[2]: name for name, key in FIELD_KEYS.items() if key.startswith(f"{table}.")}
+    for table in ("training", "resources", "checkpoint")
+}
+TOP_LEVEL_KEYS = ("run_dir", "task", "optimizer", "param_groups", "schedulers", "training", "resources", "checkpoint")
+NAMED_TABLE_KEYS = ("name", "args")
+SCHEDULER_KEYS = ("name", "interval", "monitor", "args")
+# the fields whose values decide what the task, optimizer and scheduler checks see
+BUILD_FIELDS = ("task", "task_args", "optimizer", "optimizer_args", "param_groups", "schedulers", "seed",
+                "keep_metric")
+
+
+# ---------------------------------------------------------------------------------------
+# value checks; ``path`` is the key path the message names
+
+
+def _type_name(value: Any) -> str:
+    """The TOML word for a value's type (what a job file's author sees)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, numbers.Integral):
+        return "integer"
+    if isinstance(value, numbers.Real):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, datetime.datetime):
+        return "datetime"
+    if isinstance(value, datetime.date):
+        return "date"
+    if isinstance(value, datetime.time):
+        return "time"
+    return type(value).__name__
+
+
+def _got(value: Any) -> str:
+    """``'cuda'`` for a value of the expected kind; ``3.5 (float)`` when the type is wrong."""
+    return f"{value!r} ({_type_name(value)})"
+
+
+def _suggest(word: Any, choices: Sequence[str]) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not close:
+        folded = {choice.lower(): choice for choice in choices}
+        close = difflib.get_close_matches(word.lower(), list(folded), n=1, cutoff=0.6)
+        close = [folded[c] for c in close]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(path: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not _is_int(value):
+        raise JobSpecError(f"{path} must be an integer >= {minimum}; got {_got(value)}")
+    if value < minimum:
+        raise JobSpecError(f"{path} must be an integer >= {minimum}; got {int(value)}")
+    return int(value)
+
+
+def _check_real(path: str, value: Any, minimum: float, *, strict: bool, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    bound = f"{'>' if strict else '>='} {minimum:g}"
+    if not _is_real(value) or not math.isfinite(value):
+        raise JobSpecError(f"{path} must be a finite number {bound}; got {_got(value)}")
+    if value < minimum or (strict and value == minimum):
+        raise JobSpecError(f"{path} must be a finite number {bound}; got {value!r}")
+    return float(value)
+
+
+def _check_choice(path: str, value: Any, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        shown = repr(value) if isinstance(value, str) else _got(value)
+        raise JobSpecError(f"{path} must be one of {', '.join(map(repr, allowed))}; got {shown}"
+                           f"{_suggest(value, allowed)}")
+    return value
+
+
+def _check_text(path: str, value: Any, what: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise JobSpecError(f"{path} must be {what}; got {_got(value)}")
+    return value
+
+
+def _check_bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise JobSpecError(f"{path} must be true or false; got {_got(value)}")
+    return value
+
+
+def _plain(path: str, value: Any) -> Any:
+    """A deep copy of ``value`` made of None, bool, int, float, str, list and str-keyed dict
+    (what msgpack and JSON carry); tuples become lists, numpy scalars Python numbers."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if _is_int(value):
+        return int(value)
+    if _is_real(value):
+        return float(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise JobSpecError(f"{path}: keys must be strings; got {_got(key)}")
+            out[key] = _plain(f"{path}.{key}", item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    raise JobSpecError(f"{path} must be a string, number, boolean, array or table; got {_got(value)}")
+
+
+def _check_args(path: str, value: Any) -> dict:
+    if not isinstance(value, Mapping):
+        raise JobSpecError(f"{path} must be a table of arguments; got {_got(value)}")
+    return _plain(path, value)
+
+
+def _check_keys(path: str, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    """Refuse keys of ``table`` not in ``allowed``; ``path`` is the table's (empty at the top)."""
+    for key in table:
+        if key not in allowed:
+            where = f"in [{path}]" if path else "at the top level"
+            full = f"{path}.{key}" if path else key
+            raise JobSpecError(f"unknown key {full}{_suggest(key, allowed)}; allowed {where}: {', '.join(allowed)}"
+                               f"{_misplaced(path, key)}")
+
+
+def _misplaced(path: str, key: str) -> str:
+    """A hint for TOML's classic slip: a top-level key written below a table header."""
+    if not path or key not in TOP_LEVEL_KEYS:
+        return ""
+    return (f". {key} is a top-level key: in TOML every key after a [table] header belongs to that table, "
+            f"so write {key} before the first header")
+
+
+def _optimizer_name(path: str, value: Any) -> str:
+    """The registry name (``"adam"``, ``"sparse_adam"``) for a registry or class name in any
+    letter case."""
+    folded = {name.lower(): name for name in OPTIMIZER_NAMES}
+    folded.update({cls.lower(): name for cls, name in OPTIMIZER_CLASS_NAMES.items()})
+    if isinstance(value, str) and value.lower() in folded:
+        return folded[value.lower()]
+    shown = repr(value) if isinstance(value, str) else _got(value)
+    raise JobSpecError(f"{path} must be one of {', '.join(map(repr, OPTIMIZER_NAMES))} (any letter case); "
+                       f"got {shown}{_suggest(value, OPTIMIZER_NAMES)}")
+
+
+def _scheduler_name(path: str, value: Any) -> str:
+    """The class name of ``workers.optim.lr_scheduler`` for a name in any letter case."""
+    folded = {name.lower(): name for name in SCHEDULER_NAMES}
+    if isinstance(value, str) and value.lower() in folded:
+        return folded[value.lower()]
+    shown = repr(value) if isinstance(value, str) else _got(value)
+    raise JobSpecError(f"{path} must be one of {', '.join(map(repr, SCHEDULER_NAMES))} (any letter case); "
+                       f"got {shown}{_suggest(value, SCHEDULER_NAMES)}")
+
+
+# ---------------------------------------------------------------------------------------
+# the spec
+
+
+def _scheduler_values(path: str, name: Any, args: Any, interval: Any, monitor: Any) -> dict[str, Any]:
+    name = _scheduler_name(f"{path}.name", name)
+    args = _check_args(f"{path}.args", args)
+    interval = _check_choice(f"{path}.interval", interval, SCHEDULER_INTERVALS)
+    monitor = _check_text(f"{path}.monitor", monitor, f"{TRAINING_LOSS!r} or the name of a metric of the task")
+    if name != PLATEAU and monitor != TRAINING_LOSS:
+        raise JobSpecError(f"{path}.monitor applies only to {PLATEAU}; got monitor = {monitor!r} on {name}")
+    return {"name": name, "args": args, "interval": interval, "monitor": monitor}
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """One learning-rate scheduler of a job.
+
+    name: a class name of ``workers.optim.lr_scheduler`` (given in any letter case, kept in
+    its canonical spelling). args: its constructor arguments without the optimizer
+    (SequentialLR and ChainedScheduler take ``schedulers`` as ``[name, args]`` pairs).
+    interval: "step" (after every optimizer step) or "epoch" (after every epoch). monitor:
+    ReduceLROnPlateau only, the value it is given: "loss" (the training loss) or the name
+    of a metric of the task's evaluation.
+    """
+
+    name: str
+    args: dict
+    interval: str = "step"
+    monitor: str = TRAINING_LOSS
+
+    def __post_init__(self) -> None:
+        values = _scheduler_values("scheduler", self.name, self.args, self.interval, self.monitor)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "args": _plain("args", self.args), "interval": self.interval,
+                "monitor": self.monitor}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated training job (the job file's reference: ``docs/jobs.md``).
+
+    Constructing one checks every value on its own and together (types, ranges, choices,
+    steps or epochs, keep_best with metric, an absolute run_dir). :func:`load_job`,
+    :func:`parse_job`, :meth:`from_dict` and :meth:`replace` also build the task, the
+    optimizer and the schedulers to check the names and arguments the values alone cannot
+    show. ``param_groups`` None means the task's own rules, ``()`` one group for all
+    parameters. Training stops at ``steps`` or ``epochs``, whichever comes first.
+    """
+
+    task: str
+    task_args: dict
+    optimizer: str
+    optimizer_args: dict
+    param_groups: tuple[ParamGroupRule, ...] | None
+    schedulers: tuple[SchedulerSpec, ...]
+    steps: int | None
+    epochs: int | None
+    batch_size: int = 64
+    seed: int = 0
+    eval_every: int | None = None
+    clip_grad_norm: float | None = None
+    nonfinite: str = "stop"
+    shards: int = 1
+    workers: int = 1
+    backend: str = "ray"
+    address: str | None = None
+    max_failures: int = 0
+    worker_cpus: float = 0.0
+    shard_cpus: float = 0.0
+    checkpoint_every: int | None = None
+    checkpoint_async: bool = True
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: int | None = None
+    keep_metric: str | None = None
+    keep_mode: str = "min"
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name, value in _checked_fields(self).items():
+            object.__setattr__(self, name, value)
+
+    def retention(self) -> Retention | None:
+        """The checkpoint retention policy; None when no ``keep_*`` rule is set (keep all)."""
+        if self.keep_last is None and self.keep_every is None and self.keep_best is None:
+            return None
+        return Retention(keep_last=self.keep_last, keep_every=self.keep_every, keep_best=self.keep_best,
+                         metric=self.keep_metric, mode=self.keep_mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as plain values (msgpack and JSON carry them): param_groups
+        as None or ``[{"pattern", "options"}]``, schedulers as ``[{"name", "args",
+        "interval", "monitor"}]``."""
+        out: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "param_groups":
+                value = None if value is None else [
+                    {"pattern": rule.pattern, "options": _plain("options", rule.options)} for rule in value]
+            elif item.name == "schedulers":
+                value = [scheduler.to_dict() for scheduler in value]
+            else:
+                value = _plain(item.name, value)
+            out[item.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """The inverse of :meth:`to_dict`, checked like a loaded job file. Fields with a
+        default may be left out; unknown fields are refused."""
+        if not isinstance(data, Mapping):
+            raise JobSpecError(f"a job spec must be a dict of fields; got {_got(data)}")
+        names = [item.name for item in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise JobSpecError(f"unknown field {key!r}{_suggest(key, names)}; allowed: {', '.join(names)}")
+        required = [item.name for item in dataclasses.fields(cls)
+                    if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise JobSpecError(f"a job spec needs the fields {', '.join(required)}; missing {', '.join(missing)}")
+        values = dict(data)
+        values["param_groups"] = _rules_from_dicts(values["param_groups"])
+        values["schedulers"] = _schedulers_from_dicts(values["schedulers"])
+        spec = cls(**values)
+        _check_build(spec)
+        return spec
+
+    def replace(self, **changes: Any) -> JobSpec:
+        """A copy with ``changes`` applied, checked again (the command line's overrides).
+        The task, optimizer and schedulers are built again only when a field they depend on
+        changes."""
+        names = [item.name for item in dataclasses.fields(self)]
+        for key in changes:
+            if key not in names:
+                raise JobSpecError(f"unknown field {key!r}{_suggest(key, names)}; allowed: {', '.join(names)}")
+        spec = dataclasses.replace(self, **changes)
+        if any(getattr(spec, name) != getattr(self, name) for name in BUILD_FIELDS):
+            _check_build(spec)
+        return spec
+
+
+def _rules_from_dicts(value: Any) -> tuple[ParamGroupRule, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise JobSpecError(f"param_groups must be None or a list of {{pattern, options}}; got {_got(value)}")
+    rules = []
+    for index, item in enumerate(value):
+        if isinstance(item, ParamGroupRule):
+            rules.append(item)
+            continue
+        path = f"param_groups[{index}]"
+        if not isinstance(item, Mapping) or set(item) != {"pattern", "options"}:
+            raise JobSpecError(f"{path} must be a dict with exactly the keys 'pattern' and 'options'; got {item!r}")
+        rules.append(_rule(path, item["pattern"], item["options"]))
+    return tuple(rules)
+
+
+def _schedulers_from_dicts(value: Any) -> tuple[SchedulerSpec, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise JobSpecError(f"schedulers must be a list of {{name, args, interval, monitor}}; got {_got(value)}")
+    schedulers = []
+    for index, item in enumerate(value):
+        if isinstance(item, SchedulerSpec):
+            schedulers.append(item)
+            continue
+        path = f"schedulers[{index}]"
+        if not isinstance(item, Mapping):
+            raise JobSpecError(f"{path} must be a dict of name, args, interval, monitor; got {_got(item)}")
+        _check_keys(path, item, SCHEDULER_KEYS)
+        if "name" not in item:
+            raise JobSpecError(f"{path}.name is required: one of {', '.join(SCHEDULER_NAMES)}")
+        values = _scheduler_values(path, item["name"], item.get("args", {}), item.get("interval", "step"),
+                                   item.get("monitor", TRAINING_LOSS))
+        schedulers.append(SchedulerSpec(**values))
+    return tuple(schedulers)
+
+
+def _rule(path: str, pattern: Any, options: Any) -> ParamGroupRule:
+    pattern = _check_text(f"{path}.pattern", pattern, "a glob on parameter names such as '*.bias'")
+    if not isinstance(options, Mapping):
+        raise JobSpecError(f"{path}.options must be a table of hyperparameters; got {_got(options)}")
+    options = _plain(path, options)
+    for key in ("params", "param_names"):
+        if key in options:
+            raise JobSpecError(f"{path}.{key} cannot be set: the pattern chooses the parameters")
+    return ParamGroupRule(pattern, options)
+
+
+def _checked_fields(spec: JobSpec) -> dict[str, Any]:
+    """Every field of ``spec`` checked and normalized, alone and together."""
+    key = FIELD_KEYS
+    out: dict[str, Any] = {}
+    task = spec.task
+    if not isinstance(task, str) or not task:
+        raise JobSpecError(f"{key['task']} must be one of {', '.join(map(repr, TASK_NAMES))} or "
+                           f"'package.module:Class'; got {_got(task)}")
+    out["task"] = task
+    out["task_args"] = _check_args(key["task_args"], spec.task_args)
+    out["optimizer"] = _optimizer_name(key["optimizer"], spec.optimizer)
+    out["optimizer_args"] = _check_args(key["optimizer_args"], spec.optimizer_args)
+
+    rules = spec.param_groups
+    if rules is not None:
+        if not isinstance(rules, (list, tuple)) or not all(isinstance(r, ParamGroupRule) for r in rules):
+            raise JobSpecError(f"param_groups must be None or a sequence of ParamGroupRule; got {rules!r}")
+        rules = tuple(_rule(f"param_groups[{i}]", r.pattern, r.options) for i, r in enumerate(rules))
+    out["param_groups"] = rules
+    schedulers = spec.schedulers
+    if not isinstance(schedulers, (list, tuple)) or not all(isinstance(s, SchedulerSpec) for s in schedulers):
+        raise JobSpecError(f"schedulers must be a sequence of SchedulerSpec; got {schedulers!r}")
+    out["schedulers"] = tuple(SchedulerSpec(**_scheduler_values(f"schedulers[{i}]", s.name, s.args, s.interval,
+                                                                s.monitor))
+                              for i, s in enumerate(schedulers))
+
+    out["steps"] = _check_int(key["steps"], spec.steps, 0, optional=True)
+    out["epochs"] = _check_int(key["epochs"], spec.epochs, 0, optional=True)
+    if out["steps"] is None and out["epochs"] is None:
+        raise JobSpecError(f"{key['steps']} or {key['epochs']} is required (give both to stop at whichever "
+                           f"comes first)")
+    out["batch_size"] = _check_int(key["batch_size"], spec.batch_size, 1)
+    out["seed"] = _check_int(key["seed"], spec.seed, 0)
+    out["eval_every"] = _check_int(key["eval_every"], spec.eval_every, 1, optional=True)
+    out["clip_grad_norm"] = _check_real(key["clip_grad_norm"], spec.clip_grad_norm, 0.0, strict=True, optional=True)
+    out["nonfinite"] = _check_choice(key["nonfinite"], spec.nonfinite, NONFINITE_POLICIES)
+
+    out["shards"] = _check_int(key["shards"], spec.shards, 1)
+    out["workers"] = _check_int(key["workers"], spec.workers, 1)
+    out["backend"] = _check_choice(key["backend"], spec.backend, BACKENDS)
+    out["address"] = _check_text(key["address"], spec.address, "a Ray cluster address such as 'ray://head:10001' "
+                                 "or 'auto'", optional=True)
+    if out["address"] is not None and out["backend"] != "ray":
+        raise JobSpecError(f"{key['address']} is a Ray cluster address, used only by backend 'ray'; got address "
+                           f"{out['address']!r} with backend {out['backend']!r}")
+    out["max_failures"] = _check_int(key["max_failures"], spec.max_failures, 0)
+    out["worker_cpus"] = _check_real(key["worker_cpus"], spec.worker_cpus, 0.0, strict=False)
+    out["shard_cpus"] = _check_real(key["shard_cpus"], spec.shard_cpus, 0.0, strict=False)
+
+    out["checkpoint_every"] = _check_int(key["checkpoint_every"], spec.checkpoint_every, 1, optional=True)
+    out["checkpoint_async"] = _check_bool(key["checkpoint_async"], spec.checkpoint_async)
+    for name in ("keep_last", "keep_every", "keep_best"):
+        out[name] = _check_int(key[name], getattr(spec, name), 1, optional=True)
+    out["keep_metric"] = _check_text(key["keep_metric"], spec.keep_metric,
+                                     f"{TRAINING_LOSS!r} or the name of a metric of the task", optional=True)
+    out["keep_mode"] = _check_choice(key["keep_mode"], spec.keep_mode, KEEP_MODES)
+    if (out["keep_best"] is None) != (out["keep_metric"] is None):
+        raise JobSpecError(f"{key['keep_best']} and {key['keep_metric']} go together (keep the best N checkpoints "
+                           f"by that metric); got keep_best = {out['keep_best']!r}, metric = {out['keep_metric']!r}")
+    if out["keep_best"] is None and out["keep_mode"] != "min":
+        raise JobSpecError(f"{key['keep_mode']} applies to keep_best; got mode = {out['keep_mode']!r} without "
+                           f"keep_best and metric")
+
+    run_dir = spec.run_dir
+    if isinstance(run_dir, os.PathLike):
+        run_dir = os.fspath(run_dir)
+    if not isinstance(run_dir, str) or not run_dir:
+        raise JobSpecError(f"{key['run_dir']} is required: the directory of the run's checkpoints; got {_got(run_dir)}")
+    if not os.path.isabs(run_dir):
+        raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
+                           f"resolved against the file's directory); got {run_dir!r}")
+    out["run_dir"] = run_dir
+    # the last word on retention is the checkpoint store's own check
+    try:
+        Retention(keep_last=out["keep_last"], keep_every=out["keep_every"], keep_best=out["keep_best"],
+                  metric=out["keep_metric"], mode=out["keep_mode"])
+    except ValueError as error:
+        raise JobSpecError(f"checkpoint: {error}") from error
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# checks that build the task, the optimizer and the schedulers
+
+
+def _check_build(spec: JobSpec) -> None:
+    """Build what the job builds, on stand-ins where size matters; raise JobSpecError with
+    the key that caused a failure."""
+    task = _build_task(spec)
+    params = _initial_params(task, spec)
+    placeholders = {name: array.dtype for name, array in params.items()}
+    metrics = _metric_names(task, spec, params)
+    del params  # the stand-ins below are all that is needed from here on
+
+    def stand_ins() -> dict[str, Parameter]:
+        return {name: Parameter(np.zeros(0, dtype), name=name) for name, dtype in placeholders.items()}
+
+    # the builders raise TypeError or ValueError for bad arguments, but a scheduler's
+    # lr_lambda is the user's code and may raise anything: every failure names its key
+    try:
+        build_optimizer(spec.optimizer, spec.optimizer_args, stand_ins(), ())
+    except Exception as error:
+        raise JobSpecError(f"{FIELD_KEYS['optimizer_args']}: {_message(error)}") from error
+    if spec.param_groups is None:
+        rules, where = tuple(task.param_groups), f"task {spec.task!r}'s param_groups"
+        hint = "; set param_groups = [] in the job for one group of all parameters"
+    else:
+        rules, where, hint = spec.param_groups, "param_groups", ""
+    for index, rule in enumerate(rules):
+        try:
+            build_optimizer(spec.optimizer, spec.optimizer_args, stand_ins(), (rule,))
+        except Exception as error:
+            raise JobSpecError(f"{where}[{index}] (pattern {rule.pattern!r}): {_message(error)}{hint}") from error
+    try:
+        optimizer = build_optimizer(spec.optimizer, spec.optimizer_args, stand_ins(), rules)
+    except Exception as error:
+        raise JobSpecError(f"{where}: {_message(error)}{hint}") from error
+
+    for index, scheduler in enumerate(spec.schedulers):
+        path = f"schedulers[{index}]"
+        _check_required_args(path, scheduler)
+        try:
+            build_scheduler(scheduler.name, scheduler.args, optimizer)
+        except Exception as error:
+            raise JobSpecError(f"{path}.args: {_message(error)}") from error
+        if scheduler.monitor != TRAINING_LOSS and scheduler.monitor not in metrics:
+            raise JobSpecError(f"{path}.monitor must be {TRAINING_LOSS!r} or a metric of task {spec.task!r} "
+                               f"({', '.join(sorted(metrics))}); got {scheduler.monitor!r}"
+                               f"{_suggest(scheduler.monitor, sorted(metrics))}")
+    if spec.keep_metric is not None and spec.keep_metric != TRAINING_LOSS and spec.keep_metric not in metrics:
+        raise JobSpecError(f"{FIELD_KEYS['keep_metric']} must be {TRAINING_LOSS!r} or a metric of task "
+                           f"{spec.task!r} ({', '.join(sorted(metrics))}); got {spec.keep_metric!r}"
+                           f"{_suggest(spec.keep_metric, sorted(metrics))}")
+
+
+def _message(error: BaseException) -> str:
+    """The builders' own messages as they are; anything else with its type."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])  # KeyError's str() is the repr of its argument
+    if isinstance(error, (TypeError, ValueError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _build_task(spec: JobSpec) -> Task:
+    try:
+        task_class(spec.task)
+    except (TypeError, ValueError) as error:
+        raise JobSpecError(f"{FIELD_KEYS['task']}: {error}{_suggest(spec.task, TASK_NAMES)}") from error
+    try:
+        return make_task(spec.task, **spec.task_args)
+    except (TypeError, ValueError) as error:
+        raise JobSpecError(f"{FIELD_KEYS['task_args']}: {error}") from error
+    except Exception as error:  # a task of the user's may fail any way; name it and its key
+        raise JobSpecError(f"{FIELD_KEYS['task_args']}: building task {spec.task!r} failed: "
+                           f"{type(error).__name__}: {error}") from error
+
+
+def _initial_params(task: Task, spec: JobSpec) -> dict[str, np.ndarray]:
+    owner = type(task).__name__
+    try:
+        params = task.init_params(spec.seed)
+    except Exception as error:
+        raise JobSpecError(f"task {spec.task!r}: {owner}.init_params({spec.seed}) failed: "
+                           f"{type(error).__name__}: {error}") from error
+    if not isinstance(params, Mapping) or not params:
+        raise JobSpecError(f"task {spec.task!r}: {owner}.init_params must return a non-empty dict of "
+                           f"name -> ndarray; got {params!r:.80}")
+    for name, array in params.items():
+        if (not isinstance(name, str) or not isinstance(array, np.ndarray)
+                or array.dtype not in (np.float32, np.float64)):
+            kind = f"ndarray of dtype {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise JobSpecError(f"task {spec.task!r}: {owner}.init_params must give str name -> float32/float64 "
+                               f"ndarray; got {name!r} -> {kind}")
+    return dict(params)
+
+
+def _metric_names(task: Task, spec: JobSpec, params: Mapping[str, np.ndarray]) -> frozenset[str]:
+    """The task's evaluation metrics, found by one evaluation of the initial parameters; run
+    only when the spec names a metric other than the training loss."""
+    named = [s.monitor for s in spec.schedulers] + ([spec.keep_metric] if spec.keep_metric else [])
+    if all(name == TRAINING_LOSS for name in named):
+        return frozenset()
+    owner = type(task).__name__
+    try:
+        metrics = task.evaluate(params)
+    except Exception as error:
+        raise JobSpecError(f"task {spec.task!r}: {owner}.evaluate of the initial parameters failed "
+                           f"(needed to check the metric names): {type(error).__name__}: {error}") from error
+    if not isinstance(metrics, Mapping):
+        raise JobSpecError(f"task {spec.task!r}: {owner}.evaluate must return a dict of metrics; got "
+                           f"{type(metrics).__name__}")
+    return frozenset(str(name) for name in metrics)
+
+
+def _check_required_args(path: str, scheduler: SchedulerSpec) -> None:
+    """Arguments the scheduler cannot do without, named before its constructor would fail."""
+    signature = inspect.signature(getattr(lr_scheduler, scheduler.name))
+    required = [name for name, parameter in signature.parameters.items()
+                if name != "optimizer" and parameter.default is inspect.Parameter.empty
+                and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    missing = [name for name in required if name not in scheduler.args]
+    if missing:
+        raise JobSpecError(f"{path}.args: {scheduler.name} requires {', '.join(missing)}; got "
+                           f"{', '.join(scheduler.args) or 'no arguments'}")
+
+
+# ---------------------------------------------------------------------------------------
+# the job file
+
+
+def load_job(path: str | os.PathLike) -> JobSpec:
+    """Read and check the TOML job file at ``path``; a relative run_dir is resolved against
+    the file's directory."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise JobSpecError(f"job file not found: {path}") from None
+    except OSError as error:
+        raise JobSpecError(f"cannot read job file {path}: {error.strerror or error}") from error
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise JobSpecError(f"{path}: a job file must be UTF-8 text; byte {error.start} is not") from error
+    return parse_job(text, source=str(path), base_dir=path.parent)
+
+
+def parse_job(text: str, *, source: str = "<job>", base_dir: Path | None = None) -> JobSpec:
+    """Check the job file ``text``; messages start with ``"<source>: "``. A relative run_dir
+    is resolved against ``base_dir`` (the current directory when None)."""
+    try:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise JobSpecError(f"TOML syntax error: {error}") from error
+        fields, hints = _fields_from_document(document, base_dir)
+        spec = JobSpec(**fields)
+        try:
+            _check_build(spec)
+        except JobSpecError as error:
+            # an args table refused a key that belongs at the top level: say why it landed there
+            hint = next((hint for path, hint in hints.items() if str(error).startswith(path)), "")
+            if not hint:
+                raise
+            raise JobSpecError(f"{error}{hint}") from error.__cause__
+        return spec
+    except JobSpecError as error:
+        raise JobSpecError(f"{source}: {error}") from error.__cause__
+
+
+def _table(path: str, value: Any, form: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise JobSpecError(f"{path} must be a table ({form}); got {_got(value)}")
+    return value
+
+
+def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The JobSpec fields of a parsed job file, its layout checked (values are checked by
+    JobSpec), and a hint per args table that holds a top-level key (see :func:`_misplaced`)."""
+    _check_keys("", document, TOP_LEVEL_KEYS)
+    fields: dict[str, Any] = {}
+    hints: dict[str, str] = {}
+
+    run_dir = document.get("run_dir")
+    if run_dir is None:
+        raise JobSpecError("run_dir is required: the directory of the run's checkpoints (relative to the job file)")
+    _check_text("run_dir", run_dir, "a directory path")
+    base = Path.cwd() if base_dir is None else Path(base_dir)
+    fields["run_dir"] = str((base / Path(run_dir).expanduser()).resolve())
+
+    for table in ("task", "optimizer"):
+        if table not in document:
+            raise JobSpecError(f"[{table}] is required, with at least {table}.name")
+        section = _table(table, document[table], f"[{table}]")
+        _check_keys(table, section, NAMED_TABLE_KEYS)
+        if "name" not in section:
+            allowed = (f"a built-in task ({', '.join(TASK_NAMES)}) or 'package.module:Class'" if table == "task"
+                       else f"one of {', '.join(OPTIMIZER_NAMES)}")
+            raise JobSpecError(f"{table}.name is required: {allowed}")
+        fields[table] = section["name"]
+        fields[f"{table}_args"] = section.get("args", {})
+        hints[f"{table}.args"] = _misplaced_in(f"{table}.args", fields[f"{table}_args"])
+
+    if "param_groups" in document:
+        groups = document["param_groups"]
+        if not isinstance(groups, list):
+            raise JobSpecError(f"param_groups must be an array of tables ([[param_groups]], or [] for one group); "
+                               f"got {_got(groups)}")
+        rules = []
+        for index, group in enumerate(groups):
+            path = f"param_groups[{index}]"
+            group = _table(path, group, "pattern plus hyperparameters")
+            if "pattern" not in group:
+                raise JobSpecError(f"{path}.pattern is required: a glob on parameter names such as '*.bias'")
+            rules.append(_rule(path, group["pattern"], {k: v for k, v in group.items() if k != "pattern"}))
+        fields["param_groups"] = tuple(rules)
+    else:
+        fields["param_groups"] = None
+
+    schedulers = document.get("schedulers", [])
+    if not isinstance(schedulers, list):
+        raise JobSpecError(f"schedulers must be an array of tables ([[schedulers]]); got {_got(schedulers)}")
+    specs = []
+    for index, item in enumerate(schedulers):
+        path = f"schedulers[{index}]"
+        item = _table(path, item, "[[schedulers]]")
+        _check_keys(path, item, SCHEDULER_KEYS)
+        if "name" not in item:
+            raise JobSpecError(f"{path}.name is required: one of {', '.join(SCHEDULER_NAMES)}")
+        name = _scheduler_name(f"{path}.name", item["name"])
+        if "monitor" in item and name != PLATEAU:
+            raise JobSpecError(f"{path}.monitor applies only to {PLATEAU}; got monitor = {item['monitor']!r} "
+                               f"on {name}")
+        specs.append(SchedulerSpec(**_scheduler_values(path, name, item.get("args", {}), item.get("interval", "step"),
+                                                       item.get("monitor", TRAINING_LOSS))))
+        hints[f"{path}.args"] = _misplaced_in(f"{path}.args", item.get("args", {}))
+    fields["schedulers"] = tuple(specs)
+
+    fields["steps"] = fields["epochs"] = None
+    for table, keys in SETTING_TABLES.items():
+        if table not in document:
+            continue
+        section = _table(table, document[table], f"[{table}]")
+        _check_keys(table, section, list(keys))
+        for key, value in section.items():
+            fields[keys[key]] = value
+    if fields["steps"] is None and fields["epochs"] is None:
+        raise JobSpecError("training.steps or training.epochs is required (give both to stop at whichever "
+                           "comes first)")
+    return fields, {path: hint for path, hint in hints.items() if hint}
+
+
+def _misplaced_in(path: str, args: Any) -> str:
+    if not isinstance(args, Mapping):
+        return ""
+    return next((hint for key in args if (hint := _misplaced(path, key))), "")

@@ -1,0 +1,260 @@
+"""The distributed engine against the local loop: bit-identical parameters for every
+elementwise optimizer, shard count and backend; exact resume; recovery from killed actors."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from checkpoints import committed_steps, open_checkpoint
+from service.coordinator import CHECKPOINT_DIR, Coordinator, Phase
+from service.errors import NonFiniteError, RunFailedError
+from service.jobspec import JobSpec, SchedulerSpec
+from workers.tasks import make_task
+from workers.training import Trainer
+
+# every elementwise optimizer with arguments that exercise its options
+ELEMENTWISE = {
+    "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+    "adagrad": {"lr": 0.05, "lr_decay": 1e-3},
+    "rmsprop": {"lr": 1e-3, "momentum": 0.5, "centered": True},
+    "adadelta": {"lr": 1.0},
+    "adam": {"lr": 1e-2, "amsgrad": True},
+    "adamw": {"lr": 1e-2, "weight_decay": 0.05},
+    "adamax": {"lr": 1e-2},
+    "nadam": {"lr": 1e-2, "decoupled_weight_decay": True, "weight_decay": 0.01},
+    "radam": {"lr": 1e-2},
+    "asgd": {"lr": 0.05, "t0": 3.0},
+    "rprop": {"lr": 1e-3},
+}
+STEPS = 7
+
+
+def job(tmp_path, name="run", **fields) -> JobSpec:
+    # three workers: with two, the reduction order could not matter (a + b == b + a)
+    values = dict(task="digits", task_args={}, optimizer="adam", optimizer_args={"lr": 1e-2},
+                  param_groups=None, schedulers=(), steps=STEPS, epochs=None, batch_size=128, seed=3,
+                  shards=2, workers=3, backend="inline", run_dir=str(tmp_path / name))
+    values.update(fields)
+    return JobSpec(**values)
+
+
+def local_run(spec: JobSpec, steps: int | None = None) -> dict[str, np.ndarray]:
+    """The plain single-process loop with the same workers and seed."""
+    assert len(spec.schedulers) <= 1
+    scheduler = spec.schedulers[0] if spec.schedulers else None
+    trainer = Trainer(make_task(spec.task, **spec.task_args), seed=spec.seed, batch_size=spec.batch_size,
+                      optimizer=spec.optimizer, optimizer_kwargs=spec.optimizer_args,
+                      scheduler=None if scheduler is None else scheduler.name,
+                      scheduler_kwargs=None if scheduler is None else scheduler.args,
+                      scheduler_interval="step" if scheduler is None else scheduler.interval,
+                      world_size=spec.workers)
+    return trainer.run(steps=steps or spec.steps).params
+
+
+def assert_same(params, reference, label=""):
+    assert list(params) == list(reference)
+    for name in reference:
+        assert params[name].dtype == reference[name].dtype
+        assert np.array_equal(params[name], reference[name]), (
+            f"{label}{name}: max |difference| {np.abs(params[name] - reference[name]).max()}")
+
+
+# ---------------------------------------------------------------------------------------
+# every elementwise optimizer, N in {1, 2, 3}, inline and Ray, equal to the local loop
+
+
+@pytest.mark.parametrize("optimizer", sorted(ELEMENTWISE))
+def test_elementwise_optimizers_match_the_local_loop_bit_for_bit(optimizer, tmp_path, ray_address):
+    schedulers = (SchedulerSpec("StepLR", {"step_size": 3, "gamma": 0.5}),)
+    base = job(tmp_path, optimizer=optimizer, optimizer_args=ELEMENTWISE[optimizer], schedulers=schedulers)
+    reference = local_run(base)
+    for backend in ("inline", "ray"):
+        for shards in (1, 2, 3):
+            spec = base.replace(backend=backend, shards=shards, run_dir=str(tmp_path / f"{backend}-{shards}"))
+            result = Coordinator(spec).run()
+            assert result.steps == STEPS
+            assert_same(result.params, reference, f"{optimizer} {backend} N={shards}: ")
+
+
+def test_row_sparse_gradients_reach_the_owning_shards(tmp_path, ray_address):
+    """SparseAdam on embedding tables: each shard receives only its rows."""
+    base = job(tmp_path, task="ratings", optimizer="sparse_adam", optimizer_args={"lr": 0.02},
+               batch_size=256, steps=6)
+    reference = local_run(base)
+    for backend, shards in (("inline", 3), ("ray", 2)):
+        spec = base.replace(backend=backend, shards=shards, run_dir=str(tmp_path / f"{backend}-{shards}"))
+        assert_same(Coordinator(spec).run().params, reference, f"{backend} N={shards}: ")
+
+
+def test_sharding_is_balanced_to_one_row(tmp_path):
+    spec = job(tmp_path, shards=3)
+    coordinator = Coordinator(spec)
+    result = coordinator.run()
+    layout = coordinator.layout
+    for param in layout.params:
+        counts = [np.subtract(*layout.row_range(param.name, s)[::-1]) for s in range(3)]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == param.rows
+    assert result.steps == STEPS
+    assert coordinator.phase_log == [Phase.STARTING, Phase.RUNNING, Phase.CHECKPOINTING, Phase.RUNNING,
+                                     Phase.FINISHED]
+
+
+# ---------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.mark.parametrize("backend, first, second", [("inline", 2, 3), ("inline", 3, 1), ("ray", 2, 1)])
+def test_resume_at_any_checkpoint_is_bit_identical(tmp_path, backend, first, second, ray_address):
+    """Stop at a checkpoint, resume with another shard count: the same parameters, with a
+    scheduler ticking per epoch on the loss, the data order and the optimizer state carried."""
+    schedulers = (SchedulerSpec("ReduceLROnPlateau", {"patience": 0, "factor": 0.5}, interval="epoch"),
+                  SchedulerSpec("CosineAnnealingLR", {"T_max": 9}))
+    base = job(tmp_path, optimizer="adamw", optimizer_args={"lr": 0.03}, schedulers=schedulers, batch_size=512,
+               steps=13, checkpoint_every=4, backend=backend, shards=first)
+    uninterrupted = Coordinator(base.replace(run_dir=str(tmp_path / "full"))).run()
+    assert uninterrupted.epoch >= 3  # several epoch boundaries: the plateau scheduler ticked
+    for stop in (4, 8):
+        run_dir = str(tmp_path / f"stop-{stop}")
+        Coordinator(base.replace(run_dir=run_dir, steps=stop)).run()
+        assert committed_steps(os.path.join(run_dir, CHECKPOINT_DIR))[-1] == stop
+        resumed = Coordinator(base.replace(run_dir=run_dir, shards=second)).run()
+        assert resumed.steps == 13
+        assert_same(resumed.params, uninterrupted.params, f"stopped at {stop}: ")
+        assert resumed.metrics == uninterrupted.metrics
+
+
+# ---------------------------------------------------------------------------------------
+# failures
+
+
+def kill_at(coordinator_box, step, kind):
+    """An on_step callback that SIGKILLs one actor's process after ``step``."""
+
+    def callback(record):
+        if record["step"] == step and not coordinator_box.get("killed"):
+            coordinator = coordinator_box["coordinator"]
+            shards = len(coordinator.shards)
+            rank, pid = coordinator.pids[0 if kind == "shard" else shards]
+            os.kill(pid, signal.SIGKILL)
+            coordinator_box["killed"] = pid
+
+    return callback
+
+
+@pytest.mark.parametrize("kind", ["shard", "worker"])
+def test_a_killed_actor_is_replaced_and_the_run_ends_bit_identical(tmp_path, kind, ray_address):
+    base = job(tmp_path, backend="ray", steps=11, checkpoint_every=4, max_failures=1)
+    reference = local_run(base)
+    box: dict = {}
+    coordinator = Coordinator(base, on_step=kill_at(box, 6, kind))
+    box["coordinator"] = coordinator
+    result = coordinator.run()
+    assert box["killed"] and result.failures == 1
+    assert Phase.RECOVERING in coordinator.phase_log
+    assert [r["step"] for r in result.history] == list(range(1, 12))
+    assert_same(result.params, reference)
+
+
+def test_failures_beyond_max_failures_stop_the_run_with_checkpoints_intact(tmp_path, ray_address):
+    base = job(tmp_path, backend="ray", steps=11, checkpoint_every=4, checkpoint_async=False, max_failures=0)
+    box: dict = {}
+    coordinator = Coordinator(base, on_step=kill_at(box, 5, "shard"))
+    box["coordinator"] = coordinator
+    with pytest.raises(RunFailedError, match=r"max_failures=0.*intact \(latest: step 4\).*shardstep resume"):
+        coordinator.run()
+    assert coordinator.phase is Phase.FAILED
+    root = os.path.join(base.run_dir, CHECKPOINT_DIR)
+    assert committed_steps(root) == [4]
+    with open_checkpoint(root) as checkpoint:
+        params, _ = checkpoint.export()
+    assert_same(params, local_run(base, steps=4))
+    # and the run resumes from there to the uninterrupted result
+    assert_same(Coordinator(base.replace(max_failures=0)).run().params, local_run(base))
+
+
+# ---------------------------------------------------------------------------------------
+# non-finite values
+
+
+def nan_task():
+    """digits whose gradient of one parameter turns NaN on global batch 2 of epoch 0."""
+    from workers.tasks.digits import DigitsTask
+
+    class Exploding(DigitsTask):
+        def loss_and_grad(self, params, batch):
+            loss, grads = super().loss_and_grad(params, batch)
+            if batch.epoch == 0 and batch.index == 2:
+                grads["2.bias"] = np.full_like(grads["2.bias"], np.nan)
+            return loss, grads
+
+    return Exploding()
+
+
+def test_a_non_finite_gradient_stops_the_run_naming_step_and_parameter(tmp_path):
+    spec = job(tmp_path, checkpoint_every=1, checkpoint_async=False, steps=6)
+    with pytest.raises(NonFiniteError, match=r"gradients of 2\.bias are not finite at step 3 \(epoch 0, batch 2\)"):
+        Coordinator(spec, task=nan_task()).run()
+    root = os.path.join(spec.run_dir, CHECKPOINT_DIR)
+    assert committed_steps(root) == [1, 2]
+    with open_checkpoint(root) as checkpoint:
+        params, optimizer = checkpoint.export()
+    assert all(np.isfinite(a).all() for a in params.values())
+    assert all(np.isfinite(v).all() for s in optimizer["state"].values() for v in s.values()
+               if isinstance(v, np.ndarray))
+
+
+def test_skip_policy_skips_the_step_and_goes_on(tmp_path):
+    spec = job(tmp_path, nonfinite="skip", steps=6)
+    result = Coordinator(spec, task=nan_task()).run()
+    skipped = [r for r in result.history if r.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["batch"] == 2 and "2.bias" in skipped[0]["message"]
+    assert result.steps == 6 and all(np.isfinite(a).all() for a in result.params.values())
+
+
+def test_clipping_bounds_the_global_norm(tmp_path):
+    """With a tiny max norm every update is the clipped gradient: SGD moves each step by
+    exactly lr * max_norm in global norm."""
+    spec = job(tmp_path, optimizer="sgd", optimizer_args={"lr": 1.0}, clip_grad_norm=1e-3, steps=1, shards=3)
+    initial = make_task("digits").init_params(spec.seed)
+    result = Coordinator(spec).run()
+    moved = math.sqrt(sum(float(np.sum((result.params[n].astype(np.float64) - initial[n]) ** 2)) for n in initial))
+    assert moved == pytest.approx(1e-3, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# LBFGS across shards
+
+
+def lbfgs_job(tmp_path, name, **args):
+    options = {"lr": 1.0, "max_iter": 20, "history_size": 10, "line_search_fn": "strong_wolfe"}
+    options.update(args)
+    return job(tmp_path, name, task="least-squares", optimizer="lbfgs", optimizer_args=options,
+               batch_size=10_000, steps=3, shards=3, workers=2)
+
+
+def test_sharded_lbfgs_matches_the_single_process_lbfgs(tmp_path):
+    spec = lbfgs_job(tmp_path, "lbfgs")
+    reference = local_run(spec)
+    result = Coordinator(spec).run()
+    for name in reference:
+        scale = np.abs(reference[name]).max()
+        assert np.abs(result.params[name] - reference[name]).max() <= 1e-6 * scale
+
+
+def test_lbfgs_round_trips_per_iteration_do_not_grow_with_the_history(tmp_path):
+    counts = {}
+    for history in (2, 40):
+        # zero tolerances: every step runs all max_iter iterations whatever the history
+        spec = lbfgs_job(tmp_path, f"h{history}", history_size=history, line_search_fn=None, max_iter=30,
+                         tolerance_grad=0.0, tolerance_change=0.0, lr=0.1)
+        coordinator = Coordinator(spec)
+        coordinator.run()
+        assert coordinator.optimizer.driver.n_iter == 90
+        counts[history] = coordinator.space.round_trips
+    assert counts[2] == counts[40]
+    assert counts[2] <= 4 * 90 + 3 * 2  # per iteration: one Gram reduction, |g|inf, |d|inf, one evaluation
