@@ -1,0 +1,173 @@
+"""The command line: real processes, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkpoints import committed_steps, load, open_checkpoint
+from service.coordinator import CHECKPOINT_DIR
+from workers.tasks import make_task
+from workers.training import Trainer
+
+JOB = """\
+run_dir = "{run_dir}"
+
+[task]
+name = "digits"
+
+[optimizer]
+name = "adam"
+[optimizer.args]
+lr = 0.01
+
+[[schedulers]]
+name = "StepLR"
+[schedulers.args]
+step_size = 40
+gamma = 0.5
+
+[training]
+steps = {steps}
+batch_size = 96
+seed = 5
+
+[resources]
+shards = 2
+workers = 2
+backend = "{backend}"
+
+[checkpoint]
+every = {every}
+"""
+
+
+def write_job(tmp_path: Path, steps: int, backend: str = "inline", every: int = 10, name: str = "job.toml",
+              run_dir: str = "run") -> Path:
+    path = tmp_path / name
+    path.write_text(JOB.format(run_dir=run_dir, steps=steps, backend=backend, every=every))
+    return path
+
+
+def shardstep(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def reference(steps: int) -> dict[str, np.ndarray]:
+    trainer = Trainer(make_task("digits"), seed=5, batch_size=96, optimizer="adam", optimizer_kwargs={"lr": 0.01},
+                      scheduler="StepLR", scheduler_kwargs={"step_size": 40, "gamma": 0.5}, world_size=2)
+    return trainer.run(steps=steps).params
+
+
+def final_params(run_dir: Path) -> dict[str, np.ndarray]:
+    with open_checkpoint(run_dir / CHECKPOINT_DIR) as checkpoint:
+        return checkpoint.export()[0]
+
+
+def assert_same(params, expected):
+    assert list(params) == list(expected)
+    for name in expected:
+        assert np.array_equal(params[name], expected[name]), name
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_run_inspect_export_and_run_again_resumes(tmp_path):
+    job = write_job(tmp_path, steps=30)
+    done = shardstep("run", str(job))
+    assert done.returncode == 0, done.stderr
+    assert "done: 30 steps" in done.stdout
+    run_dir = tmp_path / "run"
+    assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30]
+    assert_same(final_params(run_dir), reference(30))
+
+    shown = shardstep("inspect", str(run_dir))
+    assert shown.returncode == 0, shown.stderr
+    for pattern in (r"step +30\n", r"shards +2\n", r"0\.weight +256x64 +float32 +16,384 +0 +exp_avg, exp_avg_sq, step",
+                    r"committed +steps \[10, 20, 30\]", r"total 19,210 elements"):
+        assert re.search(pattern, shown.stdout), (pattern, shown.stdout)
+
+    out = tmp_path / "export.ckpt"
+    exported = shardstep("export", str(run_dir), "--out", str(out), "--step", "20")
+    assert exported.returncode == 0, exported.stderr
+    data = load(out)
+    assert_same(data["model"], reference(20))
+    assert data["optimizer"]["param_groups"][0]["params"] == [0, 1, 2, 3]
+    assert set(data["optimizer"]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+    # the same run directory with more steps: continues from step 30, never starts over
+    longer = write_job(tmp_path, steps=50, name="longer.toml")
+    again = shardstep("run", str(longer), "--shards", "3")
+    assert again.returncode == 0, again.stderr
+    assert "resuming from step 30" in again.stdout
+    assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30, 40, 50]
+    assert_same(final_params(run_dir), reference(50))
+
+
+def test_bad_input_exits_2_with_one_message_and_changes_nothing(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(JOB.format(run_dir="run", steps=10, backend="cuda", every=5))
+    result = shardstep("run", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"shardstep run: error: {bad}: resources.backend must be one of 'ray', "
+                                      f"'inline'; got 'cuda'")
+    assert not (tmp_path / "run").exists()
+
+    job = write_job(tmp_path, steps=10)
+    assert shardstep("run", str(job)).returncode == 0
+    before = snapshot(tmp_path / "run")
+    for args, message in [
+        (("resume", str(tmp_path / "nowhere")), "is not a run directory"),
+        (("inspect", str(tmp_path / "nowhere")), "is neither a run directory nor a checkpoint directory"),
+        (("export", str(tmp_path / "run"), "--out", str(tmp_path), "--step", "10"), "is a directory"),
+        (("export", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--step", "7"), "step 7 is not committed"),
+        (("run", str(job), "--shards", "0"), "must be an integer >= 1; got 0"),
+    ]:
+        result = shardstep(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(tmp_path / "run") == before
+
+    empty = tmp_path / "empty"
+    write_job(tmp_path, steps=10, name="empty.toml", run_dir="empty")
+    empty.mkdir()
+    (empty / "job.json").write_text((tmp_path / "run" / "job.json").read_text())
+    result = shardstep("resume", str(empty))
+    assert result.returncode == 2 and "has no committed checkpoint to resume from" in result.stderr
+
+
+def test_a_killed_coordinator_resumes_bit_identical(tmp_path, ray_address):
+    """SIGKILL the driver process mid-run; `shardstep resume` finishes the run exactly."""
+    steps = 1500
+    job = write_job(tmp_path, steps=steps, backend="ray", every=25)
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    process = subprocess.Popen([sys.executable, "-m", "service.cli", "run", str(job), "--quiet"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = tmp_path / "run" / CHECKPOINT_DIR
+    deadline = time.monotonic() + 120
+    try:
+        while len(committed_steps(root)) < 3:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoints within 120 s"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    killed_at = committed_steps(root)[-1]
+    assert killed_at < steps
+    resumed = shardstep("resume", str(tmp_path / "run"), "--quiet", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "done: 1500 steps" in resumed.stdout
+    assert committed_steps(root)[-1] == steps
+    assert_same(final_params(tmp_path / "run"), reference(steps))
