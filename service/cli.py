@@ -1,6 +1,6 @@
 """The ``shardstep`` command line.
 
-    shardstep run JOB.toml [--shards N] [--workers W] [--backend ray|inline] [--address ADDR]
+    shardstep run JOB.toml [--run-dir DIR] [--shards N] [--workers W] [--backend ray|inline] [--address ADDR]
     shardstep resume RUN_DIR [--shards M] [--workers W] [--backend ...] [--address ADDR]
     shardstep inspect RUN_DIR_or_CHECKPOINT
     shardstep export RUN_DIR --out FILE [--step K]
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a job file (resumes its run directory if it has checkpoints)")
     run.add_argument("job", help="the job's TOML file")
+    run.add_argument("--run-dir", help="the run directory (overrides the job's run_dir)")
     resources(run)
     run.set_defaults(handler=_run)
 
@@ -125,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
 
     spec = load_job(args.job)
     changes = _overrides(args)
+    if args.run_dir is not None:
+        changes["run_dir"] = str(Path(args.run_dir).resolve())
     if changes:
         spec = spec.replace(**changes)
     return _train(spec, args.quiet)

@@ -3,11 +3,14 @@ command line and the example training script."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,3 +68,19 @@ def test_example_training_script_learns():
     # three spirals are not linearly separable (a linear model reaches about 0.5)
     assert accuracy >= 0.9, out.stdout
     assert last_loss < first_loss / 3, out.stdout
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "examples" / "jobs").glob("*.toml")))
+def test_every_example_job_runs_to_completion(job, tmp_path, ray_address):
+    """Each example job file runs through the command line; digits (the README's first command)
+    on Ray, the others inline."""
+    backend = "ray" if job == "digits.toml" else "inline"
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    out = subprocess.run([sys.executable, "-m", "service.cli", "run", f"examples/jobs/{job}", "--run-dir",
+                          str(tmp_path / "run"), "--backend", backend, "--quiet"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert re.match(r"done: \d+ steps", out.stdout), out.stdout
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+    if job == "digits.toml":
+        assert float(re.search(r"accuracy ([0-9.]+)", out.stdout).group(1)) >= 0.9, out.stdout
