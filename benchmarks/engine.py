@@ -1,13 +1,14 @@
 """The distributed engine: step rate inline vs Ray, object-store traffic, coordinator overhead,
 shard memory, and LBFGS round trips.
 
-    python benchmarks/engine.py             # the published table (about 8 minutes on 2 cores)
+    python benchmarks/engine.py             # the published table (4 to 8 minutes on 2 cores)
     python benchmarks/engine.py --quick     # a smaller run for a quick look (under 2 minutes;
                                             # prints the section, never writes the doc)
 
-Every figure comes from real runs of ``Coordinator(spec).run()`` (``service/coordinator.py``)
-on a private single-node Ray instance that listens on loopback only (this script starts it
-and stops it; the coordinator reuses it), or on the inline backend in this process:
+Steps, bytes, memory and round trips come from real runs of ``Coordinator(spec).run()``
+(``service/coordinator.py``) on a private single-node Ray instance that listens on loopback
+only (this script starts it and stops it; the coordinator reuses it), or on the inline
+backend in this process:
 
 1. Step time, inline vs ray: ``synthetic-mlp`` at about 1M and 10M parameters, Adam, 2
    gradient workers, 1/2/4 shards. The time of a step is the coordinator's own per-step
@@ -24,24 +25,29 @@ and stops it; the coordinator reuses it), or on the inline backend in this proce
    actor methods (``get_params``, ``compute``, ``reduce``, ``apply``) called directly on
    plain ``ShardActor`` / ``GradientWorker`` objects in this process, interleaved with the
    runs. Reference from the same rounds: a no-op Ray actor method, called one at a time
-   (sync), submitted in a batch and waited once (pipelined), and as a chain of three
-   dependent calls on two actors (the shape of a step: shard, worker, shard).
+   (sync), submitted in a batch and waited once (pipelined), and a step's calls with no work
+   in them (the same four calls, arguments passed the same way, on two no-op actors).
 4. Shard memory: ``synthetic-mlp`` of about 100M float32 parameters with Adam, 1 worker, 1/2/4
    shards: VmRSS (and its anonymous and shared-memory parts) of every shard actor's process
    from ``/proc/<pid>/status``, read in ``on_step`` after step 1 once every shard has answered
    a ``ping`` submitted after its ``apply`` (so Adam's state exists and the step's gradient is
    released). Expected: 12 bytes per element the shard owns (parameter, exp_avg,
-   exp_avg_sq) plus the RSS of an idle shard actor right after it started.
+   exp_avg_sq) plus the RSS of an idle shard actor right after it started. The 1-shard run
+   takes ``MEMORY_STEPS`` steps and is read after each, to show how the shared-memory part
+   moves.
 5. LBFGS on ``least-squares``: the coordinator's ``round_trips`` (every wait) and the sharded
    space's ``round_trips`` (reductions) per iteration, counted between the end of step 1 and
-   the end of the last step, for several ``history_size`` values at a fixed ``max_iter``.
+   the end of the last step, for several ``history_size`` values at a fixed ``max_iter``
+   (alternating over rounds; time per iteration as medians over the steps).
 
-Needs ``grpcio`` for item 2 (Ray's memory-info request goes through its gRPC client).
+Needs ``grpcio`` for item 2 (Ray's memory-info request goes through its gRPC client); the
+script says so and stops when it is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -68,14 +74,16 @@ ADAM_ARRAYS = 3  # parameter, exp_avg, exp_avg_sq
 # what each mode runs: model sizes and shard counts of item 1, timed steps per run, rounds
 MODES: dict[str, dict[str, Any]] = {
     "full": {
-        "sizes": {"1M": 1_000_000, "10M": 10_000_000}, "shards": (1, 2, 4), "rounds": 2,
-        "timed": {"1M": 30, "10M": 12}, "tiny_rounds": 3, "tiny_timed": 150, "echo_calls": 400,
+        "sizes": {"1M": 1_000_000, "10M": 10_000_000}, "shards": (1, 2, 4), "rounds": 3,
+        "timed": {"1M": 30, "10M": 12}, "tiny_rounds": 3, "tiny_timed": 200, "echo_calls": 600,
         "memory_params": 100_000_000, "memory_shards": (1, 2, 4), "histories": (5, 20, 80), "lbfgs_steps": 6,
+        "lbfgs_rounds": 2,
     },
     "quick": {
         "sizes": {"1M": 1_000_000, "10M": 10_000_000}, "shards": (1, 4), "rounds": 1,
         "timed": {"1M": 10, "10M": 4}, "tiny_rounds": 1, "tiny_timed": 60, "echo_calls": 200,
         "memory_params": 20_000_000, "memory_shards": (1, 4), "histories": (5, 80), "lbfgs_steps": 3,
+        "lbfgs_rounds": 1,
     },
 }
 BATCH = 128
@@ -83,6 +91,7 @@ WORKERS = 2
 TINY_PARAMS = 1_000
 TINY_BATCH = 32
 MEMORY_BATCH = 8
+MEMORY_STEPS = 3
 LBFGS_TASK = {"rows": 2048, "cols": 256, "condition": 1000.0}
 LBFGS_MAX_ITER = 20
 LBFGS_SHARDS = 2
@@ -140,7 +149,8 @@ def median_p90(values: list[float]) -> tuple[float, float]:
 def measure_scaling(mode: dict) -> list[dict]:
     from workers.tasks import make_task
 
-    tasks = {label: make_task("synthetic-mlp", params=n, eval_examples=16) for label, n in mode["sizes"].items()}
+    task_args = {label: {"params": n, "eval_examples": 16} for label, n in mode["sizes"].items()}
+    tasks = {label: make_task("synthetic-mlp", **args) for label, args in task_args.items()}
     configs = [(label, shards) for label in tasks for shards in mode["shards"]]
     times: dict[tuple, list[float]] = {}
     traffic: dict[tuple, list[tuple[int, int, int]]] = {}
@@ -155,7 +165,8 @@ def measure_scaling(mode: dict) -> list[dict]:
                     if backend == "ray" and record["step"] in (WARMUP, steps):
                         marks[record["step"]] = store_created()
 
-                _, result = run_job(dict(task="synthetic-mlp", task_args={}, optimizer="adam",
+                started = time.perf_counter()
+                _, result = run_job(dict(task="synthetic-mlp", task_args=task_args[label], optimizer="adam",
                                          optimizer_args={"lr": 1e-3}, steps=steps, batch_size=BATCH,
                                          shards=shards, workers=WORKERS, backend=backend),
                                     tasks[label], on_step)
@@ -165,7 +176,8 @@ def measure_scaling(mode: dict) -> list[dict]:
                     (b0, o0), (b1, o1) = marks[WARMUP], marks[steps]
                     traffic.setdefault((label, shards), []).append((b1 - b0, o1 - o0, steps - WARMUP))
                 print(f"  round {round_index + 1} {label:3s} shards {shards} {backend:6s} "
-                      f"median {statistics.median(seconds) * 1e3:8.2f} ms", flush=True)
+                      f"median {statistics.median(seconds) * 1e3:8.2f} ms  [{time.perf_counter() - started:.1f} s]",
+                      flush=True)
     rows = []
     for label, shards in configs:
         task = tasks[label]
@@ -191,13 +203,15 @@ def measure_scaling(mode: dict) -> list[dict]:
 class Echo:
     """A Ray actor that does nothing: the floor under any actor call."""
 
-    def noop(self, *args: Any) -> None:
+    def noop(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def threads(self) -> dict[str, str | None]:
-        import numba
+    def pair(self, *args: Any) -> tuple[None, None]:
+        return None, None
 
-        return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "numba": str(numba.get_num_threads())}
+    def threads(self) -> dict[str, str | None]:
+        """The thread settings Ray gives its worker processes."""
+        return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def local_compute(task: Any, timed: int) -> list[float]:
@@ -235,17 +249,18 @@ def measure_overhead(mode: dict) -> dict:
 
     from workers.tasks import make_task
 
-    task = make_task("synthetic-mlp", params=TINY_PARAMS, eval_examples=16)
+    task_args = {"params": TINY_PARAMS, "eval_examples": 16}
+    task = make_task("synthetic-mlp", **task_args)
     echo_class = ray.remote(Echo)
     calls = mode["echo_calls"]
-    series: dict[str, list[float]] = {k: [] for k in ("ray", "inline", "compute", "sync", "pipelined", "chain")}
+    series: dict[str, list[float]] = {k: [] for k in ("ray", "inline", "compute", "sync", "pipelined", "step_calls")}
     threads = None
     for round_index in range(mode["tiny_rounds"]):
         order = ("ray", "inline") if round_index % 2 == 0 else ("inline", "ray")
         for backend in order:
-            _, result = run_job(dict(task="synthetic-mlp", task_args={}, optimizer="adam", optimizer_args={"lr": 1e-3},
-                                     steps=WARMUP + mode["tiny_timed"], batch_size=TINY_BATCH, shards=1, workers=1,
-                                     backend=backend), task)
+            _, result = run_job(dict(task="synthetic-mlp", task_args=task_args, optimizer="adam",
+                                     optimizer_args={"lr": 1e-3}, steps=WARMUP + mode["tiny_timed"],
+                                     batch_size=TINY_BATCH, shards=1, workers=1, backend=backend), task)
             series[backend].extend(r["seconds"] for r in result.history[WARMUP:])
         series["compute"].extend(local_compute(task, mode["tiny_timed"]))
         # the same options the Ray backend gives the engine's actors
@@ -261,10 +276,18 @@ def measure_overhead(mode: dict) -> dict:
             start = time.perf_counter()
             ray.get([first.noop.remote() for _ in range(calls // 5)])
             series["pipelined"].append((time.perf_counter() - start) / (calls // 5))
+        # a step's calls with no work in them: get_params on the shard, compute on the worker
+        # (two results), reduce on the shard, one wait, then the apply the next wait includes
+        outstanding: list = []
         for _ in range(calls // 2):
             start = time.perf_counter()
-            ray.get(first.noop.remote(second.noop.remote(first.noop.remote())))
-            series["chain"].append(time.perf_counter() - start)
+            params = first.noop.remote()
+            loss, piece = second.pair.options(num_returns=2).remote(0, 0, params)
+            report = first.noop.remote(piece, norm=False)
+            ray.get(outstanding + [loss, report])
+            outstanding = [first.noop.remote([{}], None)]
+            series["step_calls"].append(time.perf_counter() - start)
+        ray.get(outstanding)
         for actor in (first, second):
             ray.kill(actor)
         print(f"  round {round_index + 1} tiny: ray {statistics.median(series['ray']) * 1e3:.3f} ms, inline "
@@ -322,7 +345,8 @@ def measure_memory(mode: dict) -> dict:
     baseline = idle_shard_memory()
     rows = []
     for label, params in (("~1k", TINY_PARAMS), (f"~{mode['memory_params'] // 1_000_000}M", mode["memory_params"])):
-        task = make_task("synthetic-mlp", params=params, examples=64, eval_examples=8)
+        task_args = {"params": params, "examples": 64, "eval_examples": 8}
+        task = make_task("synthetic-mlp", **task_args)
         for shards in (1,) if params == TINY_PARAMS else mode["memory_shards"]:
             readings: list[dict] = []
 
@@ -332,20 +356,26 @@ def measure_memory(mode: dict) -> dict:
                 answers = backend.get([backend.call(s, "ping") for s in coordinator.shards])
                 for shard, pid in answers:
                     elements = sum(stop - start for start, stop in coordinator.layout.slices(shard).values())
-                    readings.append({"shard": shard, "elements": elements, **process_memory(pid)})
+                    readings.append({"step": record["step"], "shard": shard, "elements": elements,
+                                     **process_memory(pid)})
 
-            start = time.perf_counter()
-            run_job(dict(task="synthetic-mlp", task_args={}, optimizer="adam", optimizer_args={"lr": 1e-3},
-                         steps=1, batch_size=MEMORY_BATCH, shards=shards, workers=1, backend="ray"), task, on_step)
+            started = time.perf_counter()
+            steps = MEMORY_STEPS if params != TINY_PARAMS and shards == 1 else 1
+            run_job(dict(task="synthetic-mlp", task_args=task_args, optimizer="adam", optimizer_args={"lr": 1e-3},
+                         steps=steps, batch_size=MEMORY_BATCH, shards=shards, workers=1, backend="ray"),
+                    task, on_step)
             for reading in readings:
                 reading["expected"] = ADAM_ARRAYS * FLOAT32_BYTES * reading["elements"] + baseline["VmRSS"]
-            worst = max(readings, key=lambda r: abs(r["VmRSS"] / r["expected"] - 1))
+                reading["expected_anon"] = ADAM_ARRAYS * FLOAT32_BYTES * reading["elements"] + baseline["RssAnon"]
+            first = [r for r in readings if r["step"] == 1]
+            worst = max(first, key=lambda r: abs(r["VmRSS"] / r["expected"] - 1))
             rows.append({"model": label, "params": task.num_params, "sizes": task.sizes, "shards": shards,
-                         "readings": readings, "worst": worst})
+                         "tiny": params == TINY_PARAMS, "worst": worst,
+                         "by_step": [r for r in readings if r["shard"] == worst["shard"]]})
             print(f"  memory {label} shards {shards}: " + ", ".join(
-                f"shard {r['shard']} VmRSS {r['VmRSS'] / 2**20:.0f} MiB (anon {r['RssAnon'] / 2**20:.0f}, shmem "
-                f"{r['RssShmem'] / 2**20:.0f}) expected {r['expected'] / 2**20:.0f} MiB" for r in readings)
-                  + f"  [{time.perf_counter() - start:.1f} s]", flush=True)
+                f"step {r['step']} shard {r['shard']} VmRSS {_mib(r['VmRSS'])} MiB (anon {_mib(r['RssAnon'])}, "
+                f"file {_mib(r['RssFile'])}, shmem {_mib(r['RssShmem'])}) expected {_mib(r['expected'])} MiB"
+                for r in readings) + f"  [{time.perf_counter() - started:.1f} s]", flush=True)
     return {"baseline": baseline, "rows": rows}
 
 
@@ -354,36 +384,55 @@ def measure_memory(mode: dict) -> dict:
 
 
 def measure_lbfgs(mode: dict) -> list[dict]:
+    """Round trips and time per LBFGS iteration for every history size; the sizes alternate
+    over ``lbfgs_rounds`` rounds (the counts must agree between rounds: they are exact)."""
     from workers.tasks import make_task
 
     task = make_task("least-squares", **LBFGS_TASK)
+    steps = mode["lbfgs_steps"]
+    runs: dict[int, list[dict]] = {history: [] for history in mode["histories"]}
+    for round_index in range(mode["lbfgs_rounds"]):
+        order = mode["histories"] if round_index % 2 == 0 else tuple(reversed(mode["histories"]))
+        for history in order:
+            marks: dict[int, dict] = {}
+
+            def on_step(coordinator, record, marks=marks):
+                driver = coordinator.optimizer.driver
+                marks[record["step"]] = {"trips": coordinator.round_trips, "reductions": coordinator.space.round_trips,
+                                         "iterations": driver.n_iter, "evals": driver.func_evals,
+                                         "history": coordinator.space.history_len(), "seconds": record["seconds"]}
+
+            started = time.perf_counter()
+            run_job(dict(task="least-squares", task_args=LBFGS_TASK, optimizer="lbfgs",
+                         optimizer_args={"lr": 1, "max_iter": LBFGS_MAX_ITER, "history_size": history}, steps=steps,
+                         batch_size=LBFGS_TASK["rows"], shards=LBFGS_SHARDS, workers=1, backend="ray"), task, on_step)
+            first, last = marks[1], marks[steps]
+            iterations = last["iterations"] - first["iterations"]
+            run = {
+                "iterations": iterations, "evals": last["evals"] - first["evals"],
+                "trips": (last["trips"] - first["trips"]) / iterations,
+                "reductions": (last["reductions"] - first["reductions"]) / iterations,
+                "history_reached": max(m["history"] for m in marks.values()),
+                # seconds per iteration of every step after the first
+                "per_iteration": [marks[s]["seconds"] / (marks[s]["iterations"] - marks[s - 1]["iterations"])
+                                  for s in range(2, steps + 1)],
+            }
+            runs[history].append(run)
+            print(f"  round {round_index + 1} lbfgs history_size {history}: {iterations} iterations, "
+                  f"{run['trips']:.2f} round trips and {run['reductions']:.2f} reductions per iteration, history "
+                  f"reached {run['history_reached']}  [{time.perf_counter() - started:.1f} s]", flush=True)
     rows = []
-    for history in mode["histories"]:
-        marks: dict[int, dict] = {}
-
-        def on_step(coordinator, record, marks=marks):
-            driver = coordinator.optimizer.driver
-            marks[record["step"]] = {"trips": coordinator.round_trips, "reductions": coordinator.space.round_trips,
-                                     "iterations": driver.n_iter, "evals": driver.func_evals,
-                                     "history": coordinator.space.history_len(), "seconds": record["seconds"]}
-
-        steps = mode["lbfgs_steps"]
-        run_job(dict(task="least-squares", task_args={}, optimizer="lbfgs",
-                     optimizer_args={"lr": 1, "max_iter": LBFGS_MAX_ITER, "history_size": history}, steps=steps,
-                     batch_size=LBFGS_TASK["rows"], shards=LBFGS_SHARDS, workers=1, backend="ray"), task, on_step)
-        first, last = marks[1], marks[steps]
-        iterations = last["iterations"] - first["iterations"]
+    for history, done in runs.items():
+        seconds = [value for run in done for value in run["per_iteration"]]
+        median, p90 = median_p90(seconds)
         rows.append({
-            "history_size": history, "iterations": iterations, "evals": last["evals"] - first["evals"],
-            "trips": (last["trips"] - first["trips"]) / iterations,
-            "reductions": (last["reductions"] - first["reductions"]) / iterations,
-            "history_reached": max(m["history"] for m in marks.values()),
-            "ms_per_iteration": sum(marks[s]["seconds"] for s in range(2, steps + 1)) / iterations * 1e3,
-            "first_step": {k: first[k] for k in ("trips", "reductions", "iterations", "evals")},
+            "history_size": history, "runs": len(done),
+            "iterations": done[0]["iterations"], "evals": done[0]["evals"],
+            "history_reached": done[0]["history_reached"],
+            # every run's count: a difference between rounds would show as a spread here
+            "trips": [run["trips"] for run in done], "reductions": [run["reductions"] for run in done],
+            "ms_per_iteration": median * 1e3, "ms_per_iteration_p90": p90 * 1e3,
         })
-        r = rows[-1]
-        print(f"  lbfgs history_size {history}: {r['iterations']} iterations, {r['trips']:.2f} round trips and "
-              f"{r['reductions']:.2f} reductions per iteration, history reached {r['history_reached']}", flush=True)
     return rows
 
 
@@ -395,38 +444,56 @@ def _ms(value: float) -> str:
     return f"{value * 1e3:.3f}" if value < 0.01 else f"{value * 1e3:.2f}" if value < 0.1 else f"{value * 1e3:.1f}"
 
 
-def _mb(value: float) -> str:
-    return f"{value / 1e6:.1f}"
-
-
 def _mib(value: float) -> str:
     return f"{value / 2**20:.0f}"
 
 
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.1f}"
+
+
+def _counts(values: list[float]) -> str:
+    """One count, or every run's when they differ."""
+    distinct = sorted(set(round(v, 6) for v in values))
+    return "/".join(f"{v:.2f}" for v in distinct)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
 def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict], header: dict) -> str:
-    met = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    o, base = overhead, memory["baseline"]
     ten = [r for r in scaling if r["model"] == "10M"]
-    worst_ratio = max(r["ray"] / r["inline"] for r in ten) if ten else float("nan")
-    ray_overhead = overhead["ray"] - overhead["compute"]
-    memory_rows = [r for r in memory["rows"] if r["params"] != TINY_PARAMS]
-    worst_memory = max(abs(r["worst"]["VmRSS"] / r["worst"]["expected"] - 1) for r in memory_rows)
-    trips = [r["trips"] for r in lbfgs]
-    reductions = [r["reductions"] for r in lbfgs]
+    worst_ratio = max(r["ray"] / r["inline"] for r in ten)
+    ray_overhead = o["ray"] - o["compute"]
+    big = [r for r in memory["rows"] if not r["tiny"]]
+    tiny = [r for r in memory["rows"] if r["tiny"]][0]["worst"]
+
+    def deviation(r: dict, key: str, expected: str) -> float:
+        return r["worst"][key] / r["worst"][expected] - 1
+
+    worst_rss = max((deviation(r, "VmRSS", "expected") for r in big), key=abs)
+    worst_anon = max((deviation(r, "RssAnon", "expected_anon") for r in big), key=abs)
+    trips = [t for r in lbfgs for t in r["trips"]]
+    reductions = [t for r in lbfgs for t in r["reductions"]]
+    constant = max(trips) - min(trips) < 1e-9 and max(reductions) - min(reductions) < 1e-9
     lines = [
         BEGIN,
         "## The distributed engine: inline vs Ray, object-store traffic, overhead, shard memory, LBFGS round trips",
         "",
         f"Machine: {header['machine']}. Ray {header['ray']}, numpy {header['numpy']}, numba {header['numba']}, "
         f"Python {header['python']}. Measured {header['date']}; load average {header['load_before']} before, "
-        f"{header['load_after']} after; {header['minutes']:.1f} minutes in all. This machine is shared with other "
-        "work: compare the p90s with the medians.",
+        f"{header['load_after']} after; {header['minutes']:.1f} minutes in all. The machine is shared with other "
+        "work: read the p90s beside the medians.",
         "",
         f"Command: `{header['command']}`",
         "",
-        "Every figure comes from `Coordinator(spec).run()` on a private single-node Ray instance on loopback "
-        "(the script starts it; the coordinator reuses it) or on the inline backend in the script's process. "
+        "Steps, bytes, memory and round trips come from `Coordinator(spec).run()` on a private single-node Ray "
+        "instance on loopback (the script starts it; the coordinator reuses it) or on the inline backend in the "
+        "script's process. "
         "The engine's actors get the Ray backend's defaults (`worker_cpus = shard_cpus = 0`): numba limited to "
-        f"1 thread, and Ray sets OMP_NUM_THREADS={overhead['actor_threads']['OMP_NUM_THREADS']} in its workers, "
+        f"1 thread, and Ray sets OMP_NUM_THREADS={o['actor_threads']['OMP_NUM_THREADS']} in its workers, "
         "so OpenBLAS runs 1 thread per actor; the inline backend runs every actor's work one after another in "
         "one process with the default 2 threads for numba and OpenBLAS.",
         "",
@@ -434,28 +501,42 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         "",
         "| target | measured | |",
         "|---|---|---|",
-        f"| ray step time within 1.5x of inline at 10M parameters | worst ray/inline {worst_ratio:.2f}x "
-        "(" + ", ".join(f"{r['shards']} shard(s): {r['ray'] / r['inline']:.2f}x" for r in ten) + ") | "
-        f"{met(worst_ratio <= 1.5)} |",
-        f"| object-store bytes per step = minimum P (1 + W) | "
-        + ", ".join(f"{r['model']}/{r['shards']}: {r['bytes'] / r['minimum']:.3f}x" for r in scaling)
-        + f" | {met(all(r['bytes'] <= r['minimum'] * 1.01 for r in scaling))} |",
-        f"| coordinator overhead per step <= 3 ms (tiny model, ray, 1 shard, 1 worker) | {_ms(ray_overhead)} ms "
-        f"(ray step {_ms(overhead['ray'])} - compute {_ms(overhead['compute'])}) | {met(ray_overhead <= 0.003)} |",
-        f"| shard RSS within 10% of 12 B x elements + idle actor | worst {worst_memory:.1%} "
-        f"({memory_rows[-1]['model']} parameters) | {met(worst_memory <= 0.10)} |",
-        f"| LBFGS round trips per iteration constant in history_size | coordinator "
-        f"{', '.join(f'{t:.2f}' for t in trips)}; reductions {', '.join(f'{t:.2f}' for t in reductions)} "
-        f"(history_size {', '.join(str(r['history_size']) for r in lbfgs)}) | "
-        f"{met(max(trips) - min(trips) < 1e-9 and max(reductions) - min(reductions) < 1e-9)} |",
+        "| ray step time within 1.5x of inline at 10M parameters | worst ray / inline "
+        f"{worst_ratio:.2f}x (" + ", ".join(f"{r['shards']} shard(s) {r['ray'] / r['inline']:.2f}x" for r in ten)
+        + f") | {_met(worst_ratio <= 1.5)} |",
+        "| object-store bytes per step at the minimum P (1 + W) | measured / minimum "
+        + ", ".join(f"{r['model']} {r['shards']} shard(s) {r['bytes'] / r['minimum']:.3f}" for r in scaling)
+        + f" | {_met(all(r['bytes'] <= r['minimum'] * 1.01 for r in scaling))} |",
+        f"| coordinator overhead <= 3 ms per step (tiny model, ray, 1 shard, 1 worker) | {_ms(ray_overhead)} ms "
+        f"(ray step {_ms(o['ray'])} - compute {_ms(o['compute'])}); the same calls with no work in them take "
+        f"{_ms(o['step_calls'])} ms | {_met(ray_overhead <= 0.003)} |",
+        f"| shard RSS within 10% of 12 B x elements + idle actor ({big[-1]['model']} parameters, Adam) | VmRSS: "
+        f"worst {worst_rss:+.1%}; its private part (RssAnon vs 12 B x elements + idle RssAnon): worst "
+        f"{worst_anon:+.1%} | VmRSS {_met(abs(worst_rss) <= 0.10)}; RssAnon {_met(abs(worst_anon) <= 0.10)} |",
+        "| LBFGS round trips per iteration constant in history_size | coordinator "
+        + ", ".join(_counts(r["trips"]) for r in lbfgs) + "; space reductions "
+        + ", ".join(_counts(r["reductions"]) for r in lbfgs) + " (history_size "
+        + ", ".join(str(r["history_size"]) for r in lbfgs) + f"; every run) | {_met(constant)} |",
+        "",
+        f"Overhead: the four calls of a step on actors that do nothing already take {_ms(o['step_calls'])} ms "
+        f"here (a sync no-op call: {_ms(o['sync'])} ms); a step's three dependent calls each go through the "
+        "driver, which owns every result and sends it on. What the engine adds on top, "
+        f"{_ms(ray_overhead - o['step_calls'])} ms, is moving its payloads (a dict of per-parameter arrays per "
+        "shard slice and per gradient piece) and the actors' own call handling. Memory: a shard's private memory "
+        f"(RssAnon) is within {abs(worst_anon):.1%} of its parameters and Adam state plus the idle actor's; "
+        "VmRSS also counts the object-store pages the shard has touched (RssShmem: the initial slice it was "
+        "started with, each step's parameter slice it puts, the gradient pieces it reads in place), "
+        "which belong to the object store and are shared with the workers that read them (see the memory "
+        "section).",
         "",
         f"### Step time, inline vs ray (Adam, {WORKERS} gradient workers, batch {BATCH})",
         "",
-        f"Medians (p90) of the steps after the first {WARMUP} of every run (the coordinator's per-step "
-        "`seconds`: from submitting the step's evaluation to its losses, plus the apply that the next step "
-        "waits for); runs alternate between backends and configurations over "
+        f"Medians (p90) of the steps after the first {WARMUP} of every run: the coordinator's per-step "
+        "`seconds` (submitting the step's evaluation, waiting for its losses and shard reports, and the previous "
+        "step's apply that this wait includes). Runs alternate between backends and configurations over "
         f"{header['rounds']} round(s). Models: "
-        + "; ".join(f"{r['model']}: {'-'.join(map(str, r['sizes']))}" for r in scaling if r["shards"] == scaling[0]["shards"])
+        + "; ".join(f"{r['model']}: {'-'.join(map(str, r['sizes']))}"
+                    for r in scaling if r["shards"] == scaling[0]["shards"])
         + ".",
         "",
         "| model | params | shards | steps | inline ms | ray ms | inline steps/s | ray steps/s | ray / inline |",
@@ -470,13 +551,13 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         "### Object-store bytes per step (the same Ray runs)",
         "",
         "Measured: the raylet's count of bytes created in the object store since the node started "
-        "(`store_stats.cumulative_created_bytes` of Ray's memory-info reply, which counts every object put "
-        "into shared memory: actor results above Ray's 100 KiB inline limit and large arguments), read in "
-        f"`on_step` after step {WARMUP} and after the last step of every Ray run; bytes per step = the "
-        "difference / the steps between (median over the runs, range in brackets). Objects below the inline "
-        "limit (losses, shard reports) travel inside Ray's messages and are not counted. Minimum: P (1 + W) "
-        f"bytes, P = the parameters' bytes (float32), W = {WORKERS}: every shard puts its slice once for all "
-        "workers, every worker puts its gradient once, cut into one piece per shard.",
+        "(`store_stats.cumulative_created_bytes` of Ray's memory-info reply: every object put into shared "
+        "memory, i.e. actor results and arguments above Ray's 100 KiB inline limit), read in `on_step` after "
+        f"step {WARMUP} and after the last step of every Ray run; per step = the difference / the steps between "
+        "(median over the runs; the range when they differ). Results below the inline limit (losses, shard "
+        "reports) travel inside Ray's messages and are not in the count. Minimum: P (1 + W), P = the "
+        f"parameters' bytes (float32), W = {WORKERS}: every shard puts its slice once for all workers, every "
+        "worker puts its gradient once, cut into one piece per shard.",
         "",
         "| model | shards | MB per step | objects per step | minimum MB | measured / minimum |",
         "|---|---:|---:|---:|---:|---:|",
@@ -486,7 +567,6 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         spread = "" if high - low < 1 else f" ({_mb(low)}-{_mb(high)})"
         lines.append(f"| {r['model']} | {r['shards']} | {_mb(r['bytes'])}{spread} | {r['objects']:.1f} | "
                      f"{_mb(r['minimum'])} | {r['bytes'] / r['minimum']:.3f} |")
-    o = overhead
     lines += [
         "",
         f"### Coordinator overhead per step (synthetic-mlp {'-'.join(map(str, o['sizes']))}, {o['params']:,} "
@@ -494,59 +574,71 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         "",
         "Compute = the actors' methods of one step (`get_params`, `compute`, `reduce`, `apply`) called "
         "directly on plain `ShardActor` / `GradientWorker` objects in the script's process, interleaved with "
-        "the runs; overhead = step - compute. The no-op rows are a Ray actor method that does nothing, on "
-        "actors started with the engine's options: one call waited at a time (sync), a batch of calls "
-        "waited once (pipelined, per call), and three dependent calls on two actors waited once (chain: "
-        "the dependency shape of a step, shard -> worker -> shard). Medians (p90).",
+        "the runs; overhead = step - compute. The reference rows use a Ray actor whose methods do nothing, "
+        "started with the engine's actor options: one call waited at a time (sync); a batch of calls waited "
+        "once (pipelined, per call); and a step's calls with no work in them (get on actor A, a two-result call "
+        "on actor B taking that result, a call on A taking B's second result, one wait for B's first and A's "
+        "last result plus the previous round's fire-and-forget call on A: the dependency shape of the "
+        f"coordinator's step). Medians (p90) over {header['tiny_rounds']} round(s).",
         "",
         "| what | ms |",
         "|---|---:|",
         f"| ray step | {_ms(o['ray'])} ({_ms(o['ray_p90'])}) |",
         f"| inline step | {_ms(o['inline'])} ({_ms(o['inline_p90'])}) |",
         f"| compute (the actors' methods, in-process) | {_ms(o['compute'])} ({_ms(o['compute_p90'])}) |",
-        f"| **ray overhead = ray step - compute** | **{_ms(o['ray'] - o['compute'])}** |",
-        f"| inline overhead = inline step - compute | {_ms(o['inline'] - o['compute'])} |",
+        f"| **ray overhead = ray step - compute** | **{_ms(ray_overhead)}** |",
+        "| inline overhead = inline step - compute (the coordinator's own Python) | "
+        f"{_ms(o['inline'] - o['compute'])} |",
         f"| no-op actor call, sync | {_ms(o['sync'])} ({_ms(o['sync_p90'])}) |",
         f"| no-op actor call, pipelined (per call) | {_ms(o['pipelined'])} ({_ms(o['pipelined_p90'])}) |",
-        f"| chain of 3 dependent no-op calls | {_ms(o['chain'])} ({_ms(o['chain_p90'])}) |",
-    ]
-    base = memory["baseline"]
-    lines += [
+        f"| a step's calls on no-op actors | {_ms(o['step_calls'])} ({_ms(o['step_calls_p90'])}) |",
+        f"| ray overhead - the step's calls on no-op actors (payloads, serialization) | "
+        f"{_ms(ray_overhead - o['step_calls'])} |",
         "",
-        "### Shard actor memory after one Adam step (1 worker, batch "
-        f"{MEMORY_BATCH})",
+        f"### Shard actor memory after one Adam step (1 worker, batch {MEMORY_BATCH})",
         "",
         "RSS from `/proc/<pid>/status` of every shard actor's process (its pid from `ShardActor.ping`), read "
-        "in `on_step` after step 1 once every shard has answered a ping submitted after its apply. "
-        f"Expected = 12 B x the elements the shard owns (float32 parameter, exp_avg, exp_avg_sq) + the "
-        f"VmRSS of an idle shard actor right after it started ({_mib(base['VmRSS'])} MiB: anon "
-        f"{_mib(base['RssAnon'])}, file {_mib(base['RssFile'])}, shmem {_mib(base['RssShmem'])}; median of 3). "
-        "VmRSS = RssAnon (private memory) + RssFile (mapped code and files) + RssShmem (object-store pages this "
-        "process has touched: its own results and the arguments it read, which the object store accounts "
-        "for and frees). Models: "
+        "in `on_step` after step 1 once every shard has answered a ping submitted after its apply; the row "
+        "shows the shard furthest from its expectation. Expected = 12 B x the elements the shard owns "
+        "(float32 parameter, exp_avg, exp_avg_sq) + the idle actor: a shard actor right after it started "
+        f"(16 parameters, median of 3): VmRSS {_mib(base['VmRSS'])} MiB = RssAnon {_mib(base['RssAnon'])} + "
+        f"RssFile {_mib(base['RssFile'])} + RssShmem {_mib(base['RssShmem'])}. RssAnon is the process's private "
+        "memory, RssFile its mapped code and files, RssShmem the object-store pages it has mapped and touched "
+        "(its own results, and arguments it read in place), which are shared and accounted by the "
+        "object store. Models: "
         + "; ".join(f"{r['model']}: {'-'.join(map(str, r['sizes']))} ({r['params']:,} parameters)"
                     for r in memory["rows"] if r["shards"] == 1)
-        + ". Per shard: the one furthest from its expectation.",
+        + ".",
         "",
-        "| model | shards | elements per shard | expected MiB | VmRSS MiB | RssAnon MiB | RssShmem MiB | "
-        "VmRSS / expected | RssAnon + idle RssFile + idle RssShmem / expected |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | shards | elements per shard | expected MiB | VmRSS MiB | VmRSS / expected | RssAnon MiB | "
+        "RssAnon / (12 B x elements + idle RssAnon) | RssFile MiB | RssShmem MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in memory["rows"]:
         w = r["worst"]
-        private = w["RssAnon"] + base["RssFile"] + base["RssShmem"]
-        lines.append(f"| {r['model']} | {r['shards']} | {w['elements']:,} | {_mib(w['expected'])} | {_mib(w['VmRSS'])} | "
-                     f"{_mib(w['RssAnon'])} | {_mib(w['RssShmem'])} | {w['VmRSS'] / w['expected']:.3f} | "
-                     f"{private / w['expected']:.3f} |")
+        lines.append(f"| {r['model']} | {r['shards']} | {w['elements']:,} | {_mib(w['expected'])} | "
+                     f"{_mib(w['VmRSS'])} | {w['VmRSS'] / w['expected']:.3f} | {_mib(w['RssAnon'])} | "
+                     f"{w['RssAnon'] / w['expected_anon']:.3f} | "
+                     f"{_mib(w['RssFile'])} | {_mib(w['RssShmem'])} |")
+    one = [r for r in big if r["shards"] == 1][0]
+    growth = ", ".join(f"step {r['step']}: {_mib(r['RssShmem'])} MiB (VmRSS {_mib(r['VmRSS'])})"
+                       for r in one["by_step"])
     lines += [
         "",
+        f"The {one['model']} 1-shard run took {MEMORY_STEPS} steps and was read after each; its shard's RssShmem: "
+        f"{growth}; RssAnon stayed at " + "/".join(_mib(r["RssAnon"]) for r in one["by_step"]) + " MiB. "
+        f"The ~1k row measures what a step adds to an idle actor whatever the model's size (RssAnon "
+        f"{_mib(tiny['RssAnon'] - base['RssAnon'])} MiB, RssFile {_mib(tiny['RssFile'] - base['RssFile'])} MiB: "
+        "the optimizer's compiled kernel and the libraries the first step loads).",
+        "",
         f"### LBFGS round trips per iteration (least-squares {LBFGS_TASK['rows']} x {LBFGS_TASK['cols']}, "
-        f"float64, lr 1, max_iter {LBFGS_MAX_ITER}, {LBFGS_SHARDS} shards, 1 worker, ray)",
+        f"float64, lr 1, max_iter {LBFGS_MAX_ITER}, no line search, {LBFGS_SHARDS} shards, 1 worker, ray)",
         "",
         "Counted between the end of step 1 and the end of the last step: the coordinator's `round_trips` "
         "(every wait: closure evaluations and reductions) and `ShardedSpace.round_trips` (reductions alone), "
-        "divided by the LBFGS iterations in between (the driver's `n_iter`). Time per iteration: the steps' "
-        "`seconds` over the same iterations.",
+        "divided by the LBFGS iterations in between (the driver's `n_iter`). Time per iteration: a step's "
+        "`seconds` / its iterations, median (p90) over the steps after the first; the history sizes alternate "
+        f"over {header['lbfgs_rounds']} run(s) each, and the counts are every run's.",
         "",
         "| history_size | iterations | closure evaluations | history length reached | coordinator round trips "
         "/ iteration | space reductions / iteration | ms / iteration |",
@@ -554,8 +646,19 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
     ]
     for r in lbfgs:
         lines.append(f"| {r['history_size']} | {r['iterations']} | {r['evals']} | {r['history_reached']} | "
-                     f"{r['trips']:.2f} | {r['reductions']:.2f} | {r['ms_per_iteration']:.2f} |")
-    lines += ["", *header["notes"], END]
+                     f"{_counts(r['trips'])} | {_counts(r['reductions'])} | {r['ms_per_iteration']:.2f} "
+                     f"({r['ms_per_iteration_p90']:.2f}) |")
+    lines += [
+        "",
+        f"A step of {LBFGS_MAX_ITER} iterations makes 2 round trips before its loop (the closure, |g|max), then "
+        "per iteration one batched Gram reduction, and on every iteration but the step's last a closure, "
+        f"|g|max and |d|max: 2 + {LBFGS_MAX_ITER} + {LBFGS_MAX_ITER - 1} x 3 = "
+        f"{2 + LBFGS_MAX_ITER + 3 * (LBFGS_MAX_ITER - 1)} "
+        f"round trips, {(2 + LBFGS_MAX_ITER + 3 * (LBFGS_MAX_ITER - 1)) / LBFGS_MAX_ITER:.2f} per iteration, "
+        "whatever the history's length; the Gram reduction carries more dot products as the history grows "
+        "(3 x (2m + 3) per shard): its work grows with the history, the number of round trips does not.",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -565,9 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args(argv)
-    try:
-        import grpc  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("grpc") is None:
         parser.error("the object-store byte count needs Ray's gRPC client: pip install grpcio")
     import numba
     import numpy as np
@@ -593,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rounds": mode["rounds"],
         "command": " ".join(["python benchmarks/engine.py", *(argv if argv is not None else sys.argv[1:])]),
         "load_before": load_before, "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "minutes": (time.perf_counter() - started) / 60, "notes": NOTES,
+        "minutes": (time.perf_counter() - started) / 60, "tiny_rounds": mode["tiny_rounds"],
+        "lbfgs_rounds": mode["lbfgs_rounds"],
     }
     section = render(scaling, overhead, memory, lbfgs, header)
     print(section)
@@ -602,8 +704,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.doc}")
     return 0
 
-
-NOTES: list[str] = []
 
 if __name__ == "__main__":
     sys.exit(main())
