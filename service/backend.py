@@ -44,8 +44,9 @@ class InlineBackend:
             raise ActorCallError(f"{label} failed to start: {error}") from error
 
     def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
-        args = tuple(self._resolve(a) for a in args)
         try:
+            # an argument whose call failed fails this call too, as with Ray's object refs
+            args = tuple(self._resolve(a) for a in args)
             result = getattr(actor, method)(*args, **kwargs)
         except Exception as error:
             if num_returns == 1:

@@ -46,7 +46,7 @@ from workers.gradient_worker import GradientWorker
 from workers.optim import Parameter, lr_scheduler
 from workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver, combine_sum
 from workers.optim.optimizer import Optimizer
-from workers.shard import ShardActor
+from workers.shard import ShardActor, unpack
 from workers.tasks import make_task
 from workers.tasks.base import Task
 from workers.training import build_optimizer, build_scheduler
@@ -154,6 +154,7 @@ class Coordinator:
         self.workers: list[Any] = []
         self.store: CheckpointStore | None = None
         self._outstanding: list[Any] = []
+        self._param_refs: list[Any] | None = None
         self._saving: tuple[Any, dict] | None = None
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
@@ -353,6 +354,7 @@ class Coordinator:
                           {"threads": worker_threads}, spec.worker_cpus, f"gradient worker {rank}")
             for rank in range(spec.workers)
         ]
+        self._param_refs = None
         self.pids = self._wait([backend.call(a, "ping") for a in self.shards + self.workers])
 
     def _stop_actors(self) -> None:
@@ -467,7 +469,7 @@ class Coordinator:
     def _distributed_evaluation(self, epoch: int, index: int, norm: bool) -> tuple[float, list[dict]]:
         """One closure evaluation: gather, compute, reduce; one wait."""
         backend, n = self.backend, len(self.shards)
-        slices = [backend.call(s, "get_params") for s in self.shards]
+        slices = self._current_params()
         outputs = [backend.call(w, "compute", epoch, index, *slices, num_returns=n + 1) for w in self.workers]
         reports = [backend.call(shard, "reduce", *[out[1 + s] for out in outputs], norm=norm)
                    for s, shard in enumerate(self.shards)]
@@ -482,10 +484,19 @@ class Coordinator:
         return loss, reports
 
     def _apply(self, hyperparameters: list[dict]) -> None:
-        self._outstanding.extend(self.backend.call(s, "apply", hyperparameters, self._clip_scale)
-                                 for s in self.shards)
+        # not waited for: the next evaluation's workers take the updated slices it returns
+        # (an error surfaces there), one call and one hop fewer than fetching them
+        self._param_refs = [self.backend.call(s, "apply", hyperparameters, self._clip_scale)
+                            for s in self.shards]
+
+    def _current_params(self) -> list:
+        """Futures of every shard's packed slices, as of the last update."""
+        if self._param_refs is None:
+            self._param_refs = [self.backend.call(s, "get_params") for s in self.shards]
+        return self._param_refs
 
     def _lbfgs_call(self, shard: int, method: str, *args: Any) -> Any:
+        self._param_refs = None  # LBFGS moves the parameters in place
         return self.backend.call(self.shards[shard], "lbfgs", method, *args)
 
     def _wait(self, refs: list) -> list:
@@ -496,16 +507,11 @@ class Coordinator:
         return values[len(outstanding):]
 
     def _evaluate_params(self) -> dict[str, float]:
-        slices = [self.backend.call(s, "get_params") for s in self.shards]
-        return self._wait([self.backend.call(self.workers[0], "evaluate", *slices)])[0]
+        return self._wait([self.backend.call(self.workers[0], "evaluate", *self._current_params())])[0]
 
     def _gather_params(self) -> dict[str, np.ndarray]:
-        slices = self._wait([self.backend.call(s, "get_params") for s in self.shards])
-        params = {}
-        for spec in self.layout.params:
-            pieces = [piece[spec.name] for piece in slices]
-            params[spec.name] = np.concatenate(pieces).reshape(spec.shape)
-        return params
+        packed = self._wait(self._current_params())
+        return {name: np.array(array) for name, array in unpack(self.layout, packed).items()}
 
     # -- checkpoints ------------------------------------------------------------------------------
 

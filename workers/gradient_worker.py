@@ -21,6 +21,7 @@ import numpy as np
 from checkpoints import ShardLayout
 from workers.optim import RowSparseGrad
 from workers.runtime import limit_threads
+from workers.shard import unpack
 from workers.tasks.base import Task, epoch_order
 
 
@@ -43,19 +44,9 @@ class GradientWorker:
         """(rank, process id): proves the actor is up and says where it runs."""
         return self.rank, os.getpid()
 
-    def gather(self, slices: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Whole parameters from the shards' slices (shard order). With one shard the slice
-        is the parameter (a view, no copy)."""
-        params = {}
-        for spec in self.layout.params:
-            pieces = [piece[spec.name] for piece in slices]
-            flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            array = flat.reshape(spec.shape)
-            if array.flags.writeable:
-                array = array.view()
-                array.flags.writeable = False
-            params[spec.name] = array
-        return params
+    def gather(self, packed: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Whole parameters from the shards' packed slices (shard order)."""
+        return unpack(self.layout, packed)
 
     def compute(self, epoch: int, index: int, *slices: Mapping[str, np.ndarray]) -> tuple:
         """Loss and gradient pieces of global batch ``index`` of ``epoch`` at the parameters

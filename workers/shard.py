@@ -31,6 +31,38 @@ from workers.optim import Parameter, RowSparseGrad, optimizer_class
 from workers.optim.algorithms.lbfgs import LocalSlices
 from workers.runtime import limit_threads
 
+def packed_places(layout: ShardLayout, shard: int) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:
+    """Where each parameter's slice lies in shard ``shard``'s packed buffers: ``{name: (dtype,
+    start, stop)}``, and each buffer's length ``{dtype: size}``; parameters in table order."""
+    places: dict[str, tuple[str, int, int]] = {}
+    sizes: dict[str, int] = {}
+    for spec in layout.params:
+        start, stop = layout.slice(spec.name, shard)
+        at = sizes.get(spec.dtype, 0)
+        places[spec.name] = (spec.dtype, at, at + stop - start)
+        sizes[spec.dtype] = at + stop - start
+    return places, sizes
+
+
+def unpack(layout: ShardLayout, packed: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Whole parameters from every shard's packed buffers (shard order): read-only, a view
+    when there is one shard, one concatenation otherwise."""
+    places = [packed_places(layout, shard)[0] for shard in range(layout.num_shards)]
+    params = {}
+    for spec in layout.params:
+        pieces = []
+        for shard, buffers in enumerate(packed):
+            dtype, start, stop = places[shard][spec.name]
+            pieces.append(buffers[dtype][start:stop])
+        flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        array = flat.reshape(spec.shape)
+        if array.flags.writeable:
+            array = array.view()
+            array.flags.writeable = False
+        params[spec.name] = array
+    return params
+
+
 # state keys of LBFGS's vectors, cut into per-parameter pieces for the checkpoint
 LBFGS_PREFIX = "lbfgs."
 
@@ -62,15 +94,21 @@ class ShardActor:
         for index, group in enumerate(groups):
             for name in group["params"]:
                 self.group_of[name] = index
+        # the slices live in one flat buffer per dtype (table order): sending the parameters
+        # is one array, not one per parameter
+        places, sizes = packed_places(layout, shard)
+        self.buffers = {dtype: np.empty(size, dtype) for dtype, size in sizes.items()}
         self.params: dict[str, Parameter] = {}
         self.rows: dict[str, tuple[int, int]] = {}
         for spec in layout.params:
-            start, stop = layout.slice(spec.name, shard)
-            array = np.array(params[spec.name], dtype=spec.dtype, copy=True)
-            if array.shape != (stop - start,):
-                raise ValueError(f"shard {shard}: slice of {spec.name!r} has shape {array.shape}; "
+            dtype, start, stop = places[spec.name]
+            given = np.asarray(params[spec.name])
+            if given.shape != (stop - start,):
+                raise ValueError(f"shard {shard}: slice of {spec.name!r} has shape {given.shape}; "
                                  f"the layout gives it {stop - start} elements")
-            self.params[spec.name] = Parameter(array, name=spec.name)
+            view = self.buffers[dtype][start:stop]
+            view[...] = given
+            self.params[spec.name] = Parameter(view, name=spec.name)
             self.rows[spec.name] = layout.row_range(spec.name, shard)
         self.state: dict[str, dict[str, Any]] = {name: {} for name in self.params}
         self.grads: dict[str, np.ndarray | RowSparseGrad | None] = {name: None for name in self.params}
@@ -95,8 +133,8 @@ class ShardActor:
         return self.shard, os.getpid()
 
     def get_params(self) -> dict[str, np.ndarray]:
-        """This shard's slice of every parameter (for the gradient workers to gather)."""
-        return {name: p.data for name, p in self.params.items()}
+        """This shard's packed slices: one flat array per dtype (see :func:`packed_places`)."""
+        return self.buffers
 
     def reduce(self, *partials: Mapping[str, Any], norm: bool = False) -> dict[str, Any]:
         """Add the workers' gradient slices in rank order into this shard's gradient.
@@ -133,9 +171,11 @@ class ShardActor:
                     sumsq += square
         return {"nonfinite": nonfinite, "sumsq": sumsq if norm else None}
 
-    def apply(self, hyperparameters: Sequence[Mapping[str, Any]], clip_scale: float | None = None) -> None:
+    def apply(self, hyperparameters: Sequence[Mapping[str, Any]],
+              clip_scale: float | None = None) -> dict[str, np.ndarray]:
         """One optimizer step on every slice with its group's hyperparameters; gradients
-        are multiplied by ``clip_scale`` first when given (global-norm clipping)."""
+        are multiplied by ``clip_scale`` first when given (global-norm clipping). Returns the
+        updated packed slices, which the next step's workers read (no separate fetch)."""
         rule = self.rule
         for name, p in self.params.items():
             grad = self.grads[name]
@@ -167,6 +207,7 @@ class ShardActor:
                     state.update(rule.init_state(p.data, group))
                 rule.update(p.data, grad, state, group)
             self.grads[name] = None
+        return self.buffers
 
     def discard_grads(self) -> None:
         """Drop the reduced gradient (a skipped step)."""
