@@ -18,15 +18,16 @@ backend in this process:
    created in the object store (``store_stats.cumulative_created_bytes`` of Ray's memory-info
    reply), read in the run's ``on_step`` callback after the last warm-up step and after the
    last step; the difference over the steps between. Minimum: every parameter crosses once to
-   the workers (each shard puts its slice once: P bytes) and every worker's gradient crosses
-   once to the shards (W x P bytes): P (1 + W).
+   the workers (each shard's ``apply`` returns its packed slices once: P bytes) and every
+   worker's gradient crosses once to the shards (W x P bytes): P (1 + W).
 3. Coordinator overhead per step, tiny model (``synthetic-mlp`` of about 1k parameters, 1
    shard, 1 worker): the ray step minus the actors' compute, where the compute is the same
-   actor methods (``get_params``, ``compute``, ``reduce``, ``apply``) called directly on
-   plain ``ShardActor`` / ``GradientWorker`` objects in this process, interleaved with the
-   runs. Reference from the same rounds: a no-op Ray actor method, called one at a time
-   (sync), submitted in a batch and waited once (pipelined), and a step's calls with no work
-   in them (the same four calls, arguments passed the same way, on two no-op actors).
+   actor methods in the coordinator's order (``compute`` on the packed slices the previous
+   ``apply`` returned, ``reduce``, ``apply``) called directly on plain ``ShardActor`` /
+   ``GradientWorker`` objects in this process, interleaved with the runs. Reference from the
+   same rounds: a no-op Ray actor method, called one at a time (sync), submitted in a batch
+   and waited once (pipelined), and a step's calls with no work in them (the same three calls
+   with the same dependencies, arguments passed the same way, on two no-op actors).
 4. Shard memory: ``synthetic-mlp`` of about 100M float32 parameters with Adam, 1 worker, 1/2/4
    shards: VmRSS (and its anonymous and shared-memory parts) of every shard actor's process
    from ``/proc/<pid>/status``, read in ``on_step`` after step 1 once every shard has answered
@@ -216,7 +217,9 @@ class Echo:
 
 def local_compute(task: Any, timed: int) -> list[float]:
     """The actors' work of ``timed`` steps, called directly on plain objects in this process:
-    the same methods, arguments and order a step of the coordinator uses (1 shard, 1 worker)."""
+    the same methods, arguments and order a step of the coordinator uses (1 shard, 1 worker):
+    ``compute`` on the packed slices the previous ``apply`` returned, ``reduce``, ``apply``
+    (``get_params`` once, before the first step, as the coordinator's first step does)."""
     from checkpoints import ShardLayout
     from checkpoints.layout import ParamSpec
     from workers.gradient_worker import GradientWorker
@@ -234,11 +237,12 @@ def local_compute(task: Any, timed: int) -> list[float]:
     worker = GradientWorker(task, 0, 1, 0, TINY_BATCH, layout)
     batches = task.num_batches(TINY_BATCH)
     seconds = []
+    packed = shard.get_params()
     for step in range(WARMUP + timed):
         start = time.perf_counter()
-        loss, piece = worker.compute(step // batches, step % batches, shard.get_params())
+        loss, piece = worker.compute(step // batches, step % batches, packed)
         shard.reduce(piece, norm=False)
-        shard.apply(hyperparameters, None)
+        packed = shard.apply(hyperparameters, None)
         seconds.append(time.perf_counter() - start)
     shard.close()
     return seconds[WARMUP:]
@@ -276,18 +280,19 @@ def measure_overhead(mode: dict) -> dict:
             start = time.perf_counter()
             ray.get([first.noop.remote() for _ in range(calls // 5)])
             series["pipelined"].append((time.perf_counter() - start) / (calls // 5))
-        # a step's calls with no work in them: get_params on the shard, compute on the worker
-        # (two results), reduce on the shard, one wait, then the apply the next wait includes
-        outstanding: list = []
+        # a step's calls with no work in them: compute on the worker (two results) taking the
+        # shard's previous apply result, reduce on the shard taking the worker's piece, one wait
+        # for the loss and the report, then apply on the shard, not waited for: its result is
+        # the next round's compute argument (the first round takes a get_params result)
+        packed = first.noop.remote()
         for _ in range(calls // 2):
             start = time.perf_counter()
-            params = first.noop.remote()
-            loss, piece = second.pair.options(num_returns=2).remote(0, 0, params)
+            loss, piece = second.pair.options(num_returns=2).remote(0, 0, packed)
             report = first.noop.remote(piece, norm=False)
-            ray.get(outstanding + [loss, report])
-            outstanding = [first.noop.remote([{}], None)]
+            ray.get([loss, report])
+            packed = first.noop.remote([{}], None)
             series["step_calls"].append(time.perf_counter() - start)
-        ray.get(outstanding)
+        ray.get(packed)
         for actor in (first, second):
             ray.kill(actor)
         print(f"  round {round_index + 1} tiny: ray {statistics.median(series['ray']) * 1e3:.3f} ms, inline "
@@ -518,22 +523,25 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         + ", ".join(_counts(r["reductions"]) for r in lbfgs) + " (history_size "
         + ", ".join(str(r["history_size"]) for r in lbfgs) + f"; every run) | {_met(constant)} |",
         "",
-        f"Overhead: the four calls of a step on actors that do nothing already take {_ms(o['step_calls'])} ms "
-        f"here (a sync no-op call: {_ms(o['sync'])} ms); a step's three dependent calls each go through the "
-        "driver, which owns every result and sends it on. What the engine adds on top, "
-        f"{_ms(ray_overhead - o['step_calls'])} ms, is moving its payloads (a dict of per-parameter arrays per "
-        "shard slice and per gradient piece) and the actors' own call handling. Memory: a shard's private memory "
-        f"(RssAnon) is within {abs(worst_anon):.1%} of its parameters and Adam state plus the idle actor's; "
-        "VmRSS also counts the object-store pages the shard has touched (RssShmem: the initial slice it was "
-        "started with, each step's parameter slice it puts, the gradient pieces it reads in place), "
+        f"Overhead: the three calls of a step on actors that do nothing already take {_ms(o['step_calls'])} ms "
+        f"here (a sync no-op call: {_ms(o['sync'])} ms): they form one chain (the previous step's apply, the "
+        "compute that takes its result, the reduce that takes compute's piece, the wait for the reduce), and "
+        "every result in it goes through the driver, which owns it and sends it on. What the engine adds on "
+        f"top, {_ms(ray_overhead - o['step_calls'])} ms, is moving its payloads (one flat array per dtype for a "
+        "shard's slices, a dict of per-parameter arrays per gradient piece) and the actors' own call handling. "
+        f"Memory: a shard's private memory (RssAnon) is within {abs(worst_anon):.1%} of its parameters and Adam "
+        "state plus the idle actor's; VmRSS also counts the object-store pages the shard has touched "
+        "(RssShmem: the initial slice it was started with, the packed slices it returns from the first step's "
+        "get_params and from every apply, the gradient pieces it reads in place), "
         "which belong to the object store and are shared with the workers that read them (see the memory "
         "section).",
         "",
         f"### Step time, inline vs ray (Adam, {WORKERS} gradient workers, batch {BATCH})",
         "",
         f"Medians (p90) of the steps after the first {WARMUP} of every run: the coordinator's per-step "
-        "`seconds` (submitting the step's evaluation, waiting for its losses and shard reports, and the previous "
-        "step's apply that this wait includes). Runs alternate between backends and configurations over "
+        "`seconds`: submitting the step's compute and reduce calls, waiting once for its losses and shard "
+        "reports (which includes the previous step's apply: the workers' compute takes its result), and "
+        "submitting the step's apply, not waited for. Runs alternate between backends and configurations over "
         f"{header['rounds']} round(s). Models: "
         + "; ".join(f"{r['model']}: {'-'.join(map(str, r['sizes']))}"
                     for r in scaling if r["shards"] == scaling[0]["shards"])
@@ -556,8 +564,8 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         f"step {WARMUP} and after the last step of every Ray run; per step = the difference / the steps between "
         "(median over the runs; the range when they differ). Results below the inline limit (losses, shard "
         "reports) travel inside Ray's messages and are not in the count. Minimum: P (1 + W), P = the "
-        f"parameters' bytes (float32), W = {WORKERS}: every shard puts its slice once for all workers, every "
-        "worker puts its gradient once, cut into one piece per shard.",
+        f"parameters' bytes (float32), W = {WORKERS}: every shard's apply returns its packed slices once for "
+        "all workers, every worker puts its gradient once, cut into one piece per shard.",
         "",
         "| model | shards | MB per step | objects per step | minimum MB | measured / minimum |",
         "|---|---:|---:|---:|---:|---:|",
@@ -572,14 +580,16 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         f"### Coordinator overhead per step (synthetic-mlp {'-'.join(map(str, o['sizes']))}, {o['params']:,} "
         f"parameters, batch {TINY_BATCH}, 1 shard, 1 worker)",
         "",
-        "Compute = the actors' methods of one step (`get_params`, `compute`, `reduce`, `apply`) called "
+        "Compute = the actors' methods of one step in the coordinator's order (`compute` on the packed slices "
+        "the previous `apply` returned, `reduce`, `apply`; `get_params` once, before the first step) called "
         "directly on plain `ShardActor` / `GradientWorker` objects in the script's process, interleaved with "
         "the runs; overhead = step - compute. The reference rows use a Ray actor whose methods do nothing, "
         "started with the engine's actor options: one call waited at a time (sync); a batch of calls waited "
-        "once (pipelined, per call); and a step's calls with no work in them (get on actor A, a two-result call "
-        "on actor B taking that result, a call on A taking B's second result, one wait for B's first and A's "
-        "last result plus the previous round's fire-and-forget call on A: the dependency shape of the "
-        f"coordinator's step). Medians (p90) over {header['tiny_rounds']} round(s).",
+        "once (pipelined, per call); and a step's calls with no work in them (a two-result call on actor B "
+        "taking the result of the previous round's last call on actor A, a call on A taking B's second result, "
+        "one wait for B's first result and A's, then a call on A that is not waited for and whose result the "
+        "next round's call on B takes: the dependency shape of the coordinator's step). "
+        f"Medians (p90) over {header['tiny_rounds']} round(s).",
         "",
         "| what | ms |",
         "|---|---:|",

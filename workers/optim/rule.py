@@ -71,20 +71,24 @@ class Rule:
 PARALLEL_MIN_SIZE = 1 << 16
 
 
-def elementwise_kernel(function: Callable) -> Callable:
-    """Compile an elementwise kernel ``function(param, ...)`` (a ``prange`` loop over
-    ``param``) twice from the same source: multi-threaded for ``param.size >=
-    PARALLEL_MIN_SIZE`` and serial below it. Both give bit-identical results."""
+def elementwise_kernel(function: Callable | None = None, *, fastmath: bool | set = False) -> Callable:
+    """Compile a kernel ``function(array, ...)`` (a ``prange`` loop) twice from the same
+    source: multi-threaded for ``array.size >= PARALLEL_MIN_SIZE`` and serial below it.
+    Elementwise kernels give bit-identical results either way; reductions that split their
+    work by a task count of their own (LBFGS's) do too. Use as ``@elementwise_kernel`` or
+    ``@elementwise_kernel(fastmath={...})``."""
+    if function is None:
+        return lambda f: elementwise_kernel(f, fastmath=fastmath)
     # a distinct code object name keeps the two versions apart in numba's on-disk cache
     serial_code = function.__code__.replace(co_name=function.__name__ + "_serial")
     serial_function = types.FunctionType(serial_code, function.__globals__, serial_code.co_name,
                                          function.__defaults__, function.__closure__)
     serial_function.__qualname__ = function.__qualname__ + "_serial"
-    parallel = njit(parallel=True, cache=True, nogil=True)(function)
-    serial = njit(parallel=False, cache=True, nogil=True)(serial_function)
+    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)(function)
+    serial = njit(parallel=False, cache=True, nogil=True, fastmath=fastmath)(serial_function)
 
-    def dispatch(param, *args):
-        return (parallel if param.size >= PARALLEL_MIN_SIZE else serial)(param, *args)
+    def dispatch(array, *args):
+        return (parallel if array.size >= PARALLEL_MIN_SIZE else serial)(array, *args)
 
     dispatch.__name__, dispatch.__qualname__, dispatch.__doc__ = (
         function.__name__, function.__qualname__, function.__doc__)

@@ -56,7 +56,7 @@ from numba import njit, prange
 
 from workers.optim.optimizer import Optimizer
 from workers.optim.parameter import Parameter, RowSparseGrad
-from workers.optim.rule import Rule, check_min, flat
+from workers.optim.rule import Rule, check_min, elementwise_kernel, flat
 
 LINE_SEARCH_FNS = (None, "strong_wolfe")
 
@@ -128,7 +128,7 @@ def _n_tasks(n: int) -> int:
 _REDUCE_MATH = {"reassoc", "contract"}
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=_REDUCE_MATH)
+@elementwise_kernel(fastmath=_REDUCE_MATH)
 def _gram_kernel(buf, rows, cols, n_tasks, out):
     """out[a, c] += sum_k buf[rows[a], k] * buf[cols[c], k], products and sums in float64.
 
@@ -159,7 +159,7 @@ def _gram_kernel(buf, rows, cols, n_tasks, out):
                 out[a, c] += partial[task, a, c]
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=_REDUCE_MATH)
+@elementwise_kernel(fastmath=_REDUCE_MATH)
 def _abs_sum_kernel(x, n_tasks):
     n = x.size
     per = (n + n_tasks - 1) // n_tasks
@@ -177,7 +177,7 @@ def _abs_sum_kernel(x, n_tasks):
     return total
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _abs_max_kernel(x, n_tasks):
     """max_k |x[k]|, NaN if any element is NaN (as torch's max)."""
     n = x.size
@@ -204,7 +204,7 @@ def _abs_max_kernel(x, n_tasks):
     return result
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@elementwise_kernel
 def _combine_kernel(buf, rows, coeffs, out):
     """out = sum_j coeffs[j] * buf[rows[j]], accumulated in float64 and rounded once
     (elementwise: the result does not depend on how the slice is split into blocks)."""
@@ -232,7 +232,7 @@ def _combine_kernel(buf, rows, coeffs, out):
 # 'contract' lets LLVM fuse x + t * d into one fused multiply-add where the CPU has one, as
 # torch's CPU add_(d, alpha=t) does (one rounding): the strong-Wolfe extrapolation turns 1-ulp
 # differences in the trial parameters into 1e-4 differences in the step length.
-@njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+@elementwise_kernel(fastmath={"contract"})
 def _axpy_kernel(out, x, t, d):
     """out = x + t * d in the arrays' dtype, fused like torch's add_ (out may be x)."""
     for i in prange(out.size):
