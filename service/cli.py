@@ -256,8 +256,10 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name")
+    from service.export import export_checkpoint
+
     with _checkpoint_of(run_dir, args.step) as checkpoint:
-        checkpoint.export_file(out)
+        export_checkpoint(checkpoint, out)
         step = checkpoint.step
     print(f"wrote {out} ({out.stat().st_size:,} bytes): parameters and optimizer state_dict of step {step}; "
           f"load with checkpoints.load({str(out)!r})")

@@ -258,3 +258,32 @@ def test_lbfgs_round_trips_per_iteration_do_not_grow_with_the_history(tmp_path):
         counts[history] = coordinator.space.round_trips
     assert counts[2] == counts[40]
     assert counts[2] <= 4 * 90 + 3 * 2  # per iteration: one Gram reduction, |g|inf, |d|inf, one evaluation
+
+
+def test_sharded_lbfgs_exports_torch_layout_state(tmp_path):
+    """export reassembles LBFGS's sharded vectors into torch's flat per-name layout under
+    parameter 0, equal to the single-process LBFGS's state_dict."""
+    from checkpoints import load
+    from service.export import export_checkpoint
+
+    spec = lbfgs_job(tmp_path, "lbfgs", history_size=3)
+    Coordinator(spec).run()
+    task = make_task(spec.task, **spec.task_args)
+    trainer = Trainer(task, seed=spec.seed, batch_size=spec.batch_size, optimizer="lbfgs",
+                      optimizer_kwargs=spec.optimizer_args, world_size=spec.workers)
+    trainer.run(steps=spec.steps)
+    expected = trainer.optimizer.state_dict()
+    with open_checkpoint(os.path.join(spec.run_dir, CHECKPOINT_DIR)) as checkpoint:
+        export_checkpoint(checkpoint, tmp_path / "out.ckpt")
+    exported = load(tmp_path / "out.ckpt")["optimizer"]
+    state, want = exported["state"][0], expected["state"][0]
+    assert sorted(state) == sorted(want)
+    assert state["func_evals"] == want["func_evals"] and state["n_iter"] == want["n_iter"]
+    for key in ("d", "prev_flat_grad", "t", "H_diag"):
+        assert np.allclose(state[key], want[key], rtol=1e-6, atol=1e-12), key
+    for key in ("old_dirs", "old_stps", "ro", "al"):
+        assert len(state[key]) == len(want[key]) == 3
+        for got, ref in zip(state[key], want[key]):
+            assert np.allclose(got, ref, rtol=1e-6, atol=1e-12), key
+    assert exported["param_groups"][0]["params"] == expected["param_groups"][0]["params"] == [0, 1]
+    assert exported["param_groups"][0]["history_size"] == 3
