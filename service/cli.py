@@ -4,6 +4,7 @@
     shardstep resume RUN_DIR [--shards M] [--workers W] [--backend ...] [--address ADDR]
     shardstep inspect RUN_DIR_or_CHECKPOINT
     shardstep export RUN_DIR --out FILE [--step K]
+    shardstep plot RUN_DIR [--out PNG]
 
 Exit codes: 0 done; 1 the run failed (an actor error, more failures than max_failures, a
 non-finite loss); 2 bad input (a job file that does not validate, a directory that is not a
@@ -80,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="describe a run directory or one checkpoint")
     inspect.add_argument("path", help="a run directory or a step-<k> checkpoint directory")
     inspect.set_defaults(handler=_inspect)
+
+    plot = commands.add_parser("plot", help="draw loss, evaluation metrics and learning rates as a PNG")
+    plot.add_argument("run_dir", help="the run directory")
+    plot.add_argument("--out", help="the PNG to write (default: RUN_DIR/metrics.png)")
+    plot.set_defaults(handler=_plot)
 
     export = commands.add_parser("export", help="write consolidated parameters and a torch-layout optimizer state_dict")
     export.add_argument("run_dir", help="the run directory")
@@ -165,25 +171,17 @@ def _train(spec: Any, quiet: bool) -> int:
         where = f"resuming from step {resumed}" if resumed is not None else "starting"
         print(f"shardstep: {spec.task} with {spec.optimizer}, {spec.shards} shard(s), {spec.workers} "
               f"worker(s), {spec.backend} backend; {where}; run directory {spec.run_dir}", flush=True)
-    every = max(1, (total or 100) // 20)
+    from service.progress import Progress
 
-    def report(record: dict[str, Any]) -> None:
-        if quiet or (record["step"] % every and not record.get("skipped")):
-            return
-        if record.get("skipped"):
-            print(f"skipped batch {record['batch']} of epoch {record['epoch']}: {record['message']}", flush=True)
-            return
-        of = f"/{total}" if total is not None else ""
-        line = f"step {record['step']}{of}  epoch {record['epoch']}  loss {record['loss']:.6g}  lr {record['lr']:.4g}"
-        if "eval" in record:
-            line += "  " + "  ".join(f"{k} {v:.4g}" for k, v in record["eval"].items())
-        print(line, flush=True)
-
+    progress = None if quiet else Progress(total, start_step=resumed or 0)
     try:
-        result = Coordinator(spec, on_step=report).run()
+        result = Coordinator(spec, on_step=None if progress is None else progress.update).run()
     except (ValueError, TypeError) as error:
         # configuration errors the spec could not see (e.g. a checkpoint from another job)
         raise UsageError(str(error)) from error
+    finally:
+        if progress is not None:
+            progress.close()
     seconds = time.perf_counter() - start
     metrics = "  ".join(f"{k} {v:.6g}" for k, v in result.metrics.items() if math.isfinite(v))
     print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s; {metrics}; "
@@ -249,6 +247,18 @@ def _inspect(args: argparse.Namespace) -> int:
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from service.plot import PlotError, plot_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "metrics.png"
+    try:
+        written = plot_run(args.run_dir, out)
+    except PlotError as error:
+        raise UsageError(str(error)) from None
+    print(f"wrote {written}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

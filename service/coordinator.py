@@ -280,6 +280,7 @@ class Coordinator:
         self.epoch_losses: list[float] = []
         self.last_metrics: dict[str, float] = {}
         self.last_checkpoint: int | None = None
+        self.committed_step: int | None = step
         if step is not None:
             self._restore(step, extra, groups)
         self._start_actors(initial, step)
@@ -393,6 +394,7 @@ class Coordinator:
         spec = self.spec
         epoch, index = self.epoch, self.batch_index
         lr = self.optimizer.param_groups[0].get("lr")
+        lrs = [_plain(group.get("lr")) for group in self.optimizer.param_groups]
         calls = 0
         self._clip_scale = None
 
@@ -431,13 +433,14 @@ class Coordinator:
             return record
         record = {"step": self.step_count + 1, "epoch": epoch, "batch": index,
                   "examples": min(spec.batch_size, self.task.train_size - index * spec.batch_size),
-                  "loss": float(loss), "lr": _plain(lr)}
+                  "loss": float(loss), "lr": _plain(lr), "lrs": lrs}
         self.step_count += 1
         self.epoch_losses.append(record["loss"])
         if self.schedulers:
             self._tick("step", record["loss"])
         self._advance_batch(record)
         record["seconds"] = time.perf_counter() - start
+        record["checkpoint"] = self.committed_step
         return record
 
     def _advance_batch(self, record: dict | None) -> None:
@@ -552,6 +555,7 @@ class Coordinator:
         pending, payload = self._saving
         self._saving = None
         self.store.commit(pending, **payload)
+        self.committed_step = pending.step
 
     # -- run directory log ----------------------------------------------------------------------
 

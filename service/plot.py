@@ -1,0 +1,85 @@
+"""``shardstep plot RUN_DIR``: loss, evaluation metrics and learning rates against the step,
+from the run directory's ``metrics.jsonl``, as one PNG (matplotlib, the ``plot`` extra)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class PlotError(Exception):
+    """No metrics to plot, or matplotlib missing."""
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The step records of ``metrics.jsonl`` (one JSON object per line), in order."""
+    from service.coordinator import METRICS_FILE
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise PlotError(f"{run_dir} has no {METRICS_FILE}: not a run directory, or no step has finished yet")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            raise PlotError(f"{path}:{number} is not a JSON record ({error})") from None
+    if not records:
+        raise PlotError(f"{path} holds no steps yet")
+    return records
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the PNG; returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("plotting needs matplotlib: pip install 'shardstep[plot]'") from None
+    records = [r for r in read_metrics(run_dir) if not r.get("skipped")]
+    steps = [r["step"] for r in records]
+    evaluations = [(r["step"], r["eval"]) for r in records if "eval" in r]
+    metric_names = sorted({name for _, metrics in evaluations for name in metrics})
+
+    panels = 2 + (1 if metric_names else 0)
+    figure, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels), sharex=True, constrained_layout=True)
+    loss_axis, *rest = axes
+    loss_axis.plot(steps, [r["loss"] for r in records], lw=1, label="training loss")
+    if "loss" in metric_names:
+        loss_axis.plot([s for s, m in evaluations if "loss" in m], [m["loss"] for _, m in evaluations if "loss" in m],
+                       "o-", ms=3, label="evaluation loss")
+    positive = all(r["loss"] > 0 for r in records if math.isfinite(r["loss"]))
+    if positive:
+        loss_axis.set_yscale("log")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend(loc="upper right")
+    loss_axis.set_title(f"{Path(run_dir).resolve().name}: {len(records)} steps")
+    if metric_names:
+        metric_axis = rest.pop(0)
+        for name in metric_names:
+            if name == "loss":
+                continue
+            points = [(s, m[name]) for s, m in evaluations if name in m]
+            metric_axis.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=name)
+        metric_axis.set_ylabel("evaluation")
+        metric_axis.legend(loc="best")
+    lr_axis = rest.pop(0)
+    groups = max(len(r.get("lrs") or [r.get("lr")]) for r in records)
+    for group in range(groups):
+        values = [(r["step"], (r.get("lrs") or [r.get("lr")])[group]) for r in records
+                  if group < len(r.get("lrs") or [r.get("lr")])]
+        lr_axis.plot([v[0] for v in values], [v[1] for v in values], lw=1, label=f"group {group}")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_xlabel("step")
+    lr_axis.legend(loc="best")
+    out = Path(out)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

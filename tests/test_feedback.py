@@ -1,0 +1,77 @@
+"""What a run shows while it trains and after: the status line, log lines, metrics.jsonl and
+the plot."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from service.coordinator import METRICS_FILE, Coordinator
+from service.jobspec import JobSpec, SchedulerSpec
+from service.progress import Progress
+
+
+def record(step, **extra):
+    return {"step": step, "epoch": 0, "batch": step - 1, "loss": 1.0 / step, "lr": 0.1, "lrs": [0.1, 0.01],
+            "checkpoint": 10 if step > 10 else None, **extra}
+
+
+def test_plain_lines_every_twentieth_of_the_run_and_at_evaluations():
+    out = io.StringIO()
+    progress = Progress(40, stream=out, live=False)
+    for step in range(1, 41):
+        progress.update(record(step, **({"eval": {"accuracy": 0.5}} if step == 5 else {})))
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [2 * k for k in range(1, 3)] + [5] + [
+        2 * k for k in range(3, 21)]
+    assert "\r" not in out.getvalue()
+    assert "lr 0.1, 0.01" in lines[0] and "eval accuracy 0.5" in lines[2]
+    assert "ckpt 10" in lines[-1] and "ETA" in lines[-1] and "steps/s" in lines[-1]
+
+
+def test_a_terminal_gets_one_status_line_redrawn_in_place():
+    out = io.StringIO()
+    progress = Progress(30, stream=out, live=True)
+    progress.update(record(1))
+    progress.update(record(2, eval={"accuracy": 0.75}))
+    progress.update(record(30))
+    progress.close()
+    text = out.getvalue()
+    assert text.startswith("\rstep 1/30 ")
+    assert "eval accuracy 0.75\n" in text
+    assert "step 30/30 " in text and "100%" in text and text.endswith("\n")
+    assert text.count("\n") == 2  # the evaluation line and the final newline
+
+
+def test_metrics_log_and_plot(tmp_path):
+    spec = JobSpec(task="digits", task_args={}, optimizer="adam", optimizer_args={"lr": 0.01}, param_groups=(),
+                   schedulers=(SchedulerSpec("CosineAnnealingLR", {"T_max": 30}),), steps=30, epochs=None,
+                   batch_size=64, eval_every=10, backend="inline", run_dir=str(tmp_path / "run"))
+    Coordinator(spec).run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 31))
+    assert [r["step"] for r in lines if "eval" in r] == [10, 20, 30]
+    assert all({"loss", "lr", "lrs", "seconds", "epoch", "batch"} <= set(r) for r in lines)
+
+    out = tmp_path / "plot.png"
+    done = subprocess.run([sys.executable, "-m", "service.cli", "plot", str(tmp_path / "run"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(out)
+    height, width = image.shape[:2]
+    assert width >= 600 and height >= 600
+    pixels = image[..., :3].reshape(-1, 3)
+    assert pixels.std() > 0.05  # not blank
+    assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 20  # lines in several colours
+
+    missing = subprocess.run([sys.executable, "-m", "service.cli", "plot", str(tmp_path)], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and f"has no {METRICS_FILE}" in missing.stderr
