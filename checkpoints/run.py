@@ -19,6 +19,7 @@ mid-delete also leaves only a leftover. Layout and manifest: ``checkpoints/FORMA
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
 import math
 import os
@@ -237,12 +238,18 @@ class CheckpointStore:
             raise CheckpointError(f"cannot open run directory {self.root}: {error.strerror or error}") from error
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
             os.close(self._lock)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CheckpointError(
+                    f"run directory {self.root} is being written by another CheckpointStore "
+                    "(its lock file is held); one writer per run directory"
+                ) from None
+            # e.g. ENOLCK / EOPNOTSUPP on shared storage mounted without lock support
             raise CheckpointError(
-                f"run directory {self.root} is being written by another CheckpointStore "
-                "(its lock file is held); one writer per run directory"
-            ) from None
+                f"cannot lock run directory {self.root}: {error.strerror or error}; the storage must "
+                "support file locks (for NFS, mount with locking enabled)"
+            ) from error
         self.cleanup()
 
     def close(self) -> None:
