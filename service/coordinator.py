@@ -20,11 +20,20 @@ Determinism: a run's parameters after ``n`` steps equal, bit for bit, those of t
 (:class:`workers.training.Trainer` with ``world_size = workers``) for every number of shards,
 both backends, and any resume or recovery (elementwise optimizers; LBFGS adds its dot
 products over shards, so it matches to rounding).
+
+Fine-tuning (the job's ``init``): a run directory without a committed checkpoint of its own
+starts from another run's checkpoint. :func:`plan_init` checks the source against the model
+(names, shapes, dtypes, the optimizer) before anything is written or started; each shard then
+reads its own rows of the kept parameters (and, with ``optimizer_state``, of their state,
+matched by name), and ``task.init_params(seed)`` gives the parameters the source lacks. Once
+the run has a checkpoint of its own it resumes from that, never from the source again.
+Frozen parameters (the job's ``frozen``) are in no param group: no state, no update.
 """
 
 from __future__ import annotations
 
 import enum
+import fnmatch
 import json
 import math
 import os
@@ -37,13 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints import CheckpointStore, ShardLayout, latest_step, open_checkpoint
+from checkpoints import CheckpointError, CheckpointStore, RunCheckpoint, ShardLayout, latest_step, open_checkpoint
 from checkpoints.layout import ParamSpec
+from checkpoints.run import MANIFEST
 from service.backend import make_backend
 from service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError
 from service.sharded_lbfgs import ShardedSpace
 from workers.gradient_worker import GradientWorker
-from workers.optim import Parameter, lr_scheduler
+from workers.optim import Parameter, lr_scheduler, optimizer_class
 from workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver, combine_sum
 from workers.optim.optimizer import Optimizer
 from workers.shard import ShardActor, unpack
@@ -54,6 +64,8 @@ from workers.training import build_optimizer, build_scheduler
 JOB_FILE = "job.json"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+# a fine-tuning run's record of where its parameters came from (also in every checkpoint's extra)
+INIT_FILE = "init.json"
 # hyperparameter keys that are bookkeeping, not sent to the shards' rules
 _NOT_HYPERPARAMETERS = ("params", "param_names")
 
@@ -129,6 +141,132 @@ class RunResult:
     failures: int
     run_dir: Path
     checkpoint_steps: list[int]
+    init: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class InitPlan:
+    """How a fine-tuning run's first parameters are assembled, checked before anything starts.
+
+    checkpoint: the source's committed step directory (its ``run_id`` and ``step``). loaded:
+    the model's parameters read from it. new: the model's parameters it does not give (from
+    ``task.init_params(seed)``). skipped: its parameters that ``init.skip`` leaves out.
+    state: the parameters whose optimizer state it gives (``init.optimizer_state``).
+    """
+
+    checkpoint: str
+    run_id: str
+    step: int
+    loaded: tuple[str, ...]
+    new: tuple[str, ...]
+    skipped: tuple[str, ...]
+    state: tuple[str, ...]
+    optimizer_state: bool
+
+    def record(self) -> dict[str, Any]:
+        """The plan as plain values: ``init.json``, the checkpoints' ``extra["init"]``,
+        :attr:`RunResult.init`."""
+        return {"from": self.checkpoint, "run_id": self.run_id, "step": self.step, "loaded": list(self.loaded),
+                "new": list(self.new), "skipped": list(self.skipped), "optimizer_state": self.optimizer_state,
+                "state": list(self.state)}
+
+
+def open_init_source(init: Any) -> RunCheckpoint:
+    """The committed checkpoint ``init.from`` names: a ``step-<k>`` directory, or step
+    ``init.step`` (default: the newest) of a run directory or of its checkpoints directory.
+    Anything else is a ValueError naming the path."""
+    path = Path(init.source)
+    try:
+        if (path / MANIFEST).is_file():
+            checkpoint = RunCheckpoint(path)
+            if init.step is not None and init.step != checkpoint.step:
+                checkpoint.close()
+                raise ValueError(f"init.step is {init.step}, but init.from is the checkpoint of step "
+                                 f"{checkpoint.step} ({path}); leave init.step out when init.from is a step directory")
+            return checkpoint
+        if not path.is_dir():
+            what = "is not a directory" if path.exists() else "does not exist"
+            raise ValueError(f"init.from must be a run directory, its {CHECKPOINT_DIR} directory or a step-<k> "
+                             f"checkpoint directory; {path} {what}")
+        root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+        if latest_step(root) is None:
+            raise ValueError(f"init.from: {path} holds no committed checkpoint (expected a run directory, its "
+                             f"{CHECKPOINT_DIR} directory or a step-<k> checkpoint directory)")
+        return open_checkpoint(root, init.step)
+    except CheckpointError as error:
+        raise ValueError(f"init.from: {error}") from error
+
+
+def plan_init(source: RunCheckpoint, spec: Any, model: Mapping[str, np.ndarray],
+              groups: Mapping[str, Mapping[str, Any]]) -> InitPlan:
+    """Match ``source``'s parameters to the ``model``'s (name -> initial array) by name.
+
+    Every source parameter is loaded into the model's parameter of the same name, or left
+    out by a ``init.skip`` pattern; a name the model lacks, or another shape or dtype, is a
+    ValueError naming every such parameter. With ``optimizer_state``, the source must have
+    the job's optimizer and give, for every trainable loaded parameter that has state, the
+    keys the job's hyperparameters need (``groups``: name -> its param group)."""
+    init = spec.init
+    where = f"{source.directory} (step {source.step})"
+    specs = {param.name: param for param in source.layout.params}
+    for index, pattern in enumerate(init.skip):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in specs):
+            raise ValueError(f"init.skip[{index}] (pattern {pattern!r}) matches no parameter of {where}; its "
+                             f"parameters: {', '.join(specs)}")
+    skipped = [name for name in specs if any(fnmatch.fnmatchcase(name, pattern) for pattern in init.skip)]
+    unknown = [name for name in specs if name not in model and name not in skipped]
+    mismatched = [f"{name} is {specs[name].dtype} {specs[name].shape} in the source and {array.dtype.name} "
+                  f"{array.shape} in the model"
+                  for name, array in model.items() if name in specs and name not in skipped
+                  and (specs[name].shape != array.shape or specs[name].dtype != array.dtype.name)]
+    if mismatched or unknown:
+        problems = []
+        if mismatched:
+            problems.append("; ".join(mismatched))
+        if unknown:
+            problems.append(f"the model has no parameter {', '.join(unknown)} (its parameters: {', '.join(model)})")
+        raise ValueError(f"cannot start from {where}: {'; '.join(problems)}. Leave source parameters out with "
+                         f"init.skip (a skipped parameter the model has is initialized afresh)")
+    loaded = [name for name in model if name in specs and name not in skipped]
+    if not loaded:
+        raise ValueError(f"cannot start from {where}: it gives none of the model's parameters "
+                         f"({', '.join(model)}); its parameters: {', '.join(specs)}")
+    state: list[str] = []
+    if init.optimizer_state:
+        state = _carried_state(source, spec, loaded, model, groups, where)
+    return InitPlan(checkpoint=str(source.directory), run_id=source.run_id, step=source.step, loaded=tuple(loaded),
+                    new=tuple(name for name in model if name not in loaded), skipped=tuple(skipped),
+                    state=tuple(state), optimizer_state=init.optimizer_state)
+
+
+def _carried_state(source: RunCheckpoint, spec: Any, loaded: list[str], model: Mapping[str, np.ndarray],
+                   groups: Mapping[str, Mapping[str, Any]], where: str) -> list[str]:
+    """The loaded, trainable parameters whose optimizer state the source gives."""
+    job = source.extra.get("job") if isinstance(source.extra, Mapping) else None
+    kind = job.get("optimizer") if isinstance(job, Mapping) else None
+    if kind is None:
+        raise ValueError(f"init.optimizer_state = true, but {where} does not record which optimizer wrote its "
+                         f"state; set optimizer_state = false to start a fresh optimizer")
+    if kind != spec.optimizer:
+        raise ValueError(f"init.optimizer_state = true needs the source's kind of optimizer: {where} was trained "
+                         f"with {kind!r}, this job uses {spec.optimizer!r}; use {kind!r}, or set "
+                         f"optimizer_state = false to start a fresh optimizer")
+    schema = source._manifest["state"]  # {name: {key: kind}}: what each parameter's state holds
+    rule = optimizer_class(spec.optimizer).rule
+    carried, lacking = [], []
+    for name in loaded:
+        if name not in groups or not schema.get(name):
+            continue  # frozen here, or never updated in the source: no state to carry
+        needed = rule.init_state(np.zeros(0, model[name].dtype), groups[name])
+        missing = [key for key in needed if key not in schema[name]]
+        if missing:
+            lacking.append(f"{name} lacks {', '.join(missing)} (it has {', '.join(schema[name])})")
+        carried.append(name)
+    if lacking:
+        raise ValueError(f"init.optimizer_state: the state in {where} does not fit this job's {spec.optimizer} "
+                         f"hyperparameters: {'; '.join(lacking)}; match the source's hyperparameters or set "
+                         f"optimizer_state = false")
+    return carried
 
 
 class Coordinator:
@@ -159,6 +297,9 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
         self.round_trips = 0
+        self.init_plan: InitPlan | None = None
+        self.init_record: dict[str, Any] | None = None
+        self._initial: dict[str, np.ndarray] | None = None
 
     # -- the state machine ---------------------------------------------------------------------
 
@@ -173,6 +314,7 @@ class Coordinator:
     def run(self) -> RunResult:
         spec = self.spec
         try:
+            self._plan_init()
             self._prepare_directory()
             self.backend = make_backend(spec.backend, spec.address)
             self._start()
@@ -186,7 +328,7 @@ class Coordinator:
             return RunResult(params=params, history=self.history, evaluations=self.evaluations,
                              metrics=metrics, steps=self.step_count, epoch=self.epoch, batch=self.batch_index,
                              failures=self.failures, run_dir=self.run_dir,
-                             checkpoint_steps=_committed(self.run_dir))
+                             checkpoint_steps=_committed(self.run_dir), init=self.init_record)
         except BaseException:
             if self.phase not in (Phase.FINISHED, Phase.FAILED):
                 self.phase = Phase.FAILED
@@ -205,6 +347,21 @@ class Coordinator:
             if self.backend is not None:
                 self.backend.shutdown()
 
+    def _plan_init(self) -> None:
+        """A fine-tuning job's source, checked against the model before anything is written
+        or started (ValueError); a run directory with a committed checkpoint of its own
+        resumes from that instead, and the source is not read."""
+        spec = self.spec
+        if spec.init is None or latest_step(self.run_dir / CHECKPOINT_DIR) is not None:
+            return
+        self._initial = self.task.init_params(spec.seed)
+        trainable = [name for name in self._initial if not spec.is_frozen(name)]
+        local = self._local_optimizer({name: self._initial[name].dtype.name for name in trainable})
+        groups = {name: group for group in local.param_groups for name in group["param_names"]}
+        with open_init_source(spec.init) as source:
+            self.init_plan = plan_init(source, spec, self._initial, groups)
+        self.init_record = self.init_plan.record()
+
     def _prepare_directory(self) -> None:
         """Create the run directory, or check that it belongs to this job (resume)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +374,10 @@ class Coordinator:
             tmp = job_path.with_name(f".{JOB_FILE}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps({"run_id": self.run_id, "job": self.spec.to_dict()}, indent=1))
             os.replace(tmp, job_path)
+        if self.init_record is not None:
+            tmp = self.run_dir / f".{INIT_FILE}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(self.init_record, indent=1))
+            os.replace(tmp, self.run_dir / INIT_FILE)
         self.store = CheckpointStore(self.run_dir / CHECKPOINT_DIR, run_id=self.run_id,
                                      retention=self.spec.retention())
 
@@ -266,7 +427,8 @@ class Coordinator:
         spec, task = self.spec, self.task
         step = latest_step(self.run_dir / CHECKPOINT_DIR)
         if step is None:
-            initial = task.init_params(spec.seed)
+            initial = self._initial if self._initial is not None else task.init_params(spec.seed)
+            self._initial = None  # a recovery draws them again rather than hold a copy all run
             specs = tuple(ParamSpec(name, tuple(a.shape), a.dtype.name) for name, a in initial.items())
         else:
             initial = None
@@ -292,11 +454,18 @@ class Coordinator:
             if names:
                 driver.hist_gram = combine_sum(self.space.partial_gram(names, names))
 
+    def _local_optimizer(self, trainable: Mapping[str, str]) -> Optimizer:
+        """The job's optimizer over zero-size stand-ins of the ``trainable`` parameters (name
+        -> dtype): its param groups (names and hyperparameters) are the run's. Frozen
+        parameters are in none, as with torch's ``requires_grad=False``."""
+        spec = self.spec
+        placeholders = {name: Parameter(np.zeros(0, dtype), name=name) for name, dtype in trainable.items()}
+        rules = spec.group_rules(self.task, list(trainable))
+        return build_optimizer(spec.optimizer, spec.optimizer_args, placeholders, rules)
+
     def _build_optimizer(self) -> None:
         spec = self.spec
-        placeholders = {s.name: Parameter(np.zeros(0, s.dtype), name=s.name) for s in self.layout.params}
-        rules = self.task.param_groups if spec.param_groups is None else spec.param_groups
-        local = build_optimizer(spec.optimizer, spec.optimizer_args, placeholders, rules)
+        local = self._local_optimizer({s.name: s.dtype for s in self.layout.params if not spec.is_frozen(s.name)})
         driver = None
         if isinstance(local, LBFGS):
             if spec.clip_grad_norm is not None:
@@ -327,6 +496,7 @@ class Coordinator:
         self.optimizer._step_count = coordinator["optimizer_steps"]
         self.last_metrics = dict(coordinator.get("metrics", {}))
         self.last_checkpoint = step
+        self.init_record = extra.get("init")
         if self.optimizer.driver is not None:
             _import_driver(self.optimizer.driver, coordinator["lbfgs"])
         self._truncate_log(step)
@@ -335,15 +505,21 @@ class Coordinator:
         spec, backend, layout = self.spec, self.backend, self.layout
         groups = [{"params": list(g["params"])} for g in self.optimizer.param_groups]
         threads = max(1, int(spec.shard_cpus)) if spec.backend == "ray" else None
+        # a fine-tuning run's first start: the shards read the kept parameters themselves
+        plan = self.init_plan if initial is not None else None
+        source = None if plan is None else {"checkpoint": plan.checkpoint, "params": list(plan.loaded),
+                                            "state": list(plan.state)}
         self.shards = []
         for shard in range(spec.shards):
             if initial is not None:
                 params = {}
                 for s in layout.params:
+                    if plan is not None and s.name in plan.loaded:
+                        continue
                     start, stop = layout.slice(s.name, shard)
                     params[s.name] = initial[s.name].reshape(-1)[start:stop]
                 args = (shard, layout, spec.optimizer, groups, params)
-                kwargs: dict[str, Any] = {"threads": threads}
+                kwargs: dict[str, Any] = {"threads": threads, "source": source}
             else:
                 args = (shard, layout, spec.optimizer, groups, None)
                 kwargs = {"threads": threads,
@@ -352,7 +528,9 @@ class Coordinator:
         worker_threads = max(1, int(spec.worker_cpus)) if spec.backend == "ray" else None
         self.workers = [
             backend.start(GradientWorker, (self.task, rank, spec.workers, spec.seed, spec.batch_size, layout),
-                          {"threads": worker_threads}, spec.worker_cpus, f"gradient worker {rank}")
+                          {"threads": worker_threads,
+                           "frozen": [s.name for s in layout.params if spec.is_frozen(s.name)]},
+                          spec.worker_cpus, f"gradient worker {rank}")
             for rank in range(spec.workers)
         ]
         self._param_refs = None
@@ -537,7 +715,8 @@ class Coordinator:
         }
         payload = {
             "param_groups": [dict(g) for g in self.optimizer.param_groups],
-            "extra": {"coordinator": coordinator, "job": self.spec.to_dict()},
+            "extra": {"coordinator": coordinator, "job": self.spec.to_dict(),
+                      **({} if self.init_record is None else {"init": self.init_record})},
             "metrics": {k: v for k, v in self.last_metrics.items() if isinstance(v, float) and math.isfinite(v)},
         }
         self._saving = (pending, payload)

@@ -13,6 +13,8 @@ fails here with the key that caused it instead of on a cluster minutes later:
 - the optimizer, by ``workers.training.build_optimizer``, over zero-size stand-ins that
   carry the task's parameter names and dtypes, once per param-group rule and once with all
   rules (a pattern that matches no parameter is an error);
+- the ``frozen`` patterns against the task's parameter names (each must match one; at
+  least one parameter must stay trainable), the optimizer then over the trainable ones;
 - every scheduler, by ``workers.training.build_scheduler``, on that optimizer;
 - a metric named by ``schedulers[i].monitor`` or ``checkpoint.metric`` other than "loss"
   against the keys of one ``task.evaluate`` of the initial parameters (run only then).
@@ -20,6 +22,9 @@ fails here with the key that caused it instead of on a cluster minutes later:
 Every failure is a :class:`JobSpecError` whose message names the key path
 (``training.steps``), the value received and what is allowed; messages of a loaded file
 start with ``"<file>: "``.
+
+The ``[init]`` source of a fine-tuning job is not opened here (it may live on storage only the
+cluster sees); the coordinator checks it against the model before it starts anything.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import fnmatch
 import inspect
 import math
 import numbers
@@ -52,7 +58,8 @@ from workers.training import (
     build_scheduler,
 )
 
-__all__ = ["BACKENDS", "NONFINITE_POLICIES", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job", "parse_job"]
+__all__ = ["BACKENDS", "NONFINITE_POLICIES", "InitSpec", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job",
+           "parse_job"]
 
 BACKENDS = ("ray", "inline")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -100,18 +107,22 @@ FIELD_KEYS: dict[str, str] = {
     "keep_metric": "checkpoint.metric",
     "keep_mode": "checkpoint.mode",
     "run_dir": "run_dir",
+    "frozen": "frozen",
+    "init": "init",
 }
 # the tables of plain settings: table -> {key: field}
 SETTING_TABLES: dict[str, dict[str, str]] = {
     table: {key.partition(".")[2]: name for name, key in FIELD_KEYS.items() if key.startswith(f"{table}.")}
     for table in ("training", "resources", "checkpoint")
 }
-TOP_LEVEL_KEYS = ("run_dir", "task", "optimizer", "param_groups", "schedulers", "training", "resources", "checkpoint")
+TOP_LEVEL_KEYS = ("run_dir", "task", "optimizer", "param_groups", "schedulers", "training", "resources", "checkpoint",
+                  "frozen", "init")
 NAMED_TABLE_KEYS = ("name", "args")
 SCHEDULER_KEYS = ("name", "interval", "monitor", "args")
+INIT_KEYS = ("from", "step", "optimizer_state", "skip")
 # the fields whose values decide what the task, optimizer and scheduler checks see
 BUILD_FIELDS = ("task", "task_args", "optimizer", "optimizer_args", "param_groups", "schedulers", "seed",
-                "keep_metric")
+                "keep_metric", "frozen")
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,6 +242,15 @@ def _plain(path: str, value: Any) -> Any:
     raise JobSpecError(f"{path} must be a string, number, boolean, array or table; got {_got(value)}")
 
 
+def _check_patterns(path: str, value: Any) -> tuple[str, ...]:
+    """An array of glob patterns on parameter names (``fnmatch``)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise JobSpecError(f"{path} must be an array of glob patterns on parameter names such as [\"0.*\"]; "
+                           f"got {_got(value)}")
+    return tuple(_check_text(f"{path}[{index}]", pattern, "a glob pattern on parameter names such as '0.*'")
+                 for index, pattern in enumerate(value))
+
+
 def _check_args(path: str, value: Any) -> dict:
     if not isinstance(value, Mapping):
         raise JobSpecError(f"{path} must be a table of arguments; got {_got(value)}")
@@ -318,6 +338,57 @@ class SchedulerSpec:
                 "monitor": self.monitor}
 
 
+def _init_values(source: Any, step: Any, optimizer_state: Any, skip: Any) -> dict[str, Any]:
+    """The ``[init]`` values, checked: an absolute ``from``, a ``step`` >= 0 or None, a boolean
+    ``optimizer_state``, ``skip`` patterns."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    _check_text("init.from", source, "a directory path")
+    if not os.path.isabs(source):
+        raise JobSpecError(f"init.from must be an absolute path here (a job file's relative path is resolved "
+                           f"against the file's directory); got {source!r}")
+    return {"source": os.path.normpath(source), "step": _check_int("init.step", step, 0, optional=True),
+            "optimizer_state": _check_bool("init.optimizer_state", optimizer_state),
+            "skip": _check_patterns("init.skip", skip)}
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """Where a fine-tuning job's parameters come from: the ``[init]`` table.
+
+    source (``from`` in the file): a run directory, its ``checkpoints`` directory, or one
+    committed ``step-<k>`` checkpoint directory (absolute here). step: the committed step to
+    read from a run directory (default: its newest). optimizer_state: carry the optimizer
+    state too, matched by parameter name (the source must have the same optimizer). skip:
+    glob patterns on the SOURCE's parameter names to leave out.
+    """
+
+    source: str
+    step: int | None = None
+    optimizer_state: bool = False
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key, value in _init_values(self.source, self.step, self.optimizer_state, self.skip).items():
+            object.__setattr__(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``[init]`` table's keys: ``from``, ``step``, ``optimizer_state``, ``skip``."""
+        return {"from": self.source, "step": self.step, "optimizer_state": self.optimizer_state,
+                "skip": list(self.skip)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> InitSpec:
+        if not isinstance(data, Mapping):
+            raise JobSpecError(f"init must be a table ([init]) of {', '.join(INIT_KEYS)}; got {_got(data)}")
+        _check_keys("init", data, INIT_KEYS)
+        if "from" not in data:
+            raise JobSpecError("init.from is required: the run directory or step-<k> checkpoint directory to "
+                               "start from")
+        return cls(source=data["from"], step=data.get("step"), optimizer_state=data.get("optimizer_state", False),
+                   skip=data.get("skip", ()))
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A validated training job (the job file's reference: ``docs/jobs.md``).
@@ -328,6 +399,8 @@ class JobSpec:
     optimizer and the schedulers to check the names and arguments the values alone cannot
     show. ``param_groups`` None means the task's own rules, ``()`` one group for all
     parameters. Training stops at ``steps`` or ``epochs``, whichever comes first.
+    ``frozen``: glob patterns of parameters that are not trained (in no param group, no
+    optimizer state). ``init``: the checkpoint a fine-tuning job starts from, or None.
     """
 
     task: str
@@ -358,6 +431,8 @@ class JobSpec:
     keep_metric: str | None = None
     keep_mode: str = "min"
     run_dir: str = ""
+    frozen: tuple[str, ...] = ()
+    init: InitSpec | None = None
 
     def __post_init__(self) -> None:
         for name, value in _checked_fields(self).items():
@@ -370,10 +445,24 @@ class JobSpec:
         return Retention(keep_last=self.keep_last, keep_every=self.keep_every, keep_best=self.keep_best,
                          metric=self.keep_metric, mode=self.keep_mode)
 
+    def is_frozen(self, name: str) -> bool:
+        """Whether parameter ``name`` matches a ``frozen`` pattern (it is not trained)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.frozen)
+
+    def group_rules(self, task: Task, trainable: Sequence[str]) -> tuple[ParamGroupRule, ...]:
+        """The param-group rules the optimizer is built with over the ``trainable`` names: the
+        job's, or else the task's own less those that match only frozen parameters (freezing
+        what a task rule selects is the user's choice; a rule of the job's that matches only
+        frozen parameters is an error of the job file)."""
+        if self.param_groups is not None:
+            return self.param_groups
+        return tuple(rule for rule in task.param_groups if any(rule.matches(name) for name in trainable))
+
     def to_dict(self) -> dict[str, Any]:
         """Every field by name, as plain values (msgpack and JSON carry them): param_groups
         as None or ``[{"pattern", "options"}]``, schedulers as ``[{"name", "args",
-        "interval", "monitor"}]``."""
+        "interval", "monitor"}]``, init as None or ``{"from", "step", "optimizer_state",
+        "skip"}``."""
         out: dict[str, Any] = {}
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
@@ -382,6 +471,8 @@ class JobSpec:
                     {"pattern": rule.pattern, "options": _plain("options", rule.options)} for rule in value]
             elif item.name == "schedulers":
                 value = [scheduler.to_dict() for scheduler in value]
+            elif item.name == "init":
+                value = None if value is None else value.to_dict()
             else:
                 value = _plain(item.name, value)
             out[item.name] = value
@@ -405,6 +496,8 @@ class JobSpec:
         values = dict(data)
         values["param_groups"] = _rules_from_dicts(values["param_groups"])
         values["schedulers"] = _schedulers_from_dicts(values["schedulers"])
+        if values.get("init") is not None and not isinstance(values["init"], InitSpec):
+            values["init"] = InitSpec.from_dict(values["init"])
         spec = cls(**values)
         _check_build(spec)
         return spec
@@ -543,6 +636,22 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
         raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
                            f"resolved against the file's directory); got {run_dir!r}")
     out["run_dir"] = run_dir
+
+    out["frozen"] = _check_patterns(key["frozen"], spec.frozen)
+    if out["frozen"] and out["optimizer"] == "lbfgs":
+        raise JobSpecError(f"{key['frozen']} cannot be used with LBFGS (its direction and history span every "
+                           f"parameter); got frozen = {list(out['frozen'])}")
+    init = spec.init
+    if init is not None:
+        if not isinstance(init, InitSpec):
+            raise JobSpecError(f"init must be None or an InitSpec; got {init!r}")
+        if os.path.commonpath([init.source, run_dir]) == os.path.normpath(run_dir):
+            raise JobSpecError(f"init.from must be another run's checkpoint, outside this job's run_dir "
+                               f"({run_dir}); got {init.source!r}")
+        if init.optimizer_state and out["optimizer"] == "lbfgs":
+            raise JobSpecError("init.optimizer_state = true cannot be used with LBFGS (its history spans every "
+                               "parameter of the source); set optimizer_state = false")
+    out["init"] = init
     # the last word on retention is the checkpoint store's own check
     try:
         Retention(keep_last=out["keep_last"], keep_every=out["keep_every"], keep_best=out["keep_best"],
@@ -561,12 +670,28 @@ def _check_build(spec: JobSpec) -> None:
     the key that caused a failure."""
     task = _build_task(spec)
     params = _initial_params(task, spec)
-    placeholders = {name: array.dtype for name, array in params.items()}
+    dtypes = {name: array.dtype for name, array in params.items()}
     metrics = _metric_names(task, spec, params)
     del params  # the stand-ins below are all that is needed from here on
 
+    names = list(dtypes)
+    for index, pattern in enumerate(spec.frozen):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise JobSpecError(f"{FIELD_KEYS['frozen']}[{index}] (pattern {pattern!r}) matches no parameter of task "
+                               f"{spec.task!r}; parameters: {', '.join(names)}")
+    trainable = [name for name in names if not spec.is_frozen(name)]
+    if not trainable:
+        raise JobSpecError(f"{FIELD_KEYS['frozen']} matches every parameter of task {spec.task!r} "
+                           f"({', '.join(names)}): nothing would be trained")
+    for index, rule in enumerate(spec.param_groups or ()):
+        frozen = [name for name in names if rule.matches(name) and spec.is_frozen(name)]
+        if frozen and not any(rule.matches(name) for name in trainable):
+            raise JobSpecError(f"param_groups[{index}] (pattern {rule.pattern!r}) matches only frozen parameters "
+                               f"({', '.join(frozen)}); frozen parameters are in no param group")
+
     def stand_ins() -> dict[str, Parameter]:
-        return {name: Parameter(np.zeros(0, dtype), name=name) for name, dtype in placeholders.items()}
+        # frozen parameters are not the optimizer's (torch's requires_grad=False)
+        return {name: Parameter(np.zeros(0, dtypes[name]), name=name) for name in trainable}
 
     # the builders raise TypeError or ValueError for bad arguments, but a scheduler's
     # lr_lambda is the user's code and may raise anything: every failure names its key
@@ -575,7 +700,7 @@ def _check_build(spec: JobSpec) -> None:
     except Exception as error:
         raise JobSpecError(f"{FIELD_KEYS['optimizer_args']}: {_message(error)}") from error
     if spec.param_groups is None:
-        rules, where = tuple(task.param_groups), f"task {spec.task!r}'s param_groups"
+        rules, where = spec.group_rules(task, trainable), f"task {spec.task!r}'s param_groups"
         hint = "; set param_groups = [] in the job for one group of all parameters"
     else:
         rules, where, hint = spec.param_groups, "param_groups", ""
@@ -789,6 +914,17 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
                                                        item.get("monitor", TRAINING_LOSS))))
         hints[f"{path}.args"] = _misplaced_in(f"{path}.args", item.get("args", {}))
     fields["schedulers"] = tuple(specs)
+
+    if "frozen" in document:
+        fields["frozen"] = document["frozen"]
+    if "init" in document:
+        section = _table("init", document["init"], "[init]")
+        _check_keys("init", section, INIT_KEYS)
+        if "from" not in section:
+            raise JobSpecError("init.from is required: the run directory or step-<k> checkpoint directory to start "
+                               "from (relative to the job file)")
+        source = _check_text("init.from", section["from"], "a directory path")
+        fields["init"] = InitSpec.from_dict({**section, "from": str((base / Path(source).expanduser()).resolve())})
 
     fields["steps"] = fields["epochs"] = None
     for table, keys in SETTING_TABLES.items():

@@ -16,6 +16,7 @@ import pytest
 from checkpoints.run import Retention
 from service.jobspec import (
     BACKENDS,
+    InitSpec,
     NONFINITE_POLICIES,
     JobSpec,
     JobSpecError,
@@ -127,10 +128,17 @@ def failing_lambda(epoch: int) -> float:
 
 FULL = """
 run_dir = "runs/full"
+frozen = ["0.*"]
 
 [[param_groups]]
 pattern = "*.bias"
 weight_decay = 0.0
+
+[init]
+from = "runs/base"
+step = 50
+optimizer_state = true
+skip = ["4.*"]
 
 [task]
 name = "digits"
@@ -207,6 +215,8 @@ def test_a_complete_file_sets_every_field(tmp_path):
         shards=3, workers=2, backend="ray", address="ray://head:10001", max_failures=2, worker_cpus=1.0,
         shard_cpus=0.5, checkpoint_every=25, checkpoint_async=False, keep_last=2, keep_every=50, keep_best=1,
         keep_metric="accuracy", keep_mode="max", run_dir=str(tmp_path / "runs" / "full"),
+        frozen=("0.*",),
+        init=InitSpec(str(tmp_path / "runs" / "base"), step=50, optimizer_state=True, skip=("4.*",)),
     )
     # every field but backend differs from its default, so none was silently left at it
     # (an address needs backend "ray", the default)

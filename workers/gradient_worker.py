@@ -29,7 +29,7 @@ class GradientWorker:
     """Rank ``rank`` of ``world_size``: the task, the data stream, the layout of the shards."""
 
     def __init__(self, task: Task, rank: int, world_size: int, seed: int, batch_size: int,
-                 layout: ShardLayout, threads: int | None = None):
+                 layout: ShardLayout, threads: int | None = None, frozen: Sequence[str] = ()):
         if threads is not None:
             limit_threads(threads)
         self.task = task
@@ -38,6 +38,8 @@ class GradientWorker:
         self.seed = seed
         self.batch_size = batch_size
         self.layout = layout
+        # frozen parameters are never updated: their gradients are not sent
+        self.frozen = frozenset(frozen)
         self._order: tuple[int, np.ndarray] | None = None
 
     def ping(self) -> tuple[int, int]:
@@ -83,6 +85,8 @@ class GradientWorker:
                              f"expected {sorted(names)}, got {got}")
         pieces: list[dict[str, Any]] = [{} for _ in range(layout.num_shards)]
         for spec in layout.params:
+            if spec.name in self.frozen:
+                continue
             grad = grads[spec.name]
             if isinstance(grad, RowSparseGrad):
                 if grad.shape != spec.shape or grad.dtype != np.dtype(spec.dtype):

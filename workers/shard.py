@@ -72,13 +72,20 @@ class ShardActor:
 
     optimizer: a registry name; groups: ``[{"params": [names], ...}]`` (hyperparameters are
     sent with every :meth:`apply`, so scheduler changes reach the shard with the next step).
+    A parameter that no group lists is frozen (torch's ``requires_grad=False``): its gradient
+    pieces are neither added nor applied, and it has no optimizer state.
     params: this shard's 1-D slice of every parameter (copied). state: its optimizer state,
     as :meth:`state_slices` returns it (e.g. from a checkpoint's ``load_shard``), or None.
+    checkpoint: a committed checkpoint directory of this run to read both from instead.
+    source: a fine-tuning run's first start, ``{"checkpoint": directory, "params": [names],
+    "state": [names]}``: those parameters (and those parameters' optimizer state) are read
+    from another run's checkpoint, ``params`` gives the rest.
     """
 
     def __init__(self, shard: int, layout: ShardLayout, optimizer: str, groups: Sequence[Mapping[str, Any]],
                  params: Mapping[str, np.ndarray] | None, state: Mapping[str, Mapping[str, Any]] | None = None,
-                 threads: int | None = None, checkpoint: str | None = None):
+                 threads: int | None = None, checkpoint: str | None = None,
+                 source: Mapping[str, Any] | None = None):
         if threads is not None:
             limit_threads(threads)
         if checkpoint is not None:
@@ -86,6 +93,13 @@ class ShardActor:
             with RunCheckpoint(checkpoint) as committed:
                 loaded = committed.load_shard(shard, layout.num_shards)
             params, state = loaded["params"], loaded["state"]
+        if source is not None:
+            # a parameter's rows depend only on its shape and the shard count, so the source's
+            # slices of a kept parameter are this run's, whatever else differs between the models
+            with RunCheckpoint(source["checkpoint"]) as committed:
+                loaded = committed.load_shard(shard, layout.num_shards)
+            params = {**(params or {}), **{name: loaded["params"][name] for name in source["params"]}}
+            state = {name: loaded["state"][name] for name in source["state"]}
         self.shard = shard
         self.layout = layout
         self.rule = optimizer_class(optimizer).rule
@@ -110,6 +124,8 @@ class ShardActor:
             view[...] = given
             self.params[spec.name] = Parameter(view, name=spec.name)
             self.rows[spec.name] = layout.row_range(spec.name, shard)
+        # the parameters this shard trains, in table order; the others are frozen
+        self.trainable = [name for name in self.params if name in self.group_of]
         self.state: dict[str, dict[str, Any]] = {name: {} for name in self.params}
         self.grads: dict[str, np.ndarray | RowSparseGrad | None] = {name: None for name in self.params}
         self.saver = AsyncSaver()
@@ -143,10 +159,12 @@ class ShardActor:
         :func:`~workers.tasks.combine_partials`); row-sparse ones concatenate in rank order
         (repeated rows add up when applied). Returns ``{"nonfinite": [names], "sumsq":
         partial squared norm or None}`` (``sumsq`` when ``norm``: the coordinator adds the
-        shards' partials for global-norm clipping)."""
+        shards' partials for global-norm clipping). Frozen parameters' pieces are ignored: they
+        are not checked, not counted in the norm and not applied, as in torch, where a frozen
+        parameter has no gradient."""
         nonfinite: list[str] = []
         sumsq = 0.0
-        for name in self.params:
+        for name in self.trainable:
             total: Any = None
             for partial in partials:
                 grad = partial[name]
