@@ -84,3 +84,12 @@ def test_every_example_job_runs_to_completion(job, tmp_path, ray_address):
     assert (tmp_path / "run" / "checkpoints").is_dir()
     if job == "digits.toml":
         assert float(re.search(r"accuracy ([0-9.]+)", out.stdout).group(1)) >= 0.9, out.stdout
+
+
+def test_readme_job_snippets_validate(tmp_path):
+    from service.jobspec import parse_job
+
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        parse_job(block, source="README.md", base_dir=tmp_path)
