@@ -16,8 +16,10 @@ backend in this process:
    the backends and configurations over several rounds; medians (p90) over the pooled steps.
 2. Object-store bytes per step, in the same Ray runs: the raylet's cumulative count of bytes
    created in the object store (``store_stats.cumulative_created_bytes`` of Ray's memory-info
-   reply), read in the run's ``on_step`` callback after the last warm-up step and after the
-   last step; the difference over the steps between. Minimum: every parameter crosses once to
+   reply), read in the run's ``on_step`` callback after the last warm-up step but one and
+   after the last step, each time once every shard has answered a ``ping`` submitted after its
+   ``apply`` (the step's apply is not waited for; its result must be in the store before the
+   count is read); the difference over the steps between. Minimum: every parameter crosses once to
    the workers (each shard's ``apply`` returns its packed slices once: P bytes) and every
    worker's gradient crosses once to the shards (W x P bytes): P (1 + W).
 3. Coordinator overhead per step, tiny model (``synthetic-mlp`` of about 1k parameters, 1
@@ -69,6 +71,9 @@ from benchmarks.report import machine, write_section  # noqa: E402
 
 BEGIN, END = "<!-- engine:begin -->", "<!-- engine:end -->"
 WARMUP = 3
+# the object-store count starts after this warm-up step: the wait that settles the store
+# before a reading then delays step WARMUP, not a timed one
+COUNT_FROM = WARMUP - 1
 FLOAT32_BYTES = 4
 ADAM_ARRAYS = 3  # parameter, exp_avg, exp_avg_sq
 
@@ -163,7 +168,11 @@ def measure_scaling(mode: dict) -> list[dict]:
                 marks: dict[int, tuple[int, int]] = {}
 
                 def on_step(coordinator, record, backend=backend, steps=steps, marks=marks):
-                    if backend == "ray" and record["step"] in (WARMUP, steps):
+                    if backend == "ray" and record["step"] in (COUNT_FROM, steps):
+                        # calls to an actor run in order: the ping answers once the step's apply
+                        # has put its result; the wait falls on a step that is not timed
+                        ray_backend = coordinator.backend
+                        ray_backend.get([ray_backend.call(shard, "ping") for shard in coordinator.shards])
                         marks[record["step"]] = store_created()
 
                 started = time.perf_counter()
@@ -174,8 +183,8 @@ def measure_scaling(mode: dict) -> list[dict]:
                 seconds = [r["seconds"] for r in result.history[WARMUP:]]
                 times.setdefault((label, shards, backend), []).extend(seconds)
                 if backend == "ray":
-                    (b0, o0), (b1, o1) = marks[WARMUP], marks[steps]
-                    traffic.setdefault((label, shards), []).append((b1 - b0, o1 - o0, steps - WARMUP))
+                    (b0, o0), (b1, o1) = marks[COUNT_FROM], marks[steps]
+                    traffic.setdefault((label, shards), []).append((b1 - b0, o1 - o0, steps - COUNT_FROM))
                 print(f"  round {round_index + 1} {label:3s} shards {shards} {backend:6s} "
                       f"median {statistics.median(seconds) * 1e3:8.2f} ms  [{time.perf_counter() - started:.1f} s]",
                       flush=True)
@@ -561,7 +570,10 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         "Measured: the raylet's count of bytes created in the object store since the node started "
         "(`store_stats.cumulative_created_bytes` of Ray's memory-info reply: every object put into shared "
         "memory, i.e. actor results and arguments above Ray's 100 KiB inline limit), read in `on_step` after "
-        f"step {WARMUP} and after the last step of every Ray run; per step = the difference / the steps between "
+        f"step {COUNT_FROM} and after the last step of every Ray run, each time once every shard has answered a "
+        "ping submitted after its apply (the apply is not waited for, and its result must be in the store "
+        f"before the count is read; step {COUNT_FROM} is a warm-up step, so this wait delays no timed step); "
+        "per step = the difference / the steps between "
         "(median over the runs; the range when they differ). Results below the inline limit (losses, shard "
         "reports) travel inside Ray's messages and are not in the count. Minimum: P (1 + W), P = the "
         f"parameters' bytes (float32), W = {WORKERS}: every shard's apply returns its packed slices once for "

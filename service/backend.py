@@ -104,8 +104,13 @@ class RayBackend:
             target = address or os.environ.get("RAY_ADDRESS")
             if target is None:
                 # a private single-node instance that listens on loopback only; without this
-                # variable Ray moves the node to the machine's external address
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                # variable Ray moves the node to the machine's external address. Ray's
+                # processes read it from the environment; this process read it when ray was
+                # first imported, so the constant is set too in case that happened earlier
+                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+                from ray._private import ray_constants
+
+                ray_constants.ENABLE_RAY_CLUSTER = False
                 options.update(_node_ip_address="127.0.0.1", include_dashboard=False)
             else:
                 options["address"] = target

@@ -5,10 +5,14 @@
     shardstep inspect RUN_DIR_or_CHECKPOINT
     shardstep export RUN_DIR --out FILE [--step K]
     shardstep plot RUN_DIR [--out PNG]
+    shardstep submit JOB.toml [--address URL] [--shards N] [--workers W] [--run-dir DIR] [--no-wait|--follow]
+    shardstep jobs list | status ID | logs ID [--follow] | stop ID   [--address URL]
 
 Exit codes: 0 done; 1 the run failed (an actor error, more failures than max_failures, a
 non-finite loss); 2 bad input (a job file that does not validate, a directory that is not a
-run, no checkpoint to resume). Errors are one message on stderr, never a traceback.
+run, no checkpoint to resume, a cluster that cannot be reached or has no such job). A
+submitted job that was watched to its end gives 0 when it succeeded, 1 when it failed or was
+stopped. Errors are one message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     from service.errors import ShardstepError
     from service.jobspec import JobSpecError
 
+    if args.command in ("run", "resume"):
+        # `jobs stop` and schedulers end a driver with SIGTERM: stop like Ctrl-C, so the actors
+        # end and a half-written checkpoint is discarded
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)
     except (UsageError, JobSpecError, CheckpointError) as error:
@@ -53,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardstep {args.command}: interrupted; committed checkpoints are kept "
               "(continue with `shardstep resume RUN_DIR`)", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the file to write")
     export.add_argument("--step", type=_non_negative, help="the checkpoint step (default: the latest)")
     export.set_defaults(handler=_export)
+    _cluster_commands(commands)
     return parser
 
 
@@ -183,6 +197,12 @@ def _train(spec: Any, quiet: bool) -> int:
         if progress is not None:
             progress.close()
     seconds = time.perf_counter() - start
+    init = getattr(result, "init", None)
+    if init and not quiet:
+        print(f"initialized from {init['from']}: loaded {', '.join(init['loaded'])}; new "
+              f"{', '.join(init['new']) or 'none'}"
+              + (f"; optimizer state of {len(init['state'])} parameters" if init['optimizer_state'] else ""),
+              flush=True)
     metrics = "  ".join(f"{k} {v:.6g}" for k, v in result.metrics.items() if math.isfinite(v))
     print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s; {metrics}; "
           f"checkpoints at steps {result.checkpoint_steps[-5:]} in {Path(spec.run_dir) / CHECKPOINT_DIR}"
@@ -274,6 +294,89 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({out.stat().st_size:,} bytes): parameters and optimizer state_dict of step {step}; "
           f"load with checkpoints.load({str(out)!r})")
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# submit / jobs: a Ray cluster's job server (service/submit.py, docs/cluster.md)
+
+
+def _cluster_commands(commands: Any) -> None:
+    address_help = ("the cluster: http://HEAD:8265 (its job server), ray://HEAD:10001, HEAD:6379 (its GCS) or "
+                    "auto; default RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else a cluster started on this machine")
+
+    submit = commands.add_parser("submit", help="run a job file on a Ray cluster through Ray Jobs (resubmitting "
+                                 "resumes from the run directory's latest checkpoint)")
+    submit.add_argument("job", help="the job's TOML file; its directory is uploaded with it")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--run-dir", help="the run directory as the cluster's nodes see it: storage they share "
+                        "(default: the job's run_dir, relative to the job file)")
+    submit.add_argument("--shards", type=_positive, help="number of optimizer shards (overrides the job)")
+    submit.add_argument("--workers", type=_positive, help="number of gradient workers (overrides the job)")
+    watch = submit.add_mutually_exclusive_group()
+    watch.add_argument("--no-wait", dest="watch", action="store_const", const="no-wait",
+                       help="return once the job is submitted")
+    watch.add_argument("--follow", dest="watch", action="store_const", const="follow",
+                       help="stream the job's output until it ends")
+    submit.set_defaults(handler=_submit, watch="wait")
+
+    jobs = commands.add_parser("jobs", help="list, inspect, follow or stop the jobs of a Ray cluster")
+    actions = jobs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every submitted job with its status and run directory")
+    listing.set_defaults(handler=_jobs_list)
+    status = actions.add_parser("status", help="one job's status, times, command and latest checkpoint")
+    status.set_defaults(handler=_jobs_status)
+    logs = actions.add_parser("logs", help="one job's output")
+    logs.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+    logs.set_defaults(handler=_jobs_logs)
+    stop = actions.add_parser("stop", help="stop a job and wait until it has ended (its checkpoints are kept)")
+    stop.set_defaults(handler=_jobs_stop)
+    for action in (status, logs, stop):
+        action.add_argument("job_id", metavar="ID", help="the job's submission id (shardstep jobs list)")
+    for action in (listing, status, logs, stop):
+        action.add_argument("--address", help=address_help)
+
+
+def _on_cluster(command: Any) -> int:
+    """Run a cluster command; its ClusterError is bad input (exit code 2)."""
+    from service.submit import ClusterError
+
+    try:
+        return command()
+    except ClusterError as error:
+        raise UsageError(str(error)) from None
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from service import submit
+
+    return _on_cluster(lambda: submit.submit(args.job, address=args.address, run_dir=args.run_dir,
+                                             shards=args.shards, workers=args.workers, mode=args.watch,
+                                             out=sys.stdout, err=sys.stderr))
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    from service import submit
+
+    return _on_cluster(lambda: submit.list_jobs(address=args.address, out=sys.stdout))
+
+
+def _jobs_status(args: argparse.Namespace) -> int:
+    from service import submit
+
+    return _on_cluster(lambda: submit.job_status(args.job_id, address=args.address, out=sys.stdout))
+
+
+def _jobs_logs(args: argparse.Namespace) -> int:
+    from service import submit
+
+    return _on_cluster(lambda: submit.job_logs(args.job_id, address=args.address, follow=args.follow,
+                                               out=sys.stdout, err=sys.stderr))
+
+
+def _jobs_stop(args: argparse.Namespace) -> int:
+    from service import submit
+
+    return _on_cluster(lambda: submit.stop_job(args.job_id, address=args.address, out=sys.stdout, err=sys.stderr))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ import os
 
 import pytest
 
+# Ray reads this once, when it is first imported (ray._private.ray_constants): it must be set
+# before any test module imports ray, or a Ray instance started in this process moves its node
+# from 127.0.0.1 to the machine's external address
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 def require_torch():
     """torch, or a skip when it is not installed; SHARDSTEP_REQUIRE_TORCH=1 (CI's live parity
@@ -22,8 +27,6 @@ def ray_address():
     """One local Ray instance for the whole test session, on loopback only, shut down at the
     end (which stops exactly the processes it started). Yields its GCS address, which a
     subprocess reaches with RAY_ADDRESS."""
-    # without this, Ray moves the node to the machine's external address
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
                        logging_level="ERROR", log_to_driver=False)

@@ -1,0 +1,511 @@
+"""Cluster submission through Ray Jobs, against a real Ray head started here.
+
+The head (``ray start --head --block``) listens on loopback ports chosen here, keeps its
+files in a temporary directory of its own, and has token authentication on; it is stopped
+at the end by signalling its process group (and any job process it left), never with
+``ray stop``. Every command runs as a real ``shardstep`` process.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkpoints import committed_steps, open_checkpoint
+from service.coordinator import CHECKPOINT_DIR
+from service.submit import CODE_PACKAGES, ClusterError, prepare
+from workers.tasks import make_task
+from workers.training import Trainer
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+HEAD_START_SECONDS = 90
+JOB_SECONDS = 120
+ADDRESS_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+JOB = """\
+run_dir = "{run_dir}"
+
+[task]
+name = "{task}"
+
+[optimizer]
+name = "adam"
+[optimizer.args]
+lr = 0.01
+
+[[schedulers]]
+name = "StepLR"
+[schedulers.args]
+step_size = 40
+gamma = 0.5
+
+[training]
+steps = {steps}
+batch_size = 96
+seed = 5
+
+[resources]
+shards = 2
+workers = 2
+backend = "{backend}"
+
+[checkpoint]
+every = {every}
+"""
+
+
+def write_job(directory: Path, *, run_dir: Path | str, steps: int, every: int = 10, task: str = "digits",
+              backend: str = "ray", name: str = "job.toml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(JOB.format(run_dir=run_dir, task=task, steps=steps, every=every, backend=backend))
+    return path
+
+
+def reference(steps: int) -> dict[str, np.ndarray]:
+    """The same training in one process (the engine equals it bit for bit)."""
+    trainer = Trainer(make_task("digits"), seed=5, batch_size=96, optimizer="adam", optimizer_kwargs={"lr": 0.01},
+                      scheduler="StepLR", scheduler_kwargs={"step_size": 40, "gamma": 0.5}, world_size=2)
+    return trainer.run(steps=steps).params
+
+
+def final_params(run_dir: Path) -> dict[str, np.ndarray]:
+    with open_checkpoint(run_dir / CHECKPOINT_DIR) as checkpoint:
+        return checkpoint.export()[0]
+
+
+def assert_same(params, expected):
+    assert list(params) == list(expected)
+    for name in expected:
+        assert np.array_equal(params[name], expected[name]), name
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that are free now (all held open while choosing)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def base_env() -> dict[str, str]:
+    """This environment without any Ray address or token settings."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ADDRESS_VARIABLES + AUTH_VARIABLES + ("PYTHONPATH",)}
+
+
+# ---------------------------------------------------------------------------------------
+# the head
+
+
+@dataclass(frozen=True)
+class Head:
+    url: str           # the job server, http://127.0.0.1:PORT
+    gcs: str           # 127.0.0.1:PORT
+    token: str
+    env: dict          # what a client on this machine sets: loopback, token mode, the token
+    process: subprocess.Popen
+    temp_dir: str
+
+
+def _group_pids(group: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == group and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _pids_using(directory: str) -> list[int]:
+    """Processes whose command line or working directory is inside ``directory`` (the head's
+    own temporary directory: a job's driver runs in its own session, in a directory there)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if directory in command or cwd.startswith(directory):
+            pids.append(int(entry))
+    return pids
+
+
+def _listening_addresses(pids: list[int]) -> set[str]:
+    """The local addresses of the TCP sockets these processes listen on (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:["):-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            host = local.partition(":")[0]
+            raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+            address = ipaddress.ip_address(raw)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            found.add(str(address))
+    return found
+
+
+def _get_json(url: str, token: str) -> dict:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _stop_head(process: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM to the head's process group, then SIGKILL to whatever of it (or of the jobs
+    it ran) is left."""
+    group = process.pid
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and (_group_pids(group) or process.poll() is None):
+        time.sleep(0.2)
+    leftovers = set(_group_pids(group)) | set(_pids_using(temp_dir))
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head():
+    token = secrets.token_hex(16)
+    # a short path: Ray's unix sockets live in it
+    temp_dir = tempfile.mkdtemp(prefix="shardstep-ray-", dir="/tmp")
+    names = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port")
+    ports = dict(zip(names, free_ports(len(names))))
+    env = base_env()
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_USAGE_STATS_ENABLED="0",
+               # the jobs' `python` is this interpreter, as a cluster's image puts its own first
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+               "--num-cpus=2", f"--temp-dir={temp_dir}", "--object-store-memory=200000000",
+               "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0",
+               *[f"--{name}={port}" for name, port in ports.items()]]
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    with open(Path(temp_dir) / "head.log", "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    listening: set[str] = set()
+    try:
+        deadline = time.monotonic() + HEAD_START_SECONDS
+        nodes: list = []
+        while not any(node["state"] == "ALIVE" for node in nodes):
+            assert process.poll() is None, "ray start exited:\n" + (Path(temp_dir) / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the head was not up within {HEAD_START_SECONDS} s"
+            time.sleep(0.5)
+            try:
+                if _get_json(f"{url}/api/version", token).get("ray_version"):
+                    nodes = _get_json(f"{url}/api/v0/nodes", token)["data"]["result"]["result"]
+            except (OSError, ValueError, KeyError):
+                continue
+        assert [node["node_ip"] for node in nodes] == ["127.0.0.1"], nodes
+        listening = _listening_addresses(_group_pids(process.pid))  # the GCS, the raylet, the job server, ...
+        assert listening and all(ipaddress.ip_address(address).is_loopback for address in listening), listening
+        client = base_env()
+        client.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+        yield Head(url=url, gcs=f"127.0.0.1:{ports['port']}", token=token, env=client, process=process,
+                   temp_dir=temp_dir)
+        # everything the head and its jobs' processes listened on, after all the tests
+        listening = _listening_addresses(_group_pids(process.pid) + _pids_using(temp_dir))
+    finally:
+        _stop_head(process, temp_dir)
+    assert all(ipaddress.ip_address(address).is_loopback for address in listening), listening
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def shardstep(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout, env=env, cwd=REPOSITORY, stdin=subprocess.DEVNULL)
+
+
+def submitted_id(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"^submitted (raysubmit_\w+) to ", result.stdout, re.MULTILINE)
+    assert match, result.stdout
+    return match.group(1)
+
+
+def status_of(head: Head, job_id: str) -> str:
+    result = shardstep("jobs", "status", job_id, "--address", head.url, env=head.env)
+    assert result.returncode == 0, result.stderr
+    return re.search(r"^status +(\w+)$", result.stdout, re.MULTILINE).group(1)
+
+
+def one_error(result: subprocess.CompletedProcess, prefix: str) -> str:
+    """Exit code 2 and exactly one line on stderr, starting with ``prefix``."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+
+
+def test_prepare_builds_the_command_and_ships_the_code(tmp_path, monkeypatch):
+    """What Ray is given: the job file's directory without the run directory inside it,
+    shardstep's packages, a task package kept elsewhere, and an absolute run directory."""
+    package = f"usertask_{secrets.token_hex(4)}"
+    code = tmp_path / "code" / package
+    code.mkdir(parents=True)
+    (code / "__init__.py").write_text("")
+    (code / "tasks.py").write_text("from workers.tasks.digits import DigitsTask\n\n\n"
+                                   "class Digits(DigitsTask):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    job = write_job(tmp_path / "jobs", run_dir="runs/first", steps=5, task=f"{package}.tasks:Digits")
+
+    submission = prepare(str(job), shards=3)
+    run_dir = str((tmp_path / "jobs" / "runs" / "first").resolve())
+    assert submission.run_dir == run_dir
+    assert submission.entrypoint == f"python -m service.cli run job.toml --run-dir {run_dir} --shards 3"
+    assert submission.spec.shards == 3
+    env = submission.runtime_env
+    assert env["working_dir"] == str((tmp_path / "jobs").resolve())
+    assert "/runs/first/" in env["excludes"] and "__pycache__/" in env["excludes"]
+    shipped = [Path(p) for p in env["py_modules"]]
+    assert [p.name for p in shipped] == [*CODE_PACKAGES, package]
+    assert shipped[0] == REPOSITORY / "service" and shipped[-1] == code.resolve()
+    assert submission.metadata["shardstep_run_dir"] == run_dir
+
+    # a task package at the top of the job's directory travels in the working directory;
+    # --run-dir is taken as given, relative to the current directory
+    beside = tmp_path / "beside"
+    other = f"usertask_{secrets.token_hex(4)}"
+    shutil.copytree(code, beside / other)
+    monkeypatch.syspath_prepend(str(beside))
+    monkeypatch.chdir(tmp_path)
+    job = write_job(beside, run_dir="/unused", steps=5, task=f"{other}.tasks:Digits")
+    submission = prepare(str(job), run_dir="elsewhere/run")
+    assert submission.run_dir == str(tmp_path / "elsewhere" / "run")
+    assert [Path(p).name for p in submission.runtime_env["py_modules"]] == list(CODE_PACKAGES)
+    # the job's directory is uploaded: it cannot be the run directory too
+    with pytest.raises(ClusterError, match=r"is the job file's directory, which is uploaded with the job"):
+        prepare(str(job), run_dir=str(beside))
+
+    # a fine-tuning source given relative to the job file would be looked for in Ray's copy
+    for source, accepted in (("runs/base", False), ("~/runs/base", False), ("/shared/runs/base", True)):
+        text = job.read_text().replace("[task]", f'[init]\nfrom = "{source}"\n\n[task]')
+        tuned = job.with_name("tuned.toml")
+        tuned.write_text(text)
+        if accepted:
+            assert prepare(str(tuned)).spec.init.source == source
+        else:
+            with pytest.raises(ClusterError, match=rf"tuned.toml: init.from = '{re.escape(source)}' is relative"):
+                prepare(str(tuned))
+
+
+def test_submit_a_job_with_its_own_task_code_and_follow_it(head, tmp_path):
+    """A task defined outside shardstep and outside the job's directory reaches the cluster
+    (py_modules); the job is followed with `jobs status` and `jobs logs` to SUCCEEDED and its
+    checkpoints are loadable and equal the local loop's result."""
+    package = f"usertask_{secrets.token_hex(4)}"
+    code = tmp_path / "code" / package
+    code.mkdir(parents=True)
+    (code / "__init__.py").write_text("")
+    (code / "tasks.py").write_text("from workers.tasks.digits import DigitsTask\n\n\n"
+                                   "class Digits(DigitsTask):\n    \"\"\"The digits task, defined by a user.\"\"\"\n")
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job", run_dir=run_dir, steps=30, task=f"{package}.tasks:Digits")
+    env = {**head.env, "PYTHONPATH": str(tmp_path / "code")}  # here only: the head has no such path
+
+    job_id = submitted_id(shardstep("submit", str(job), "--address", head.url, "--no-wait", env=env))
+    assert status_of(head, job_id) in ("PENDING", "RUNNING")
+    followed = shardstep("jobs", "logs", job_id, "--follow", "--address", head.url, env=head.env)
+    assert followed.returncode == 0, followed.stderr
+    assert f"run job.toml --run-dir {run_dir}" in followed.stdout and "done: 30 steps" in followed.stdout
+    assert followed.stdout.rstrip().endswith(f"job {job_id} SUCCEEDED; run directory {run_dir}")
+    assert status_of(head, job_id) == "SUCCEEDED"
+    logs = shardstep("jobs", "logs", job_id, "--address", head.url, env=head.env)
+    assert logs.returncode == 0 and "done: 30 steps" in logs.stdout, logs.stderr
+
+    # the GCS address finds the same job server
+    listing = shardstep("jobs", "list", "--address", head.gcs, env=head.env)
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(rf"^{job_id} +SUCCEEDED .* {re.escape(str(run_dir))}$", listing.stdout, re.MULTILINE), \
+        listing.stdout
+
+    assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30]
+    for step in (10, 20, 30):
+        with open_checkpoint(run_dir / CHECKPOINT_DIR, step) as checkpoint:
+            assert checkpoint.step == step and checkpoint.layout.num_shards == 2
+    assert_same(final_params(run_dir), reference(30))
+
+
+def test_stop_then_resubmit_resumes_from_the_stopped_jobs_checkpoint(head, tmp_path):
+    """`jobs stop` ends a running job; submitting the same job again continues from the
+    checkpoint it left, and the result equals an uninterrupted run bit for bit."""
+    # the digits task with a step of at least 20 ms, like a larger model's, so the stop lands
+    # mid-run on any machine; its package sits beside the job file and travels with it
+    package = f"slowtask_{secrets.token_hex(4)}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(
+        "import time\n\nfrom workers.tasks.digits import DigitsTask\n\n\n"
+        "class SlowDigits(DigitsTask):\n"
+        "    def loss_and_grad(self, params, batch):\n"
+        "        time.sleep(0.02)\n"
+        "        return super().loss_and_grad(params, batch)\n")
+    steps = 400
+    run_dir = tmp_path / "run"  # inside the job's directory: left out of the upload
+    job = write_job(tmp_path, run_dir=run_dir, steps=steps, every=10, task=f"{package}:SlowDigits")
+    env = {**head.env, "PYTHONPATH": str(tmp_path)}  # for the check here; the cluster has the working dir
+    root = run_dir / CHECKPOINT_DIR
+
+    first = submitted_id(shardstep("submit", str(job), "--address", head.url, "--no-wait", env=env))
+    # one run per directory: a second submission is refused while the first is on
+    twice = shardstep("submit", str(job), "--address", head.url, "--no-wait", env=env)
+    refused = one_error(twice, "shardstep submit: error:")
+    assert re.search(rf"job {first} is (PENDING|RUNNING) on the run directory {re.escape(str(run_dir))}; two runs "
+                     rf"cannot share one directory", refused), refused
+
+    deadline = time.monotonic() + JOB_SECONDS
+    while len(committed_steps(root)) < 2:
+        assert time.monotonic() < deadline, "no two checkpoints within the time limit"
+        time.sleep(0.05)
+    stopped = shardstep("jobs", "stop", first, "--address", head.url, env=head.env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.startswith(f"job {first} STOPPED; the committed checkpoints in {run_dir} are kept")
+    left = committed_steps(root)[-1]
+    assert 20 <= left < steps
+    status = shardstep("jobs", "status", first, "--address", head.url, env=head.env).stdout
+    assert re.search(rf"^status +STOPPED\n(.*\n)*run dir +{re.escape(str(run_dir))}\ncheckpoint +step {left} "
+                     rf"\(latest committed\)$", status, re.MULTILINE), status
+    committed = tuple(f"step-{step:010d}/" for step in committed_steps(root))
+    kept = {name: data for name, data in snapshot(root).items() if name.startswith(committed)}
+
+    # submitted again and waited for (the default): it goes on from the stopped job's checkpoint
+    resumed = shardstep("submit", str(job), "--address", head.url, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    second = submitted_id(resumed)
+    assert f"run directory {run_dir} (resumes from step {left})" in resumed.stdout
+    assert re.search(rf"^\d\d:\d\d:\d\d {second} RUNNING$", resumed.stdout, re.MULTILINE), resumed.stdout
+    assert resumed.stdout.rstrip().endswith(f"job {second} SUCCEEDED; run directory {run_dir}")
+    logs = shardstep("jobs", "logs", second, "--address", head.url, env=head.env).stdout
+    assert f"resuming from step {left}" in logs and f"done: {steps} steps" in logs, logs
+    assert committed_steps(root)[-1] == steps
+    after = snapshot(root)
+    assert {name: after.get(name) for name in kept} == kept  # resumed, not restarted
+    assert_same(final_params(run_dir), reference(steps))
+
+    again = shardstep("jobs", "stop", first, "--address", head.url, env=head.env)
+    assert again.returncode == 0 and again.stdout.strip() == f"job {first} already ended (STOPPED); nothing to stop"
+
+
+def test_bad_input_exits_2_with_one_message_and_changes_nothing(head, tmp_path):
+    """An unreachable or malformed address, a job file that does not validate, an unknown
+    job id, a missing or wrong token: one message, exit code 2, nothing submitted and the
+    run directory the job names untouched."""
+    # a real run directory, made locally
+    job = write_job(tmp_path, run_dir=tmp_path / "run", steps=10, every=5, backend="inline")
+    done = shardstep("run", str(job), env=head.env)
+    assert done.returncode == 0, done.stderr
+    before = snapshot(tmp_path / "run")
+    listed_before = shardstep("jobs", "list", "--address", head.url, env=head.env).stdout
+
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
+    bad = write_job(tmp_path / "bad", run_dir=tmp_path / "run", steps=10, backend="cuda")
+    home = tmp_path / "home"  # no ~/.ray/auth_token there
+    home.mkdir()
+    without_token = {**{k: v for k, v in head.env.items() if k not in AUTH_VARIABLES}, "HOME": str(home)}
+    cases = [
+        (("submit", str(job), "--address", closed), head.env,
+         f"cannot reach the Ray cluster at {closed} (from --address): Connection refused"),
+        (("submit", str(job)), {**head.env, "RAY_ADDRESS": closed},
+         f"cannot reach the Ray cluster at {closed} (from RAY_ADDRESS)"),
+        # RAY_API_SERVER_ADDRESS comes before RAY_ADDRESS
+        (("jobs", "list"), {**head.env, "RAY_API_SERVER_ADDRESS": closed, "RAY_ADDRESS": head.url},
+         f"cannot reach the Ray cluster at {closed} (from RAY_API_SERVER_ADDRESS)"),
+        (("submit", str(job), "--address", "ftp://127.0.0.1:1"), head.env,
+         "--address: a cluster address must be http(s)://HOST:PORT"),
+        (("submit", str(bad), "--address", head.url), head.env,
+         f"{bad}: resources.backend must be one of 'ray', 'inline'; got 'cuda'"),
+        (("jobs", "status", "raysubmit_unknown", "--address", head.url), head.env,
+         f"no job 'raysubmit_unknown' on the Ray cluster at {head.url}"),
+        (("jobs", "logs", "raysubmit_unknown", "--address", head.url), head.env, "no job 'raysubmit_unknown'"),
+        (("jobs", "stop", "raysubmit_unknown", "--address", head.url), head.env, "no job 'raysubmit_unknown'"),
+        (("submit", str(job), "--address", head.url), without_token,
+         f"the Ray cluster at {head.url} requires an authentication token and none was sent: set RAY_AUTH_MODE=token"),
+        (("jobs", "list", "--address", head.url), {**without_token, "RAY_AUTH_MODE": "token"},
+         "RAY_AUTH_MODE=token but no authentication token was found"),
+        (("submit", str(job), "--address", head.url), {**head.env, "RAY_AUTH_TOKEN": "wrong"},
+         f"the Ray cluster at {head.url} refused the authentication token from RAY_AUTH_TOKEN"),
+    ]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda case: shardstep(*case[0], env=case[1]), cases))
+    for (args, _, message), result in zip(cases, results):
+        line = one_error(result, f"shardstep {args[0]}: error: ")
+        assert message in line, (args, line)
+        assert "Traceback" not in line
+
+    # an explicit address wins over both variables
+    explicit = shardstep("jobs", "list", "--address", head.url,
+                         env={**head.env, "RAY_API_SERVER_ADDRESS": closed, "RAY_ADDRESS": closed})
+    assert explicit.returncode == 0, explicit.stderr
+    assert explicit.stdout == listed_before  # and nothing was submitted by the cases above
+    assert snapshot(tmp_path / "run") == before
