@@ -10,50 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-from checkpoints import committed_steps, load, open_checkpoint
+from checkpoints import committed_steps, load
 from service.coordinator import CHECKPOINT_DIR
-from workers.tasks import make_task
-from workers.training import Trainer
-
-JOB = """\
-run_dir = "{run_dir}"
-
-[task]
-name = "digits"
-
-[optimizer]
-name = "adam"
-[optimizer.args]
-lr = 0.01
-
-[[schedulers]]
-name = "StepLR"
-[schedulers.args]
-step_size = 40
-gamma = 0.5
-
-[training]
-steps = {steps}
-batch_size = 96
-seed = 5
-
-[resources]
-shards = 2
-workers = 2
-backend = "{backend}"
-
-[checkpoint]
-every = {every}
-"""
+from tests.runs import DIGITS_JOB, assert_same, digits_reference, final_params, snapshot
 
 
 def write_job(tmp_path: Path, steps: int, backend: str = "inline", every: int = 10, name: str = "job.toml",
               run_dir: str = "run") -> Path:
     path = tmp_path / name
-    path.write_text(JOB.format(run_dir=run_dir, steps=steps, backend=backend, every=every))
+    path.write_text(DIGITS_JOB.format(run_dir=run_dir, task="digits", steps=steps, backend=backend, every=every))
     return path
 
 
@@ -62,25 +27,12 @@ def shardstep(*args: str, env: dict | None = None, timeout: float = 300) -> subp
                           timeout=timeout, env=env)
 
 
-def reference(steps: int) -> dict[str, np.ndarray]:
-    trainer = Trainer(make_task("digits"), seed=5, batch_size=96, optimizer="adam", optimizer_kwargs={"lr": 0.01},
-                      scheduler="StepLR", scheduler_kwargs={"step_size": 40, "gamma": 0.5}, world_size=2)
-    return trainer.run(steps=steps).params
 
 
-def final_params(run_dir: Path) -> dict[str, np.ndarray]:
-    with open_checkpoint(run_dir / CHECKPOINT_DIR) as checkpoint:
-        return checkpoint.export()[0]
 
 
-def assert_same(params, expected):
-    assert list(params) == list(expected)
-    for name in expected:
-        assert np.array_equal(params[name], expected[name]), name
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_run_inspect_export_and_run_again_resumes(tmp_path):
@@ -90,7 +42,7 @@ def test_run_inspect_export_and_run_again_resumes(tmp_path):
     assert "done: 30 steps" in done.stdout
     run_dir = tmp_path / "run"
     assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30]
-    assert_same(final_params(run_dir), reference(30))
+    assert_same(final_params(run_dir), digits_reference(30))
 
     shown = shardstep("inspect", str(run_dir))
     assert shown.returncode == 0, shown.stderr
@@ -102,7 +54,7 @@ def test_run_inspect_export_and_run_again_resumes(tmp_path):
     exported = shardstep("export", str(run_dir), "--out", str(out), "--step", "20")
     assert exported.returncode == 0, exported.stderr
     data = load(out)
-    assert_same(data["model"], reference(20))
+    assert_same(data["model"], digits_reference(20))
     assert data["optimizer"]["param_groups"][0]["params"] == [0, 1, 2, 3]
     assert set(data["optimizer"]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
 
@@ -112,12 +64,12 @@ def test_run_inspect_export_and_run_again_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "resuming from step 30" in again.stdout
     assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30, 40, 50]
-    assert_same(final_params(run_dir), reference(50))
+    assert_same(final_params(run_dir), digits_reference(50))
 
 
 def test_bad_input_exits_2_with_one_message_and_changes_nothing(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(JOB.format(run_dir="run", steps=10, backend="cuda", every=5))
+    bad.write_text(DIGITS_JOB.format(run_dir="run", task="digits", steps=10, backend="cuda", every=5))
     result = shardstep("run", str(bad))
     assert result.returncode == 2
     assert result.stderr.strip() == (f"shardstep run: error: {bad}: resources.backend must be one of 'ray', "
@@ -170,4 +122,4 @@ def test_a_killed_coordinator_resumes_bit_identical(tmp_path, ray_address):
     assert resumed.returncode == 0, resumed.stderr
     assert "done: 1500 steps" in resumed.stdout
     assert committed_steps(root)[-1] == steps
-    assert_same(final_params(tmp_path / "run"), reference(steps))
+    assert_same(final_params(tmp_path / "run"), digits_reference(steps))

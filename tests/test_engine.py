@@ -14,6 +14,7 @@ from checkpoints import committed_steps, open_checkpoint
 from service.coordinator import CHECKPOINT_DIR, Coordinator, Phase
 from service.errors import NonFiniteError, RunFailedError
 from service.jobspec import JobSpec, SchedulerSpec
+from tests.runs import assert_same
 from workers.tasks import make_task
 from workers.training import Trainer
 
@@ -56,12 +57,6 @@ def local_run(spec: JobSpec, steps: int | None = None) -> dict[str, np.ndarray]:
     return trainer.run(steps=steps or spec.steps).params
 
 
-def assert_same(params, reference, label=""):
-    assert list(params) == list(reference)
-    for name in reference:
-        assert params[name].dtype == reference[name].dtype
-        assert np.array_equal(params[name], reference[name]), (
-            f"{label}{name}: max |difference| {np.abs(params[name] - reference[name]).max()}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,7 +134,7 @@ def kill_at(coordinator_box, step, kind):
         if record["step"] == step and not coordinator_box.get("killed"):
             coordinator = coordinator_box["coordinator"]
             shards = len(coordinator.shards)
-            rank, pid = coordinator.pids[0 if kind == "shard" else shards]
+            _, pid = coordinator.pids[0 if kind == "shard" else shards]
             os.kill(pid, signal.SIGKILL)
             coordinator_box["killed"] = pid
 

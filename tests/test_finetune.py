@@ -21,6 +21,7 @@ from checkpoints import committed_steps, open_checkpoint
 from service.coordinator import CHECKPOINT_DIR, INIT_FILE, Coordinator, Phase
 from service.jobspec import InitSpec, JobSpec, JobSpecError, SchedulerSpec, parse_job
 from tests.finetune_tasks import DigitsPairsTask
+from tests.runs import assert_same
 from workers.tasks import make_task
 from workers.tasks.base import ParamGroupRule
 from workers.training import Trainer
@@ -62,12 +63,6 @@ def source(tmp_path_factory):
             "state": {name: optimizer["state"][index] for index, name in enumerate(params)}}
 
 
-def assert_same(params, reference, label=""):
-    assert list(params) == list(reference)
-    for name in reference:
-        assert params[name].dtype == reference[name].dtype
-        assert np.array_equal(params[name], reference[name]), (
-            f"{label}{name}: max |difference| {np.abs(params[name] - reference[name]).max()}")
 
 
 def rms(a, b) -> float:

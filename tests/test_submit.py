@@ -25,14 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from checkpoints import committed_steps, open_checkpoint
 from service.coordinator import CHECKPOINT_DIR
 from service.submit import CODE_PACKAGES, ClusterError, prepare
-from workers.tasks import make_task
-from workers.training import Trainer
+from tests.runs import DIGITS_JOB, assert_same, digits_reference, final_params, snapshot
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 HEAD_START_SECONDS = 90
@@ -40,66 +38,22 @@ JOB_SECONDS = 120
 ADDRESS_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
-JOB = """\
-run_dir = "{run_dir}"
-
-[task]
-name = "{task}"
-
-[optimizer]
-name = "adam"
-[optimizer.args]
-lr = 0.01
-
-[[schedulers]]
-name = "StepLR"
-[schedulers.args]
-step_size = 40
-gamma = 0.5
-
-[training]
-steps = {steps}
-batch_size = 96
-seed = 5
-
-[resources]
-shards = 2
-workers = 2
-backend = "{backend}"
-
-[checkpoint]
-every = {every}
-"""
 
 
 def write_job(directory: Path, *, run_dir: Path | str, steps: int, every: int = 10, task: str = "digits",
               backend: str = "ray", name: str = "job.toml") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    path.write_text(JOB.format(run_dir=run_dir, task=task, steps=steps, every=every, backend=backend))
+    path.write_text(DIGITS_JOB.format(run_dir=run_dir, task=task, steps=steps, every=every, backend=backend))
     return path
 
 
-def reference(steps: int) -> dict[str, np.ndarray]:
-    """The same training in one process (the engine equals it bit for bit)."""
-    trainer = Trainer(make_task("digits"), seed=5, batch_size=96, optimizer="adam", optimizer_kwargs={"lr": 0.01},
-                      scheduler="StepLR", scheduler_kwargs={"step_size": 40, "gamma": 0.5}, world_size=2)
-    return trainer.run(steps=steps).params
 
 
-def final_params(run_dir: Path) -> dict[str, np.ndarray]:
-    with open_checkpoint(run_dir / CHECKPOINT_DIR) as checkpoint:
-        return checkpoint.export()[0]
 
 
-def assert_same(params, expected):
-    assert list(params) == list(expected)
-    for name in expected:
-        assert np.array_equal(params[name], expected[name]), name
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def free_ports(count: int) -> list[int]:
@@ -395,7 +349,7 @@ def test_submit_a_job_with_its_own_task_code_and_follow_it(head, tmp_path):
     for step in (10, 20, 30):
         with open_checkpoint(run_dir / CHECKPOINT_DIR, step) as checkpoint:
             assert checkpoint.step == step and checkpoint.layout.num_shards == 2
-    assert_same(final_params(run_dir), reference(30))
+    assert_same(final_params(run_dir), digits_reference(30))
 
 
 def test_stop_then_resubmit_resumes_from_the_stopped_jobs_checkpoint(head, tmp_path):
@@ -451,7 +405,7 @@ def test_stop_then_resubmit_resumes_from_the_stopped_jobs_checkpoint(head, tmp_p
     assert committed_steps(root)[-1] == steps
     after = snapshot(root)
     assert {name: after.get(name) for name in kept} == kept  # resumed, not restarted
-    assert_same(final_params(run_dir), reference(steps))
+    assert_same(final_params(run_dir), digits_reference(steps))
 
     again = shardstep("jobs", "stop", first, "--address", head.url, env=head.env)
     assert again.returncode == 0 and again.stdout.strip() == f"job {first} already ended (STOPPED); nothing to stop"
