@@ -1,0 +1,1 @@
+"""shardstep against Ray Train + torch DDP/ZeroRedundancyOptimizer on one model (``compare.py``)."""
