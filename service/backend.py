@@ -71,9 +71,6 @@ class InlineBackend:
             values.append(ref.value)
         return values
 
-    def ready(self, refs: Sequence[Any]) -> bool:
-        return True
-
     def kill(self, actor: Any) -> None:
         close = getattr(actor, "close", None)
         if close is not None:
@@ -146,10 +143,6 @@ class RayBackend:
         except (exceptions.RayActorError, exceptions.ObjectLostError, exceptions.WorkerCrashedError,
                 exceptions.OwnerDiedError) as error:
             raise ActorLostError(f"an actor was lost: {type(error).__name__}: {error}") from error
-
-    def ready(self, refs: Sequence[Any]) -> bool:
-        done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0)
-        return len(done) == len(refs)
 
     def kill(self, actor: Any) -> None:
         try:

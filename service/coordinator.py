@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints import CheckpointError, CheckpointStore, RunCheckpoint, ShardLayout, latest_step, open_checkpoint
+from checkpoints import (CheckpointError, CheckpointStore, RunCheckpoint, ShardLayout, committed_steps, latest_step,
+                         open_checkpoint)
 from checkpoints.layout import ParamSpec
 from checkpoints.run import MANIFEST
 from service.backend import make_backend
@@ -328,7 +329,7 @@ class Coordinator:
             return RunResult(params=params, history=self.history, evaluations=self.evaluations,
                              metrics=metrics, steps=self.step_count, epoch=self.epoch, batch=self.batch_index,
                              failures=self.failures, run_dir=self.run_dir,
-                             checkpoint_steps=_committed(self.run_dir), init=self.init_record)
+                             checkpoint_steps=committed_steps(self.run_dir / CHECKPOINT_DIR), init=self.init_record)
         except BaseException:
             if self.phase not in (Phase.FINISHED, Phase.FAILED):
                 self.phase = Phase.FAILED
@@ -606,7 +607,7 @@ class Coordinator:
             self._outstanding.extend(self.backend.call(s, "discard_grads") for s in self.shards)
             record = {"step": self.step_count, "epoch": epoch, "batch": index, "skipped": True,
                       "loss": float("nan"), "message": str(skip), "lr": _plain(lr)}
-            self._advance_batch(None)
+            self._advance_batch()
             record["seconds"] = time.perf_counter() - start
             return record
         record = {"step": self.step_count + 1, "epoch": epoch, "batch": index,
@@ -616,12 +617,12 @@ class Coordinator:
         self.epoch_losses.append(record["loss"])
         if self.schedulers:
             self._tick("step", record["loss"])
-        self._advance_batch(record)
+        self._advance_batch()
         record["seconds"] = time.perf_counter() - start
         record["checkpoint"] = self.committed_step
         return record
 
-    def _advance_batch(self, record: dict | None) -> None:
+    def _advance_batch(self) -> None:
         self.batch_index += 1
         if self.batch_index == self.task.num_batches(self.spec.batch_size):
             if self.schedulers and self.epoch_losses:
@@ -757,12 +758,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
-
-
-def _committed(run_dir: Path) -> list[int]:
-    from checkpoints import committed_steps
-
-    return committed_steps(run_dir / CHECKPOINT_DIR)
 
 
 def _export_driver(driver: LBFGSDriver) -> dict[str, Any]:
