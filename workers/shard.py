@@ -19,6 +19,7 @@ inline backend; nothing here knows which.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from workers.optim import Parameter, RowSparseGrad, optimizer_class
 from workers.optim.algorithms.lbfgs import LocalSlices
 from workers.runtime import limit_threads
 
+@functools.lru_cache(maxsize=256)  # a pure function of (layout, shard): computed once, not every step
 def packed_places(layout: ShardLayout, shard: int) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:
     """Where each parameter's slice lies in shard ``shard``'s packed buffers: ``{name: (dtype,
     start, stop)}``, and each buffer's length ``{dtype: size}``; parameters in table order."""
