@@ -119,6 +119,15 @@ class RayBackend:
             self.started_here = True
         self._classes: dict[type, Any] = {}
 
+    def on_one_node(self) -> bool:
+        """Whether the cluster is this process's node alone, so every actor runs here."""
+        try:
+            nodes = [node for node in self.ray.nodes() if node.get("Alive")]
+            here = self.ray.get_runtime_context().get_node_id()
+        except Exception as error:
+            raise ActorLostError(f"cannot read the Ray cluster's nodes: {error}") from error
+        return len(nodes) == 1 and nodes[0].get("NodeID") == here
+
     def start(self, cls: type, args: tuple, kwargs: dict, cpus: float, label: str) -> Any:
         remote = self._classes.get(cls)
         if remote is None:

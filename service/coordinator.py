@@ -58,6 +58,7 @@ from workers.optim import Parameter, lr_scheduler, optimizer_class
 from workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver, combine_sum
 from workers.optim.optimizer import Optimizer
 from workers.shard import ShardActor, unpack
+from workers import shared_memory
 from workers.tasks import make_task
 from workers.tasks.base import Task
 from workers.training import build_optimizer, build_scheduler
@@ -143,6 +144,9 @@ class RunResult:
     run_dir: Path
     checkpoint_steps: list[int]
     init: dict[str, Any] | None = None
+    # how the actors exchanged parameters and gradients: "shared_memory", "object_store" or
+    # "inline" (no actors)
+    transport: str = "inline"
 
 
 @dataclass(frozen=True)
@@ -294,6 +298,8 @@ class Coordinator:
         self.store: CheckpointStore | None = None
         self._outstanding: list[Any] = []
         self._param_refs: list[Any] | None = None
+        # an evaluation submitted ahead: ((epoch, batch), (worker outputs, shard reports))
+        self._ahead: tuple[tuple[int, int], tuple[list, list]] | None = None
         self._saving: tuple[Any, dict] | None = None
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
@@ -301,6 +307,8 @@ class Coordinator:
         self.init_plan: InitPlan | None = None
         self.init_record: dict[str, Any] | None = None
         self._initial: dict[str, np.ndarray] | None = None
+        self.shared: shared_memory.SharedMemory | None = None
+        self.transport = "inline"
 
     # -- the state machine ---------------------------------------------------------------------
 
@@ -318,6 +326,7 @@ class Coordinator:
             self._plan_init()
             self._prepare_directory()
             self.backend = make_backend(spec.backend, spec.address)
+            self.transport = self._choose_transport()
             self._start()
             self._enter(Phase.RUNNING)
             metrics = self._train()
@@ -329,7 +338,8 @@ class Coordinator:
             return RunResult(params=params, history=self.history, evaluations=self.evaluations,
                              metrics=metrics, steps=self.step_count, epoch=self.epoch, batch=self.batch_index,
                              failures=self.failures, run_dir=self.run_dir,
-                             checkpoint_steps=committed_steps(self.run_dir / CHECKPOINT_DIR), init=self.init_record)
+                             checkpoint_steps=committed_steps(self.run_dir / CHECKPOINT_DIR), init=self.init_record,
+                             transport=self.transport)
         except BaseException:
             if self.phase not in (Phase.FINISHED, Phase.FAILED):
                 self.phase = Phase.FAILED
@@ -347,6 +357,24 @@ class Coordinator:
                 self.store.close()
             if self.backend is not None:
                 self.backend.shutdown()
+
+    def _choose_transport(self) -> str:
+        """``shared_memory`` when every actor runs on this node (``auto`` on a single-node
+        instance, such as the local one), else ``object_store``; the inline backend has no
+        actors to connect."""
+        wanted = self.spec.transport
+        if self.backend.name != "ray":
+            return "inline"
+        if wanted == "object_store":
+            return wanted
+        possible = shared_memory.available()
+        alone = possible and self.backend.on_one_node()
+        if wanted == "shared_memory" and not alone:
+            why = ("this platform has no memfd_create and /proc" if not possible
+                   else "the Ray cluster has other nodes, where actors may be placed")
+            raise RunFailedError(f"resources.transport = 'shared_memory' needs every actor on the coordinator's "
+                                 f"node, but {why}; use 'auto' (shared memory when possible) or 'object_store'")
+        return "shared_memory" if alone else "object_store"
 
     def _plan_init(self) -> None:
         """A fine-tuning job's source, checked against the model before anything is written
@@ -510,6 +538,13 @@ class Coordinator:
         plan = self.init_plan if initial is not None else None
         source = None if plan is None else {"checkpoint": plan.checkpoint, "params": list(plan.loaded),
                                             "state": list(plan.state)}
+        shared = None
+        if self.transport == "shared_memory":
+            # fresh regions at every start: an actor killed during a recovery may still be
+            # writing into the old ones
+            self._close_shared()
+            self.shared = shared_memory.SharedMemory(layout, spec.workers)
+            shared = self.shared.transport
         self.shards = []
         for shard in range(spec.shards):
             if initial is not None:
@@ -520,21 +555,22 @@ class Coordinator:
                     start, stop = layout.slice(s.name, shard)
                     params[s.name] = initial[s.name].reshape(-1)[start:stop]
                 args = (shard, layout, spec.optimizer, groups, params)
-                kwargs: dict[str, Any] = {"threads": threads, "source": source}
+                kwargs: dict[str, Any] = {"threads": threads, "source": source, "shared": shared}
             else:
                 args = (shard, layout, spec.optimizer, groups, None)
-                kwargs = {"threads": threads,
+                kwargs = {"threads": threads, "shared": shared,
                           "checkpoint": str(self.run_dir / CHECKPOINT_DIR / f"step-{step:010d}")}
             self.shards.append(backend.start(ShardActor, args, kwargs, spec.shard_cpus, f"shard {shard}"))
         worker_threads = max(1, int(spec.worker_cpus)) if spec.backend == "ray" else None
         self.workers = [
             backend.start(GradientWorker, (self.task, rank, spec.workers, spec.seed, spec.batch_size, layout),
-                          {"threads": worker_threads,
+                          {"threads": worker_threads, "shared": shared,
                            "frozen": [s.name for s in layout.params if spec.is_frozen(s.name)]},
                           spec.worker_cpus, f"gradient worker {rank}")
             for rank in range(spec.workers)
         ]
         self._param_refs = None
+        self._ahead = None
         self.pids = self._wait([backend.call(a, "ping") for a in self.shards + self.workers])
 
     def _stop_actors(self) -> None:
@@ -543,6 +579,13 @@ class Coordinator:
         for actor in self.shards + self.workers:
             self.backend.kill(actor)
         self.shards, self.workers = [], []
+        self._close_shared()
+
+    def _close_shared(self) -> None:
+        # the memory itself goes when the last actor that mapped it exits
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     def _recover(self, error: ActorLostError) -> None:
         self.failures += 1
@@ -648,14 +691,25 @@ class Coordinator:
             else:
                 scheduler.step()
 
-    def _distributed_evaluation(self, epoch: int, index: int, norm: bool) -> tuple[float, list[dict]]:
-        """One closure evaluation: gather, compute, reduce; one wait."""
+    def _submit_evaluation(self, epoch: int, index: int, norm: bool) -> tuple[list, list]:
+        """Submit one closure evaluation (compute on every worker, reduce on every shard):
+        ``(worker outputs, shard reports)`` as futures."""
         backend, n = self.backend, len(self.shards)
         slices = self._current_params()
         outputs = [backend.call(w, "compute", epoch, index, *slices, num_returns=n + 1) for w in self.workers]
         reports = [backend.call(shard, "reduce", *[out[1 + s] for out in outputs], norm=norm)
                    for s, shard in enumerate(self.shards)]
-        polls = [backend.call(s, "saved") for s in self.shards] if self._saving is not None else []
+        return outputs, reports
+
+    def _distributed_evaluation(self, epoch: int, index: int, norm: bool) -> tuple[float, list[dict]]:
+        """One closure evaluation: gather, compute, reduce; one wait."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (epoch, index):
+            outputs, reports = ahead[1]
+        else:
+            outputs, reports = self._submit_evaluation(epoch, index, norm)
+        n = len(self.shards)
+        polls = [self.backend.call(s, "saved") for s in self.shards] if self._saving is not None else []
         values = self._wait([out[0] for out in outputs] + reports + polls)
         losses, reports, polls = values[:len(outputs)], values[len(outputs):len(outputs) + n], values[len(outputs) + n:]
         if polls and all(p is not None for p in polls):
@@ -670,6 +724,30 @@ class Coordinator:
         # (an error surfaces there), one call and one hop fewer than fetching them
         self._param_refs = [self.backend.call(s, "apply", hyperparameters, self._clip_scale)
                             for s in self.shards]
+        # the next step's evaluation goes out at once, so Ray starts it the moment the updates
+        # are done while this process does the step's bookkeeping (records, schedulers,
+        # checkpoints: their calls reach the shards after the reduce, which only fills the
+        # gradient buffer, and before the next apply). Its hyperparameters are not part of it.
+        following = self._following_batch()
+        if following is not None:
+            self._ahead = (following, self._submit_evaluation(*following,
+                                                              norm=self.spec.clip_grad_norm is not None))
+
+    def _following_batch(self) -> tuple[int, int] | None:
+        """(epoch, batch) of the step after the current one, or None when the run ends with it
+        or a checkpoint or an evaluation comes first (they would wait behind it)."""
+        spec = self.spec
+        finished = self.step_count + 1
+        if spec.steps is not None and finished >= spec.steps:
+            return None
+        if any(every is not None and finished % every == 0 for every in (spec.checkpoint_every, spec.eval_every)):
+            return None
+        epoch, index = self.epoch, self.batch_index + 1
+        if index == self.task.num_batches(spec.batch_size):
+            epoch, index = epoch + 1, 0
+        if spec.epochs is not None and epoch >= spec.epochs:
+            return None
+        return epoch, index
 
     def _current_params(self) -> list:
         """Futures of every shard's packed slices, as of the last update."""
@@ -693,6 +771,10 @@ class Coordinator:
 
     def _gather_params(self) -> dict[str, np.ndarray]:
         packed = self._wait(self._current_params())
+        if self.shared is not None:
+            # the shards' last updates are done (waited for above): copy them out of the region
+            region = self.shared.params()
+            return {s.name: region[s.name].reshape(s.shape).copy() for s in self.layout.params}
         return {name: np.array(array) for name, array in unpack(self.layout, packed).items()}
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -58,10 +58,12 @@ from workers.training import (
     build_scheduler,
 )
 
-__all__ = ["BACKENDS", "NONFINITE_POLICIES", "InitSpec", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job",
+__all__ = ["BACKENDS", "NONFINITE_POLICIES", "TRANSPORTS", "InitSpec", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job",
            "parse_job"]
 
 BACKENDS = ("ray", "inline")
+# how a step's parameters and gradients move between Ray actors (docs/engine.md, "Transports")
+TRANSPORTS = ("auto", "shared_memory", "object_store")
 NONFINITE_POLICIES = ("stop", "skip")
 KEEP_MODES = ("min", "max")
 # the metric every job has: the training loss of a step
@@ -99,6 +101,7 @@ FIELD_KEYS: dict[str, str] = {
     "max_failures": "resources.max_failures",
     "worker_cpus": "resources.worker_cpus",
     "shard_cpus": "resources.shard_cpus",
+    "transport": "resources.transport",
     "checkpoint_every": "checkpoint.every",
     "checkpoint_async": "checkpoint.async",
     "keep_last": "checkpoint.keep_last",
@@ -423,6 +426,7 @@ class JobSpec:
     max_failures: int = 0
     worker_cpus: float = 0.0
     shard_cpus: float = 0.0
+    transport: str = "auto"
     checkpoint_every: int | None = None
     checkpoint_async: bool = True
     keep_last: int | None = None
@@ -612,6 +616,10 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     out["max_failures"] = _check_int(key["max_failures"], spec.max_failures, 0)
     out["worker_cpus"] = _check_real(key["worker_cpus"], spec.worker_cpus, 0.0, strict=False)
     out["shard_cpus"] = _check_real(key["shard_cpus"], spec.shard_cpus, 0.0, strict=False)
+    out["transport"] = _check_choice(key["transport"], spec.transport, TRANSPORTS)
+    if out["transport"] != "auto" and out["backend"] != "ray":
+        raise JobSpecError(f"{key['transport']} chooses how Ray actors exchange data, used only by backend 'ray'; "
+                           f"got transport {out['transport']!r} with backend {out['backend']!r}")
 
     out["checkpoint_every"] = _check_int(key["checkpoint_every"], spec.checkpoint_every, 1, optional=True)
     out["checkpoint_async"] = _check_bool(key["checkpoint_async"], spec.checkpoint_async)

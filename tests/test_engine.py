@@ -63,27 +63,85 @@ def local_run(spec: JobSpec, steps: int | None = None) -> dict[str, np.ndarray]:
 # every elementwise optimizer, N in {1, 2, 3}, inline and Ray, equal to the local loop
 
 
+# (backend, shards, transport, the transport the run must report): on the local Ray instance
+# "auto" means shared memory; the object store carries the step at N=2
+ENGINE_CASES = [("inline", 1, "auto", "inline"), ("inline", 2, "auto", "inline"), ("inline", 3, "auto", "inline"),
+                ("ray", 1, "auto", "shared_memory"), ("ray", 2, "object_store", "object_store"),
+                ("ray", 3, "auto", "shared_memory")]
+
+
 @pytest.mark.parametrize("optimizer", sorted(ELEMENTWISE))
 def test_elementwise_optimizers_match_the_local_loop_bit_for_bit(optimizer, tmp_path, ray_address):
     schedulers = (SchedulerSpec("StepLR", {"step_size": 3, "gamma": 0.5}),)
     base = job(tmp_path, optimizer=optimizer, optimizer_args=ELEMENTWISE[optimizer], schedulers=schedulers)
     reference = local_run(base)
-    for backend in ("inline", "ray"):
-        for shards in (1, 2, 3):
-            spec = base.replace(backend=backend, shards=shards, run_dir=str(tmp_path / f"{backend}-{shards}"))
-            result = Coordinator(spec).run()
-            assert result.steps == STEPS
-            assert_same(result.params, reference, f"{optimizer} {backend} N={shards}: ")
+    for backend, shards, transport, used in ENGINE_CASES:
+        spec = base.replace(backend=backend, shards=shards, transport=transport,
+                            run_dir=str(tmp_path / f"{backend}-{shards}"))
+        result = Coordinator(spec).run()
+        assert result.steps == STEPS
+        assert result.transport == used
+        assert_same(result.params, reference, f"{optimizer} {backend} N={shards} {used}: ")
 
 
 def test_row_sparse_gradients_reach_the_owning_shards(tmp_path, ray_address):
-    """SparseAdam on embedding tables: each shard receives only its rows."""
+    """SparseAdam on embedding tables: each shard receives only its rows (with shared memory
+    the dense gradients go through the workers' regions and the sparse ones with the results)."""
     base = job(tmp_path, task="ratings", optimizer="sparse_adam", optimizer_args={"lr": 0.02},
                batch_size=256, steps=6)
     reference = local_run(base)
-    for backend, shards in (("inline", 3), ("ray", 2)):
-        spec = base.replace(backend=backend, shards=shards, run_dir=str(tmp_path / f"{backend}-{shards}"))
-        assert_same(Coordinator(spec).run().params, reference, f"{backend} N={shards}: ")
+    for backend, shards, transport in (("inline", 3, "auto"), ("ray", 2, "shared_memory"), ("ray", 3, "object_store")):
+        spec = base.replace(backend=backend, shards=shards, transport=transport,
+                            run_dir=str(tmp_path / f"{backend}-{shards}"))
+        result = Coordinator(spec).run()
+        assert result.transport == (transport if backend == "ray" else "inline")
+        assert_same(result.params, reference, f"{backend} N={shards} {transport}: ")
+
+
+def shared_regions() -> list[tuple[str, int]]:
+    """The shared-memory regions this process holds open: (link target, inode)."""
+    regions = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            inode = os.stat(f"/proc/self/fd/{fd}").st_ino
+        except OSError:  # the directory's own descriptor, closed by now
+            continue
+        if target.startswith("/memfd:shardstep-"):
+            regions.append((target, inode))
+    return sorted(regions)
+
+
+def test_shared_memory_regions_live_exactly_as_long_as_the_actors(tmp_path, ray_address):
+    """One parameter region and one gradient region per worker while the actors run, created
+    afresh when a killed actor is replaced, and none left open after the run."""
+    assert shared_regions() == []
+    seen = []
+    box: dict = {}
+    kill = kill_at(box, 5, "worker")
+
+    def on_step(record: dict) -> None:
+        seen.append((record["step"], shared_regions()))
+        kill(record)
+
+    base = job(tmp_path, backend="ray", workers=2, steps=8, checkpoint_every=4, checkpoint_async=False,
+               max_failures=1)
+    coordinator = Coordinator(base, on_step=on_step)
+    box["coordinator"] = coordinator
+    result = coordinator.run()
+    assert result.transport == "shared_memory" and result.failures == 1
+    expected = ["/memfd:shardstep-grads-0 (deleted)", "/memfd:shardstep-grads-1 (deleted)",
+                "/memfd:shardstep-params (deleted)"]
+    assert [[target for target, _ in regions] for _, regions in seen] == [expected] * len(seen)
+    # the kill after step 5 surfaces at step 6, or at step 7 when the worker had already
+    # finished step 6's computation; either way the run restarts from the checkpoint at 4
+    steps = [step for step, _ in seen]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[:restart] in ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]) and steps[restart:] == [5, 6, 7, 8]
+    before, after = {tuple(r) for _, r in seen[:restart]}, {tuple(r) for _, r in seen[restart:]}
+    assert len(before) == len(after) == 1 and before != after  # new regions for the new actors
+    assert shared_regions() == []
+    assert_same(result.params, local_run(base), "after the recovery: ")
 
 
 def test_sharding_is_balanced_to_one_row(tmp_path):

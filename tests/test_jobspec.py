@@ -185,6 +185,7 @@ address = "ray://head:10001"
 max_failures = 2
 worker_cpus = 1
 shard_cpus = 0.5
+transport = "object_store"
 
 [checkpoint]
 every = 25
@@ -213,7 +214,7 @@ def test_a_complete_file_sets_every_field(tmp_path):
         ),
         steps=100, epochs=4, batch_size=32, seed=7, eval_every=20, clip_grad_norm=1.5, nonfinite="skip",
         shards=3, workers=2, backend="ray", address="ray://head:10001", max_failures=2, worker_cpus=1.0,
-        shard_cpus=0.5, checkpoint_every=25, checkpoint_async=False, keep_last=2, keep_every=50, keep_best=1,
+        shard_cpus=0.5, transport="object_store", checkpoint_every=25, checkpoint_async=False, keep_last=2, keep_every=50, keep_best=1,
         keep_metric="accuracy", keep_mode="max", run_dir=str(tmp_path / "runs" / "full"),
         frozen=("0.*",),
         init=InitSpec(str(tmp_path / "runs" / "base"), step=50, optimizer_state=True, skip=("4.*",)),
@@ -336,6 +337,10 @@ BAD_INPUTS = [
     ("workers", with_("resources", workers=True), ["resources.workers must be an integer >= 1; got True (boolean)"]),
     ("max_failures", with_("resources", max_failures=-1), ["resources.max_failures must be an integer >= 0; got -1"]),
     ("cpus", with_("resources", worker_cpus=-0.5), ["resources.worker_cpus must be a finite number >= 0; got -0.5"]),
+    ("transport", with_("resources", transport="shm"),
+     ["resources.transport must be one of 'auto', 'shared_memory', 'object_store'; got 'shm'"]),
+    ("transport without ray", with_("resources", backend="inline", transport="shared_memory"),
+     ["resources.transport chooses how Ray actors exchange data, used only by backend 'ray'", "backend 'inline'"]),
     ("address without ray", with_("resources", backend="inline", address="auto"),
      ["resources.address is a Ray cluster address, used only by backend 'ray'", "backend 'inline'"]),
     ("checkpoint every", with_("checkpoint", every=0), ["checkpoint.every must be an integer >= 1; got 0"]),

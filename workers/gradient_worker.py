@@ -7,6 +7,10 @@ Ray's object store: zero-copy reads of the shards' results), computes the task's
 shard, so every shard receives only what it owns: a contiguous range of a dense gradient,
 or the rows it owns of a row-sparse one (renumbered from the shard's first row).
 
+With the shared-memory transport (:mod:`workers.shared_memory`) it reads whole parameters
+from the run's parameter region instead (no gathering) and copies its dense gradients into
+its own gradient region; only the loss and row-sparse pieces travel with the results.
+
 The same class runs as a Ray actor and as a plain object in the inline backend.
 """
 
@@ -22,6 +26,7 @@ from checkpoints import ShardLayout
 from workers.optim import RowSparseGrad
 from workers.runtime import limit_threads
 from workers.shard import unpack
+from workers.shared_memory import SharedGrad, SharedTransport, whole
 from workers.tasks.base import Task, epoch_order
 
 
@@ -29,7 +34,8 @@ class GradientWorker:
     """Rank ``rank`` of ``world_size``: the task, the data stream, the layout of the shards."""
 
     def __init__(self, task: Task, rank: int, world_size: int, seed: int, batch_size: int,
-                 layout: ShardLayout, threads: int | None = None, frozen: Sequence[str] = ()):
+                 layout: ShardLayout, threads: int | None = None, frozen: Sequence[str] = (),
+                 shared: SharedTransport | None = None):
         if threads is not None:
             limit_threads(threads)
         self.task = task
@@ -41,13 +47,21 @@ class GradientWorker:
         # frozen parameters are never updated: their gradients are not sent
         self.frozen = frozenset(frozen)
         self._order: tuple[int, np.ndarray] | None = None
+        self.shared_params: dict[str, np.ndarray] | None = None
+        self.grad_region: dict[str, np.ndarray] | None = None
+        if shared is not None:
+            self.shared_params = whole(shared.param_arrays(), layout)
+            self.grad_region = shared.grad_arrays(rank)
 
     def ping(self) -> tuple[int, int]:
         """(rank, process id): proves the actor is up and says where it runs."""
         return self.rank, os.getpid()
 
-    def gather(self, packed: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Whole parameters from the shards' packed slices (shard order)."""
+    def gather(self, packed: Sequence[Mapping[str, np.ndarray] | None]) -> dict[str, np.ndarray]:
+        """Whole parameters from the shards' packed slices (shard order), or read-only views
+        of the parameter region with shared memory (the shards' results are then None)."""
+        if self.shared_params is not None:
+            return self.shared_params
         return unpack(self.layout, packed)
 
     def compute(self, epoch: int, index: int, *slices: Mapping[str, np.ndarray]) -> tuple:
@@ -105,6 +119,11 @@ class GradientWorker:
                 shape = getattr(grad, "shape", type(grad).__name__)
                 raise ValueError(f"{owner}: gradient {spec.name!r} must be an ndarray of shape {spec.shape} and "
                                  f"dtype {spec.dtype}; got {shape} {getattr(grad, 'dtype', '')}")
+            if self.grad_region is not None:
+                np.copyto(self.grad_region[spec.name].reshape(spec.shape), grad)
+                for shard in range(layout.num_shards):
+                    pieces[shard][spec.name] = SharedGrad()
+                continue
             flat = np.ascontiguousarray(grad).reshape(-1)
             for shard in range(layout.num_shards):
                 start, stop = layout.slice(spec.name, shard)

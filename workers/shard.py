@@ -8,10 +8,16 @@ sharded run equals a single-process one.
 
 One step, as the coordinator drives it::
 
-    params()                  -> {name: slice}        gathered by every gradient worker
+    get_params()              -> packed slices        gathered by every gradient worker
     reduce(partial_0, ..., partial_{W-1})             gradient slices of the W workers, added
                               -> report               in rank order (the fixed reduction order)
     apply(hyperparameters, clip_scale)                the rule on every slice
+                              -> packed slices        the next step's parameters
+
+With the shared-memory transport (:mod:`workers.shared_memory`) the slices are views of
+the coordinator's parameter region, the workers' dense gradients are read from their
+gradient regions, and ``get_params``/``apply`` return None: their results only order the
+next step's calls.
 
 The same class runs as a Ray actor (``ray.remote(ShardActor)``) and as a plain object in the
 inline backend; nothing here knows which.
@@ -31,6 +37,7 @@ from checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, ShardLayou
 from workers.optim import Parameter, RowSparseGrad, optimizer_class
 from workers.optim.algorithms.lbfgs import LocalSlices
 from workers.runtime import limit_threads
+from workers.shared_memory import SharedGrad, SharedTransport
 
 @functools.lru_cache(maxsize=256)  # a pure function of (layout, shard): computed once, not every step
 def packed_places(layout: ShardLayout, shard: int) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:
@@ -82,12 +89,13 @@ class ShardActor:
     source: a fine-tuning run's first start, ``{"checkpoint": directory, "params": [names],
     "state": [names]}``: those parameters (and those parameters' optimizer state) are read
     from another run's checkpoint, ``params`` gives the rest.
+    shared: the run's shared-memory regions; the slices then live in the parameter region.
     """
 
     def __init__(self, shard: int, layout: ShardLayout, optimizer: str, groups: Sequence[Mapping[str, Any]],
                  params: Mapping[str, np.ndarray] | None, state: Mapping[str, Mapping[str, Any]] | None = None,
                  threads: int | None = None, checkpoint: str | None = None,
-                 source: Mapping[str, Any] | None = None):
+                 source: Mapping[str, Any] | None = None, shared: SharedTransport | None = None):
         if threads is not None:
             limit_threads(threads)
         if checkpoint is not None:
@@ -111,9 +119,21 @@ class ShardActor:
             for name in group["params"]:
                 self.group_of[name] = index
         # the slices live in one flat buffer per dtype (table order): sending the parameters
-        # is one array, not one per parameter
+        # is one array, not one per parameter; with shared memory they are the rows this
+        # shard owns in the run's parameter region, and nothing is sent
         places, sizes = packed_places(layout, shard)
-        self.buffers = {dtype: np.empty(size, dtype) for dtype, size in sizes.items()}
+        self.shared = shared
+        if shared is None:
+            self.buffers: dict[str, np.ndarray] | None = {dtype: np.empty(size, dtype)
+                                                          for dtype, size in sizes.items()}
+            self.worker_grads: list[dict[str, np.ndarray]] = []
+        else:
+            self.buffers = None
+            region = shared.param_arrays()
+            self.worker_grads = [shared.grad_arrays(rank) for rank in range(len(shared.grads))]
+        # the reduced dense gradient: one buffer reused every step (no allocation per step)
+        self.grad_buffers = {dtype: np.empty(size, dtype) for dtype, size in sizes.items()}
+        self.grad_views: dict[str, np.ndarray] = {}
         self.params: dict[str, Parameter] = {}
         self.rows: dict[str, tuple[int, int]] = {}
         for spec in layout.params:
@@ -122,8 +142,12 @@ class ShardActor:
             if given.shape != (stop - start,):
                 raise ValueError(f"shard {shard}: slice of {spec.name!r} has shape {given.shape}; "
                                  f"the layout gives it {stop - start} elements")
-            view = self.buffers[dtype][start:stop]
+            if shared is None:
+                view = self.buffers[dtype][start:stop]
+            else:
+                view = region[spec.name][slice(*layout.slice(spec.name, shard))]
             view[...] = given
+            self.grad_views[spec.name] = self.grad_buffers[dtype][start:stop]
             self.params[spec.name] = Parameter(view, name=spec.name)
             self.rows[spec.name] = layout.row_range(spec.name, shard)
         # the parameters this shard trains, in table order; the others are frozen
@@ -150,8 +174,9 @@ class ShardActor:
         """(shard, process id): proves the actor is up and says where it runs."""
         return self.shard, os.getpid()
 
-    def get_params(self) -> dict[str, np.ndarray]:
-        """This shard's packed slices: one flat array per dtype (see :func:`packed_places`)."""
+    def get_params(self) -> dict[str, np.ndarray] | None:
+        """This shard's packed slices: one flat array per dtype (see :func:`packed_places`);
+        None with shared memory, where the workers read the parameter region."""
         return self.buffers
 
     def reduce(self, *partials: Mapping[str, Any], norm: bool = False) -> dict[str, Any]:
@@ -168,10 +193,17 @@ class ShardActor:
         sumsq = 0.0
         for name in self.trainable:
             total: Any = None
-            for partial in partials:
+            for rank, partial in enumerate(partials):
                 grad = partial[name]
+                if isinstance(grad, SharedGrad):
+                    # this shard's rows of the worker's gradient, in its shared region
+                    grad = self.worker_grads[rank][name][slice(*self.layout.slice(name, self.shard))]
                 if total is None:
-                    total = grad if isinstance(grad, RowSparseGrad) else np.array(grad, copy=True)
+                    if isinstance(grad, RowSparseGrad):
+                        total = grad
+                    else:
+                        total = self.grad_views[name]
+                        np.copyto(total, grad)
                 elif isinstance(grad, RowSparseGrad):
                     total = RowSparseGrad(np.concatenate([total.indices, grad.indices]),
                                           np.concatenate([total.values, grad.values]), total.shape)
@@ -192,10 +224,11 @@ class ShardActor:
         return {"nonfinite": nonfinite, "sumsq": sumsq if norm else None}
 
     def apply(self, hyperparameters: Sequence[Mapping[str, Any]],
-              clip_scale: float | None = None) -> dict[str, np.ndarray]:
+              clip_scale: float | None = None) -> dict[str, np.ndarray] | None:
         """One optimizer step on every slice with its group's hyperparameters; gradients
         are multiplied by ``clip_scale`` first when given (global-norm clipping). Returns the
-        updated packed slices, which the next step's workers read (no separate fetch)."""
+        updated packed slices, which the next step's workers read (no separate fetch), or
+        None with shared memory (the slices were updated in place there)."""
         rule = self.rule
         for name, p in self.params.items():
             grad = self.grads[name]

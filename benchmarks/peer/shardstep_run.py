@@ -45,6 +45,9 @@ def main() -> int:
     parser.add_argument("--backend", choices=("ray", "inline"), required=True)
     parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--worker-cpus", type=float, default=0.0,
+                        help="CPUs per gradient worker (Ray sets its BLAS threads to this)")
+    parser.add_argument("--transport", choices=("auto", "shared_memory", "object_store"), default="auto")
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--timed", type=int, default=TIMED)
     args = parser.parse_args()
@@ -58,6 +61,7 @@ def main() -> int:
         spec = JobSpec(task="synthetic-mlp", task_args=dict(TASK_ARGS), optimizer="adam", optimizer_args={"lr": LR},
                        param_groups=None, schedulers=(), steps=steps, epochs=None, batch_size=GLOBAL_BATCH,
                        seed=SEED, shards=args.shards, workers=args.workers, backend=args.backend,
+                       worker_cpus=args.worker_cpus, transport=args.transport,
                        checkpoint_every=args.checkpoint_every, run_dir=run_dir)
         marks: dict[str, float] = {}
         checkpoint_seconds: list[float] = []
@@ -96,6 +100,7 @@ def main() -> int:
                             if args.checkpoint_every and (r["step"] - 1) % args.checkpoint_every == 0 and r["step"] > 1]
         emit({
             "system": "shardstep", "backend": args.backend, "shards": args.shards, "workers": args.workers,
+            "worker_cpus": args.worker_cpus, "transport": result.transport,
             "steps": steps, "timed": len(seconds), "median": median, "p90": p90, "seconds": seconds,
             "launch": marks["first_step"] - marks["run"], "total": marks["finished"] - marks["run"],
             "checkpoint_every": args.checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
