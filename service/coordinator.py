@@ -53,12 +53,12 @@ from checkpoints.run import MANIFEST
 from service.backend import make_backend
 from service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError
 from service.sharded_lbfgs import ShardedSpace
+from workers import shared_memory
 from workers.gradient_worker import GradientWorker
 from workers.optim import Parameter, lr_scheduler, optimizer_class
 from workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver, combine_sum
 from workers.optim.optimizer import Optimizer
 from workers.shard import ShardActor, unpack
-from workers import shared_memory
 from workers.tasks import make_task
 from workers.tasks.base import Task
 from workers.training import build_optimizer, build_scheduler

@@ -39,6 +39,7 @@ from workers.optim.algorithms.lbfgs import LocalSlices
 from workers.runtime import limit_threads
 from workers.shared_memory import SharedGrad, SharedTransport
 
+
 @functools.lru_cache(maxsize=256)  # a pure function of (layout, shard): computed once, not every step
 def packed_places(layout: ShardLayout, shard: int) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:
     """Where each parameter's slice lies in shard ``shard``'s packed buffers: ``{name: (dtype,
