@@ -8,7 +8,9 @@ shard memory, and LBFGS round trips.
 Steps, bytes, memory and round trips come from real runs of ``Coordinator(spec).run()``
 (``service/coordinator.py``) on a private single-node Ray instance that listens on loopback
 only (this script starts it and stops it; the coordinator reuses it), or on the inline
-backend in this process:
+backend in this process. Ray runs use the object-store transport (``resources.transport =
+"object_store"``), the one a multi-node cluster uses; on one node the default is the
+shared-memory transport, measured by ``benchmarks/peer``:
 
 1. Step time, inline vs ray: ``synthetic-mlp`` at about 1M and 10M parameters, Adam, 2
    gradient workers, 1/2/4 shards. The time of a step is the coordinator's own per-step
@@ -111,9 +113,12 @@ def job(run_dir: str, *, task: str, task_args: dict, optimizer: str, optimizer_a
         batch_size: int, shards: int, workers: int, backend: str):
     from service.jobspec import JobSpec
 
+    # the object-store transport: the one every cluster can use, and the one whose bytes this
+    # benchmark counts (on one node the default is shared memory: benchmarks/peer measures it)
     return JobSpec(task=task, task_args=task_args, optimizer=optimizer, optimizer_args=optimizer_args,
                    param_groups=None, schedulers=(), steps=steps, epochs=None, batch_size=batch_size,
-                   shards=shards, workers=workers, backend=backend, run_dir=run_dir)
+                   shards=shards, workers=workers, backend=backend, run_dir=run_dir,
+                   transport="object_store" if backend == "ray" else "auto")
 
 
 def run_job(spec_args: dict, task: Any, on_step: Callable[[Any, dict], Any] | None = None):
@@ -505,7 +510,9 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         "",
         "Steps, bytes, memory and round trips come from `Coordinator(spec).run()` on a private single-node Ray "
         "instance on loopback (the script starts it; the coordinator reuses it) or on the inline backend in the "
-        "script's process. "
+        "script's process. Ray runs use the object-store transport (`resources.transport = \"object_store\"`, "
+        "the one a multi-node cluster uses; on one node the default is shared memory, measured in the section "
+        "on the peer comparison). "
         "The engine's actors get the Ray backend's defaults (`worker_cpus = shard_cpus = 0`): numba limited to "
         f"1 thread, and Ray sets OMP_NUM_THREADS={o['actor_threads']['OMP_NUM_THREADS']} in its workers, "
         "so OpenBLAS runs 1 thread per actor; the inline backend runs every actor's work one after another in "

@@ -298,8 +298,9 @@ class Coordinator:
         self.store: CheckpointStore | None = None
         self._outstanding: list[Any] = []
         self._param_refs: list[Any] | None = None
-        # an evaluation submitted ahead: ((epoch, batch), (worker outputs, shard reports))
-        self._ahead: tuple[tuple[int, int], tuple[list, list]] | None = None
+        # an evaluation submitted ahead: ((epoch, batch), (worker outputs, shard reports or None))
+        self._ahead: tuple[tuple[int, int], tuple[list, list | None]] | None = None
+        self._fused = False
         self._saving: tuple[Any, dict] | None = None
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
@@ -503,6 +504,9 @@ class Coordinator:
             self.space = ShardedSpace(spec.shards, np.dtype(dtypes.pop()), self._lbfgs_call, self._wait)
             driver = LBFGSDriver(self.space)
         self.optimizer = ShardedOptimizer(local, self._apply, driver)
+        # reduce and apply in one call per shard when the coordinator has nothing to decide
+        # between them: no LBFGS, no clipping factor, and non-finite values stop the run
+        self._fused = driver is None and spec.clip_grad_norm is None and spec.nonfinite == "stop"
         self.schedulers = [build_scheduler(s.name, s.args, self.optimizer) for s in spec.schedulers]
 
     def _restore(self, step: int, extra: Mapping[str, Any], groups: list[dict]) -> None:
@@ -629,8 +633,10 @@ class Coordinator:
                 if not math.isfinite(loss) or bad:
                     what = f"training loss is {loss}" + (f" and the gradients of {', '.join(bad)} are not finite"
                                                          if bad else "")
-                    message = (f"{what} at step {self.step_count + 1} (epoch {epoch}, batch {index}), before "
-                               f"the update; the parameters are unchanged")
+                    where = f"{what} at step {self.step_count + 1} (epoch {epoch}, batch {index})"
+                    message = (f"{where}; the run stops with its committed checkpoints as they are (shards whose "
+                               "own gradients were finite applied the update)" if self._fused
+                               else f"{where}, before the update; the parameters are unchanged")
                     if spec.nonfinite == "skip":
                         raise _SkipStep(message)
                     raise NonFiniteError(message + ". Lower the learning rate, clip gradients "
@@ -691,23 +697,33 @@ class Coordinator:
             else:
                 scheduler.step()
 
-    def _submit_evaluation(self, epoch: int, index: int, norm: bool) -> tuple[list, list]:
-        """Submit one closure evaluation (compute on every worker, reduce on every shard):
-        ``(worker outputs, shard reports)`` as futures."""
-        backend, n = self.backend, len(self.shards)
+    def _submit_compute(self, epoch: int, index: int) -> list:
+        """Submit every worker's ``compute`` of batch ``index`` of ``epoch``: their outputs."""
+        n = len(self.shards)
         slices = self._current_params()
-        outputs = [backend.call(w, "compute", epoch, index, *slices, num_returns=n + 1) for w in self.workers]
-        reports = [backend.call(shard, "reduce", *[out[1 + s] for out in outputs], norm=norm)
-                   for s, shard in enumerate(self.shards)]
-        return outputs, reports
+        return [self.backend.call(w, "compute", epoch, index, *slices, num_returns=n + 1) for w in self.workers]
+
+    def _submit_reduce(self, outputs: list, norm: bool) -> list:
+        """Submit every shard's ``reduce`` of the workers' pieces (``reduce_apply`` with this
+        step's hyperparameters when fused): the shards' reports."""
+        if not self._fused:
+            return [self.backend.call(shard, "reduce", *[out[1 + s] for out in outputs], norm=norm)
+                    for s, shard in enumerate(self.shards)]
+        hyperparameters = self.optimizer.hyperparameters()
+        pairs = [self.backend.call(shard, "reduce_apply", hyperparameters, *[out[1 + s] for out in outputs],
+                                   num_returns=2) for s, shard in enumerate(self.shards)]
+        self._param_refs = [pair[1] for pair in pairs]
+        return [pair[0] for pair in pairs]
 
     def _distributed_evaluation(self, epoch: int, index: int, norm: bool) -> tuple[float, list[dict]]:
-        """One closure evaluation: gather, compute, reduce; one wait."""
+        """One closure evaluation: gather, compute, reduce (and apply, when fused); one wait."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == (epoch, index):
             outputs, reports = ahead[1]
         else:
-            outputs, reports = self._submit_evaluation(epoch, index, norm)
+            outputs, reports = self._submit_compute(epoch, index), None
+        if reports is None:
+            reports = self._submit_reduce(outputs, norm)
         n = len(self.shards)
         polls = [self.backend.call(s, "saved") for s in self.shards] if self._saving is not None else []
         values = self._wait([out[0] for out in outputs] + reports + polls)
@@ -721,17 +737,21 @@ class Coordinator:
 
     def _apply(self, hyperparameters: list[dict]) -> None:
         # not waited for: the next evaluation's workers take the updated slices it returns
-        # (an error surfaces there), one call and one hop fewer than fetching them
-        self._param_refs = [self.backend.call(s, "apply", hyperparameters, self._clip_scale)
-                            for s in self.shards]
-        # the next step's evaluation goes out at once, so Ray starts it the moment the updates
+        # (an error surfaces there), one call and one hop fewer than fetching them. Fused,
+        # the shards applied these same hyperparameters with their reduce already.
+        if not self._fused:
+            self._param_refs = [self.backend.call(s, "apply", hyperparameters, self._clip_scale)
+                                for s in self.shards]
+        # the next step's computation goes out at once, so Ray starts it the moment the updates
         # are done while this process does the step's bookkeeping (records, schedulers,
         # checkpoints: their calls reach the shards after the reduce, which only fills the
-        # gradient buffer, and before the next apply). Its hyperparameters are not part of it.
+        # gradient buffer, and before the next apply). Fused, its reduce_apply waits for the
+        # next step's hyperparameters.
         following = self._following_batch()
         if following is not None:
-            self._ahead = (following, self._submit_evaluation(*following,
-                                                              norm=self.spec.clip_grad_norm is not None))
+            outputs = self._submit_compute(*following)
+            reports = None if self._fused else self._submit_reduce(outputs, self.spec.clip_grad_norm is not None)
+            self._ahead = (following, (outputs, reports))
 
     def _following_batch(self) -> tuple[int, int] | None:
         """(epoch, batch) of the step after the current one, or None when the run ends with it

@@ -14,6 +14,9 @@ One step, as the coordinator drives it::
     apply(hyperparameters, clip_scale)                the rule on every slice
                               -> packed slices        the next step's parameters
 
+or ``reduce_apply(hyperparameters, partial_0, ...)``, both in one call, when the coordinator
+has nothing to decide between them.
+
 With the shared-memory transport (:mod:`workers.shared_memory`) the slices are views of
 the coordinator's parameter region, the workers' dense gradients are read from their
 gradient regions, and ``get_params``/``apply`` return None: their results only order the
@@ -193,22 +196,28 @@ class ShardActor:
         nonfinite: list[str] = []
         sumsq = 0.0
         for name in self.trainable:
-            total: Any = None
-            for rank, partial in enumerate(partials):
-                grad = partial[name]
-                if isinstance(grad, SharedGrad):
-                    # this shard's rows of the worker's gradient, in its shared region
-                    grad = self.worker_grads[rank][name][slice(*self.layout.slice(name, self.shard))]
-                if total is None:
-                    if isinstance(grad, RowSparseGrad):
-                        total = grad
-                    else:
-                        total = self.grad_views[name]
-                        np.copyto(total, grad)
-                elif isinstance(grad, RowSparseGrad):
+            grads = [partial[name] for partial in partials]
+            if any(isinstance(grad, SharedGrad) for grad in grads):
+                # this shard's rows of each worker's gradient, in the workers' shared regions
+                rows = slice(*self.layout.slice(name, self.shard))
+                grads = [self.worker_grads[rank][name][rows] for rank in range(len(grads))]
+                # one worker: its rows are the gradient (nothing writes them before the next step)
+                total: Any = grads[0] if len(grads) == 1 else None
+            else:
+                total = None
+            if total is None and isinstance(grads[0], RowSparseGrad):
+                total = grads[0]
+                for grad in grads[1:]:
                     total = RowSparseGrad(np.concatenate([total.indices, grad.indices]),
                                           np.concatenate([total.values, grad.values]), total.shape)
+            elif total is None:
+                # into the reused buffer, in one pass for the first two (the same float additions)
+                total = self.grad_views[name]
+                if len(grads) == 1:
+                    np.copyto(total, grads[0])
                 else:
+                    np.add(grads[0], grads[1], out=total)
+                for grad in grads[2:]:
                     total += grad
             self.grads[name] = total
             values = total.values.reshape(-1) if isinstance(total, RowSparseGrad) else total
@@ -256,12 +265,24 @@ class ShardActor:
                     raise RuntimeError(f"{self.optimizer_name} does not support dense gradients (parameter "
                                        f"{name!r}); use Adam for them")
                 if clip_scale is not None:
-                    grad *= grad.dtype.type(clip_scale)
+                    grad = grad * grad.dtype.type(clip_scale)  # not in place: it may be a worker's region
                 if not state:
                     state.update(rule.init_state(p.data, group))
                 rule.update(p.data, grad, state, group)
             self.grads[name] = None
         return self.buffers
+
+    def reduce_apply(self, hyperparameters: Sequence[Mapping[str, Any]],
+                     *partials: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+        """:meth:`reduce` then :meth:`apply` in one call, for steps that need no decision of
+        the coordinator between them (no clipping, and non-finite values stop the run): the
+        update is applied unless this shard's own gradients are not finite. Returns (the
+        report, what :meth:`apply` returns)."""
+        report = self.reduce(*partials)
+        if report["nonfinite"]:
+            self.discard_grads()
+            return report, self.buffers
+        return report, self.apply(hyperparameters)
 
     def discard_grads(self) -> None:
         """Drop the reduced gradient (a skipped step)."""

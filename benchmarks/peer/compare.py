@@ -1,13 +1,16 @@
 """shardstep against its peer, Ray Train's TorchTrainer with torch DDP and
 ZeroRedundancyOptimizer(Adam), on one model, in one run.
 
-    python benchmarks/peer/compare.py            # the published table (about 5 minutes on 2 cores)
-    python benchmarks/peer/compare.py --quick    # 10 timed steps; prints the section, never writes the doc
+    python benchmarks/peer/compare.py            # the published table (about 8 minutes on 2 cores)
+    python benchmarks/peer/compare.py --quick    # 1 round of 10 timed steps; prints, never writes the doc
 
 Model, data and schedule: ``common.py`` (MLP 512-2048-2048-10, Adam lr 1e-3, global batch
 256, float32; 5 warm-up steps, 30 timed). Every system runs in its own child process, one
 after the other, each starting and stopping its own Ray node on loopback (``shardstep_run.py``,
-``ray_train_run.py``, ``torch_run.py``), so a run's Ray processes and memory are its own.
+``ray_train_run.py``, ``torch_run.py``), so a run's Ray processes and memory are its own. The
+compared systems run in three rounds, in a different order each round (the machine's speed
+drifts); a row's figures are the medians over its rounds, and every round's median step is
+listed.
 Memory: this script reads /proc/<pid>/smaps_rollup of the child and every process below it
 (Ray's GCS, raylet, agents, workers, actors) once a second while the child runs and keeps the
 largest sums of PSS (shared pages divided among the processes that map them) and of RSS.
@@ -90,16 +93,55 @@ def _verdict(value: float, target: float) -> str:
     return "met" if value <= target else f"missed by {value / target:.2f}x"
 
 
+# the compared systems: label -> (script, arguments, description); all checkpoint every 10 steps
+MAIN = {
+    "shardstep": ("shardstep_run.py", ["--backend", "ray", "--shards", "2", "--workers", "2"],
+                  "shardstep, ray, 2 shards, 2 workers (1 thread each)"),
+    "shardstep-2x1": ("shardstep_run.py", ["--backend", "ray", "--shards", "2", "--workers", "1", "--worker-cpus", "2"],
+                      "shardstep, ray, 2 shards, 1 worker (worker_cpus = 2: 2 threads)"),
+    "peer": ("ray_train_run.py", [], "Ray Train TorchTrainer, 2 workers, DDP + ZeRO(Adam)"),
+}
+# run once, without checkpoints: where the time goes
+EXTRA = {
+    "object-store": ("shardstep_run.py", ["--backend", "ray", "--shards", "2", "--workers", "2",
+                                          "--transport", "object_store"],
+                     "shardstep, ray, 2 shards, 2 workers, object-store transport (no checkpoints)"),
+    "shardstep-1x1": ("shardstep_run.py", ["--backend", "ray", "--shards", "1", "--workers", "1"],
+                      "shardstep, ray, 1 shard, 1 worker (no checkpoints)"),
+    "inline": ("shardstep_run.py", ["--backend", "inline", "--shards", "2", "--workers", "2"],
+               "shardstep, inline, 2 shards, 2 workers (no checkpoints)"),
+}
+SHARDSTEP_MAIN = ("shardstep", "shardstep-2x1")
+
+
+def combine(runs: list[dict]) -> dict:
+    """One row from a system's rounds: medians over the rounds of the per-run figures, every
+    checkpoint's figures pooled, the rest (losses, state sizes, threads) from the first run."""
+    row = dict(runs[0])
+    for key in ("median", "p90", "launch", "launch_from_fit", "peak_pss", "peak_rss"):
+        if key in row:
+            row[key] = statistics.median(r[key] for r in runs)
+    for key in ("checkpoint_seconds", "next_step_excess", "checkpoint_parts"):
+        if key in row:
+            row[key] = [x for r in runs for x in r[key]]
+    row["round_medians"] = [r["median"] for r in runs]
+    row["round_pss"] = [r["peak_pss"] for r in runs]
+    return row
+
+
+def blocking(r: dict) -> float:
+    """Median blocking time per checkpoint: shardstep's ``_checkpoint`` call plus how much
+    longer the step after it took than the median step; the peer's three parts."""
+    pause = statistics.median(r["checkpoint_seconds"]) if r["checkpoint_seconds"] else float("nan")
+    if r.get("next_step_excess"):
+        pause += statistics.median(r["next_step_excess"])
+    return pause
+
+
 def render(rows: dict[str, dict], torch_rows: list[dict], header: dict) -> str:
-    ours, peer = rows["shardstep"], rows["peer"]
-    one, inline = rows["shardstep-1x1"], rows["inline"]
-
-    def blocking(r: dict) -> float:
-        return statistics.median(r["checkpoint_seconds"]) if r["checkpoint_seconds"] else float("nan")
-
-    ours_block = blocking(ours) + (statistics.median(ours["next_step_excess"]) if ours["next_step_excess"] else 0.0)
-    imbalance = {k: max(r["state_elements"]) / min(r["state_elements"]) for k, r in (("ours", ours), ("peer", peer))}
-    loss_gap = max(abs(a - b) for a, b in zip(ours["losses"], peer["losses"]))
+    peer = rows["peer"]
+    imbalance = {k: max(r["state_elements"]) / min(r["state_elements"]) for k, r in rows.items() if k in MAIN}
+    loss_gap = max(max(abs(a - b) for a, b in zip(rows[k]["losses"], peer["losses"])) for k in SHARDSTEP_MAIN)
     lines = [
         BEGIN,
         "## shardstep against Ray Train + torch DDP/ZeroRedundancyOptimizer",
@@ -107,77 +149,89 @@ def render(rows: dict[str, dict], torch_rows: list[dict], header: dict) -> str:
         f"Machine: {header['machine']}; shared with other work (load average {header['load_before']} before, "
         f"{header['load_after']} after). Python {header['python']}, ray {header['ray']}, torch {header['torch']}, "
         f"numpy {header['numpy']}; {header['date']}, {header['minutes']:.1f} minutes.",
-        f"Command: `{header['command']}` (both systems and the torch reference in this one run, one after the "
-        "other, each in its own process with its own Ray node on 127.0.0.1; `ray.nodes()` checked).",
+        f"Command: `{header['command']}` (both systems and the torch reference in this one run, each in its own "
+        "process with its own Ray node on 127.0.0.1; `ray.nodes()` checked). "
+        f"{header['rounds']} rounds of the three compared rows, in a rotated order each round; a row shows the "
+        "medians over its rounds.",
         "",
         f"Model: MLP 512-2048-2048-10 ({NUM_PARAMS:,} parameters), ReLU, cross-entropy, float32, Adam lr 1e-3, "
         f"global batch {GLOBAL_BATCH}; the same initial parameters, data and batch order in every system "
         f"(shardstep's `synthetic-mlp` task, fed to torch as tensors). {WARMUP} warm-up steps, then "
-        f"{header['timed']} timed; checkpoints every {CHECKPOINT_EVERY} steps in the two main rows. "
-        "shardstep: `Coordinator(spec).run()`, per-step `seconds` of the coordinator; Ray Train: `TorchTrainer`, "
-        "2 workers, DDP (gloo) + `ZeroRedundancyOptimizer(Adam)`, the slower worker's time per step measured in "
-        "the train loop (zero_grad, forward, backward with the all-reduce, step). One run per row.",
+        f"{header['timed']} timed; checkpoints every {CHECKPOINT_EVERY} steps in the three compared rows. "
+        "shardstep: `Coordinator(spec).run()` with the job's defaults (shared-memory transport on one node), "
+        "per-step `seconds` of the coordinator; Ray Train: `TorchTrainer`, 2 workers, DDP (gloo) + "
+        "`ZeroRedundancyOptimizer(Adam)`, the slower worker's time per step measured in the train loop "
+        "(zero_grad, forward, backward with the all-reduce, step).",
         "",
-        "| system | ms/step median (p90) | launch to first step, s | blocking per checkpoint, s | peak memory, "
-        "PSS (RSS) GiB | optimizer-state elements per shard/rank | final loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | ms/step median (p90) | each round's median, ms | launch to first step, s | blocking per "
+        "checkpoint, s | peak memory, PSS (RSS) GiB | optimizer-state elements per shard/rank | final loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def row(name: str, r: dict, launch: str, block: str) -> str:
+    def row(label: str, launch: str, block: str) -> str:
+        r = rows[label]
+        described = {**MAIN, **EXTRA}[label][2]
         state = " / ".join(f"{e:,}" for e in r["state_elements"]) if "state_elements" in r else "-"
-        return (f"| {name} | {_ms(r['median'])} ({_ms(r['p90'])}) | {launch} | {block} | {_gib(r['peak_pss'])} "
-                f"({_gib(r['peak_rss'])}) | {state} | {r['final_loss']:.5f} |")
+        rounds = ", ".join(_ms(m) for m in r["round_medians"])
+        return (f"| {described} | {_ms(r['median'])} ({_ms(r['p90'])}) | {rounds} | {launch} | {block} | "
+                f"{_gib(r['peak_pss'])} ({_gib(r['peak_rss'])}) | {state} | {r['final_loss']:.5f} |")
 
-    lines.append(row("shardstep, ray, 2 shards, 2 workers", ours, f"{ours['launch']:.1f}",
-                     f"{blocking(ours):.3f} + {statistics.median(ours['next_step_excess']):.3f}"
-                     if ours["next_step_excess"] else f"{blocking(ours):.3f}"))
-    lines.append(row("Ray Train TorchTrainer, 2 workers, DDP + ZeRO(Adam)", peer,
-                     f"{peer['launch']:.1f} ({peer['launch_from_fit']:.1f} from fit())", f"{blocking(peer):.3f}"))
-    lines.append(row("shardstep, ray, 1 shard, 1 worker (no checkpoints)", one, f"{one['launch']:.1f}", "-"))
-    lines.append(row("shardstep, inline, 2 shards, 2 workers (no checkpoints)", inline, f"{inline['launch']:.1f}", "-"))
+    for label in SHARDSTEP_MAIN:
+        r = rows[label]
+        lines.append(row(label, f"{r['launch']:.1f}",
+                         f"{blocking(r):.3f} ({statistics.median(r['checkpoint_seconds']):.3f} + "
+                         f"{statistics.median(r['next_step_excess']):.3f})"))
+    lines.append(row("peer", f"{peer['launch']:.1f} ({peer['launch_from_fit']:.1f} from fit())",
+                     f"{blocking(peer):.3f}"))
+    for label in EXTRA:
+        lines.append(row(label, f"{rows[label]['launch']:.1f}", "-"))
     for r in torch_rows:
         lines.append(f"| torch, one process, {r['threads']} threads, Adam {r['system'].split('-')[1]} | "
-                     f"{_ms(r['median'])} ({_ms(r['p90'])}) | - | - | {_gib(r['peak_pss'])} ({_gib(r['peak_rss'])}) "
-                     f"| - | {r['final_loss']:.5f} |")
+                     f"{_ms(r['median'])} ({_ms(r['p90'])}) | - | - | - | {_gib(r['peak_pss'])} "
+                     f"({_gib(r['peak_rss'])}) | - | {r['final_loss']:.5f} |")
+
+    step = [rows[label]["median"] / peer["median"] for label in SHARDSTEP_MAIN]
+    memory = [rows[label]["peak_pss"] / peer["peak_pss"] for label in SHARDSTEP_MAIN]
+    a, b = (rows[label] for label in SHARDSTEP_MAIN)
     parts = peer["checkpoint_parts"]
     lines += [
         "",
-        "Targets (shardstep 2x2 against Ray Train + ZeRO, measured here):",
+        "Targets (shardstep against Ray Train + ZeRO, measured here; 2x2 = 2 shards, 2 workers; 2x1 = 2 shards, "
+        "1 worker with 2 threads):",
         "",
-        "| target | shardstep | peer | ratio | verdict |",
-        "|---|---:|---:|---:|---|",
-        f"| ms/step <= {TARGET_STEP_RATIO}x the peer's | {_ms(ours['median'])} | {_ms(peer['median'])} | "
-        f"{ours['median'] / peer['median']:.2f}x | {_verdict(ours['median'] / peer['median'], TARGET_STEP_RATIO)} |",
-        f"| launch to first step <= {TARGET_LAUNCH:.0f} s | {ours['launch']:.1f} s | {peer['launch']:.1f} s | "
-        f"{ours['launch'] / peer['launch']:.2f}x | {_verdict(ours['launch'], TARGET_LAUNCH)} |",
-        f"| blocking per checkpoint <= {TARGET_CHECKPOINT} s | {ours_block:.3f} s | {blocking(peer):.3f} s | "
-        f"{ours_block / blocking(peer):.2f}x | {_verdict(ours_block, TARGET_CHECKPOINT)} |",
-        f"| optimizer-state imbalance (largest / smallest) <= {TARGET_IMBALANCE} | {imbalance['ours']:.3f} | "
-        f"{imbalance['peer']:.3f} | - | {_verdict(imbalance['ours'], TARGET_IMBALANCE)} |",
-        f"| peak memory (PSS) <= {TARGET_MEMORY_RATIO}x the peer's | {_gib(ours['peak_pss'])} GiB | "
-        f"{_gib(peer['peak_pss'])} GiB | {ours['peak_pss'] / peer['peak_pss']:.2f}x | "
-        f"{_verdict(ours['peak_pss'] / peer['peak_pss'], TARGET_MEMORY_RATIO)} |",
+        "| target | shardstep 2x2 | shardstep 2x1 | peer | verdict 2x2 | verdict 2x1 |",
+        "|---|---:|---:|---:|---|---|",
+        f"| ms/step <= {TARGET_STEP_RATIO}x the peer's | {_ms(a['median'])} ({step[0]:.2f}x) | "
+        f"{_ms(b['median'])} ({step[1]:.2f}x) | {_ms(peer['median'])} | {_verdict(step[0], TARGET_STEP_RATIO)} | "
+        f"{_verdict(step[1], TARGET_STEP_RATIO)} |",
+        f"| launch to first step <= {TARGET_LAUNCH:.0f} s | {a['launch']:.1f} s | {b['launch']:.1f} s | "
+        f"{peer['launch']:.1f} s | {_verdict(a['launch'], TARGET_LAUNCH)} | {_verdict(b['launch'], TARGET_LAUNCH)} |",
+        f"| blocking per checkpoint <= {TARGET_CHECKPOINT} s | {blocking(a):.3f} s | {blocking(b):.3f} s | "
+        f"{blocking(peer):.3f} s | {_verdict(blocking(a), TARGET_CHECKPOINT)} | "
+        f"{_verdict(blocking(b), TARGET_CHECKPOINT)} |",
+        f"| optimizer-state imbalance (largest / smallest) <= {TARGET_IMBALANCE} | {imbalance['shardstep']:.3f} | "
+        f"{imbalance['shardstep-2x1']:.3f} | {imbalance['peer']:.3f} | "
+        f"{_verdict(imbalance['shardstep'], TARGET_IMBALANCE)} | {_verdict(imbalance['shardstep-2x1'], TARGET_IMBALANCE)} |",
+        f"| peak memory (PSS) <= {TARGET_MEMORY_RATIO}x the peer's | {_gib(a['peak_pss'])} GiB ({memory[0]:.2f}x) | "
+        f"{_gib(b['peak_pss'])} GiB ({memory[1]:.2f}x) | {_gib(peer['peak_pss'])} GiB | "
+        f"{_verdict(memory[0], TARGET_MEMORY_RATIO)} | {_verdict(memory[1], TARGET_MEMORY_RATIO)} |",
         "",
         "How each figure is taken. Launch: from `Coordinator.run()` (which starts Ray) / from `ray.init` before "
         "`TorchTrainer.fit()` to the end of step 1, in a fresh process. Blocking per checkpoint (median over the "
-        f"checkpoints at steps {CHECKPOINT_EVERY}, {2 * CHECKPOINT_EVERY}, ...): shardstep = the coordinator's "
-        "`_checkpoint` call (staging; the shards write in the background) + how much longer the step after it "
-        "took than the median step (the commit rides on it); the peer = `consolidate_state_dict(to=0)` + "
-        "`torch.save` on rank 0 + `ray.train.report` with the checkpoint, the slower rank (rank 0's parts, "
-        "median: consolidate "
+        f"checkpoints at steps {CHECKPOINT_EVERY}, {2 * CHECKPOINT_EVERY}, ... of every round): shardstep = the "
+        "coordinator's `_checkpoint` call (the shards stage their slices and state, then write in the background) "
+        "+ how much longer the step after it took than the median step (the background write shares the 2 cores "
+        "with it; the commit rides on it); the peer = `consolidate_state_dict(to=0)` + `torch.save` on rank 0 + "
+        "`ray.train.report` with the checkpoint, the slower rank (rank 0's parts, median: consolidate "
         f"{statistics.median(p['consolidate'] for p in parts):.3f} s, save {statistics.median(p['save'] for p in parts):.3f} s, "
-        f"report {statistics.median(p['report'] for p in parts):.3f} s). Memory: the largest sum over the run of "
-        "the child process and every process below it (all of the run's Ray processes), sampled once a second. "
-        "Optimizer state: Adam's exp_avg and exp_avg_sq elements a shard owns (shardstep's `Coordinator.layout`: "
-        "rows split evenly across shards in every parameter) or a rank holds (`ZeroRedundancyOptimizer` "
-        "assigns whole tensors). Both systems train the same numbers: their losses differ by at most "
-        f"{loss_gap:.1e} over the {ours['steps']} steps (float32 sums in different orders).",
+        f"report {statistics.median(p['report'] for p in parts):.3f} s). Memory: the largest sum over a run of "
+        "the child process and every process below it (all of the run's Ray processes), sampled once a second; "
+        "median over the rounds. Optimizer state: Adam's exp_avg and exp_avg_sq elements a shard owns "
+        "(shardstep's `Coordinator.layout`: rows split evenly across shards in every parameter) or a rank holds "
+        "(`ZeroRedundancyOptimizer` assigns whole tensors). Both systems train the same numbers: their losses "
+        f"differ by at most {loss_gap:.1e} over the {a['steps']} steps (float32 sums in different orders).",
         "",
-        "Where shardstep loses time (evidence from this run): the inline backend runs the same actors' methods "
-        f"in one process in {_ms(inline['median'])} ms/step, the Ray 1-shard 1-worker run takes "
-        f"{_ms(one['median'])} ms and the 2x2 run {_ms(ours['median'])} ms, against {_ms(peer['median'])} ms for "
-        f"the peer's DDP step and {_ms(torch_rows[0]['median'])} ms for one torch process (Adam foreach). "
-        + header["analysis"],
+        header["analysis"],
         END,
     ]
     return "\n".join(lines)
@@ -185,7 +239,8 @@ def render(rows: dict[str, dict], torch_rows: list[dict], header: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 timed steps; never writes the doc")
+    parser.add_argument("--quick", action="store_true", help="1 round of 10 timed steps; never writes the doc")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the compared systems (default 3)")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     parser.add_argument("--raw", type=Path, default=None, help="also write every measurement to this JSON file")
@@ -195,33 +250,33 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     timed = 10 if args.quick else TIMED
+    rounds = 1 if args.quick else args.rounds
     started = time.perf_counter()
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     common = ["--timed", str(timed)]
     checkpoints = ["--checkpoint-every", str(CHECKPOINT_EVERY)]
-    rows: dict[str, dict] = {}
-    print("shardstep, ray, 2 shards, 2 workers", flush=True)
-    rows["shardstep"] = run_child("shardstep", "shardstep_run.py",
-                                  ["--backend", "ray", "--shards", "2", "--workers", "2", *checkpoints, *common])[0]
-    print("Ray Train + DDP + ZeroRedundancyOptimizer", flush=True)
-    rows["peer"] = run_child("peer", "ray_train_run.py", [*checkpoints, *common])[0]
-    print("shardstep, ray, 1 shard, 1 worker", flush=True)
-    rows["shardstep-1x1"] = run_child("shardstep-1x1", "shardstep_run.py",
-                                      ["--backend", "ray", "--shards", "1", "--workers", "1", *common])[0]
-    print("shardstep, inline, 2 shards, 2 workers", flush=True)
-    rows["inline"] = run_child("inline", "shardstep_run.py",
-                               ["--backend", "inline", "--shards", "2", "--workers", "2", *common])[0]
+    runs: dict[str, list[dict]] = {label: [] for label in MAIN}
+    order = list(MAIN)
+    for round_ in range(rounds):
+        # rotated each round, so no system always runs first (or after the same neighbour)
+        for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+            script, extra, described = MAIN[label]
+            print(f"round {round_ + 1}: {described}", flush=True)
+            runs[label].append(run_child(label, script, [*extra, *checkpoints, *common])[0])
+    rows = {label: combine(results) for label, results in runs.items()}
+    for label, (script, extra, described) in EXTRA.items():
+        print(described, flush=True)
+        rows[label] = combine(run_child(label, script, [*extra, *common]))
     print("torch, one process", flush=True)
     torch_rows = run_child("torch", "torch_run.py", common)
     leftovers = {k: r["leftovers"] for k, r in rows.items() if r["leftovers"]}
-    threads = rows["shardstep"]["threads"]
     header = {
         "machine": machine(), "ray": ray.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "timed": timed,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "timed": timed, "rounds": rounds,
         "command": " ".join(["python benchmarks/peer/compare.py", *(argv if argv is not None else sys.argv[1:])]),
         "load_before": load_before, "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "minutes": (time.perf_counter() - started) / 60,
-        "analysis": analysis(rows, torch_rows, threads),
+        "analysis": analysis(rows, torch_rows),
     }
     section = render(rows, torch_rows, header)
     print(section)
@@ -235,31 +290,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def analysis(rows: dict[str, dict], torch_rows: list[dict], threads: dict) -> str:
-    """The measured reasons, in words, from this run's numbers (ratios, not claims)."""
-    ours, peer, one, inline = rows["shardstep"], rows["peer"], rows["shardstep-1x1"], rows["inline"]
+def analysis(rows: dict[str, dict], torch_rows: list[dict]) -> str:
+    """Where each system spends its step, in words, from this run's numbers."""
+    ours, single, peer = rows["shardstep"], rows["shardstep-2x1"], rows["peer"]
+    store, one, inline = rows["object-store"], rows["shardstep-1x1"], rows["inline"]
     reference = torch_rows[0]
+    phases = peer["phases"]
+    backward = max(p["forward_backward"] for p in phases)
+    update = max(p["optimizer_step"] for p in phases)
+    mib = NUM_PARAMS * 4 / 2**20
     return (
-        f"(1) Compute: the inline row runs the actors' methods (numpy forward and backward of `workers.nn`, "
-        f"the shards' Adam) in one process with no Ray: {inline['median'] / reference['median']:.2f}x the torch "
-        "process's step (Adam foreach), so the kernels account for that ratio and no more. "
-        f"(2) Ray: the 1-shard 1-worker Ray step is {one['median'] / inline['median']:.2f}x the inline 2x2 step "
-        f"({(one['median'] - inline['median']) * 1e3:+.1f} ms): every step moves the parameters "
-        f"({NUM_PARAMS * 4 / 2**20:.0f} MiB) from the shards to the workers and each worker's gradient back "
-        "through the object store, and the coordinator waits once per step for the losses and shard reports "
-        "before it sends the update, so the update, the next step's parameter transfer and the workers' "
-        "compute follow each other without overlap. "
-        f"(3) Two actors of each kind on 2 cores: the 2x2 Ray step is {ours['median'] / one['median']:.2f}x "
-        f"the 1x1 one ({(ours['median'] - one['median']) * 1e3:+.1f} ms), where the ideal is 0.5x for the compute; "
-        f"a gradient worker's process had {threads.get('worker', {}).get('threads')} threads and a shard's "
-        f"{threads.get('shard', {}).get('threads')} after step 1, while each of the peer's two workers computes "
-        f"on one torch thread (torch.get_num_threads() = {peer['threads']['torch']}, OMP_NUM_THREADS = "
-        f"{peer['threads']['OMP_NUM_THREADS']}) and DDP overlaps its all-reduce with the backward. "
-        f"(4) Launch: shardstep's 2x2 run reached its first step in {ours['launch']:.1f} s and the 1x1 run in "
-        f"{one['launch']:.1f} s (Ray's start, then 2 or 4 actors that import numpy, numba and the task and build "
-        "the data on 2 cores). The peer's time goes to its checkpoint (consolidating the sharded Adam state on "
-        "rank 0 through gloo, pickling it, copying it to the run's storage) and its launch (the controller, the "
-        "worker group, the process group)."
+        "Where the time goes. The peer: each rank's forward and backward on its 128 examples with one torch "
+        f"thread, including DDP's all-reduce of the {mib:.0f} MiB gradient over gloo (TCP on loopback, its last "
+        f"bucket only after the backward), took {_ms(backward)} ms (median, slower rank), and "
+        f"`ZeroRedundancyOptimizer.step` {_ms(update)} ms: Adam on the rank's whole tensors (rank 0 holds "
+        f"{max(peer['state_elements']) / sum(peer['state_elements']):.0%} of the state), then every parameter "
+        f"broadcast by its owner, another {mib:.0f} MiB through gloo, while the other rank waits. One torch "
+        f"process computes the whole step in {_ms(reference['median'])} ms, so about "
+        f"{_ms(peer['median'] - reference['median'])} ms of the peer's {_ms(peer['median'])} ms go to moving "
+        "data between two processes and waiting. "
+        "shardstep moves no bulk data through sockets or Ray's object store on one node: the shards update "
+        "their rows in place in a shared parameter region that the workers read without a copy, and each "
+        "worker's gradient is one memory copy into its shared region that the shards read in place "
+        f"(through Ray's object store instead, the same 2x2 run takes {_ms(store['median'])} ms: "
+        f"{store['median'] / ours['median']:.2f}x); its optimizer state is split by rows, so both shards "
+        "finish their Adam at the same time; the coordinator submits the next step's computation together "
+        "with the update, so Ray starts it the moment the update is done. What is left: the numpy kernels "
+        f"(the inline row, every actor's work in one process without Ray, takes {_ms(inline['median'])} ms, "
+        f"{inline['median'] / reference['median']:.2f}x the torch process), two Ray calls per step "
+        f"(compute, then reduce and apply) and, on these 2 cores, 4 actors in the 2x2 row against 3 in the 2x1 "
+        f"row ({_ms(ours['median'])} vs {_ms(single['median'])} ms; 1 shard and 1 one-thread worker: "
+        f"{_ms(one['median'])} ms). "
+        "Checkpoints: each shard copies its slices and state (42 MiB in all) and writes its file in a "
+        "background thread, against the peer's consolidation of the whole Adam state on rank 0 through gloo and "
+        "a pickle. Launch: Ray's start, then actors that import numpy and the task; the peer also starts Ray "
+        "Train's controller, its worker group and the torch process group."
     )
 
 

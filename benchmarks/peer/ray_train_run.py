@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -67,16 +68,18 @@ def train_loop(config: dict) -> None:
     criterion = torch.nn.CrossEntropyLoss()
     batches = [global_batch(task, step, rank, world) for step in range(1, config["steps"] + 1)]
     batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
-    seconds, losses, checkpoints = [], [], []
+    seconds, losses, checkpoints, phases = [], [], [], []
     first_step_end = None
     for step in range(1, config["steps"] + 1):
         inputs, labels = batches[step - 1]
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(ddp(inputs), labels)
-        loss.backward()
-        optimizer.step()
+        loss.backward()  # DDP's all-reduce of the gradient buckets runs during it and ends with it
+        backward_end = time.perf_counter()
+        optimizer.step()  # ZeRO: Adam on this rank's tensors, then every tensor broadcast by its owner
         seconds.append(time.perf_counter() - start)
+        phases.append({"forward_backward": backward_end - start, "optimizer_step": seconds[-1] - (backward_end - start)})
         losses.append(loss.item())
         if step == 1:
             first_step_end = time.time()
@@ -96,7 +99,7 @@ def train_loop(config: dict) -> None:
                                 "report": marks[3] - marks[2], "total": marks[3] - marks[0]})
     dist.barrier()
     with open(os.path.join(config["out"], f"rank-{rank}.json"), "w") as out:
-        json.dump({"rank": rank, "seconds": seconds, "losses": losses, "first_step_end": first_step_end,
+        json.dump({"rank": rank, "seconds": seconds, "phases": phases, "losses": losses, "first_step_end": first_step_end,
                    "checkpoints": checkpoints, "param_elements": param_elements, "pid": os.getpid(),
                    "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}, out)
 
@@ -139,11 +142,14 @@ def main() -> int:
     checkpoints = [max(r["checkpoints"][i]["total"] for r in ranks) for i in range(len(ranks[0]["checkpoints"]))]
     losses = [sum(r["losses"][i] for r in ranks) / WORKERS for i in range(steps)]
     param_elements = ranks[0]["param_elements"]
+    # each rank's median of its timed steps' phases (the ranks wait for each other inside both)
+    phases = [{name: statistics.median(p[name] for p in r["phases"][WARMUP:]) for name in r["phases"][0]}
+              for r in ranks]
     emit({
         "system": "ray-train", "workers": WORKERS, "steps": steps, "timed": len(timed), "median": median, "p90": p90,
         "seconds": timed, "launch": first - started, "launch_from_fit": first - fit_called,
         "total": finished - started, "checkpoint_every": args.checkpoint_every, "checkpoint_seconds": checkpoints,
-        "checkpoint_parts": ranks[0]["checkpoints"], "param_elements": param_elements,
+        "checkpoint_parts": ranks[0]["checkpoints"], "param_elements": param_elements, "phases": phases,
         "state_elements": [2 * e for e in param_elements], "losses": losses, "final_loss": losses[-1],
         "addresses": addresses, "threads": {"torch": ranks[0]["threads"], "OMP_NUM_THREADS": ranks[0]["OMP_NUM_THREADS"]},
         "pid": os.getpid(),
