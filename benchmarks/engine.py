@@ -27,10 +27,10 @@ shared-memory transport, measured by ``benchmarks/peer``:
 3. Coordinator overhead per step, tiny model (``synthetic-mlp`` of about 1k parameters, 1
    shard, 1 worker): the ray step minus the actors' compute, where the compute is the same
    actor methods in the coordinator's order (``compute`` on the packed slices the previous
-   ``apply`` returned, ``reduce``, ``apply``) called directly on plain ``ShardActor`` /
+   ``reduce_apply`` returned, then ``reduce_apply``) called directly on plain ``ShardActor`` /
    ``GradientWorker`` objects in this process, interleaved with the runs. Reference from the
    same rounds: a no-op Ray actor method, called one at a time (sync), submitted in a batch
-   and waited once (pipelined), and a step's calls with no work in them (the same three calls
+   and waited once (pipelined), and a step's calls with no work in them (the same two calls
    with the same dependencies, arguments passed the same way, on two no-op actors).
 4. Shard memory: ``synthetic-mlp`` of about 100M float32 parameters with Adam, 1 worker, 1/2/4
    shards: VmRSS (and its anonymous and shared-memory parts) of every shard actor's process
@@ -232,8 +232,9 @@ class Echo:
 def local_compute(task: Any, timed: int) -> list[float]:
     """The actors' work of ``timed`` steps, called directly on plain objects in this process:
     the same methods, arguments and order a step of the coordinator uses (1 shard, 1 worker):
-    ``compute`` on the packed slices the previous ``apply`` returned, ``reduce``, ``apply``
-    (``get_params`` once, before the first step, as the coordinator's first step does)."""
+    ``compute`` on the packed slices the previous ``reduce_apply`` returned, then
+    ``reduce_apply`` (``get_params`` once, before the first step, as the coordinator's first
+    step does)."""
     from checkpoints import ShardLayout
     from checkpoints.layout import ParamSpec
     from workers.gradient_worker import GradientWorker
@@ -255,8 +256,7 @@ def local_compute(task: Any, timed: int) -> list[float]:
     for step in range(WARMUP + timed):
         start = time.perf_counter()
         loss, piece = worker.compute(step // batches, step % batches, packed)
-        shard.reduce(piece, norm=False)
-        packed = shard.apply(hyperparameters, None)
+        _, packed = shard.reduce_apply(hyperparameters, piece)
         seconds.append(time.perf_counter() - start)
     shard.close()
     return seconds[WARMUP:]
@@ -295,16 +295,15 @@ def measure_overhead(mode: dict) -> dict:
             ray.get([first.noop.remote() for _ in range(calls // 5)])
             series["pipelined"].append((time.perf_counter() - start) / (calls // 5))
         # a step's calls with no work in them: compute on the worker (two results) taking the
-        # shard's previous apply result, reduce on the shard taking the worker's piece, one wait
-        # for the loss and the report, then apply on the shard, not waited for: its result is
-        # the next round's compute argument (the first round takes a get_params result)
+        # shard's previous reduce_apply result, reduce_apply on the shard (two results) taking
+        # the worker's piece, one wait for the loss and the report; the second result is the
+        # next round's compute argument (the first round takes a get_params result)
         packed = first.noop.remote()
         for _ in range(calls // 2):
             start = time.perf_counter()
             loss, piece = second.pair.options(num_returns=2).remote(0, 0, packed)
-            report = first.noop.remote(piece, norm=False)
+            report, packed = first.pair.options(num_returns=2).remote([{}], piece)
             ray.get([loss, report])
-            packed = first.noop.remote([{}], None)
             series["step_calls"].append(time.perf_counter() - start)
         ray.get(packed)
         for actor in (first, second):
@@ -539,9 +538,9 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         + ", ".join(_counts(r["reductions"]) for r in lbfgs) + " (history_size "
         + ", ".join(str(r["history_size"]) for r in lbfgs) + f"; every run) | {_met(constant)} |",
         "",
-        f"Overhead: the three calls of a step on actors that do nothing already take {_ms(o['step_calls'])} ms "
-        f"here (a sync no-op call: {_ms(o['sync'])} ms): they form one chain (the previous step's apply, the "
-        "compute that takes its result, the reduce that takes compute's piece, the wait for the reduce), and "
+        f"Overhead: the two calls of a step on actors that do nothing already take {_ms(o['step_calls'])} ms "
+        f"here (a sync no-op call: {_ms(o['sync'])} ms): they form one chain (the previous step's reduce_apply, "
+        "the compute that takes its result, the reduce_apply that takes compute's piece, the wait for it), and "
         "every result in it goes through the driver, which owns it and sends it on. What the engine adds on "
         f"top, {_ms(ray_overhead - o['step_calls'])} ms, is moving its payloads (one flat array per dtype for a "
         "shard's slices, a dict of per-parameter arrays per gradient piece) and the actors' own call handling. "
@@ -555,9 +554,10 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         f"### Step time, inline vs ray (Adam, {WORKERS} gradient workers, batch {BATCH})",
         "",
         f"Medians (p90) of the steps after the first {WARMUP} of every run: the coordinator's per-step "
-        "`seconds`: submitting the step's compute and reduce calls, waiting once for its losses and shard "
-        "reports (which includes the previous step's apply: the workers' compute takes its result), and "
-        "submitting the step's apply, not waited for. Runs alternate between backends and configurations over "
+        "`seconds`: submitting the step's compute calls (or finding them submitted with the previous step's "
+        "update) and its reduce_apply calls (reduce and apply in one call per shard: no clipping, "
+        "`nonfinite = \"stop\"`), and waiting once for its losses and shard reports (which includes the "
+        "previous step's update: the workers' compute takes its result). Runs alternate between backends and configurations over "
         f"{header['rounds']} round(s). Models: "
         + "; ".join(f"{r['model']}: {'-'.join(map(str, r['sizes']))}"
                     for r in scaling if r["shards"] == scaling[0]["shards"])
@@ -600,14 +600,14 @@ def render(scaling: list[dict], overhead: dict, memory: dict, lbfgs: list[dict],
         f"parameters, batch {TINY_BATCH}, 1 shard, 1 worker)",
         "",
         "Compute = the actors' methods of one step in the coordinator's order (`compute` on the packed slices "
-        "the previous `apply` returned, `reduce`, `apply`; `get_params` once, before the first step) called "
+        "the previous `reduce_apply` returned, then `reduce_apply`; `get_params` once, before the first step) called "
         "directly on plain `ShardActor` / `GradientWorker` objects in the script's process, interleaved with "
         "the runs; overhead = step - compute. The reference rows use a Ray actor whose methods do nothing, "
         "started with the engine's actor options: one call waited at a time (sync); a batch of calls waited "
         "once (pipelined, per call); and a step's calls with no work in them (a two-result call on actor B "
-        "taking the result of the previous round's last call on actor A, a call on A taking B's second result, "
-        "one wait for B's first result and A's, then a call on A that is not waited for and whose result the "
-        "next round's call on B takes: the dependency shape of the coordinator's step). "
+        "taking the second result of the previous round's call on actor A, a two-result call on A taking B's "
+        "second result, one wait for B's first result and A's first: the dependency shape of the coordinator's "
+        "step). "
         f"Medians (p90) over {header['tiny_rounds']} round(s).",
         "",
         "| what | ms |",

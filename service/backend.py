@@ -95,6 +95,8 @@ class RayBackend:
 
         self.ray = ray
         self.started_here = False
+        # through Ray Client the coordinator's calls run on the cluster, not on this machine
+        self.client = (address or os.environ.get("RAY_ADDRESS") or "").startswith("ray://")
         if not ray.is_initialized():
             options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True,
                                        "configure_logging": True}
@@ -121,6 +123,8 @@ class RayBackend:
 
     def on_one_node(self) -> bool:
         """Whether the cluster is this process's node alone, so every actor runs here."""
+        if self.client:
+            return False
         try:
             nodes = [node for node in self.ray.nodes() if node.get("Alive")]
             here = self.ray.get_runtime_context().get_node_id()
