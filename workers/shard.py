@@ -135,9 +135,6 @@ class ShardActor:
             self.buffers = None
             region = shared.param_arrays()
             self.worker_grads = [shared.grad_arrays(rank) for rank in range(len(shared.grads))]
-        # the reduced dense gradient: one buffer reused every step (no allocation per step)
-        self.grad_buffers = {dtype: np.empty(size, dtype) for dtype, size in sizes.items()}
-        self.grad_views: dict[str, np.ndarray] = {}
         self.params: dict[str, Parameter] = {}
         self.rows: dict[str, tuple[int, int]] = {}
         for spec in layout.params:
@@ -151,7 +148,6 @@ class ShardActor:
             else:
                 view = region[spec.name][slice(*layout.slice(spec.name, shard))]
             view[...] = given
-            self.grad_views[spec.name] = self.grad_buffers[dtype][start:stop]
             self.params[spec.name] = Parameter(view, name=spec.name)
             self.rows[spec.name] = layout.row_range(spec.name, shard)
         # the parameters this shard trains, in table order; the others are frozen
@@ -211,12 +207,10 @@ class ShardActor:
                     total = RowSparseGrad(np.concatenate([total.indices, grad.indices]),
                                           np.concatenate([total.values, grad.values]), total.shape)
             elif total is None:
-                # into the reused buffer, in one pass for the first two (the same float additions)
-                total = self.grad_views[name]
-                if len(grads) == 1:
-                    np.copyto(total, grads[0])
-                else:
-                    np.add(grads[0], grads[1], out=total)
+                # the first two in one pass (the same float additions as a copy and +=); the sum
+                # lives until apply, so between steps a shard holds no gradient (as torch's
+                # zero_grad(set_to_none=True))
+                total = np.array(grads[0], copy=True) if len(grads) == 1 else np.add(grads[0], grads[1])
                 for grad in grads[2:]:
                     total += grad
             self.grads[name] = total
