@@ -59,8 +59,14 @@ class Region:
     size: int
 
     def map(self) -> mmap.mmap:
-        with open(self.path, "r+b") as file:
-            return mmap.mmap(file.fileno(), self.size)
+        try:
+            with open(self.path, "r+b") as file:
+                return mmap.mmap(file.fileno(), self.size)
+        except OSError as error:
+            # another user, or a node other than the coordinator's: the path is not reachable
+            raise OSError(f"cannot map the coordinator's shared memory {self.path} from process {os.getpid()}: "
+                          f"{error.strerror or error}; run every actor on the coordinator's node as its user, "
+                          f"or set resources.transport = \"object_store\"") from error
 
 
 @dataclass(frozen=True)
