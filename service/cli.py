@@ -204,7 +204,9 @@ def _train(spec: Any, quiet: bool) -> int:
               + (f"; optimizer state of {len(init['state'])} parameters" if init['optimizer_state'] else ""),
               flush=True)
     metrics = "  ".join(f"{k} {v:.6g}" for k, v in result.metrics.items() if math.isfinite(v))
-    print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s; {metrics}; "
+    moved = {"shared_memory": " (actors exchanged data through shared memory)",
+             "object_store": " (actors exchanged data through Ray's object store)"}.get(result.transport, "")
+    print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s{moved}; {metrics}; "
           f"checkpoints at steps {result.checkpoint_steps[-5:]} in {Path(spec.run_dir) / CHECKPOINT_DIR}"
           + (f"; recovered from {result.failures} failure(s)" if result.failures else ""), flush=True)
     return 0

@@ -39,7 +39,7 @@ def test_run_inspect_export_and_run_again_resumes(tmp_path):
     job = write_job(tmp_path, steps=30)
     done = shardstep("run", str(job))
     assert done.returncode == 0, done.stderr
-    assert "done: 30 steps" in done.stdout
+    assert "done: 30 steps" in done.stdout and "exchanged data" not in done.stdout  # inline: no actors
     run_dir = tmp_path / "run"
     assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30]
     assert_same(final_params(run_dir), digits_reference(30))
@@ -121,5 +121,6 @@ def test_a_killed_coordinator_resumes_bit_identical(tmp_path, ray_address):
     resumed = shardstep("resume", str(tmp_path / "run"), "--quiet", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "done: 1500 steps" in resumed.stdout
+    assert "(actors exchanged data through shared memory)" in resumed.stdout  # one node: auto
     assert committed_steps(root)[-1] == steps
     assert_same(final_params(tmp_path / "run"), digits_reference(steps))
