@@ -126,7 +126,6 @@ class ShardActor:
         # is one array, not one per parameter; with shared memory they are the rows this
         # shard owns in the run's parameter region, and nothing is sent
         places, sizes = packed_places(layout, shard)
-        self.shared = shared
         if shared is None:
             self.buffers: dict[str, np.ndarray] | None = {dtype: np.empty(size, dtype)
                                                           for dtype, size in sizes.items()}
