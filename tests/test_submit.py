@@ -56,6 +56,17 @@ def write_job(directory: Path, *, run_dir: Path | str, steps: int, every: int = 
 
 
 
+def user_task_package(parent: Path) -> Path:
+    """A uniquely named package under ``parent`` whose ``tasks.Digits`` is the digits task,
+    defined outside shardstep as a user's would be."""
+    code = parent / f"usertask_{secrets.token_hex(4)}"
+    code.mkdir(parents=True)
+    (code / "__init__.py").write_text("")
+    (code / "tasks.py").write_text("from workers.tasks.digits import DigitsTask\n\n\n"
+                                   "class Digits(DigitsTask):\n    \"\"\"The digits task, defined by a user.\"\"\"\n")
+    return code
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct loopback ports that are free now (all held open while choosing)."""
     sockets = []
@@ -266,12 +277,8 @@ def one_error(result: subprocess.CompletedProcess, prefix: str) -> str:
 def test_prepare_builds_the_command_and_ships_the_code(tmp_path, monkeypatch):
     """What Ray is given: the job file's directory without the run directory inside it,
     shardstep's packages, a task package kept elsewhere, and an absolute run directory."""
-    package = f"usertask_{secrets.token_hex(4)}"
-    code = tmp_path / "code" / package
-    code.mkdir(parents=True)
-    (code / "__init__.py").write_text("")
-    (code / "tasks.py").write_text("from workers.tasks.digits import DigitsTask\n\n\n"
-                                   "class Digits(DigitsTask):\n    pass\n")
+    code = user_task_package(tmp_path / "code")
+    package = code.name
     monkeypatch.syspath_prepend(str(tmp_path / "code"))
     job = write_job(tmp_path / "jobs", run_dir="runs/first", steps=5, task=f"{package}.tasks:Digits")
 
@@ -319,12 +326,8 @@ def test_submit_a_job_with_its_own_task_code_and_follow_it(head, tmp_path):
     """A task defined outside shardstep and outside the job's directory reaches the cluster
     (py_modules); the job is followed with `jobs status` and `jobs logs` to SUCCEEDED and its
     checkpoints are loadable and equal the local loop's result."""
-    package = f"usertask_{secrets.token_hex(4)}"
-    code = tmp_path / "code" / package
-    code.mkdir(parents=True)
-    (code / "__init__.py").write_text("")
-    (code / "tasks.py").write_text("from workers.tasks.digits import DigitsTask\n\n\n"
-                                   "class Digits(DigitsTask):\n    \"\"\"The digits task, defined by a user.\"\"\"\n")
+    code = user_task_package(tmp_path / "code")
+    package = code.name
     run_dir = tmp_path / "run"
     job = write_job(tmp_path / "job", run_dir=run_dir, steps=30, task=f"{package}.tasks:Digits")
     env = {**head.env, "PYTHONPATH": str(tmp_path / "code")}  # here only: the head has no such path

@@ -192,24 +192,25 @@ class ShardActor:
         sumsq = 0.0
         for name in self.trainable:
             grads = [partial[name] for partial in partials]
-            if any(isinstance(grad, SharedGrad) for grad in grads):
+            shared = any(isinstance(grad, SharedGrad) for grad in grads)
+            if shared:
                 # this shard's rows of each worker's gradient, in the workers' shared regions
                 rows = slice(*self.layout.slice(name, self.shard))
                 grads = [self.worker_grads[rank][name][rows] for rank in range(len(grads))]
-                # one worker: its rows are the gradient (nothing writes them before the next step)
-                total: Any = grads[0] if len(grads) == 1 else None
-            else:
-                total = None
-            if total is None and isinstance(grads[0], RowSparseGrad):
-                total = grads[0]
+            total: Any = grads[0]
+            if isinstance(total, RowSparseGrad):
                 for grad in grads[1:]:
                     total = RowSparseGrad(np.concatenate([total.indices, grad.indices]),
                                           np.concatenate([total.values, grad.values]), total.shape)
-            elif total is None:
+            elif len(grads) == 1:
+                # a worker's region rows are the gradient as they are (nothing writes them
+                # before the next step); an object-store piece is read-only: copied
+                total = total if shared else np.array(total, copy=True)
+            else:
                 # the first two in one pass (the same float additions as a copy and +=); the sum
                 # lives until apply, so between steps a shard holds no gradient (as torch's
                 # zero_grad(set_to_none=True))
-                total = np.array(grads[0], copy=True) if len(grads) == 1 else np.add(grads[0], grads[1])
+                total = np.add(grads[0], grads[1])
                 for grad in grads[2:]:
                     total += grad
             self.grads[name] = total
