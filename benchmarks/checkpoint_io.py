@@ -39,9 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, write_section  # noqa: E402
-
-import checkpoints  # noqa: E402
-from checkpoints import AsyncSaver, CheckpointStore, ShardLayout, open_checkpoint, write_shard  # noqa: E402
+from shardstep import checkpoints  # noqa: E402
+from shardstep.checkpoints import AsyncSaver, CheckpointStore, ShardLayout, open_checkpoint, write_shard  # noqa: E402
 
 BEGIN, END = "<!-- checkpoint-io:begin -->", "<!-- checkpoint-io:end -->"
 IO_BLOCK = 8 << 20

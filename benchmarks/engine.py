@@ -111,7 +111,7 @@ LBFGS_SHARDS = 2
 
 def job(run_dir: str, *, task: str, task_args: dict, optimizer: str, optimizer_args: dict, steps: int,
         batch_size: int, shards: int, workers: int, backend: str):
-    from service.jobspec import JobSpec
+    from shardstep.service.jobspec import JobSpec
 
     # the object-store transport: the one every cluster can use, and the one whose bytes this
     # benchmark counts (on one node the default is shared memory: benchmarks/peer measures it)
@@ -124,7 +124,7 @@ def job(run_dir: str, *, task: str, task_args: dict, optimizer: str, optimizer_a
 def run_job(spec_args: dict, task: Any, on_step: Callable[[Any, dict], Any] | None = None):
     """One ``Coordinator(spec).run()`` in a fresh run directory; ``on_step(coordinator,
     record)`` sees every step. Returns (coordinator, result)."""
-    from service.coordinator import Coordinator
+    from shardstep.service.coordinator import Coordinator
 
     with tempfile.TemporaryDirectory(prefix="shardstep-engine-") as run_dir:
         spec = job(run_dir, **spec_args)
@@ -158,7 +158,7 @@ def median_p90(values: list[float]) -> tuple[float, float]:
 
 
 def measure_scaling(mode: dict) -> list[dict]:
-    from workers.tasks import make_task
+    from shardstep.workers.tasks import make_task
 
     task_args = {label: {"params": n, "eval_examples": 16} for label, n in mode["sizes"].items()}
     tasks = {label: make_task("synthetic-mlp", **args) for label, args in task_args.items()}
@@ -235,12 +235,12 @@ def local_compute(task: Any, timed: int) -> list[float]:
     ``compute`` on the packed slices the previous ``reduce_apply`` returned, then
     ``reduce_apply`` (``get_params`` once, before the first step, as the coordinator's first
     step does)."""
-    from checkpoints import ShardLayout
-    from checkpoints.layout import ParamSpec
-    from workers.gradient_worker import GradientWorker
-    from workers.optim import Parameter
-    from workers.shard import ShardActor
-    from workers.training import build_optimizer
+    from shardstep.checkpoints import ShardLayout
+    from shardstep.checkpoints.layout import ParamSpec
+    from shardstep.workers.gradient_worker import GradientWorker
+    from shardstep.workers.optim import Parameter
+    from shardstep.workers.shard import ShardActor
+    from shardstep.workers.training import build_optimizer
 
     initial = task.init_params(0)
     layout = ShardLayout(tuple(ParamSpec(n, tuple(a.shape), a.dtype.name) for n, a in initial.items()), 1)
@@ -265,7 +265,7 @@ def local_compute(task: Any, timed: int) -> list[float]:
 def measure_overhead(mode: dict) -> dict:
     import ray
 
-    from workers.tasks import make_task
+    from shardstep.workers.tasks import make_task
 
     task_args = {"params": TINY_PARAMS, "eval_examples": 16}
     task = make_task("synthetic-mlp", **task_args)
@@ -340,10 +340,10 @@ def idle_shard_memory(actors: int = 3) -> dict[str, int]:
     Ray backend starts the engine's actors; medians over ``actors`` actors."""
     import numpy as np
 
-    from checkpoints import ShardLayout
-    from checkpoints.layout import ParamSpec
-    from service.backend import RayBackend
-    from workers.shard import ShardActor
+    from shardstep.checkpoints import ShardLayout
+    from shardstep.checkpoints.layout import ParamSpec
+    from shardstep.service.backend import RayBackend
+    from shardstep.workers.shard import ShardActor
 
     backend = RayBackend()
     layout = ShardLayout((ParamSpec("weight", (16,), "float32"),), 1)
@@ -358,7 +358,7 @@ def idle_shard_memory(actors: int = 3) -> dict[str, int]:
 
 
 def measure_memory(mode: dict) -> dict:
-    from workers.tasks import make_task
+    from shardstep.workers.tasks import make_task
 
     baseline = idle_shard_memory()
     rows = []
@@ -404,7 +404,7 @@ def measure_memory(mode: dict) -> dict:
 def measure_lbfgs(mode: dict) -> list[dict]:
     """Round trips and time per LBFGS iteration for every history size; the sizes alternate
     over ``lbfgs_rounds`` rounds (the counts must agree between rounds: they are exact)."""
-    from workers.tasks import make_task
+    from shardstep.workers.tasks import make_task
 
     task = make_task("least-squares", **LBFGS_TASK)
     steps = mode["lbfgs_steps"]

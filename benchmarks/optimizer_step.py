@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, write_section  # noqa: E402
-
-from workers.optim import Parameter, optimizer_class  # noqa: E402
+from shardstep.workers.optim import Parameter, optimizer_class  # noqa: E402
 
 # optimizer -> hyperparameters (the common configuration: defaults, SGD with momentum)
 CONFIGS = {

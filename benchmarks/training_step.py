@@ -6,7 +6,7 @@
 Needs the ``bench`` extra (torch 2.13.0). Each thread count runs in its own process, with
 OPENBLAS/OMP/MKL/NUMBA thread counts set before numpy loads and ``torch.set_num_threads``.
 shardstep's step is ``Trainer.step()`` of the local loop (the task's batch, the model's
-forward and backward through ``workers.nn``, the summable loss, ``Adam.step``). torch's step
+forward and backward through ``shardstep.workers.nn``, the summable loss, ``Adam.step``). torch's step
 is the same MLP (``nn.Sequential`` of ``nn.Linear`` and ``nn.ReLU``, same initial weights),
 ``nn.CrossEntropyLoss``, ``zero_grad`` / ``backward`` and ``torch.optim.Adam`` on the same
 batches, gathered from the same numpy arrays. torch's Adam runs twice: fused (its fastest CPU
@@ -78,8 +78,8 @@ def measure_case(case: str, threads: int, repeats_scale: float) -> dict:
     import numpy as np
     import torch
 
-    from workers.tasks import make_task
-    from workers.training import Trainer
+    from shardstep.workers.tasks import make_task
+    from shardstep.workers.training import Trainer
 
     torch.set_num_threads(threads)
     task_name, task_kwargs, batch_size, steps = CASES[case]
@@ -152,7 +152,7 @@ def measure_case(case: str, threads: int, repeats_scale: float) -> dict:
         torch_step("fused")
 
     # shardstep's step taken apart: the same calls Trainer.step makes, timed one by one
-    from workers.nn import CrossEntropyLoss
+    from shardstep.workers.nn import CrossEntropyLoss
 
     bound, criterion_sum = task._model(), CrossEntropyLoss(reduction="sum")
     phase_times: dict[str, list[float]] = {name: [] for name in PHASES}

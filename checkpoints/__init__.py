@@ -10,11 +10,11 @@ count (``load_shard``) or consolidated (``export``). The format is specified in
 
 from __future__ import annotations
 
-from checkpoints.async_save import AsyncSaver
-from checkpoints.errors import CheckpointError, CorruptCheckpointError
-from checkpoints.format import dump, load
-from checkpoints.layout import ParamSpec, ShardLayout, partition
-from checkpoints.run import (
+from shardstep.checkpoints.async_save import AsyncSaver
+from shardstep.checkpoints.errors import CheckpointError, CorruptCheckpointError
+from shardstep.checkpoints.format import dump, load
+from shardstep.checkpoints.layout import ParamSpec, ShardLayout, partition
+from shardstep.checkpoints.run import (
     CheckpointStore,
     PendingCheckpoint,
     Retention,

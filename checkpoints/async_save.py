@@ -32,9 +32,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from checkpoints.errors import CheckpointError
-from checkpoints.format import DTYPES, Encoder, write_file
-from checkpoints.run import PendingCheckpoint, encode_shard
+from shardstep.checkpoints.errors import CheckpointError
+from shardstep.checkpoints.format import DTYPES, Encoder, write_file
+from shardstep.checkpoints.run import PendingCheckpoint, encode_shard
+
 
 class _Outcome:
     """What the background thread reports; shared with the exit hook."""
@@ -66,7 +67,7 @@ class AsyncSaver:
     # -- public -----------------------------------------------------------------------------
 
     def dump(self, obj: Any, path: str | os.PathLike) -> None:
-        """Like :func:`checkpoints.dump`, in the background."""
+        """Like :func:`shardstep.checkpoints.dump`, in the background."""
         self._before_save()
         encoder = Encoder(self._stage)
         tree = encoder.encode(obj)
@@ -74,7 +75,7 @@ class AsyncSaver:
 
     def write_shard(self, pending: PendingCheckpoint, shard: int, params: Mapping[str, np.ndarray],
                     state: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        """Like :func:`checkpoints.write_shard`, in the background; the coordinator commits
+        """Like :func:`shardstep.checkpoints.write_shard`, in the background; the coordinator commits
         after this shard's ``wait()`` returned."""
         self._before_save()
         encoder, tree = encode_shard(pending, shard, params, state, self._stage)

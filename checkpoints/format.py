@@ -20,8 +20,8 @@ import math
 import mmap as _mmap
 import os
 import reprlib
-import stat
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from checkpoints.errors import CheckpointError, CorruptCheckpointError
+from shardstep.checkpoints.errors import CheckpointError, CorruptCheckpointError
 
 MAGIC = b"\x89SSCKPT\n"
 VERSION = 1

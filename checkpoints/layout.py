@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from checkpoints.format import ALLOWED_DTYPES, DTYPES
+from shardstep.checkpoints.format import ALLOWED_DTYPES, DTYPES
 
 
 def partition(rows: int, num_shards: int) -> list[int]:

@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from checkpoints.errors import CheckpointError, CorruptCheckpointError
-from checkpoints.format import (
+from shardstep.checkpoints.errors import CheckpointError, CorruptCheckpointError
+from shardstep.checkpoints.format import (
     DTYPES,
     Encoder,
     FileReader,
@@ -47,7 +47,7 @@ from checkpoints.format import (
     load,
     write_file,
 )
-from checkpoints.layout import ParamSpec, ShardLayout
+from shardstep.checkpoints.layout import ParamSpec, ShardLayout
 
 MANIFEST = "manifest.ckpt"
 MANIFEST_KIND = "shardstep-run-checkpoint"

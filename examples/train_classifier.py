@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from workers.optim import AdamW, Parameter, lr_scheduler
+from shardstep.workers.optim import AdamW, Parameter, lr_scheduler
 
 
 def spirals(n_per_class: int, classes: int, rng: np.random.Generator):

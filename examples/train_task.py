@@ -17,8 +17,8 @@ import ast
 import sys
 import time
 
-from workers.tasks import TASK_NAMES, make_task
-from workers.training import train
+from shardstep.workers.tasks import TASK_NAMES, make_task
+from shardstep.workers.training import train
 
 
 def key_value(text: str) -> tuple[str, object]:

@@ -1,8 +1,8 @@
 """Where the actors run: ``ray`` (actors in their own processes, on a local instance or a
 cluster) or ``inline`` (plain objects in this process, for debugging and fast tests).
 
-Both backends create the same classes (:class:`~workers.shard.ShardActor`,
-:class:`~workers.gradient_worker.GradientWorker`) and offer one interface: ``call`` submits
+Both backends create the same classes (:class:`~shardstep.workers.shard.ShardActor`,
+:class:`~shardstep.workers.gradient_worker.GradientWorker`) and offer one interface: ``call`` submits
 a method call and returns futures at once (Ray's object refs, or already-computed inline
 results), futures may be passed as arguments of later calls, and ``get`` waits. Calls to
 one actor run in the order they were made, so the coordinator submits a whole step before
@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from service.errors import ActorCallError, ActorLostError
+from shardstep.service.errors import ActorCallError, ActorLostError
 
 
 class InlineRef:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service import __version__
+from shardstep.service import __version__
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from checkpoints import CheckpointError
-    from service.errors import ShardstepError
-    from service.jobspec import JobSpecError
+    from shardstep.checkpoints import CheckpointError
+    from shardstep.service.errors import ShardstepError
+    from shardstep.service.jobspec import JobSpecError
 
     if args.command in ("run", "resume"):
         # `jobs stop` and schedulers end a driver with SIGTERM: stop like Ctrl-C, so the actors
@@ -141,7 +141,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from service.jobspec import load_job
+    from shardstep.service.jobspec import load_job
 
     spec = load_job(args.job)
     changes = _overrides(args)
@@ -153,9 +153,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from checkpoints import latest_step
-    from service.coordinator import CHECKPOINT_DIR, JOB_FILE
-    from service.jobspec import JobSpec
+    from shardstep.checkpoints import latest_step
+    from shardstep.service.coordinator import CHECKPOINT_DIR, JOB_FILE
+    from shardstep.service.jobspec import JobSpec
 
     run_dir = Path(args.run_dir)
     job_path = run_dir / JOB_FILE
@@ -175,8 +175,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _train(spec: Any, quiet: bool) -> int:
-    from checkpoints import latest_step
-    from service.coordinator import CHECKPOINT_DIR, Coordinator
+    from shardstep.checkpoints import latest_step
+    from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
 
     start = time.perf_counter()
     resumed = latest_step(Path(spec.run_dir) / CHECKPOINT_DIR)
@@ -185,7 +185,7 @@ def _train(spec: Any, quiet: bool) -> int:
         where = f"resuming from step {resumed}" if resumed is not None else "starting"
         print(f"shardstep: {spec.task} with {spec.optimizer}, {spec.shards} shard(s), {spec.workers} "
               f"worker(s), {spec.backend} backend; {where}; run directory {spec.run_dir}", flush=True)
-    from service.progress import Progress
+    from shardstep.service.progress import Progress
 
     progress = None if quiet else Progress(total, start_step=resumed or 0)
     try:
@@ -217,9 +217,9 @@ def _train(spec: Any, quiet: bool) -> int:
 
 
 def _checkpoint_of(path: Path, step: int | None = None):
-    from checkpoints import RunCheckpoint, open_checkpoint
-    from checkpoints.run import MANIFEST
-    from service.coordinator import CHECKPOINT_DIR
+    from shardstep.checkpoints import RunCheckpoint, open_checkpoint
+    from shardstep.checkpoints.run import MANIFEST
+    from shardstep.service.coordinator import CHECKPOINT_DIR
 
     if (path / MANIFEST).is_file():
         return RunCheckpoint(path)
@@ -230,8 +230,8 @@ def _checkpoint_of(path: Path, step: int | None = None):
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from checkpoints import committed_steps
-    from service.coordinator import CHECKPOINT_DIR
+    from shardstep.checkpoints import committed_steps
+    from shardstep.service.coordinator import CHECKPOINT_DIR
 
     path = Path(args.path)
     with _checkpoint_of(path) as checkpoint:
@@ -272,7 +272,7 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from service.plot import PlotError, plot_run
+    from shardstep.service.plot import PlotError, plot_run
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "metrics.png"
     try:
@@ -288,7 +288,7 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name")
-    from service.export import export_checkpoint
+    from shardstep.service.export import export_checkpoint
 
     with _checkpoint_of(run_dir, args.step) as checkpoint:
         export_checkpoint(checkpoint, out)
@@ -340,7 +340,7 @@ def _cluster_commands(commands: Any) -> None:
 
 def _on_cluster(command: Any) -> int:
     """Run a cluster command; its ClusterError is bad input (exit code 2)."""
-    from service.submit import ClusterError
+    from shardstep.service.submit import ClusterError
 
     try:
         return command()
@@ -349,7 +349,7 @@ def _on_cluster(command: Any) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from service import submit
+    from shardstep.service import submit
 
     return _on_cluster(lambda: submit.submit(args.job, address=args.address, run_dir=args.run_dir,
                                              shards=args.shards, workers=args.workers, mode=args.watch,
@@ -357,26 +357,26 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs_list(args: argparse.Namespace) -> int:
-    from service import submit
+    from shardstep.service import submit
 
     return _on_cluster(lambda: submit.list_jobs(address=args.address, out=sys.stdout))
 
 
 def _jobs_status(args: argparse.Namespace) -> int:
-    from service import submit
+    from shardstep.service import submit
 
     return _on_cluster(lambda: submit.job_status(args.job_id, address=args.address, out=sys.stdout))
 
 
 def _jobs_logs(args: argparse.Namespace) -> int:
-    from service import submit
+    from shardstep.service import submit
 
     return _on_cluster(lambda: submit.job_logs(args.job_id, address=args.address, follow=args.follow,
                                                out=sys.stdout, err=sys.stderr))
 
 
 def _jobs_stop(args: argparse.Namespace) -> int:
-    from service import submit
+    from shardstep.service import submit
 
     return _on_cluster(lambda: submit.stop_job(args.job_id, address=args.address, out=sys.stdout, err=sys.stderr))
 

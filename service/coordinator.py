@@ -14,10 +14,10 @@ the global loss; the step then applies the optimizer's rule on every shard. The 
 submits the whole evaluation before it waits once for the losses and the shards' reports
 (non-finite gradients, partial norms for clipping); the apply is not waited for: calls to an
 actor run in order, so the next evaluation sees the updated parameters. LBFGS runs its
-driver here on vectors that stay in the shards (:mod:`service.sharded_lbfgs`).
+driver here on vectors that stay in the shards (:mod:`shardstep.service.sharded_lbfgs`).
 
 Determinism: a run's parameters after ``n`` steps equal, bit for bit, those of the local loop
-(:class:`workers.training.Trainer` with ``world_size = workers``) for every number of shards,
+(:class:`shardstep.workers.training.Trainer` with ``world_size = workers``) for every number of shards,
 both backends, and any resume or recovery (elementwise optimizers; LBFGS adds its dot
 products over shards, so it matches to rounding).
 
@@ -46,22 +46,29 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints import (CheckpointError, CheckpointStore, RunCheckpoint, ShardLayout, committed_steps, latest_step,
-                         open_checkpoint)
-from checkpoints.layout import ParamSpec
-from checkpoints.run import MANIFEST
-from service.backend import make_backend
-from service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError
-from service.sharded_lbfgs import ShardedSpace
-from workers import shared_memory
-from workers.gradient_worker import GradientWorker
-from workers.optim import Parameter, lr_scheduler, optimizer_class
-from workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver, combine_sum
-from workers.optim.optimizer import Optimizer
-from workers.shard import ShardActor, unpack
-from workers.tasks import make_task
-from workers.tasks.base import Task
-from workers.training import build_optimizer, build_scheduler
+from shardstep.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    RunCheckpoint,
+    ShardLayout,
+    committed_steps,
+    latest_step,
+    open_checkpoint,
+)
+from shardstep.checkpoints.layout import ParamSpec
+from shardstep.checkpoints.run import MANIFEST
+from shardstep.service.backend import make_backend
+from shardstep.service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError
+from shardstep.service.sharded_lbfgs import ShardedSpace
+from shardstep.workers import shared_memory
+from shardstep.workers.gradient_worker import GradientWorker
+from shardstep.workers.optim import Parameter, lr_scheduler, optimizer_class
+from shardstep.workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver, combine_sum
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.shard import ShardActor, unpack
+from shardstep.workers.tasks import make_task
+from shardstep.workers.tasks.base import Task
+from shardstep.workers.training import build_optimizer, build_scheduler
 
 JOB_FILE = "job.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -98,7 +105,7 @@ class _SkipStep(Exception):
 class ShardedOptimizer(Optimizer):
     """The coordinator's view of a sharded optimizer: ``param_groups`` (hyperparameters and
     parameter NAMES), ``defaults`` and ``_step_count``, so the LR schedulers of
-    :mod:`workers.optim.lr_scheduler` work unchanged; ``step(closure)`` runs the closure and
+    :mod:`shardstep.workers.optim.lr_scheduler` work unchanged; ``step(closure)`` runs the closure and
     has the shards apply the rule (``apply`` is given by the coordinator)."""
 
     def __init__(self, local: Optimizer, apply: Callable[[list[dict]], None],
@@ -275,7 +282,7 @@ def _carried_state(source: RunCheckpoint, spec: Any, loaded: list[str], model: M
 
 
 class Coordinator:
-    """Runs one job (a validated :class:`service.jobspec.JobSpec`) to the end.
+    """Runs one job (a validated :class:`shardstep.service.jobspec.JobSpec`) to the end.
 
     ``task``: an already-built task (default: built from the spec). ``on_step(record)`` sees
     every step's record. ``resume``: continue from the run directory's latest committed

@@ -4,7 +4,7 @@ state_dict}`` with the optimizer state_dict in torch's layout, ready for
 
 Elementwise optimizers already keep torch's per-parameter state, and the checkpoint library
 streams them straight from the shard files. LBFGS keeps its vectors cut into per-parameter
-pieces (``lbfgs.*`` state keys, see :mod:`workers.shard`) and its scalars in the
+pieces (``lbfgs.*`` state keys, see :mod:`shardstep.workers.shard`) and its scalars in the
 coordinator's record; torch keeps one flat vector per name under parameter 0, so those are
 reassembled here.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints import RunCheckpoint, dump
-from workers.shard import LBFGS_PREFIX
+from shardstep.checkpoints import RunCheckpoint, dump
+from shardstep.workers.shard import LBFGS_PREFIX
 
 _HISTORY = re.compile(r"(s|y)\.(\d+)")
 

@@ -10,12 +10,12 @@ fails here with the key that caused it instead of on a cluster minutes later:
 
 - the task, once, with ``make_task(name, **args)``, and its initial parameters (for their
   names and dtypes: no task exposes them without allocating them);
-- the optimizer, by ``workers.training.build_optimizer``, over zero-size stand-ins that
+- the optimizer, by ``shardstep.workers.training.build_optimizer``, over zero-size stand-ins that
   carry the task's parameter names and dtypes, once per param-group rule and once with all
   rules (a pattern that matches no parameter is an error);
 - the ``frozen`` patterns against the task's parameter names (each must match one; at
   least one parameter must stay trainable), the optimizer then over the trainable ones;
-- every scheduler, by ``workers.training.build_scheduler``, on that optimizer;
+- every scheduler, by ``shardstep.workers.training.build_scheduler``, on that optimizer;
 - a metric named by ``schedulers[i].monitor`` or ``checkpoint.metric`` other than "loss"
   against the keys of one ``task.evaluate`` of the initial parameters (run only then).
 
@@ -45,13 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints.run import Retention
-from workers.optim import Parameter, lr_scheduler
-from workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
-from workers.optim.registry import NAMES as OPTIMIZER_NAMES
-from workers.tasks import TASK_NAMES, make_task, task_class
-from workers.tasks.base import ParamGroupRule, Task
-from workers.training import (
+from shardstep.checkpoints.run import Retention
+from shardstep.workers.optim import Parameter, lr_scheduler
+from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
+from shardstep.workers.optim.registry import NAMES as OPTIMIZER_NAMES
+from shardstep.workers.tasks import TASK_NAMES, make_task, task_class
+from shardstep.workers.tasks.base import ParamGroupRule, Task
+from shardstep.workers.training import (
     SCHEDULER_INTERVALS,
     SCHEDULER_NAMES,
     build_optimizer,
@@ -291,7 +291,7 @@ def _optimizer_name(path: str, value: Any) -> str:
 
 
 def _scheduler_name(path: str, value: Any) -> str:
-    """The class name of ``workers.optim.lr_scheduler`` for a name in any letter case."""
+    """The class name of ``shardstep.workers.optim.lr_scheduler`` for a name in any letter case."""
     folded = {name.lower(): name for name in SCHEDULER_NAMES}
     if isinstance(value, str) and value.lower() in folded:
         return folded[value.lower()]
@@ -318,7 +318,7 @@ def _scheduler_values(path: str, name: Any, args: Any, interval: Any, monitor: A
 class SchedulerSpec:
     """One learning-rate scheduler of a job.
 
-    name: a class name of ``workers.optim.lr_scheduler`` (given in any letter case, kept in
+    name: a class name of ``shardstep.workers.optim.lr_scheduler`` (given in any letter case, kept in
     its canonical spelling). args: its constructor arguments without the optimizer
     (SequentialLR and ChainedScheduler take ``schedulers`` as ``[name, args]`` pairs).
     interval: "step" (after every optimizer step) or "epoch" (after every epoch). monitor:

@@ -16,7 +16,7 @@ class PlotError(Exception):
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The step records of ``metrics.jsonl`` (one JSON object per line), in order."""
-    from service.coordinator import METRICS_FILE
+    from shardstep.service.coordinator import METRICS_FILE
 
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

@@ -1,10 +1,10 @@
 """L-BFGS across shards: the driver's vectors live in the shard actors.
 
-:class:`~workers.optim.algorithms.lbfgs.LBFGSDriver` runs its scalar logic (step loop,
+:class:`~shardstep.workers.optim.algorithms.lbfgs.LBFGSDriver` runs its scalar logic (step loop,
 termination tests, strong-Wolfe line search, the two-loop recursion on Gram coefficients)
 here in the coordinator; every vector (parameters, gradient, direction, the ``(s, y)``
 history) stays split by the shards, each holding its slice of every vector in a
-:class:`~workers.optim.algorithms.lbfgs.LocalSlices`. Elementwise operations are sent to
+:class:`~shardstep.workers.optim.algorithms.lbfgs.LocalSlices`. Elementwise operations are sent to
 every shard without waiting (calls to one actor run in order); a reduction waits once for
 one partial per shard and the driver adds them in shard order. The vector-free recursion
 needs ONE batched Gram reduction per iteration whatever the history size, so the number of
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.optim.algorithms.lbfgs import Name, VectorSpace
+from shardstep.workers.optim.algorithms.lbfgs import Name, VectorSpace
 
 
 class ShardedSpace(VectorSpace):

@@ -3,15 +3,17 @@
     shardstep submit JOB.toml [--address URL] [--shards N] [--workers W] [--run-dir DIR] [--no-wait|--follow]
     shardstep jobs list | status ID | logs ID [--follow] | stop ID      [--address URL]
 
-``submit`` checks the job file here (:func:`service.jobspec.load_job`), then hands Ray's job
-server one command, ``python -m service.cli run JOB --run-dir RUN_DIR``, with a runtime
+``submit`` checks the job file here (:func:`shardstep.service.jobspec.load_job`), then hands Ray's job
+server one command, ``python -m shardstep.service.cli run JOB --run-dir RUN_DIR``, with a runtime
 environment that carries everything the command needs (reference: ``docs/cluster.md``):
 
 - ``working_dir``: the job file's directory (the job file travels in it; so does task code
   kept beside it), without caches, ``.gitignore``'d files and the run directory;
-- ``py_modules``: shardstep's own packages, so the cluster runs the code that checked the
-  job whether or not the nodes have shardstep installed, and the top-level package of a
-  ``"package.module:Class"`` task that the working directory does not hold.
+- ``py_modules``: shardstep's own code (the ``shardstep`` package, assembled from this
+  installation's ``service``, ``workers`` and ``checkpoints`` at submission), so the
+  cluster runs the code that checked the job whether or not the nodes have shardstep
+  installed, and the top-level package of a ``"package.module:Class"`` task that the
+  working directory does not hold.
 
 Restarts: the command names the run directory as an absolute path (the job file's
 ``run_dir`` resolved here, or ``--run-dir``), and ``shardstep run`` on a directory with
@@ -38,8 +40,10 @@ import importlib
 import logging
 import os
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from service import __version__
+from shardstep.service import __version__
 
 # where the address comes from, in order (the flag is handled before these)
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -56,8 +60,9 @@ TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
 TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
 DEFAULT_TOKEN_FILE = Path(".ray") / "auth_token"  # under the home directory
 
-# the packages that make up shardstep: shipped with every job
-CODE_PACKAGES = ("service", "workers", "checkpoints")
+# shardstep's import name and its subpackages (folders of the repository): shipped with every job
+CODE_PACKAGE = "shardstep"
+CODE_SUBPACKAGES = ("service", "workers", "checkpoints")
 # never uploaded: byte-code and numba caches (machine-specific), version control
 UPLOAD_EXCLUDES = ("__pycache__/", "*.py[cod]", "*.nbi", "*.nbc", ".git/")
 # the job's own metadata on the cluster (Ray metadata values are strings)
@@ -354,8 +359,12 @@ class Cluster:
             return self.client.stop_job(job_id)
 
     def submit(self, submission: Submission) -> str:
-        with self._talking():
-            return self.client.submit_job(entrypoint=submission.entrypoint, runtime_env=submission.runtime_env,
+        # Ray uploads py_modules inside submit_job, so the assembled package only has to live
+        # until it returns
+        with tempfile.TemporaryDirectory(prefix="shardstep-code-") as scratch, self._talking():
+            runtime_env = dict(submission.runtime_env)
+            runtime_env["py_modules"] = [str(assemble_code(Path(scratch))), *runtime_env["py_modules"]]
+            return self.client.submit_job(entrypoint=submission.entrypoint, runtime_env=runtime_env,
                                           metadata=submission.metadata)
 
 
@@ -386,7 +395,7 @@ class Submission:
 def prepare(job_file: str, *, run_dir: str | None = None, shards: int | None = None,
             workers: int | None = None) -> Submission:
     """Check the job file (and the overrides) here, and build what Ray is given."""
-    from service.jobspec import load_job
+    from shardstep.service.jobspec import load_job
 
     path = Path(job_file)
     spec = load_job(path)
@@ -405,12 +414,12 @@ def prepare(job_file: str, *, run_dir: str | None = None, shards: int | None = N
             raise ClusterError(f"the run directory {target} is the job file's directory, which is uploaded with "
                                f"the job; give a run directory of its own (--run-dir or run_dir)")
         excludes.append(f"/{inside.as_posix()}/")
-    py_modules = [str(_package_directory(name)) for name in CODE_PACKAGES]
+    py_modules = []  # shardstep's own code is assembled and added by Cluster.submit
     task_package = _task_package(spec.task, working_dir)
     if task_package is not None:
         py_modules.append(str(task_package))
 
-    command = ["python", "-m", "service.cli", "run", path.name, "--run-dir", target]
+    command = ["python", "-m", "shardstep.service.cli", "run", path.name, "--run-dir", target]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     return Submission(
@@ -443,9 +452,21 @@ def _relative_to(path: Path, base: Path) -> Path | None:
         return None
 
 
-def _package_directory(name: str) -> Path:
-    module = importlib.import_module(name)
-    return Path(module.__file__).resolve().parent
+def assemble_code(directory: Path) -> Path:
+    """Copy shardstep's subpackages, as this process imports them, into
+    ``directory/shardstep`` (a folder Ray can ship as ``py_modules``) and return it.
+
+    The repository keeps ``service``, ``workers`` and ``checkpoints`` at its root and an
+    editable install maps them into the ``shardstep`` namespace, so there is no folder
+    named ``shardstep`` to point Ray at; on the cluster the copy comes first on the path
+    and shadows any installed version."""
+    package = directory / CODE_PACKAGE
+    package.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.nbi", "*.nbc")
+    for name in CODE_SUBPACKAGES:
+        module = importlib.import_module(f"{CODE_PACKAGE}.{name}")
+        shutil.copytree(Path(module.__file__).resolve().parent, package / name, ignore=ignore)
+    return package
 
 
 def _task_package(task: str, working_dir: Path) -> Path | None:
@@ -455,8 +476,8 @@ def _task_package(task: str, working_dir: Path) -> Path | None:
     if ":" not in task:
         return None
     top = task.partition(":")[0].split(".")[0]
-    if top in CODE_PACKAGES:
-        return None
+    if top == CODE_PACKAGE:
+        return None  # shipped with every job
     module = sys.modules.get(top) or importlib.import_module(top)  # imported by load_job
     paths = list(getattr(module, "__path__", []))
     if paths:
@@ -646,8 +667,8 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def _latest_step(run_dir: str) -> int | None:
     """The latest committed checkpoint of ``run_dir`` when this machine sees that directory."""
-    from checkpoints import CheckpointError, latest_step
-    from service.coordinator import CHECKPOINT_DIR
+    from shardstep.checkpoints import CheckpointError, latest_step
+    from shardstep.service.coordinator import CHECKPOINT_DIR
 
     try:
         return latest_step(Path(run_dir) / CHECKPOINT_DIR)

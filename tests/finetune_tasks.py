@@ -15,9 +15,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from workers.nn import CrossEntropyLoss, Linear, Module, Sequential
-from workers.tasks.digits import PIXELS, DigitsTask
-from workers.tasks.models import ACTIVATIONS
+from shardstep.workers.nn import CrossEntropyLoss, Linear, Module, Sequential
+from shardstep.workers.tasks.digits import PIXELS, DigitsTask
+from shardstep.workers.tasks.models import ACTIVATIONS
 
 PAIRS = 5
 

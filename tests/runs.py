@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints import open_checkpoint
-from service.coordinator import CHECKPOINT_DIR
-from workers.tasks import make_task
-from workers.training import Trainer
+from shardstep.checkpoints import open_checkpoint
+from shardstep.service.coordinator import CHECKPOINT_DIR
+from shardstep.workers.tasks import make_task
+from shardstep.workers.training import Trainer
 
 # a digits job: Adam with a StepLR schedule, 2 shards, 2 workers, seed 5, batch 96
 DIGITS_JOB = """\

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import checkpoints
-from checkpoints import AsyncSaver, CheckpointError, CheckpointStore, ShardLayout, open_checkpoint
+from shardstep import checkpoints
+from shardstep.checkpoints import AsyncSaver, CheckpointError, CheckpointStore, ShardLayout, open_checkpoint
 from tests.checkpoints import assert_identical
 from tests.checkpoints.processes import expected_full, expected_shard
 from tests.test_checkpoint_run import SPECS
@@ -99,7 +99,7 @@ def test_asynchronous_shard_writes_then_commit(tmp_path):
 UNREPORTED = """
 import sys
 import numpy as np
-from checkpoints import AsyncSaver
+from shardstep.checkpoints import AsyncSaver
 saver = AsyncSaver()
 saver.dump({"w": np.ones(10)}, sys.argv[1] + "/missing/x.ckpt")
 """
@@ -107,7 +107,7 @@ saver.dump({"w": np.ones(10)}, sys.argv[1] + "/missing/x.ckpt")
 UNFINISHED = """
 import sys
 import numpy as np
-from checkpoints import AsyncSaver
+from shardstep.checkpoints import AsyncSaver
 saver = AsyncSaver()
 saver.dump({"w": np.arange(4 << 20, dtype=np.float64)}, sys.argv[1] + "/big.ckpt")
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import checkpoints
+from shardstep import checkpoints
 from tests.checkpoints import mutate
 from tests.checkpoints.make_corpus import GOLDEN, MALFORMED, _chunked_file, small_file
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-import checkpoints
-from checkpoints.format import DTYPE_NAMES, MAGIC, PREAMBLE
+from shardstep import checkpoints
+from shardstep.checkpoints.format import DTYPE_NAMES, MAGIC, PREAMBLE
+from shardstep.workers.optim import LBFGS, Adam, Parameter, RowSparseGrad, SparseAdam
 from tests.checkpoints import assert_identical, values
-from workers.optim import LBFGS, Adam, Parameter, RowSparseGrad, SparseAdam
 
 GOLDEN = Path(__file__).parent / "checkpoints" / "golden_v1.ckpt"
 
@@ -193,7 +193,7 @@ def test_missing_directory_and_missing_file_are_checkpoint_errors(tmp_path):
 WRITE_LIMITED = """
 import resource, signal, sys
 import numpy as np
-import checkpoints
+from shardstep import checkpoints
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 try:

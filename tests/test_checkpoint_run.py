@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import checkpoints
-from checkpoints import (
+from shardstep import checkpoints
+from shardstep.checkpoints import (
     CheckpointError,
     CheckpointStore,
     CorruptCheckpointError,
@@ -26,9 +26,9 @@ from checkpoints import (
     partition,
     write_shard,
 )
+from shardstep.workers.optim import Adam, Parameter, RowSparseGrad, SparseAdam
 from tests.checkpoints import assert_identical, named_state, shard_inputs
 from tests.checkpoints.processes import expected_full, expected_shard, parallel_shard_writer
-from workers.optim import Adam, Parameter, RowSparseGrad, SparseAdam
 
 SPECS = (
     ParamSpec("big", (600_003,), "float32"),          # 2.4 MB: slices cross 1 MiB checksum chunks
@@ -96,7 +96,7 @@ def test_shard_files_are_written_by_parallel_processes_then_committed(tmp_path):
     barrier; their writes overlap in time; the parent only commits."""
     layout = ShardLayout(SPECS + (ParamSpec("wide", (4, 1_000_000), "float32"),), 4)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["numpy", "checkpoints", "tests.checkpoints.processes"])
+    context.set_forkserver_preload(["numpy", "shardstep.checkpoints", "tests.checkpoints.processes"])
     barrier, times = context.Barrier(layout.num_shards), context.Queue()
     with CheckpointStore(tmp_path, run_id="run") as store:
         pending = store.begin(9, layout)

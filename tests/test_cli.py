@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints import committed_steps, load
-from service.coordinator import CHECKPOINT_DIR
+from shardstep.checkpoints import committed_steps, load
+from shardstep.service.coordinator import CHECKPOINT_DIR
 from tests.runs import DIGITS_JOB, assert_same, digits_reference, final_params, snapshot
 
 
@@ -23,16 +23,8 @@ def write_job(tmp_path: Path, steps: int, backend: str = "inline", every: int = 
 
 
 def shardstep(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "shardstep.service.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-
-
-
-
-
-
 
 
 def test_run_inspect_export_and_run_again_resumes(tmp_path):
@@ -65,6 +57,27 @@ def test_run_inspect_export_and_run_again_resumes(tmp_path):
     assert "resuming from step 30" in again.stdout
     assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30, 40, 50]
     assert_same(final_params(run_dir), digits_reference(50))
+
+
+def test_user_packages_named_like_shardstep_folders_neither_shadow_nor_are_shadowed(tmp_path):
+    """The task lives in the user's own package ``service``, beside folders ``workers`` and
+    ``checkpoints`` that fail when imported, all first on the path: shardstep imports only
+    ``shardstep.*``, so the run trains the user's task and never touches their folders."""
+    (tmp_path / "service").mkdir()
+    (tmp_path / "service" / "__init__.py").write_text(
+        "from shardstep.workers.tasks.digits import DigitsTask\n\n\n"
+        "class Digits(DigitsTask):\n    \"\"\"The digits task, in a user's package named service.\"\"\"\n")
+    for name in ("workers", "checkpoints"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user folder {name}/ was imported')\n")
+    job = tmp_path / "job.toml"
+    job.write_text(DIGITS_JOB.format(run_dir="run", task="service:Digits", steps=20, backend="inline", every=10))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", "job.toml", "--quiet"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "done: 20 steps" in done.stdout
+    assert_same(final_params(tmp_path / "run"), digits_reference(20))
 
 
 def test_bad_input_exits_2_with_one_message_and_changes_nothing(tmp_path):
@@ -104,7 +117,7 @@ def test_a_killed_coordinator_resumes_bit_identical(tmp_path, ray_address):
     steps = 1500
     job = write_job(tmp_path, steps=steps, backend="ray", every=25)
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "run", str(job), "--quiet"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "shardstep.service.cli", "run", str(job), "--quiet"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = tmp_path / "run" / CHECKPOINT_DIR
     deadline = time.monotonic() + 120

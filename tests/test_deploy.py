@@ -21,8 +21,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from service.cli import _parser
-from service.jobspec import JobSpec, load_job, parse_job
+from shardstep.service.cli import _parser
+from shardstep.service.jobspec import JobSpec, load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -579,8 +579,8 @@ def test_dockerfile_copies_every_package_and_runs_as_the_ray_user():
     for source in copies.values():
         assert source.exists(), source
     project = pyproject()
-    needed = [project["project"]["readme"]] + [pattern.rstrip("*") for pattern in
-                                               project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    # the folders that package-dir maps into the shardstep namespace
+    needed = [project["project"]["readme"], *project["tool"]["setuptools"]["package-dir"].values()]
     copied = {source.relative_to(ROOT).as_posix() for source in copies.values()}
     assert set(needed) <= copied, set(needed) - copied
     assert user.split(":")[0] not in ("root", "0"), user

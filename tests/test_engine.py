@@ -10,13 +10,13 @@ import signal
 import numpy as np
 import pytest
 
-from checkpoints import committed_steps, open_checkpoint
-from service.coordinator import CHECKPOINT_DIR, Coordinator, Phase
-from service.errors import NonFiniteError, RunFailedError
-from service.jobspec import JobSpec, SchedulerSpec
+from shardstep.checkpoints import committed_steps, open_checkpoint
+from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator, Phase
+from shardstep.service.errors import NonFiniteError, RunFailedError
+from shardstep.service.jobspec import JobSpec, SchedulerSpec
+from shardstep.workers.tasks import make_task
+from shardstep.workers.training import Trainer
 from tests.runs import assert_same
-from workers.tasks import make_task
-from workers.training import Trainer
 
 # every elementwise optimizer with arguments that exercise its options
 ELEMENTWISE = {
@@ -236,7 +236,7 @@ def test_failures_beyond_max_failures_stop_the_run_with_checkpoints_intact(tmp_p
 
 def nan_task():
     """digits whose gradient of one parameter turns NaN on global batch 2 of epoch 0."""
-    from workers.tasks.digits import DigitsTask
+    from shardstep.workers.tasks.digits import DigitsTask
 
     class Exploding(DigitsTask):
         def loss_and_grad(self, params, batch):
@@ -316,8 +316,8 @@ def test_lbfgs_round_trips_per_iteration_do_not_grow_with_the_history(tmp_path):
 def test_sharded_lbfgs_exports_torch_layout_state(tmp_path):
     """export reassembles LBFGS's sharded vectors into torch's flat per-name layout under
     parameter 0, equal to the single-process LBFGS's state_dict."""
-    from checkpoints import load
-    from service.export import export_checkpoint
+    from shardstep.checkpoints import load
+    from shardstep.service.export import export_checkpoint
 
     spec = lbfgs_job(tmp_path, "lbfgs", history_size=3)
     Coordinator(spec).run()

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 
-from service.coordinator import METRICS_FILE, Coordinator
-from service.jobspec import JobSpec, SchedulerSpec
-from service.progress import Progress
+from shardstep.service.coordinator import METRICS_FILE, Coordinator
+from shardstep.service.jobspec import JobSpec, SchedulerSpec
+from shardstep.service.progress import Progress
 
 
 def record(step, **extra):
@@ -59,7 +59,7 @@ def test_metrics_log_and_plot(tmp_path):
     assert all({"loss", "lr", "lrs", "seconds", "epoch", "batch"} <= set(r) for r in lines)
 
     out = tmp_path / "plot.png"
-    done = subprocess.run([sys.executable, "-m", "service.cli", "plot", str(tmp_path / "run"), "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "plot", str(tmp_path / "run"), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -72,6 +72,6 @@ def test_metrics_log_and_plot(tmp_path):
     assert pixels.std() > 0.05  # not blank
     assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 20  # lines in several colours
 
-    missing = subprocess.run([sys.executable, "-m", "service.cli", "plot", str(tmp_path)], capture_output=True,
+    missing = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "plot", str(tmp_path)], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and f"has no {METRICS_FILE}" in missing.stderr

@@ -17,14 +17,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from checkpoints import committed_steps, open_checkpoint
-from service.coordinator import CHECKPOINT_DIR, INIT_FILE, Coordinator, Phase
-from service.jobspec import InitSpec, JobSpec, JobSpecError, SchedulerSpec, parse_job
+from shardstep.checkpoints import committed_steps, open_checkpoint
+from shardstep.service.coordinator import CHECKPOINT_DIR, INIT_FILE, Coordinator, Phase
+from shardstep.service.jobspec import InitSpec, JobSpec, JobSpecError, SchedulerSpec, parse_job
+from shardstep.workers.tasks import make_task
+from shardstep.workers.tasks.base import ParamGroupRule
+from shardstep.workers.training import Trainer
 from tests.finetune_tasks import DigitsPairsTask
 from tests.runs import assert_same
-from workers.tasks import make_task
-from workers.tasks.base import ParamGroupRule
-from workers.training import Trainer
 
 PAIRS = "tests.finetune_tasks:DigitsPairsTask"
 HIDDEN = [32]
@@ -407,7 +407,7 @@ steps = 3
 [resources]
 backend = "inline"
 """)
-    done = subprocess.run([sys.executable, "-m", "service.cli", "run", str(path), "--quiet"], check=False,
+    done = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(path), "--quiet"], check=False,
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

@@ -13,20 +13,20 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from checkpoints.run import Retention
-from service.jobspec import (
+from shardstep.checkpoints.run import Retention
+from shardstep.service.jobspec import (
     BACKENDS,
-    InitSpec,
     NONFINITE_POLICIES,
+    InitSpec,
     JobSpec,
     JobSpecError,
     SchedulerSpec,
     load_job,
     parse_job,
 )
-from workers.tasks import TASK_NAMES
-from workers.tasks.base import ParamGroupRule
-from workers.tasks.digits import DigitsTask
+from shardstep.workers.tasks import TASK_NAMES
+from shardstep.workers.tasks.base import ParamGroupRule
+from shardstep.workers.tasks.digits import DigitsTask
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "jobs"
@@ -269,9 +269,9 @@ def test_empty_param_groups_mean_one_group_and_names_take_any_case(tmp_path):
 
 
 def test_a_task_of_ones_own_by_module_and_class(tmp_path):
-    task = {"name": "workers.tasks.digits:DigitsTask", "args": {"hidden": 4}}
+    task = {"name": "shardstep.workers.tasks.digits:DigitsTask", "args": {"hidden": 4}}
     spec = load_job(write_job(tmp_path, edited(task=task)))
-    assert spec.task == "workers.tasks.digits:DigitsTask"
+    assert spec.task == "shardstep.workers.tasks.digits:DigitsTask"
 
 
 def test_the_tasks_own_rules_apply_unless_the_job_sets_param_groups(tmp_path):

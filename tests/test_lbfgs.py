@@ -8,9 +8,8 @@ import copy
 import numpy as np
 import pytest
 
-from tests.conftest import require_torch
-from workers.optim import LBFGS, Parameter, RowSparseGrad
-from workers.optim.algorithms.lbfgs import (
+from shardstep.workers.optim import LBFGS, Parameter, RowSparseGrad
+from shardstep.workers.optim.algorithms.lbfgs import (
     LBFGS_DEFAULTS,
     LBFGSDriver,
     LocalSlices,
@@ -18,6 +17,7 @@ from workers.optim.algorithms.lbfgs import (
     combine_sum,
     two_loop_coefficients,
 )
+from tests.conftest import require_torch
 
 F64 = np.float64
 
@@ -498,7 +498,7 @@ def test_missing_gradients_count_as_zero():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lbfgs_kernels_give_the_same_bits_serial_and_multithreaded(dtype):
     """Below PARALLEL_MIN_SIZE the kernels run on the calling thread: both builds agree."""
-    from workers.optim.algorithms import lbfgs
+    from shardstep.workers.optim.algorithms import lbfgs
 
     rng = np.random.default_rng(7)
     n = 70_001

@@ -1,4 +1,4 @@
-"""workers.optim.lr_scheduler against torch 2.13's torch.optim.lr_scheduler.
+"""shardstep.workers.optim.lr_scheduler against torch 2.13's torch.optim.lr_scheduler.
 
 CONFIGS below is the one list of scheduler configurations; tests/fixtures/
 make_scheduler_fixtures.py imports it to record torch's trajectories into
@@ -21,17 +21,17 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import msgpack
 import numpy as np
 import pytest
 
+from shardstep.workers.optim import lr_scheduler
+from shardstep.workers.optim.algorithms.adam import Adam
+from shardstep.workers.optim.algorithms.sgd import SGD
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.parameter import Parameter
 from tests.conftest import require_torch
-
-from workers.optim import lr_scheduler
-from workers.optim.algorithms.adam import Adam
-from workers.optim.algorithms.sgd import SGD
-from workers.optim.optimizer import Optimizer
-from workers.optim.parameter import Parameter
 
 FIXTURE_PATH = Path(__file__).parent / "fixtures" / "scheduler_trajectories.json"
 MODULE = __name__  # the importable name of this module, for "module:function" references
@@ -834,7 +834,7 @@ def test_load_writes_learning_rates_and_momenta_into_the_optimizer():
 
 
 def test_product_code_does_not_import_torch():
-    code = "import sys, workers.optim.lr_scheduler; sys.exit(sys.modules.get('torch') is not None)"
+    code = "import sys, shardstep.workers.optim.lr_scheduler; sys.exit(sys.modules.get('torch') is not None)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -1000,7 +1000,7 @@ def _sequential(milestones, count=2):
 S = lr_scheduler
 BAD_ARGUMENTS = [
     ("not_an_optimizer", lambda: S.StepLR("sgd", 3), TypeError,
-     "optimizer must be a workers.optim Optimizer; got 'sgd' of type str"),
+     "optimizer must be a shardstep.workers.optim Optimizer; got 'sgd' of type str"),
     ("last_epoch", lambda: S.StepLR(two_group_sgd(), 3, last_epoch=-2), ValueError,
      "last_epoch must be an integer >= -1; got -2"),
     ("step_size_zero", lambda: S.StepLR(two_group_sgd(), 0), ValueError, "step_size must be a positive integer; got 0"),
@@ -1122,7 +1122,7 @@ BAD_ARGUMENTS = [
      "ChainedScheduler: schedulers[1] is a ReduceLROnPlateau, which ChainedScheduler cannot step because its "
      "step() needs a metric"),
     ("chained_not_a_scheduler", lambda: S.ChainedScheduler(["StepLR"]), TypeError,
-     "ChainedScheduler: schedulers[0] must be a workers.optim.lr_scheduler scheduler; got 'StepLR' of type str"),
+     "ChainedScheduler: schedulers[0] must be a shardstep.workers.optim.lr_scheduler scheduler; got 'StepLR' of type str"),
 ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers import nn
+from shardstep.workers import nn
 
 f32 = np.float32
 LOGITS = np.zeros((4, 3), f32)

@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 import pytest
 
+from shardstep.workers import nn
+from shardstep.workers.optim import RowSparseGrad
 from tests.fixtures.make_nn_fixtures import (
     DTYPES,
     LAYER_CASES,
@@ -28,8 +30,6 @@ from tests.fixtures.make_nn_fixtures import (
     run_ours_loss,
 )
 from tests.test_nn_parity import upstream_scale
-from workers import nn
-from workers.optim import RowSparseGrad
 
 FD_RTOL = 1e-6
 SMOOTH_LOSSES = [pytest.param(c, id=c.id) for c in LOSS_CASES if c.smooth]

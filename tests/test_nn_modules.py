@@ -1,6 +1,6 @@
 """Module bookkeeping (names, state_dict, modes, gradient accumulation), initialization
 distributions and determinism, Dropout, the loss call/backward contract, and a short training
-run with workers.optim."""
+run with shardstep.workers.optim."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
+from shardstep.workers import nn
+from shardstep.workers.nn import functional as F
+from shardstep.workers.optim import SGD, Adam, Parameter, RowSparseGrad, SparseAdam
 from tests.conftest import require_torch
-from workers import nn
-from workers.nn import functional as F
-from workers.optim import SGD, Adam, Parameter, RowSparseGrad, SparseAdam
 
 f32, f64 = np.float32, np.float64
 

@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# shardstep's folders; they install as shardstep.<folder> and are never imported bare, where
+# a user's or another distribution's package of the same name would win (or lose)
+PACKAGE_FOLDERS = ("service", "workers", "checkpoints")
+BARE_IMPORT = re.compile(rf"^\s*(from|import)\s+({'|'.join(PACKAGE_FOLDERS)})(\.|\s|$)", re.M)
+BARE_MODULE_RUN = re.compile(rf"-m[\"']?[,\s]+[\"']?({'|'.join(PACKAGE_FOLDERS)})\.")
 
 
 def _readme_commands() -> list[str]:
@@ -46,15 +51,98 @@ def test_runtime_dependencies_never_include_torch():
 
 def test_product_code_never_imports_torch():
     offenders = []
-    for package in ("workers", "service", "checkpoints"):
+    for package in PACKAGE_FOLDERS:
         for path in (ROOT / package).rglob("*.py"):
             if re.search(r"^\s*(import torch|from torch)", path.read_text(), flags=re.M):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
 
 
+def _repository_files(*suffixes: str) -> list[Path]:
+    skip = {".git", ".venv", "build", "dist", "__pycache__"}
+    return [path for path in ROOT.rglob("*") if path.is_file() and not skip.intersection(path.parts)
+            and (path.suffix in suffixes or path.name.startswith("Dockerfile") or path.parent.name == ".ci")]
+
+
+def _bare_imports(path: Path, base: Path = ROOT) -> list[str]:
+    """Imports of a top-level service/workers/checkpoints module, and import_module calls
+    that name one, in one Python file."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args):
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                names = [first.value]
+            elif isinstance(first, ast.JoinedStr) and first.values and isinstance(first.values[0], ast.Constant):
+                names = [str(first.values[0].value)]
+        found += [f"{path.relative_to(base)}:{node.lineno}: {name}" for name in names
+                  if name.split(".")[0] in PACKAGE_FOLDERS]
+    return found
+
+
+def test_every_import_goes_through_the_shardstep_namespace():
+    offenders = []
+    for path in _repository_files(".py"):
+        if path.suffix == ".py":
+            offenders += _bare_imports(path)
+    for path in _repository_files(".md", ".toml", ".yaml", ".yml", ".sh", ".py"):
+        text = path.read_text()
+        if path.suffix != ".py":
+            offenders += [f"{path.relative_to(ROOT)}: {m.group(0).strip()}" for m in BARE_IMPORT.finditer(text)]
+        offenders += [f"{path.relative_to(ROOT)}: {m.group(0).strip()}" for m in BARE_MODULE_RUN.finditer(text)]
+    assert offenders == []
+
+
+def test_the_checker_finds_bare_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import checkpoints\nfrom workers.optim import Adam\nimport importlib\n"
+                      "importlib.import_module(f'service.{1}')\nfrom shardstep import checkpoints as c\n")
+    found = [line.split(": ", 1)[1] for line in _bare_imports(sample, tmp_path)]
+    assert found == ["checkpoints", "workers.optim", "service."]
+    assert BARE_MODULE_RUN.search(f'["python", "-m", "{PACKAGE_FOLDERS[0]}.cli"]') and not BARE_MODULE_RUN.search("-m shardstep.service.cli")
+    assert BARE_IMPORT.search("```python\nfrom workers.nn import Linear\n") and not BARE_IMPORT.search("from shardstep.workers.nn import Linear")
+
+
+def test_packaging_lists_every_package_folder_under_the_namespace():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == {f"shardstep.{name}": name for name in PACKAGE_FOLDERS}
+    folders = sorted("shardstep." + ".".join(init.parent.relative_to(ROOT).parts)
+                     for name in PACKAGE_FOLDERS for init in (ROOT / name).rglob("__init__.py"))
+    assert sorted(config["packages"]) == folders
+    assert set(config["package-data"]) <= set(folders)
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"] == {
+        "shardstep": "shardstep.service.cli:main"}
+
+
+def test_the_built_wheel_installs_only_the_shardstep_namespace(tmp_path):
+    """The distribution a user installs: every module under shardstep/, the tasks' data
+    beside them, nothing at the top level that another distribution could own."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300,
+                   cwd=tmp_path)
+    (wheel,) = tmp_path.glob("shardstep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops == {"shardstep", wheel.name.split("-py3")[0] + ".dist-info"}, tops
+    assert "shardstep/__init__.py" not in names  # a namespace: nothing of its own
+    expected = {f"shardstep/{path.relative_to(ROOT).as_posix()}" for name in PACKAGE_FOLDERS
+                for path in (ROOT / name).rglob("*.py") if "__pycache__" not in path.parts}
+    assert expected <= set(names), sorted(expected - set(names))
+    assert "shardstep/workers/tasks/data/digits.npz" in names
+
+
 def test_cli_prints_its_version():
-    out = subprocess.run([sys.executable, "-m", "service.cli", "--version"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "--version"], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     assert re.fullmatch(r"shardstep \d+\.\d+\.\d+\n", out.stdout)
 
@@ -76,7 +164,7 @@ def test_every_example_job_runs_to_completion(job, tmp_path, ray_address):
     on Ray, the others inline."""
     backend = "ray" if job == "digits.toml" else "inline"
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    out = subprocess.run([sys.executable, "-m", "service.cli", "run", f"examples/jobs/{job}", "--run-dir",
+    out = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", f"examples/jobs/{job}", "--run-dir",
                           str(tmp_path / "run"), "--backend", backend, "--quiet"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -87,7 +175,7 @@ def test_every_example_job_runs_to_completion(job, tmp_path, ray_address):
 
 
 def test_readme_job_snippets_validate(tmp_path):
-    from service.jobspec import parse_job
+    from shardstep.service.jobspec import parse_job
 
     blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpoints import ShardLayout
-from checkpoints.layout import ParamSpec
-from workers import shared_memory
-from workers.shared_memory import ALIGN, Region, SharedMemory, region_places, whole
+from shardstep.checkpoints import ShardLayout
+from shardstep.checkpoints.layout import ParamSpec
+from shardstep.workers import shared_memory
+from shardstep.workers.shared_memory import ALIGN, Region, SharedMemory, region_places, whole
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="needs Linux memfd_create and /proc")
 
@@ -59,7 +59,7 @@ def test_a_region_is_shared_with_another_process_and_released_on_close():
     # a separate process maps the same region by path, reads what this one wrote, writes back
     script = (
         "import pickle, sys, numpy as np\n"
-        "from workers.shared_memory import whole\n"
+        "from shardstep.workers.shared_memory import whole\n"
         "transport = pickle.loads(sys.stdin.buffer.read())\n"
         "arrays = transport.param_arrays()\n"
         "print(float(arrays['embedding'].sum()))\n"

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import committed_steps, open_checkpoint
-from service.coordinator import CHECKPOINT_DIR
-from service.submit import CODE_PACKAGES, ClusterError, prepare
+from shardstep.checkpoints import committed_steps, open_checkpoint
+from shardstep.service.coordinator import CHECKPOINT_DIR
+from shardstep.service.submit import CODE_SUBPACKAGES, ClusterError, assemble_code, prepare
 from tests.runs import DIGITS_JOB, assert_same, digits_reference, final_params, snapshot
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -56,13 +56,13 @@ def write_job(directory: Path, *, run_dir: Path | str, steps: int, every: int = 
 
 
 
-def user_task_package(parent: Path) -> Path:
-    """A uniquely named package under ``parent`` whose ``tasks.Digits`` is the digits task,
-    defined outside shardstep as a user's would be."""
-    code = parent / f"usertask_{secrets.token_hex(4)}"
+def user_task_package(parent: Path, name: str | None = None) -> Path:
+    """A package under ``parent`` (uniquely named unless ``name`` is given) whose
+    ``tasks.Digits`` is the digits task, defined outside shardstep as a user's would be."""
+    code = parent / (name or f"usertask_{secrets.token_hex(4)}")
     code.mkdir(parents=True)
     (code / "__init__.py").write_text("")
-    (code / "tasks.py").write_text("from workers.tasks.digits import DigitsTask\n\n\n"
+    (code / "tasks.py").write_text("from shardstep.workers.tasks.digits import DigitsTask\n\n\n"
                                    "class Digits(DigitsTask):\n    \"\"\"The digits task, defined by a user.\"\"\"\n")
     return code
 
@@ -245,8 +245,8 @@ def head():
 
 
 def shardstep(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, check=False,
-                          timeout=timeout, env=env, cwd=REPOSITORY, stdin=subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", "shardstep.service.cli", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout, env=env, cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL)
 
 
 def submitted_id(result: subprocess.CompletedProcess) -> str:
@@ -285,14 +285,13 @@ def test_prepare_builds_the_command_and_ships_the_code(tmp_path, monkeypatch):
     submission = prepare(str(job), shards=3)
     run_dir = str((tmp_path / "jobs" / "runs" / "first").resolve())
     assert submission.run_dir == run_dir
-    assert submission.entrypoint == f"python -m service.cli run job.toml --run-dir {run_dir} --shards 3"
+    assert submission.entrypoint == f"python -m shardstep.service.cli run job.toml --run-dir {run_dir} --shards 3"
     assert submission.spec.shards == 3
     env = submission.runtime_env
     assert env["working_dir"] == str((tmp_path / "jobs").resolve())
     assert "/runs/first/" in env["excludes"] and "__pycache__/" in env["excludes"]
-    shipped = [Path(p) for p in env["py_modules"]]
-    assert [p.name for p in shipped] == [*CODE_PACKAGES, package]
-    assert shipped[0] == REPOSITORY / "service" and shipped[-1] == code.resolve()
+    # shardstep's own code is assembled at submission (test_assembled_code_...)
+    assert [Path(p) for p in env["py_modules"]] == [code.resolve()]
     assert submission.metadata["shardstep_run_dir"] == run_dir
 
     # a task package at the top of the job's directory travels in the working directory;
@@ -305,7 +304,7 @@ def test_prepare_builds_the_command_and_ships_the_code(tmp_path, monkeypatch):
     job = write_job(beside, run_dir="/unused", steps=5, task=f"{other}.tasks:Digits")
     submission = prepare(str(job), run_dir="elsewhere/run")
     assert submission.run_dir == str(tmp_path / "elsewhere" / "run")
-    assert [Path(p).name for p in submission.runtime_env["py_modules"]] == list(CODE_PACKAGES)
+    assert submission.runtime_env["py_modules"] == []
     # the job's directory is uploaded: it cannot be the run directory too
     with pytest.raises(ClusterError, match=r"is the job file's directory, which is uploaded with the job"):
         prepare(str(job), run_dir=str(beside))
@@ -322,14 +321,58 @@ def test_prepare_builds_the_command_and_ships_the_code(tmp_path, monkeypatch):
                 prepare(str(tuned))
 
 
+def test_user_packages_named_like_shardstep_folders_are_shipped(tmp_path, monkeypatch):
+    """A user's package called ``service``, ``workers`` or ``checkpoints`` outside the job's
+    directory is the user's code: it travels in py_modules like any other."""
+    try:
+        for name in CODE_SUBPACKAGES:
+            code = user_task_package(tmp_path / name / "code", name=name)
+            monkeypatch.syspath_prepend(str(code.parent))
+            job = write_job(tmp_path / name / "job", run_dir="runs/first", steps=5, task=f"{name}.tasks:Digits")
+            assert prepare(str(job)).runtime_env["py_modules"] == [str(code.resolve())]
+    finally:  # the user's modules must not stay imported for the other tests
+        for name in CODE_SUBPACKAGES:
+            sys.modules.pop(name, None)
+            sys.modules.pop(f"{name}.tasks", None)
+
+
+def test_assembled_code_is_the_shardstep_package_and_wins_over_user_folders(tmp_path):
+    """What Cluster.submit ships: a folder named ``shardstep`` holding this installation's
+    subpackages (no caches), which a fresh interpreter on the cluster imports from the
+    shipped copy while the job's own ``service``/``workers``/``checkpoints`` stay the user's."""
+    shipped = assemble_code(tmp_path / "ship")
+    assert shipped == tmp_path / "ship" / "shardstep"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(CODE_SUBPACKAGES)
+    for name in CODE_SUBPACKAGES:
+        source = REPOSITORY / name
+        expected = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
+                          if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".nbi", ".nbc"))
+        copied = sorted(p.relative_to(shipped / name).as_posix() for p in (shipped / name).rglob("*") if p.is_file())
+        assert copied == expected, name
+    job_dir = tmp_path / "job"
+    for name in CODE_SUBPACKAGES:
+        (job_dir / name).mkdir(parents=True)
+        (job_dir / name / "__init__.py").write_text(f"WHO = 'user {name}'\n")
+    probe = ("import checkpoints, service, workers, shardstep.service.cli, shardstep.checkpoints\n"
+             "print(service.WHO, workers.WHO, checkpoints.WHO)\n"
+             "print(shardstep.service.cli.__file__)\nprint(shardstep.checkpoints.__file__)\n")
+    # as Ray runs an entrypoint: the working directory first, then py_modules, then site-packages
+    env = {**base_env(), "PYTHONPATH": os.pathsep.join([str(job_dir), str(shipped.parent)])}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=job_dir, env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.splitlines()
+    assert out[0] == "user service user workers user checkpoints"
+    assert out[1:] == [str(shipped / "service" / "cli.py"), str(shipped / "checkpoints" / "__init__.py")]
+
+
 def test_submit_a_job_with_its_own_task_code_and_follow_it(head, tmp_path):
     """A task defined outside shardstep and outside the job's directory reaches the cluster
     (py_modules); the job is followed with `jobs status` and `jobs logs` to SUCCEEDED and its
     checkpoints are loadable and equal the local loop's result."""
-    code = user_task_package(tmp_path / "code")
-    package = code.name
+    # named like one of shardstep's folders: shardstep lives under its own namespace, so the
+    # user's package neither shadows it nor is mistaken for it and left behind
+    user_task_package(tmp_path / "code", name="workers")
     run_dir = tmp_path / "run"
-    job = write_job(tmp_path / "job", run_dir=run_dir, steps=30, task=f"{package}.tasks:Digits")
+    job = write_job(tmp_path / "job", run_dir=run_dir, steps=30, task="workers.tasks:Digits")
     env = {**head.env, "PYTHONPATH": str(tmp_path / "code")}  # here only: the head has no such path
 
     job_id = submitted_id(shardstep("submit", str(job), "--address", head.url, "--no-wait", env=env))
@@ -360,10 +403,15 @@ def test_stop_then_resubmit_resumes_from_the_stopped_jobs_checkpoint(head, tmp_p
     checkpoint it left, and the result equals an uninterrupted run bit for bit."""
     # the digits task with a step of at least 20 ms, like a larger model's, so the stop lands
     # mid-run on any machine; its package sits beside the job file and travels with it
-    package = f"slowtask_{secrets.token_hex(4)}"
+    # named like shardstep's folders, the package and two more beside the job (which the job
+    # runs in) must not shadow shardstep's code
+    package = "service"
+    for name in ("checkpoints", "workers"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user folder {name}/ was imported')\n")
     (tmp_path / package).mkdir()
     (tmp_path / package / "__init__.py").write_text(
-        "import time\n\nfrom workers.tasks.digits import DigitsTask\n\n\n"
+        "import time\n\nfrom shardstep.workers.tasks.digits import DigitsTask\n\n\n"
         "class SlowDigits(DigitsTask):\n"
         "    def loss_and_grad(self, params, batch):\n"
         "        time.sleep(0.02)\n"

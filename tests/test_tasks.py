@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shardstep.workers.optim import RowSparseGrad
+from shardstep.workers.tasks import TASK_NAMES, ParamGroupRule, Task, combine_partials, make_task, task_class
+from shardstep.workers.tasks.base import assign_groups, epoch_order
+from shardstep.workers.tasks.digits import DATA_FILE, load_digits
+from shardstep.workers.tasks.digits_triplet import nearest_neighbours, sample_triplets
+from shardstep.workers.tasks.synthetic_mlp import width_for
 from tests.conftest import require_torch
-from workers.optim import RowSparseGrad
-from workers.tasks import TASK_NAMES, ParamGroupRule, Task, combine_partials, make_task, task_class
-from workers.tasks.base import assign_groups, epoch_order
-from workers.tasks.digits import DATA_FILE, load_digits
-from workers.tasks.digits_triplet import nearest_neighbours, sample_triplets
-from workers.tasks.synthetic_mlp import width_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shardstep.workers.optim import RowSparseGrad
+from shardstep.workers.tasks import ParamGroupRule, Task, make_task
+from shardstep.workers.training import Trainer, train
 from tests.test_tasks import Quadratic, small
-from workers.optim import RowSparseGrad
-from workers.tasks import ParamGroupRule, Task, make_task
-from workers.training import Trainer, train
 
 # ---------------------------------------------------------------------------------------
 # end to end: the targets docs/tasks.md states
@@ -242,7 +242,7 @@ def test_bad_run_and_train_arguments_are_refused():
         trainer.run(steps=1, callback=3)
     with pytest.raises(TypeError, match=re.escape("train() got unknown argument 'epoch'; allowed: epochs, steps")):
         train(Quadratic(), epoch=3)
-    with pytest.raises(TypeError, match=re.escape("task must be a workers.tasks.Task; got str")):
+    with pytest.raises(TypeError, match=re.escape("task must be a shardstep.workers.tasks.Task; got str")):
         train("digits", epochs=1)
     assert trainer.step_count == 0
 

@@ -3,11 +3,11 @@
 Each step it gathers the current parameters from the shards (one slice per shard, through
 Ray's object store: zero-copy reads of the shards' results), computes the task's summable
 ``loss_and_grad`` on its deterministic shard of the global batch (the sharding rule of
-:mod:`workers.tasks.base`) and returns the loss plus its gradient cut into one piece per
+:mod:`shardstep.workers.tasks.base`) and returns the loss plus its gradient cut into one piece per
 shard, so every shard receives only what it owns: a contiguous range of a dense gradient,
 or the rows it owns of a row-sparse one (renumbered from the shard's first row).
 
-With the shared-memory transport (:mod:`workers.shared_memory`) it reads whole parameters
+With the shared-memory transport (:mod:`shardstep.workers.shared_memory`) it reads whole parameters
 from the run's parameter region instead (no gathering) and copies its dense gradients into
 its own gradient region; only the loss and row-sparse pieces travel with the results.
 
@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints import ShardLayout
-from workers.optim import RowSparseGrad
-from workers.runtime import limit_threads
-from workers.shard import unpack
-from workers.shared_memory import SharedGrad, SharedTransport, whole
-from workers.tasks.base import Task, epoch_order
+from shardstep.checkpoints import ShardLayout
+from shardstep.workers.optim import RowSparseGrad
+from shardstep.workers.runtime import limit_threads
+from shardstep.workers.shard import unpack
+from shardstep.workers.shared_memory import SharedGrad, SharedTransport, whole
+from shardstep.workers.tasks.base import Task, epoch_order
 
 
 class GradientWorker:

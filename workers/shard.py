@@ -1,8 +1,8 @@
 """The shard actor: whole rows of every parameter, their optimizer state and their gradient.
 
 Shard ``s`` of ``N`` owns rows ``layout.row_range(name, s)`` of every parameter (the rule of
-:mod:`checkpoints.layout`) as flat 1-D slices, and the optimizer state of exactly those
-elements. It applies the same :class:`~workers.optim.rule.Rule` the torch-style optimizer
+:mod:`shardstep.checkpoints.layout`) as flat 1-D slices, and the optimizer state of exactly those
+elements. It applies the same :class:`~shardstep.workers.optim.rule.Rule` the torch-style optimizer
 applies to whole parameters; elementwise rules give the same bits slice by slice, so a
 sharded run equals a single-process one.
 
@@ -17,7 +17,7 @@ One step, as the coordinator drives it::
 or ``reduce_apply(hyperparameters, partial_0, ...)``, both in one call, when the coordinator
 has nothing to decide between them.
 
-With the shared-memory transport (:mod:`workers.shared_memory`) the slices are views of
+With the shared-memory transport (:mod:`shardstep.workers.shared_memory`) the slices are views of
 the coordinator's parameter region, the workers' dense gradients are read from their
 gradient regions, and ``get_params``/``apply`` return None: their results only order the
 next step's calls.
@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, ShardLayout, write_shard
-from workers.optim import Parameter, RowSparseGrad, optimizer_class
-from workers.optim.algorithms.lbfgs import LocalSlices
-from workers.runtime import limit_threads
-from workers.shared_memory import SharedGrad, SharedTransport
+from shardstep.checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, ShardLayout, write_shard
+from shardstep.workers.optim import Parameter, RowSparseGrad, optimizer_class
+from shardstep.workers.optim.algorithms.lbfgs import LocalSlices
+from shardstep.workers.runtime import limit_threads
+from shardstep.workers.shared_memory import SharedGrad, SharedTransport
 
 
 @functools.lru_cache(maxsize=256)  # a pure function of (layout, shard): computed once, not every step
@@ -182,7 +182,7 @@ class ShardActor:
         """Add the workers' gradient slices in rank order into this shard's gradient.
 
         Dense slices add elementwise, ``(g_0 + g_1) + g_2 ...`` (as
-        :func:`~workers.tasks.combine_partials`); row-sparse ones concatenate in rank order
+        :func:`~shardstep.workers.tasks.combine_partials`); row-sparse ones concatenate in rank order
         (repeated rows add up when applied). Returns ``{"nonfinite": [names], "sumsq":
         partial squared norm or None}`` (``sumsq`` when ``norm``: the coordinator adds the
         shards' partials for global-norm clipping). Frozen parameters' pieces are ignored: they
@@ -293,7 +293,7 @@ class ShardActor:
         return self.space
 
     def lbfgs(self, method: str, *args: Any) -> Any:
-        """Run one :class:`~workers.optim.algorithms.lbfgs.VectorSpace` operation on this
+        """Run one :class:`~shardstep.workers.optim.algorithms.lbfgs.VectorSpace` operation on this
         shard's slices (one slice: its pieces of every parameter, in table order)."""
         self._space()
         if method == "gather_grad":

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from checkpoints import ShardLayout
+from shardstep.checkpoints import ShardLayout
 
 ALIGN = 64  # bytes: every parameter starts on a cache line
 

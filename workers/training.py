@@ -1,7 +1,7 @@
-"""The local training loop: one process, no Ray, any :class:`~workers.tasks.Task`.
+"""The local training loop: one process, no Ray, any :class:`~shardstep.workers.tasks.Task`.
 
-    from workers.tasks import make_task
-    from workers.training import train
+    from shardstep.workers.tasks import make_task
+    from shardstep.workers.training import train
 
     result = train(make_task("digits"), seed=0, epochs=10, batch_size=64,
                    optimizer="adam", optimizer_kwargs={"lr": 1e-3},
@@ -10,9 +10,9 @@
     result.metrics        # {"accuracy": ..., "loss": ...} of the final parameters
     result.history        # one dict per optimizer step
 
-Each step takes the next global batch (the task's sharding rule, :mod:`workers.tasks.base`),
+Each step takes the next global batch (the task's sharding rule, :mod:`shardstep.workers.tasks.base`),
 computes every rank's partial loss and gradient with ``task.loss_and_grad`` and adds them in
-rank order (:func:`~workers.tasks.combine_partials`; ``world_size=1`` is plain training),
+rank order (:func:`~shardstep.workers.tasks.combine_partials`; ``world_size=1`` is plain training),
 all inside the optimizer's closure, so LBFGS re-evaluates the same batch as often as it
 needs. The distributed coordinator follows the same rules with the ranks on Ray actors.
 
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from workers.optim import Parameter, RowSparseGrad, lr_scheduler, optimizer_class
-from workers.optim.optimizer import Optimizer
-from workers.tasks.base import Batch, ParamGroupRule, Task, assign_groups, check_int, combine_partials
+from shardstep.workers.optim import Parameter, RowSparseGrad, lr_scheduler, optimizer_class
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.tasks.base import Batch, ParamGroupRule, Task, assign_groups, check_int, combine_partials
 
 SCHEDULER_INTERVALS = ("step", "epoch")
 SCHEDULER_NAMES = tuple(name for name in lr_scheduler.__all__ if name != "LRScheduler")
@@ -65,10 +65,10 @@ class TrainingResult:
 class Trainer:
     """A task, its parameters, an optimizer and a scheduler, stepping through the data.
 
-    task: a :class:`~workers.tasks.Task`. seed: initial parameters (``task.init_params``) and
+    task: a :class:`~shardstep.workers.tasks.Task`. seed: initial parameters (``task.init_params``) and
     the data order. batch_size: examples per global batch. optimizer, optimizer_kwargs: a
-    name of ``workers.optim`` (``"adam"`` or ``"Adam"``) and its arguments. scheduler,
-    scheduler_kwargs: a class name of ``workers.optim.lr_scheduler`` (or None) and its
+    name of ``shardstep.workers.optim`` (``"adam"`` or ``"Adam"``) and its arguments. scheduler,
+    scheduler_kwargs: a class name of ``shardstep.workers.optim.lr_scheduler`` (or None) and its
     arguments without the optimizer; SequentialLR and ChainedScheduler take their
     ``schedulers`` as ``[name, kwargs]`` pairs. scheduler_interval: ``"step"`` (after every
     optimizer step) or ``"epoch"`` (after every epoch); ReduceLROnPlateau is given the
@@ -84,7 +84,7 @@ class Trainer:
                  param_groups: Sequence[ParamGroupRule] | None = None, world_size: int = 1,
                  params: Mapping[str, np.ndarray] | None = None):
         if not isinstance(task, Task):
-            raise TypeError(f"task must be a workers.tasks.Task; got {type(task).__name__} "
+            raise TypeError(f"task must be a shardstep.workers.tasks.Task; got {type(task).__name__} "
                             f"(build one by name with workers.tasks.make_task)")
         self.task = task
         self.seed = check_int("seed", seed, 0)
@@ -265,7 +265,7 @@ def train(task: Task, *, epochs: int | None = None, steps: int | None = None, ev
 def build_optimizer(name: str, kwargs: Mapping[str, Any], params: Mapping[str, Parameter],
                     rules: Sequence[ParamGroupRule]) -> Optimizer:
     """The optimizer ``name`` over ``params``, one param group per matched rule (see
-    :func:`~workers.tasks.base.assign_groups`), named parameters in each group."""
+    :func:`~shardstep.workers.tasks.base.assign_groups`), named parameters in each group."""
     cls = optimizer_class(name)
     hyperparameters = _keyword_names(cls, skip=("params",))
     _check_kwargs(f"optimizer {cls.__name__}", kwargs, hyperparameters)

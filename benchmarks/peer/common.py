@@ -38,7 +38,7 @@ RESULT_PREFIX = "RESULT "
 
 def make_task():
     """shardstep's ``synthetic-mlp`` task of exactly this model (checked)."""
-    from workers.tasks import make_task as build
+    from shardstep.workers.tasks import make_task as build
 
     task = build("synthetic-mlp", **TASK_ARGS)
     if task.sizes != (INPUTS, *HIDDEN, CLASSES) or task.num_params != NUM_PARAMS:

@@ -34,7 +34,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.peer.common import (  # noqa: E402
-    CHECKPOINT_EVERY, GLOBAL_BATCH, NUM_PARAMS, RESULT_PREFIX, ROOT, TIMED, WARMUP, descendants, memory_of,
+    CHECKPOINT_EVERY,
+    GLOBAL_BATCH,
+    NUM_PARAMS,
+    RESULT_PREFIX,
+    ROOT,
+    TIMED,
+    WARMUP,
+    descendants,
+    memory_of,
 )
 from benchmarks.report import machine, write_section  # noqa: E402
 

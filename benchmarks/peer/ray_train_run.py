@@ -31,7 +31,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.peer.common import (  # noqa: E402
-    LR, ROOT, SEED, TIMED, WARMUP, check_loopback, emit, loopback_environment, median_p90,
+    LR,
+    ROOT,
+    SEED,
+    TIMED,
+    WARMUP,
+    check_loopback,
+    emit,
+    loopback_environment,
+    median_p90,
 )
 
 loopback_environment()
@@ -41,13 +49,13 @@ WORKERS = 2
 def train_loop(config: dict) -> None:
     """One Ray Train worker's loop; writes its measurements to ``config["out"]``."""
     sys.path.insert(0, config["root"])
+    import ray.train
     import torch
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
-    import ray.train
-    from benchmarks.peer.common import HIDDEN, INPUTS, CLASSES, global_batch, make_task
+    from benchmarks.peer.common import CLASSES, HIDDEN, INPUTS, global_batch, make_task
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

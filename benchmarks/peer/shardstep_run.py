@@ -23,8 +23,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.peer.common import (  # noqa: E402
-    GLOBAL_BATCH, LR, SEED, TASK_ARGS, TIMED, WARMUP, check_loopback, emit, loopback_environment,
-    make_task, median_p90,
+    GLOBAL_BATCH,
+    LR,
+    SEED,
+    TASK_ARGS,
+    TIMED,
+    WARMUP,
+    check_loopback,
+    emit,
+    loopback_environment,
+    make_task,
+    median_p90,
 )
 
 loopback_environment()
@@ -52,8 +61,8 @@ def main() -> int:
     parser.add_argument("--timed", type=int, default=TIMED)
     args = parser.parse_args()
 
-    from service.coordinator import Coordinator
-    from service.jobspec import JobSpec
+    from shardstep.service.coordinator import Coordinator
+    from shardstep.service.jobspec import JobSpec
 
     task = make_task()
     steps = WARMUP + args.timed

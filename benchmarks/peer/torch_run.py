@@ -14,7 +14,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.peer.common import (  # noqa: E402
-    CLASSES, HIDDEN, INPUTS, LR, SEED, TIMED, WARMUP, emit, global_batch, make_task, median_p90,
+    CLASSES,
+    HIDDEN,
+    INPUTS,
+    LR,
+    SEED,
+    TIMED,
+    WARMUP,
+    emit,
+    global_batch,
+    make_task,
+    median_p90,
 )
 
 

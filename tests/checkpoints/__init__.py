@@ -10,8 +10,8 @@ import msgpack
 import numpy as np
 from hypothesis import strategies as st
 
-from checkpoints.format import DTYPE_NAMES, MAGIC, PREAMBLE, VERSION, checksum
-from checkpoints.layout import ShardLayout
+from shardstep.checkpoints.format import DTYPE_NAMES, MAGIC, PREAMBLE, VERSION, checksum
+from shardstep.checkpoints.layout import ShardLayout
 
 
 def assert_identical(saved: Any, loaded: Any, path: str = "obj") -> None:

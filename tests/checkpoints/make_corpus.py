@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from checkpoints.format import (
+from shardstep.checkpoints.format import (
     DTYPE_NAMES,
     EXT_SCALAR,
     EXT_TENSOR,

@@ -1,6 +1,6 @@
 """What the separate processes of the run-checkpoint tests execute: shard writers that
 make their own slices (nothing is gathered through the parent), and a training-like writer
-that saves step after step until it is killed.
+that saves step after step until it is killed, with what the tests that kill it share.
 
 Values are functions of (parameter, element index, step), so any process, and the
 verifier, computes exactly what a shard holds without ever building the whole state.
@@ -8,14 +8,29 @@ verifier, computes exactly what a shard holds without ever building the whole st
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
+import re
+import signal
 import time
+import traceback
 from typing import Any
 
 import numpy as np
 
-from checkpoints import CheckpointStore, Retention, ShardLayout, dump, write_shard
-from checkpoints.layout import ParamSpec
+from shardstep.checkpoints import (
+    CheckpointStore,
+    Retention,
+    ShardLayout,
+    committed_steps,
+    dump,
+    load,
+    open_checkpoint,
+    write_shard,
+)
+from shardstep.checkpoints.layout import ParamSpec
+from tests.checkpoints import assert_identical
 
 CRASH_SPECS = (ParamSpec("embed/weight", (300, 257), "float32"), ParamSpec("head.bias", (5,), "float32"),
                ParamSpec("norm", (3,), "float16"))
@@ -66,30 +81,128 @@ def parallel_shard_writer(pending: Any, shard: int, step: int, barrier: Any, tim
     times.put((shard, os.getpid(), started, time.monotonic()))
 
 
-def crash_writer(root: str, ready: Any, committed: Any, stop_inside: tuple[int, int] | None = None,
-                 stopped: Any = None) -> None:
+def crash_writer(root: str, channel: Any, stop_inside: tuple[int, int] | None = None) -> None:
     """Resume a run after the newest committed step and save step after step (three
     shards, keep the last two, plus a single-file copy of the newest) until killed.
 
+    Reports go through ``channel`` (this writer's own pipe): ``("ready", step)`` once the
+    store is open, ``("committed", step)`` after each commit returned, ``("stopped", step)``
+    and ``("error", traceback)`` if the writer fails. Each is one small pipe write, so a kill
+    delivers it whole or not at all, and no lock exists that a killed writer could leave held.
+
     ``stop_inside=(steps, shards)``: after committing ``steps`` steps, begin the next one,
-    write ``shards`` of its shard files, set ``stopped`` and wait there to be killed, so a
+    write ``shards`` of its shard files, report ``stopped`` and wait there to be killed, so a
     kill lands inside an uncommitted checkpoint for certain."""
-    store = CheckpointStore(root, run_id=CRASH_RUN, retention=Retention(keep_last=2))
-    layout = ShardLayout(CRASH_SPECS, CRASH_SHARDS)
-    step = (store.latest() or 0) + 1
-    ready.set()
-    for done in range(1 << 30):
-        pending = store.begin(step, layout)
-        for shard in range(CRASH_SHARDS):
-            if stop_inside == (done, shard):
-                stopped.set()
-                time.sleep(3600)
-            params, state = expected_shard(layout, shard, step)
-            write_shard(pending, shard, params, state)
-        if stop_inside == (done, CRASH_SHARDS):
-            stopped.set()
-            time.sleep(3600)
-        store.commit(pending, extra={"data_position": step * 32}, metrics={"loss": 1.0 / step})
-        committed.put(step)
-        dump({"step": step, "params": expected_full(layout, step)[0]}, os.path.join(root, "latest.ckpt"))
-        step += 1
+    try:
+        store = CheckpointStore(root, run_id=CRASH_RUN, retention=Retention(keep_last=2))
+        layout = ShardLayout(CRASH_SPECS, CRASH_SHARDS)
+        step = (store.latest() or 0) + 1
+        channel.send(("ready", step))
+        for done in range(1 << 30):
+            pending = store.begin(step, layout)
+            for shard in range(CRASH_SHARDS + 1):
+                if stop_inside == (done, shard):
+                    channel.send(("stopped", step))
+                    time.sleep(3600)
+                if shard < CRASH_SHARDS:
+                    params, state = expected_shard(layout, shard, step)
+                    write_shard(pending, shard, params, state)
+            store.commit(pending, extra={"data_position": step * 32}, metrics={"loss": 1.0 / step})
+            channel.send(("committed", step))
+            dump({"step": step, "params": expected_full(layout, step)[0]}, os.path.join(root, "latest.ckpt"))
+            step += 1
+    except BaseException:
+        channel.send(("error", traceback.format_exc()))
+        raise
+
+
+class CrashWriter:
+    """A :func:`crash_writer` in a process of its own, with its own report pipe.
+
+    Every wait is bounded, and a failure says whether the writer is still running, how it
+    ended (exit code or signal) and the traceback it reported, if any. The process is a
+    daemon, so an interrupted test never leaves it for the interpreter to wait on at exit."""
+
+    def __init__(self, context: Any, root: str, stop_inside: tuple[int, int] | None = None):
+        self._reports, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=crash_writer, args=(root, sender, stop_inside), daemon=True)
+        self.process.start()
+        sender.close()  # the writer holds the only sending end: its death ends the pipe
+        self.committed: list[int] = []
+        self.error: str | None = None
+
+    def wait_for(self, kind: str, timeout: float) -> None:
+        """Read reports until one of ``kind``; an AssertionError naming the writer's fate
+        if it ends first or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the writer did not report {kind!r} within {timeout:g} s ({self.fate()})")
+            if not multiprocessing.connection.wait([self._reports], remaining):
+                continue
+            try:
+                if self._record(self._reports.recv()) == kind:
+                    return
+            except EOFError:
+                self.process.join(5)
+                raise AssertionError(f"the writer ended before reporting {kind!r} ({self.fate()})") from None
+
+    def kill(self) -> None:
+        """SIGKILL the writer, wait for it, and read every report it got out."""
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(30)
+        assert self.process.exitcode == -signal.SIGKILL, f"the writer was not killed by SIGKILL ({self.fate()})"
+        while self._reports.poll():
+            try:
+                self._record(self._reports.recv())
+            except EOFError:
+                break
+        self._reports.close()
+
+    def fate(self) -> str:
+        code = self.process.exitcode
+        if code is None:
+            state = f"pid {self.process.pid} still running"
+        elif code < 0:
+            state = f"killed by {signal.Signals(-code).name}"
+        else:
+            state = f"exited with code {code}"
+        return state + (f"; it reported:\n{self.error}" if self.error else "")
+
+    def _record(self, report: tuple[str, Any]) -> str:
+        kind, value = report
+        if kind == "committed":
+            self.committed.append(value)
+        elif kind == "error":
+            self.error = value
+        return kind
+
+
+# what an interrupted save leaves behind: pending or half-deleted step directories, temporary files
+LEFTOVER = re.compile(r"step-\d+\.(pending|deleting)-[0-9a-f]+|\..*\.tmp-\d+-[0-9a-f]+")
+
+
+def verify_after_kill(root: str, layout: ShardLayout, reported: int, resumed_from: int) -> int:
+    """After a kill: the newest committed checkpoint is at least the newest one the writer
+    reported and at most one further; every committed one loads and equals what was saved
+    for its step; the single-file copy loads whole. Returns the newest committed step."""
+    steps = committed_steps(root)
+    assert steps, "no committed checkpoint after a kill"
+    newest = steps[-1]
+    # everything commit() returned for is visible, and at most one more step got through
+    assert reported <= newest <= max(reported, resumed_from) + 1, (reported, newest, steps)
+    assert len(steps) <= 3  # keep_last=2, plus one committed just before its prune was cut
+    for step in steps:
+        with open_checkpoint(root, step) as checkpoint:
+            params, state_dict = checkpoint.export()
+            full_params, full_state = expected_full(layout, step)
+            assert_identical(full_params, params)
+            assert_identical({i: full_state[s.name] for i, s in enumerate(layout.params)}, state_dict["state"])
+            assert checkpoint.extra == {"data_position": step * 32}
+    single = os.path.join(root, "latest.ckpt")
+    if os.path.exists(single):
+        value = load(single)
+        assert_identical({"step": value["step"], "params": expected_full(layout, value["step"])[0]}, value)
+    return newest

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-import checkpoints
-from checkpoints import CheckpointStore, ShardLayout, committed_steps
+from shardstep import checkpoints
+from shardstep.checkpoints import CheckpointStore, ShardLayout, committed_steps
 from tests.checkpoints import mutate
 from tests.checkpoints.make_corpus import GOLDEN, _chunked_file, small_file
-from tests.checkpoints.processes import CRASH_RUN, CRASH_SHARDS, CRASH_SPECS, crash_writer
-from tests.test_checkpoint_crash import LEFTOVER, _drain, _verify
+from tests.checkpoints.processes import CRASH_RUN, CRASH_SHARDS, CRASH_SPECS, LEFTOVER, CrashWriter, verify_after_kill
 
 
 def fuzz(cases: int, seed: int) -> None:
@@ -55,25 +54,24 @@ def fuzz(cases: int, seed: int) -> None:
 def kills(trials: int, seed: int, max_delay: float) -> None:
     layout = ShardLayout(CRASH_SPECS, CRASH_SHARDS)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["numpy", "checkpoints", "tests.checkpoints.processes"])
+    context.set_forkserver_preload(["numpy", "shardstep.checkpoints", "tests.checkpoints.processes"])
     rng = np.random.default_rng(seed)
-    committed = context.SimpleQueue()
     newest, leftovers = 0, 0
     with tempfile.TemporaryDirectory() as directory:
         root = str(Path(directory) / "run")
         for trial in range(trials):
-            ready = context.Event()
-            writer = context.Process(target=crash_writer, args=(root, ready, committed))
-            writer.start()
-            if not ready.wait(60):
-                raise SystemExit(f"trial {trial}: the writer did not start")
-            time.sleep(float(rng.uniform(0.0, max_delay)))
-            os.kill(writer.pid, signal.SIGKILL)
-            writer.join(30)
-            reported = max(_drain(committed), default=newest)
+            writer = CrashWriter(context, root)
+            try:
+                writer.wait_for("ready", 60)
+                time.sleep(float(rng.uniform(0.0, max_delay)))
+            except AssertionError as error:
+                raise SystemExit(f"trial {trial}: {error}") from None
+            finally:
+                writer.kill()
+            reported = max(writer.committed, default=newest)
             if not committed_steps(root):
                 continue
-            newest = _verify(root, layout, reported, newest)
+            newest = verify_after_kill(root, layout, reported, newest)
             leftovers += any(LEFTOVER.fullmatch(n) for n in os.listdir(root))
             with CheckpointStore(root, run_id=CRASH_RUN):
                 assert not [n for n in os.listdir(root) if LEFTOVER.fullmatch(n)]

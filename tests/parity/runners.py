@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from shardstep.workers.optim import Parameter, RowSparseGrad, optimizer_class
+from shardstep.workers.optim.registry import CLASS_NAMES
 from tests.parity.optim_cases import OptimCase
 from tests.parity.problems import PROBLEMS
-from workers.optim import Parameter, RowSparseGrad, optimizer_class
-from workers.optim.registry import CLASS_NAMES
 
 TORCH_CLASS = {name: cls for cls, name in CLASS_NAMES.items()}
 

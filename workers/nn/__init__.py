@@ -1,19 +1,19 @@
 """Layers and losses in numpy with torch.nn's semantics and explicit, exact gradients.
 
-    from workers.nn import Linear, ReLU, Sequential, CrossEntropyLoss
+    from shardstep.workers.nn import Linear, ReLU, Sequential, CrossEntropyLoss
 
     model = Sequential(Linear(64, 32, rng=rng), ReLU(), Linear(32, 10, rng=rng))
     criterion = CrossEntropyLoss()
     loss = criterion(model(x), y)            # forward caches what backward needs
     model.backward(criterion.backward())     # accumulates into each Parameter's .grad
 
-``workers.nn.functional`` holds the math as pure functions shared by the classes and tasks.
+``shardstep.workers.nn.functional`` holds the math as pure functions shared by the classes and tasks.
 """
 
 from __future__ import annotations
 
-from workers.nn import functional
-from workers.nn.layers import (
+from shardstep.workers.nn import functional
+from shardstep.workers.nn.layers import (
     GELU,
     Dropout,
     Embedding,
@@ -24,7 +24,7 @@ from workers.nn.layers import (
     Softmax,
     Tanh,
 )
-from workers.nn.losses import (
+from shardstep.workers.nn.losses import (
     BCELoss,
     BCEWithLogitsLoss,
     CosineEmbeddingLoss,
@@ -39,7 +39,7 @@ from workers.nn.losses import (
     SmoothL1Loss,
     TripletMarginLoss,
 )
-from workers.nn.module import Module, accumulate_grad
+from shardstep.workers.nn.module import Module, accumulate_grad
 
 __all__ = [
     "functional", "Module", "accumulate_grad",

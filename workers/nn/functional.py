@@ -3,7 +3,7 @@
 Losses come in pairs: ``<loss>_forward(...) -> (output, saved)`` computes the value with
 torch's semantics and returns what the gradient needs in a named tuple; and
 ``<loss>_backward(saved, grad_output) -> gradient(s)`` is the vector-Jacobian product for
-each non-target input. The loss classes (``workers.nn.losses``) and tasks share these::
+each non-target input. The loss classes (``shardstep.workers.nn.losses``) and tasks share these::
 
     value, saved = cross_entropy_forward(logits, labels)       # 0-d array for 'mean'
     dlogits = cross_entropy_backward(saved, 1.0)
@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from workers.nn import kernels
-from workers.nn.checks import (
+from shardstep.workers.nn import kernels
+from shardstep.workers.nn.checks import (
     broadcast_weight,
     class_weight,
     flag,
@@ -34,7 +34,7 @@ from workers.nn.checks import (
     same_dtype,
     same_shape,
 )
-from workers.optim.parameter import RowSparseGrad
+from shardstep.workers.optim.parameter import RowSparseGrad
 
 # torch clamps BCELoss's logarithms at -100 (so log(0) is finite) and guards the gradient's
 # denominator x (1 - x) from below by 1e-12 (aten/src/ATen/native/Loss.cpp).

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from workers.nn import functional as F
-from workers.nn.checks import float_array, integer, real
-from workers.nn.module import Module, accumulate_grad, as_generator, float_dtype
-from workers.optim.parameter import Parameter
+from shardstep.workers.nn import functional as F
+from shardstep.workers.nn.checks import float_array, integer, real
+from shardstep.workers.nn.module import Module, accumulate_grad, as_generator, float_dtype
+from shardstep.workers.optim.parameter import Parameter
 
 
 def _grad_like(owner: str, grad, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -8,7 +8,7 @@
 array for one input, a tuple for several (TripletMarginLoss: (d_anchor, d_positive,
 d_negative); MarginRankingLoss and CosineEmbeddingLoss: (d_input1, d_input2)). With
 reduction='none', ``grad_output`` is an array of the output's shape. The math lives in
-:mod:`workers.nn.functional`.
+:mod:`shardstep.workers.nn.functional`.
 
 Arguments that torch takes positionally before its deprecated ``size_average``/``reduce``
 are positional here too; the rest are keyword-only (``size_average`` and ``reduce`` are not
@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.nn import functional as F
-from workers.nn.checks import (
+from shardstep.workers.nn import functional as F
+from shardstep.workers.nn.checks import (
     REDUCTIONS,
     flag,
     float_array,

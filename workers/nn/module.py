@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from workers.optim.parameter import FLOAT_DTYPES, Parameter, RowSparseGrad
+from shardstep.workers.optim.parameter import FLOAT_DTYPES, Parameter, RowSparseGrad
 
 
 def as_generator(rng, owner: str) -> np.random.Generator:

@@ -1,14 +1,14 @@
 """numpy optimizers and LR schedulers with torch.optim's API and numbers.
 
-    from workers.optim import Parameter, Adam
-    from workers.optim import lr_scheduler
+    from shardstep.workers.optim import Parameter, Adam
+    from shardstep.workers.optim import lr_scheduler
 """
 
 from __future__ import annotations
 
-from workers.optim.optimizer import Optimizer
-from workers.optim.parameter import Parameter, RowSparseGrad
-from workers.optim.registry import CLASS_NAMES, optimizer_class
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.parameter import Parameter, RowSparseGrad
+from shardstep.workers.optim.registry import CLASS_NAMES, optimizer_class
 
 __all__ = ["Optimizer", "Parameter", "RowSparseGrad", "optimizer_class", *CLASS_NAMES]
 
@@ -20,5 +20,5 @@ def __getattr__(name: str):
     if name == "lr_scheduler":
         import importlib
 
-        return importlib.import_module("workers.optim.lr_scheduler")
-    raise AttributeError(f"module 'workers.optim' has no attribute {name!r}")
+        return importlib.import_module("shardstep.workers.optim.lr_scheduler")
+    raise AttributeError(f"module 'shardstep.workers.optim' has no attribute {name!r}")

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.optimizer import Optimizer
 
 __all__ = [
     "LRScheduler",
@@ -166,7 +166,7 @@ def _per_group(name: str, value: Any, groups: int, check: Callable[[str, Any], A
 def _check_optimizer(optimizer: Any) -> None:
     if not isinstance(optimizer, Optimizer):
         raise TypeError(
-            f"optimizer must be a workers.optim Optimizer; got {optimizer!r} of type "
+            f"optimizer must be a shardstep.workers.optim Optimizer; got {optimizer!r} of type "
             f"{type(optimizer).__name__}"
         )
 
@@ -1390,7 +1390,7 @@ def _check_child_types(owner: str, schedulers: list[Any]) -> None:
     for index, scheduler in enumerate(schedulers):
         if not isinstance(scheduler, LRScheduler):
             raise TypeError(
-                f"{owner}: schedulers[{index}] must be a workers.optim.lr_scheduler scheduler; got "
+                f"{owner}: schedulers[{index}] must be a shardstep.workers.optim.lr_scheduler scheduler; got "
                 f"{scheduler!r} of type {type(scheduler).__name__}"
             )
 

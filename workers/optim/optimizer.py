@@ -1,6 +1,6 @@
 """The torch.optim-style facade: param_groups, state, step(closure), state_dict.
 
-An :class:`Optimizer` subclass names its :class:`~workers.optim.rule.Rule`; the facade only
+An :class:`Optimizer` subclass names its :class:`~shardstep.workers.optim.rule.Rule`; the facade only
 keeps the books (groups, per-parameter state, step count) and hands each parameter with a
 gradient to the rule. The state_dict has torch's layout and key names::
 
@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.optim.parameter import Parameter, RowSparseGrad
-from workers.optim.rule import Rule
+from shardstep.workers.optim.parameter import Parameter, RowSparseGrad
+from shardstep.workers.optim.rule import Rule
 
 
 class Optimizer:

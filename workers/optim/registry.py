@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from workers.optim.rule import Rule
+from shardstep.workers.optim.rule import Rule
 
 _ALGORITHMS: dict[str, tuple[str, str]] = {
     "sgd": ("sgd", "SGD"),
@@ -37,7 +37,7 @@ def optimizer_class(name: str) -> type:
         allowed = ", ".join(NAMES)
         raise ValueError(f"unknown optimizer {name!r}; allowed: {allowed}")
     module, cls = _ALGORITHMS[key]
-    return getattr(importlib.import_module(f"workers.optim.algorithms.{module}"), cls)
+    return getattr(importlib.import_module(f"shardstep.workers.optim.algorithms.{module}"), cls)
 
 
 def rule(name: str) -> Rule:

@@ -3,7 +3,7 @@
 An algorithm is a :class:`Rule`: its torch-compatible defaults, a validator for
 hyperparameters, ``init_state`` (the named state of one parameter, or of any slice of one),
 and ``update`` / ``update_rows`` that advance a parameter (or slice) and its state in place.
-The torch-style :class:`~workers.optim.optimizer.Optimizer` and the shard actors call the
+The torch-style :class:`~shardstep.workers.optim.optimizer.Optimizer` and the shard actors call the
 same rule; neither branches on which algorithm runs.
 
 Elementwise rules never reduce across elements, so applying ``update`` to every slice of a

@@ -1,6 +1,6 @@
-"""Training tasks: the data, model and loss of a job (see :mod:`workers.tasks.base`).
+"""Training tasks: the data, model and loss of a job (see :mod:`shardstep.workers.tasks.base`).
 
-    from workers.tasks import make_task
+    from shardstep.workers.tasks import make_task
     task = make_task("digits", hidden=[128])
 
 Built-in tasks by name (one module each): ``digits``, ``digits-triplet``, ``ratings``,
@@ -14,7 +14,7 @@ import importlib
 import inspect
 from typing import Any
 
-from workers.tasks.base import Batch, ParamGroupRule, Task, combine_partials
+from shardstep.workers.tasks.base import Batch, ParamGroupRule, Task, combine_partials
 
 __all__ = ["Batch", "ParamGroupRule", "Task", "TASK_NAMES", "combine_partials", "make_task", "task_class"]
 
@@ -35,7 +35,7 @@ def task_class(name: str) -> type[Task]:
         raise TypeError(f"task name must be a string; got {type(name).__name__}")
     if name in _BUILTIN:
         module, cls = _BUILTIN[name]
-        return getattr(importlib.import_module(f"workers.tasks.{module}"), cls)
+        return getattr(importlib.import_module(f"shardstep.workers.tasks.{module}"), cls)
     if ":" not in name:
         raise ValueError(
             f"unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}, or 'package.module:Class' "

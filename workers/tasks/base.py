@@ -1,7 +1,7 @@
 """The task interface: what a training job trains, in five pure functions.
 
 A :class:`Task` is the data, the model and the loss of a job, with no optimizer and no loop.
-The local loop (:mod:`workers.training`) and the distributed coordinator run the same task
+The local loop (:mod:`shardstep.workers.training`) and the distributed coordinator run the same task
 object unchanged, so every method is pure with respect to the parameters: they arrive as a
 ``dict[name, ndarray]`` and are never modified or kept.
 
@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.optim.parameter import FLOAT_DTYPES, RowSparseGrad
+from shardstep.workers.optim.parameter import FLOAT_DTYPES, RowSparseGrad
 
 Grad = np.ndarray | RowSparseGrad
 
@@ -241,7 +241,7 @@ class Task(ABC):
     def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Batch) -> tuple[float, dict[str, Grad]]:
         """The summable loss of ``batch`` (sum over its examples / ``batch.global_size``) and its
         gradient: one entry per parameter, an ndarray of the parameter's shape and dtype or a
-        :class:`~workers.optim.RowSparseGrad`. An empty batch gives 0.0 and zero gradients."""
+        :class:`~shardstep.workers.optim.RowSparseGrad`. An empty batch gives 0.0 and zero gradients."""
 
     @abstractmethod
     def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:

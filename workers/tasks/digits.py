@@ -3,7 +3,7 @@
 Data: ``data/digits.npz`` (source, licence and the held-out rule in ``data/README.md``):
 1,442 training and 355 held-out images; a pixel count 0..16 becomes the input ``count / 16``.
 Model: Linear(64, h1), activation, ..., Linear(hk, 10) (``hidden=[h1, ..., hk]``), torch's
-default initialization. Loss: cross-entropy (``workers.nn.CrossEntropyLoss``) over the
+default initialization. Loss: cross-entropy (``shardstep.workers.nn.CrossEntropyLoss``) over the
 logits. Metrics: held-out ``accuracy`` and mean ``loss``.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.nn import CrossEntropyLoss, Module
-from workers.tasks.base import check_dtype
-from workers.tasks.models import ModelTask, check_activation, check_widths, mlp
+from shardstep.workers.nn import CrossEntropyLoss, Module
+from shardstep.workers.tasks.base import check_dtype
+from shardstep.workers.tasks.models import ModelTask, check_activation, check_widths, mlp
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
 IMAGES, PIXELS, CLASSES, MAX_COUNT = 1797, 64, 10, 16

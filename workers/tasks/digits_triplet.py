@@ -1,11 +1,11 @@
 """``digits-triplet``: an embedding of the 8x8 digits trained with a triplet margin loss.
 
-Data: the ``digits`` images and split (see :mod:`workers.tasks.digits`). Each training image
+Data: the ``digits`` images and split (see :mod:`shardstep.workers.tasks.digits`). Each training image
 is the anchor of one triplet per epoch, whose positive (another training image of the same
 digit) and negative (a training image of another digit) are drawn uniformly by
 ``np.random.default_rng([seed, epoch, 2])`` for all anchors at once, so a triplet depends on
 (seed, epoch, anchor) only. Model: MLP 64 -> hidden -> ``dim`` (torch's default init).
-Loss: ``workers.nn.TripletMarginLoss(margin, p=2)``. Metrics: ``nn_accuracy``, the fraction
+Loss: ``shardstep.workers.nn.TripletMarginLoss(margin, p=2)``. Metrics: ``nn_accuracy``, the fraction
 of held-out images whose nearest training image in the embedding (Euclidean) has the same
 label, and ``loss`` on a fixed set of held-out triplets (one per held-out image, drawn
 among held-out images with ``np.random.default_rng([0, 0, 2])``).
@@ -17,10 +17,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from workers.nn import Module, TripletMarginLoss
-from workers.tasks.base import Batch, check_dtype, check_int, check_real
-from workers.tasks.digits import PIXELS, DigitsData, load_digits
-from workers.tasks.models import SAMPLING_STREAM, ModelTask, check_activation, check_widths, mlp
+from shardstep.workers.nn import Module, TripletMarginLoss
+from shardstep.workers.tasks.base import Batch, check_dtype, check_int, check_real
+from shardstep.workers.tasks.digits import PIXELS, DigitsData, load_digits
+from shardstep.workers.tasks.models import SAMPLING_STREAM, ModelTask, check_activation, check_widths, mlp
 
 # held-out images per block of the nearest-neighbour search (bounds its memory)
 _SEARCH_BLOCK = 512

@@ -3,7 +3,7 @@
 Data (a function of ``data_seed``): ``A`` (rows x cols) with independent N(0, 1) entries,
 then column ``j`` scaled by ``condition ** (-j / (cols - 1))`` so the columns' scales span a
 factor ``condition``; ``y = A w* + b* + noise`` with ``w* ~ N(0, 1)``, ``b* = 1`` and
-N(0, ``noise^2``) noise. Model: ``workers.nn.Linear(cols, 1)`` (parameters ``weight``
+N(0, ``noise^2``) noise. Model: ``shardstep.workers.nn.Linear(cols, 1)`` (parameters ``weight``
 (1 x cols) and ``bias`` (1,)). Loss: squared error ``(a_i . w + b - y_i)^2``.
 
 The minimizer has a closed form, ``[w; b] = lstsq([A 1], y)`` (:meth:`solution`, computed in
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.nn import Linear, MSELoss
-from workers.tasks.base import check_dtype, check_int, check_real
-from workers.tasks.models import DATA_STREAM, ModelTask
+from shardstep.workers.nn import Linear, MSELoss
+from shardstep.workers.tasks.base import check_dtype, check_int, check_real
+from shardstep.workers.tasks.models import DATA_STREAM, ModelTask
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Helpers the built-in tasks share: MLPs from ``workers.nn``, running a module on
+"""Helpers the built-in tasks share: MLPs from ``shardstep.workers.nn``, running a module on
 parameters it does not own, and :class:`ModelTask`, a task built around one such module."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.nn import GELU, Linear, Module, ReLU, Sequential, Tanh
-from workers.nn.losses import Loss
-from workers.optim.parameter import RowSparseGrad
-from workers.tasks.base import Batch, Task, check_int, check_params
+from shardstep.workers.nn import GELU, Linear, Module, ReLU, Sequential, Tanh
+from shardstep.workers.nn.losses import Loss
+from shardstep.workers.optim.parameter import RowSparseGrad
+from shardstep.workers.tasks.base import Batch, Task, check_int, check_params
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "gelu": GELU}
 
@@ -56,7 +56,7 @@ def mlp_param_count(sizes: Sequence[int]) -> int:
 
 
 class BoundModule:
-    """A ``workers.nn`` module run on caller-owned parameter arrays.
+    """A ``shardstep.workers.nn`` module run on caller-owned parameter arrays.
 
     :meth:`bind` points each module Parameter's ``.data`` at the caller's array (no copy)
     and clears its gradient; after ``forward``/``backward``, :meth:`grads` hands out the
@@ -111,7 +111,7 @@ def empty_sparse(shape: tuple[int, ...], dtype: np.dtype) -> RowSparseGrad:
 
 
 class ModelTask(Task):
-    """A task whose model is one ``workers.nn`` module, initialized from ``seed``'s init
+    """A task whose model is one ``shardstep.workers.nn`` module, initialized from ``seed``'s init
     stream, and whose loss is a criterion of the module's output on the ``input_key`` array
     and the ``target_key`` array of a batch.
 

@@ -5,8 +5,8 @@ Data (synthetic, a function of ``data_seed``): ``users`` x ``items`` ratings fro
 coordinates of ``p, q`` drawn with variance ``1/sqrt(rank)`` (so ``<p_u, q_i>`` has variance 1) and noise
 ``~ N(0, noise^2)``; a fraction ``density`` of the pairs is observed, and a tenth of those
 is held out. Model: embeddings ``user`` (users x dim), ``item`` (items x dim),
-``user_bias`` and ``item_bias`` (x 1), all ``workers.nn.Embedding(sparse=True)``, so every
-gradient is a :class:`~workers.optim.RowSparseGrad` (train with SparseAdam, Adagrad, or SGD
+``user_bias`` and ``item_bias`` (x 1), all ``shardstep.workers.nn.Embedding(sparse=True)``, so every
+gradient is a :class:`~shardstep.workers.optim.RowSparseGrad` (train with SparseAdam, Adagrad, or SGD
 without momentum); the prediction is ``mean + user_bias[u] + item_bias[i] + <user[u],
 item[i]>``, ``mean`` being the mean training rating (a constant). Loss: squared error.
 Metrics: held-out ``rmse``.
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.nn import Embedding, MSELoss
-from workers.tasks.base import Batch, Task, check_dtype, check_int, check_real
-from workers.tasks.models import DATA_STREAM, INIT_STREAM, BoundModule, check_bound
+from shardstep.workers.nn import Embedding, MSELoss
+from shardstep.workers.tasks.base import Batch, Task, check_dtype, check_int, check_real
+from shardstep.workers.tasks.models import DATA_STREAM, INIT_STREAM, BoundModule, check_bound
 
 GLOBAL_MEAN, BIAS_STD = 3.5, 0.5
 TABLES = ("user", "item", "user_bias", "item_bias")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.nn import CrossEntropyLoss, Module
-from workers.tasks.base import check_dtype, check_int
-from workers.tasks.models import DATA_STREAM, ModelTask, check_activation, mlp, mlp_param_count
+from shardstep.workers.nn import CrossEntropyLoss, Module
+from shardstep.workers.tasks.base import check_dtype, check_int
+from shardstep.workers.tasks.models import DATA_STREAM, ModelTask, check_activation, mlp, mlp_param_count
 
 
 def width_for(params: int, depth: int, inputs: int, classes: int) -> int:

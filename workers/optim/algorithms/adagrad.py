@@ -18,8 +18,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from workers.optim.optimizer import Optimizer
-from workers.optim.rule import (
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.rule import (
     Rule,
     advance,
     check_bool,

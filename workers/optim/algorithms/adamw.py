@@ -1,6 +1,6 @@
 """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019, arXiv:1711.05101).
 
-The update rule is Adam's (:mod:`workers.optim.algorithms.adam`) with
+The update rule is Adam's (:mod:`shardstep.workers.optim.algorithms.adam`) with
 ``decoupled_weight_decay=True`` and torch's AdamW defaults (``weight_decay=0.01``).
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from workers.optim.algorithms import adam
-from workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.algorithms import adam
+from shardstep.workers.optim.optimizer import Optimizer
 
 RULE = dataclasses.replace(
     adam.RULE, name="adamw",

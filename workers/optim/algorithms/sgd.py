@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from workers.optim.optimizer import Optimizer
-from workers.optim.rule import (
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.rule import (
     Rule,
     check_bool,
     check_device_flags,

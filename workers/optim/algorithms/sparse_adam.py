@@ -20,8 +20,8 @@ import math
 import numpy as np
 from numba import prange
 
-from workers.optim.optimizer import Optimizer
-from workers.optim.rule import (
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.rule import (
     Rule,
     check_betas,
     check_bool,
