@@ -127,16 +127,26 @@ def test_the_built_wheel_installs_only_the_shardstep_namespace(tmp_path):
     beside them, nothing at the top level that another distribution could own."""
     import zipfile
 
+    import shutil
+
+    # from a copy of what the build reads: a build/ folder left in the checkout must not count
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in PACKAGE_FOLDERS:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.nb[ic]"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300,
+                    "-q", "-w", str(tmp_path), str(source)], check=True, capture_output=True, timeout=300,
                    cwd=tmp_path)
     (wheel,) = tmp_path.glob("shardstep-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert tops == {"shardstep", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     assert "shardstep/__init__.py" not in names  # a namespace: nothing of its own
+    # every module of every package (data/ holds files, not a package)
     expected = {f"shardstep/{path.relative_to(ROOT).as_posix()}" for name in PACKAGE_FOLDERS
-                for path in (ROOT / name).rglob("*.py") if "__pycache__" not in path.parts}
+                for path in (ROOT / name).rglob("*.py") if (path.parent / "__init__.py").exists()}
     assert expected <= set(names), sorted(expected - set(names))
     assert "shardstep/workers/tasks/data/digits.npz" in names
 
