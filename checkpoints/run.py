@@ -602,6 +602,9 @@ class RunCheckpoint:
         self.metrics: dict[str, float] = manifest["metrics"]
         self.extra: Any = manifest["extra"]
         self.param_groups: list[dict] = manifest["param_groups"]
+        # {parameter name: {state key: kind}}: what each parameter's optimizer state holds
+        # (parameters without state are absent)
+        self.state_schema: dict[str, dict[str, str]] = self._manifest["state"]
         self.layout = ShardLayout(
             tuple(ParamSpec(p["name"], tuple(p["shape"]), p["dtype"]) for p in manifest["params"]),
             manifest["num_shards"])

@@ -8,6 +8,10 @@ results), futures may be passed as arguments of later calls, and ``get`` waits. 
 one actor run in the order they were made, so the coordinator submits a whole step before
 it waits once.
 
+Starting: :meth:`start_all` creates a start's actors together (in one placement group when
+the job names a strategy) and :meth:`wait_started` waits for them with bounded waits, saying
+what they need while the cluster cannot place them, up to a time limit.
+
 Errors: an actor that died (its process was killed, its node lost) becomes
 :class:`ActorLostError`; an exception raised inside a method becomes :class:`ActorCallError`
 carrying the original message. The coordinator recovers from the first, never the second.
@@ -16,10 +20,51 @@ carrying the original message. The coordinator recovers from the first, never th
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
-from shardstep.service.errors import ActorCallError, ActorLostError
+from shardstep.service.errors import ActorCallError, ActorLostError, StartTimeoutError
+
+# a start that is waiting says so after this long, then whenever what it waits for changes
+# (and at least every REPEAT_SECONDS)
+FIRST_REPORT_SECONDS = 5.0
+REPEAT_SECONDS = 30.0
+# a raylet that does not accept a connection within this long is taken as lost
+PROBE_SECONDS = 1.0
+# the label every Ray node carries with its node id (Ray's default labels)
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What one actor asks of the node it runs on: CPUs, custom resources, node labels
+    (Ray label selectors: ``{"zone": "us-east-1a"}``, ``{"zone": "in(a,b)"}``, ``{"gpu": "!in(x)"}``)."""
+
+    cpus: float = 0.0
+    resources: Mapping[str, float] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def demand(self) -> dict[str, float]:
+        """The resources the actor holds while it runs (those that are not zero)."""
+        return {name: float(amount) for name, amount in {"CPU": self.cpus, **self.resources}.items() if amount}
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """One actor of a start: its class, constructor arguments, placement and a label for
+    messages ("shard 0", "gradient worker 1")."""
+
+    cls: type
+    args: tuple
+    kwargs: dict
+    placement: Placement
+    label: str
 
 
 class InlineRef:
@@ -36,12 +81,33 @@ class InlineBackend:
     """Every actor is a plain object in this process; calls run when they are made."""
 
     name = "inline"
+    client = False
+    description = "inline"
 
-    def start(self, cls: type, args: tuple, kwargs: dict, cpus: float, label: str) -> Any:
-        try:
-            return cls(*args, **kwargs)
-        except Exception as error:
-            raise ActorCallError(f"{label} failed to start: {error}") from error
+    def start_all(self, specs: Sequence[ActorSpec], strategy: str | None, pin: str | None,
+                  avoid: frozenset[str]) -> tuple[list[Any], None]:
+        actors = []
+        for spec in specs:
+            try:
+                actors.append(spec.cls(*spec.args, **spec.kwargs))
+            except Exception as error:
+                for actor in actors:
+                    self.kill(actor)
+                raise ActorCallError(f"{spec.label} failed to start: {error}") from error
+        return actors, None
+
+    def wait_started(self, actors: Sequence[Any], specs: Sequence[ActorSpec], handle: Any, timeout: float,
+                     on_wait: Callable[[str], Any]) -> list[tuple[int, int, str | None]]:
+        return self.get([self.call(actor, "ping") for actor in actors])
+
+    def this_node(self) -> str | None:
+        return None
+
+    def unreachable_nodes(self, nodes: set[str] | None = None) -> set[str]:
+        return set()
+
+    def release(self, handle: Any) -> None:
+        pass
 
     def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
         try:
@@ -85,8 +151,9 @@ class InlineBackend:
 
 class RayBackend:
     """Actors as Ray actors. Connects to ``address`` (a cluster, or "auto"), or, when it is
-    None and no ``RAY_ADDRESS`` is set, starts a local single-node instance on the loopback
-    interface and stops it again in :meth:`shutdown`."""
+    None and no ``RAY_ADDRESS`` is set, starts a private single-node instance on the loopback
+    interface (never another cluster that happens to run on this machine) and stops it again
+    in :meth:`shutdown`."""
 
     name = "ray"
 
@@ -95,50 +162,165 @@ class RayBackend:
 
         self.ray = ray
         self.started_here = False
+        target = address or os.environ.get("RAY_ADDRESS")
         # through Ray Client the coordinator's calls run on the cluster, not on this machine
-        self.client = (address or os.environ.get("RAY_ADDRESS") or "").startswith("ray://")
-        if not ray.is_initialized():
+        self.client = (target or "").startswith("ray://")
+        if ray.is_initialized():
+            self.description = f"the Ray cluster at {ray.get_runtime_context().gcs_address} (joined before the run)"
+        else:
             options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True,
                                        "configure_logging": True}
-            target = address or os.environ.get("RAY_ADDRESS")
             if target is None:
-                # a private single-node instance that listens on loopback only; without this
-                # variable Ray moves the node to the machine's external address. Ray's
+                # Ray's "local": always a new instance, where a plain ray.init() would join the
+                # cluster of the machine's last `ray start`. It listens on loopback only; without
+                # this variable Ray moves the node to the machine's external address. Ray's
                 # processes read it from the environment; this process read it when ray was
                 # first imported, so the constant is set too in case that happened earlier
                 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
                 from ray._private import ray_constants
 
                 ray_constants.ENABLE_RAY_CLUSTER = False
-                options.update(_node_ip_address="127.0.0.1", include_dashboard=False)
+                options.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+                self.description = "a new local Ray instance"
             else:
                 options["address"] = target
+                self.description = f"the Ray cluster at {target}"
+            # Ray's init replaces the SIGTERM handler with one that exits at once; the caller's
+            # (shardstep's own: stop like Ctrl-C) is put back
+            previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
             try:
                 ray.init(**options)
             except Exception as error:
                 raise ActorLostError(f"cannot start or reach Ray at {target or 'a new local instance'}: "
                                      f"{error}") from error
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
             self.started_here = True
         self._classes: dict[type, Any] = {}
+
+    # -- the cluster -------------------------------------------------------------------------
+
+    def _alive_nodes(self) -> list[dict[str, Any]]:
+        try:
+            return [node for node in self.ray.nodes() if node.get("Alive")]
+        except Exception as error:
+            raise ActorLostError(f"cannot read the Ray cluster's nodes: {error}") from error
 
     def on_one_node(self) -> bool:
         """Whether the cluster is this process's node alone, so every actor runs here."""
         if self.client:
             return False
+        nodes = self._alive_nodes()
+        return len(nodes) == 1 and nodes[0].get("NodeID") == self.this_node()
+
+    def this_node(self) -> str | None:
+        return None if self.client else self.ray.get_runtime_context().get_node_id()
+
+    def unreachable_nodes(self, nodes: set[str] | None = None) -> set[str]:
+        """Those of ``nodes`` (None: every node listed alive) that are gone: listed dead, or
+        whose raylet does not accept a connection (Ray lists a lost node as alive until its
+        health checks time out, 15 s by default, and places new actors there meanwhile)."""
         try:
-            nodes = [node for node in self.ray.nodes() if node.get("Alive")]
-            here = self.ray.get_runtime_context().get_node_id()
+            known = {node["NodeID"]: node for node in self.ray.nodes()}
         except Exception as error:
             raise ActorLostError(f"cannot read the Ray cluster's nodes: {error}") from error
-        return len(nodes) == 1 and nodes[0].get("NodeID") == here
+        wanted = {n for n, node in known.items() if node.get("Alive")} if nodes is None else set(nodes)
+        lost = {n for n in wanted if n not in known or not known[n].get("Alive")}
+        here = self.this_node()
+        probe = [] if self.client else [known[n] for n in wanted - lost if n != here]
 
-    def start(self, cls: type, args: tuple, kwargs: dict, cpus: float, label: str) -> Any:
-        remote = self._classes.get(cls)
-        if remote is None:
-            remote = self._classes[cls] = self.ray.remote(cls)
-        # no restarts by Ray itself: the coordinator restores a consistent state instead
-        return remote.options(num_cpus=cpus, max_restarts=0, max_task_retries=0,
-                              name=None).remote(*args, **kwargs)
+        def refuses(node: dict[str, Any]) -> bool:
+            try:
+                socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
+                                         timeout=PROBE_SECONDS).close()
+                return False
+            except OSError:
+                return True
+
+        if probe:
+            with ThreadPoolExecutor(max_workers=min(32, len(probe))) as pool:
+                lost |= {node["NodeID"] for node, gone in zip(probe, pool.map(refuses, probe)) if gone}
+        return lost
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def start_all(self, specs: Sequence[ActorSpec], strategy: str | None, pin: str | None,
+                  avoid: frozenset[str]) -> tuple[list[Any], Any]:
+        """Create every actor of a start: in one placement group with ``strategy`` (Ray's
+        PACK, SPREAD, STRICT_PACK, STRICT_SPREAD), pinned to node ``pin``, or placed by Ray;
+        never on the nodes in ``avoid``. Returns the handles and the placement group."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+        keep_out = {NODE_ID_LABEL: f"!in({','.join(sorted(avoid))})"} if avoid else {}
+        group = None
+        if strategy is not None:
+            group = placement_group([spec.placement.demand() for spec in specs], strategy=strategy.upper(),
+                                    bundle_label_selector=[{**spec.placement.labels, **keep_out} for spec in specs])
+        handles = []
+        for index, spec in enumerate(specs):
+            remote = self._classes.get(spec.cls)
+            if remote is None:
+                remote = self._classes[spec.cls] = self.ray.remote(spec.cls)
+            # no restarts by Ray itself: the coordinator restores a consistent state instead
+            options: dict[str, Any] = {"num_cpus": spec.placement.cpus, "max_restarts": 0, "max_task_retries": 0}
+            if spec.placement.resources:
+                options["resources"] = dict(spec.placement.resources)
+            if group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=index)
+            elif pin is not None:
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pin, soft=False)
+            elif spec.placement.labels or keep_out:
+                options["label_selector"] = {**spec.placement.labels, **keep_out}
+            handles.append(remote.options(**options).remote(*spec.args, **spec.kwargs))
+        return handles, group
+
+    def wait_started(self, actors: Sequence[Any], specs: Sequence[ActorSpec], group: Any, timeout: float,
+                     on_wait: Callable[[str], Any]) -> list[tuple[int, int, str | None]]:
+        """Every actor's ``ping`` answer, waiting at most ``timeout`` seconds in all; while
+        some cannot start, ``on_wait`` hears what they need and what the cluster has free.
+        Past the limit: :class:`StartTimeoutError` with that message."""
+        from shardstep.service.actors import pending_message
+
+        started = time.monotonic()
+        deadline = started + timeout
+        refs = [self.call(actor, "ping") for actor in actors]
+        waiting = list(range(len(refs)))
+        answers: dict[int, Any] = {}
+        reported, reported_at = "", started
+        while waiting:
+            now = time.monotonic()
+            ready, _ = self.ray.wait([refs[i] for i in waiting], num_returns=len(waiting),
+                                     timeout=max(0.0, min(1.0, deadline - now)))
+            done = [i for i in waiting if refs[i] in set(ready)]
+            for i, value in zip(done, self.get([refs[i] for i in done])):
+                answers[i] = value
+            waiting = [i for i in waiting if i not in answers]
+            if not waiting:
+                break
+            now = time.monotonic()
+            if now - started < FIRST_REPORT_SECONDS and now < deadline:
+                continue
+            message = pending_message([specs[i] for i in waiting], self.ray.cluster_resources(),
+                                      self.ray.available_resources(), None if group is None else "placement group")
+            if now >= deadline:
+                raise StartTimeoutError(f"{len(waiting)} of {len(refs)} actors did not start within "
+                                        f"resources.start_timeout = {timeout:g} s: {message}")
+            if message != reported or now - reported_at >= REPEAT_SECONDS:
+                on_wait(message)
+                reported, reported_at = message, now
+        return [answers[i] for i in range(len(refs))]
+
+    def release(self, group: Any) -> None:
+        if group is not None:
+            try:
+                self.ray.util.remove_placement_group(group)
+            except Exception:
+                pass  # a cluster that is going away takes its placement groups with it
+
+    # -- calls -------------------------------------------------------------------------------
 
     def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
         return getattr(actor, method).options(num_returns=num_returns).remote(*args, **kwargs)
@@ -153,8 +335,15 @@ class RayBackend:
             if isinstance(cause, (exceptions.RayActorError, exceptions.ObjectLostError)):
                 raise ActorLostError(f"an actor was lost: {cause}") from error
             raise ActorCallError(str(cause)) from error
-        except (exceptions.RayActorError, exceptions.ObjectLostError, exceptions.WorkerCrashedError,
-                exceptions.OwnerDiedError) as error:
+        except exceptions.RayActorError as error:
+            if error.actor_init_failed:
+                # its constructor raised: the same arguments raise again, so this is not a loss.
+                # Ray's message ends with the original exception's line
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                raise ActorCallError(f"an actor failed to start: {lines[-1] if lines else error}") from error
+            raise ActorLostError(f"an actor was lost: {type(error).__name__}: {error}") from error
+        except (exceptions.ObjectLostError, exceptions.WorkerCrashedError, exceptions.OwnerDiedError,
+                exceptions.NodeDiedError) as error:
             raise ActorLostError(f"an actor was lost: {type(error).__name__}: {error}") from error
 
     def kill(self, actor: Any) -> None:

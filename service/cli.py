@@ -36,6 +36,14 @@ class UsageError(Exception):
     """Bad input from the command line: exit code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run: the message names the run directory to resume."""
+
+    def __init__(self, run_dir: str):
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -43,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from shardstep.checkpoints import CheckpointError
-    from shardstep.service.errors import ShardstepError
+    from shardstep.service.errors import ShardstepError, UnsuitableClusterError
     from shardstep.service.jobspec import JobSpecError
 
     if args.command in ("run", "resume"):
@@ -52,15 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)
-    except (UsageError, JobSpecError, CheckpointError) as error:
+    except (UsageError, JobSpecError, CheckpointError, UnsuitableClusterError) as error:
         print(f"shardstep {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ShardstepError as error:
         print(f"shardstep {args.command}: the run failed: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
+        run_dir = getattr(interruption, "run_dir", "RUN_DIR")
         print(f"shardstep {args.command}: interrupted; committed checkpoints are kept "
-              "(continue with `shardstep resume RUN_DIR`)", file=sys.stderr)
+              f"(continue with `shardstep resume {run_dir}`)", file=sys.stderr)
         return 130
 
 
@@ -188,11 +197,21 @@ def _train(spec: Any, quiet: bool) -> int:
     from shardstep.service.progress import Progress
 
     progress = None if quiet else Progress(total, start_step=resumed or 0)
+
+    def event(text: str) -> None:
+        # what the run waits for and why it restarts is said even with --quiet (on stderr)
+        if progress is not None:
+            progress.event(text)
+        else:
+            print(f"shardstep: {text}", file=sys.stderr, flush=True)
+
     try:
-        result = Coordinator(spec, on_step=None if progress is None else progress.update).run()
+        result = Coordinator(spec, on_step=None if progress is None else progress.update, on_event=event).run()
     except (ValueError, TypeError) as error:
         # configuration errors the spec could not see (e.g. a checkpoint from another job)
         raise UsageError(str(error)) from error
+    except KeyboardInterrupt:
+        raise Interrupted(spec.run_dir) from None
     finally:
         if progress is not None:
             progress.close()
@@ -206,7 +225,8 @@ def _train(spec: Any, quiet: bool) -> int:
     metrics = "  ".join(f"{k} {v:.6g}" for k, v in result.metrics.items() if math.isfinite(v))
     moved = {"shared_memory": " (actors exchanged data through shared memory)",
              "object_store": " (actors exchanged data through Ray's object store)"}.get(result.transport, "")
-    print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s{moved}; {metrics}; "
+    cluster = "" if result.cluster == "inline" else f" on {result.cluster}"
+    print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s{cluster}{moved}; {metrics}; "
           f"checkpoints at steps {result.checkpoint_steps[-5:]} in {Path(spec.run_dir) / CHECKPOINT_DIR}"
           + (f"; recovered from {result.failures} failure(s)" if result.failures else ""), flush=True)
     return 0
@@ -235,7 +255,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     with _checkpoint_of(path) as checkpoint:
-        manifest = checkpoint._manifest
         lines = [f"checkpoint  {checkpoint.directory}",
                  f"run         {checkpoint.run_id}",
                  f"step        {checkpoint.step}",
@@ -252,7 +271,7 @@ def _inspect(args: argparse.Namespace) -> int:
         group_of = {name: i for i, g in enumerate(checkpoint.param_groups) for name in g["params"]}
         total = 0
         for spec in checkpoint.layout.params:
-            state = ", ".join(sorted(manifest["state"].get(spec.name, {})))
+            state = ", ".join(sorted(checkpoint.state_schema.get(spec.name, {})))
             rows.append((spec.name, "x".join(map(str, spec.shape)) or "()", spec.dtype, f"{spec.numel:,}",
                          str(group_of.get(spec.name, "-")), state or "-"))
             total += spec.numel

@@ -24,3 +24,13 @@ class NonFiniteError(ShardstepError, FloatingPointError):
 class RunFailedError(ShardstepError):
     """The run stopped: more failures than ``max_failures``, or an error it cannot recover
     from. Its committed checkpoints are intact."""
+
+
+class StartTimeoutError(RunFailedError):
+    """The actors could not all start within ``resources.start_timeout`` (the cluster lacks
+    the resources, or the nodes that have them). Names what they need and what was free."""
+
+
+class UnsuitableClusterError(ShardstepError):
+    """The job asks for something this cluster cannot give (shared memory across nodes):
+    bad input, refused before the run directory is touched."""

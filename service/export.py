@@ -25,7 +25,7 @@ _HISTORY = re.compile(r"(s|y)\.(\d+)")
 
 def export_checkpoint(checkpoint: RunCheckpoint, out: str | os.PathLike) -> None:
     """Write ``checkpoint``'s export to ``out`` (atomically)."""
-    state_keys = {key for entries in checkpoint._manifest["state"].values() for key in entries}
+    state_keys = {key for entries in checkpoint.state_schema.values() for key in entries}
     if not any(key.startswith(LBFGS_PREFIX) for key in state_keys):
         checkpoint.export_file(out)
         return

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import Retention
 from shardstep.workers.optim import Parameter, lr_scheduler
 from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
@@ -58,12 +59,17 @@ from shardstep.workers.training import (
     build_scheduler,
 )
 
-__all__ = ["BACKENDS", "NONFINITE_POLICIES", "TRANSPORTS", "InitSpec", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job",
+__all__ = ["BACKENDS", "NONFINITE_POLICIES", "PLACEMENTS", "TRANSPORTS", "InitSpec", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job",
            "parse_job"]
 
 BACKENDS = ("ray", "inline")
 # how a step's parameters and gradients move between Ray actors (docs/engine.md, "Transports")
 TRANSPORTS = ("auto", "shared_memory", "object_store")
+# Ray's placement-group strategies, for all of a start's actors together (docs/cluster.md, "Placement")
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
+# resources a job names through their own keys (shard_cpus, worker_cpus), never as custom ones
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+DEFAULT_START_TIMEOUT = 300.0
 NONFINITE_POLICIES = ("stop", "skip")
 KEEP_MODES = ("min", "max")
 # the metric every job has: the training loss of a step
@@ -102,6 +108,12 @@ FIELD_KEYS: dict[str, str] = {
     "worker_cpus": "resources.worker_cpus",
     "shard_cpus": "resources.shard_cpus",
     "transport": "resources.transport",
+    "start_timeout": "resources.start_timeout",
+    "placement": "resources.placement",
+    "shard_resources": "resources.shard_resources",
+    "worker_resources": "resources.worker_resources",
+    "shard_labels": "resources.shard_labels",
+    "worker_labels": "resources.worker_labels",
     "checkpoint_every": "checkpoint.every",
     "checkpoint_async": "checkpoint.async",
     "keep_last": "checkpoint.keep_last",
@@ -216,6 +228,36 @@ def _check_text(path: str, value: Any, what: str, *, optional: bool = False) -> 
     if not isinstance(value, str) or not value.strip():
         raise JobSpecError(f"{path} must be {what}; got {_got(value)}")
     return value
+
+
+def _check_resources(path: str, value: Any, actor: str) -> dict[str, float]:
+    """A table of custom Ray resource name -> amount > 0 (``{accelerator = 1}``)."""
+    if not isinstance(value, Mapping):
+        raise JobSpecError(f"{path} must be a table of custom Ray resources, name = amount (e.g. "
+                           f"{{ special_hardware = 1 }}); got {_got(value)}")
+    out = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name:
+            raise JobSpecError(f"{path}: resource names must be non-empty strings; got {_got(name)}")
+        if name in RESERVED_RESOURCES:
+            own = f"resources.{actor}_cpus" if name == "CPU" else "nothing: shardstep's actors do not request it"
+            raise JobSpecError(f"{path}.{name}: {name} is not a custom resource (it is set by {own}); allowed: "
+                               f"any name but {', '.join(RESERVED_RESOURCES)}")
+        out[name] = _check_real(f"{path}.{name}", amount, 0.0, strict=True)
+    return out
+
+
+def _check_labels(path: str, value: Any) -> dict[str, str]:
+    """A table of Ray node label -> selector (``{zone = "us-east-1a"}``, ``"in(a,b)"``, ``"!in(c)"``)."""
+    if not isinstance(value, Mapping):
+        raise JobSpecError(f"{path} must be a table of Ray node labels, name = value or selector (e.g. "
+                           f"{{ zone = \"us-east-1a\" }}); got {_got(value)}")
+    out = {}
+    for name, selector in value.items():
+        if not isinstance(name, str) or not name:
+            raise JobSpecError(f"{path}: label names must be non-empty strings; got {_got(name)}")
+        out[name] = _check_text(f"{path}.{name}", selector, "a label value or a selector such as 'in(a,b)'")
+    return out
 
 
 def _check_bool(path: str, value: Any) -> bool:
@@ -427,6 +469,12 @@ class JobSpec:
     worker_cpus: float = 0.0
     shard_cpus: float = 0.0
     transport: str = "auto"
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    placement: str | None = None
+    shard_resources: dict = dataclasses.field(default_factory=dict)
+    worker_resources: dict = dataclasses.field(default_factory=dict)
+    shard_labels: dict = dataclasses.field(default_factory=dict)
+    worker_labels: dict = dataclasses.field(default_factory=dict)
     checkpoint_every: int | None = None
     checkpoint_async: bool = True
     keep_last: int | None = None
@@ -620,6 +668,28 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     if out["transport"] != "auto" and out["backend"] != "ray":
         raise JobSpecError(f"{key['transport']} chooses how Ray actors exchange data, used only by backend 'ray'; "
                            f"got transport {out['transport']!r} with backend {out['backend']!r}")
+    out["start_timeout"] = _check_real(key["start_timeout"], spec.start_timeout, 0.0, strict=True)
+    out["placement"] = (None if spec.placement is None
+                        else _check_choice(key["placement"], spec.placement, PLACEMENTS))
+    for name in ("shard_resources", "worker_resources"):
+        out[name] = _check_resources(key[name], getattr(spec, name), name.partition("_")[0])
+    for name in ("shard_labels", "worker_labels"):
+        out[name] = _check_labels(key[name], getattr(spec, name))
+    placed = [name for name in ("placement", "shard_resources", "worker_resources", "shard_labels", "worker_labels")
+              if out[name]]
+    if placed and out["backend"] != "ray":
+        raise JobSpecError(f"{key[placed[0]]} places Ray actors, used only by backend 'ray'; got "
+                           f"{placed[0]} = {out[placed[0]]!r} with backend {out['backend']!r}")
+    if placed and out["transport"] == "shared_memory":
+        raise JobSpecError(f"{key['transport']} = 'shared_memory' pins every actor to the coordinator's node, which "
+                           f"{key[placed[0]]} contradicts; use transport 'auto' or 'object_store' to place the actors")
+    if out["placement"] is not None:
+        empty = [kind for kind in ("shard", "worker")
+                 if not out[f"{kind}_cpus"] and not out[f"{kind}_resources"]]
+        if empty:
+            raise JobSpecError(f"{key['placement']} = {out['placement']!r} places one bundle of resources per actor, "
+                               f"but the {empty[0]}s ask for none; set resources.{empty[0]}_cpus > 0 (or "
+                               f"{empty[0]}_resources)")
 
     out["checkpoint_every"] = _check_int(key["checkpoint_every"], spec.checkpoint_every, 1, optional=True)
     out["checkpoint_async"] = _check_bool(key["checkpoint_async"], spec.checkpoint_async)
@@ -677,10 +747,8 @@ def _check_build(spec: JobSpec) -> None:
     """Build what the job builds, on stand-ins where size matters; raise JobSpecError with
     the key that caused a failure."""
     task = _build_task(spec)
-    params = _initial_params(task, spec)
-    dtypes = {name: array.dtype for name, array in params.items()}
-    metrics = _metric_names(task, spec, params)
-    del params  # the stand-ins below are all that is needed from here on
+    dtypes = {param.name: np.dtype(param.dtype) for param in _param_specs(task, spec)}
+    metrics = _metric_names(task, spec)
 
     names = list(dtypes)
     for index, pattern in enumerate(spec.frozen):
@@ -762,34 +830,35 @@ def _build_task(spec: JobSpec) -> Task:
                            f"{type(error).__name__}: {error}") from error
 
 
-def _initial_params(task: Task, spec: JobSpec) -> dict[str, np.ndarray]:
+def _param_specs(task: Task, spec: JobSpec) -> tuple[ParamSpec, ...]:
+    """The task's parameters by name, shape and dtype (``task.param_specs()``: the model
+    itself is built by the shards, never here, unless the task does not know its shapes)."""
     owner = type(task).__name__
     try:
-        params = task.init_params(spec.seed)
+        specs = task.param_specs()
     except Exception as error:
-        raise JobSpecError(f"task {spec.task!r}: {owner}.init_params({spec.seed}) failed: "
+        raise JobSpecError(f"task {spec.task!r}: {owner}.param_specs() failed (by default it calls init_params(0)): "
                            f"{type(error).__name__}: {error}") from error
-    if not isinstance(params, Mapping) or not params:
-        raise JobSpecError(f"task {spec.task!r}: {owner}.init_params must return a non-empty dict of "
-                           f"name -> ndarray; got {params!r:.80}")
-    for name, array in params.items():
-        if (not isinstance(name, str) or not isinstance(array, np.ndarray)
-                or array.dtype not in (np.float32, np.float64)):
-            kind = f"ndarray of dtype {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
-            raise JobSpecError(f"task {spec.task!r}: {owner}.init_params must give str name -> float32/float64 "
-                               f"ndarray; got {name!r} -> {kind}")
-    return dict(params)
+    if not isinstance(specs, (tuple, list)) or not specs or not all(isinstance(s, ParamSpec) for s in specs):
+        raise JobSpecError(f"task {spec.task!r}: {owner}.param_specs() must return a non-empty tuple of "
+                           f"ParamSpec; got {specs!r:.80}")
+    for param in specs:
+        if param.dtype not in ("float32", "float64"):
+            raise JobSpecError(f"task {spec.task!r}: {owner}'s parameters must be float32 or float64; got "
+                               f"{param.name!r} of dtype {param.dtype}")
+    return tuple(specs)
 
 
-def _metric_names(task: Task, spec: JobSpec, params: Mapping[str, np.ndarray]) -> frozenset[str]:
+def _metric_names(task: Task, spec: JobSpec) -> frozenset[str]:
     """The task's evaluation metrics, found by one evaluation of the initial parameters; run
-    only when the spec names a metric other than the training loss."""
+    only when the spec names a metric other than the training loss (the one check that
+    builds the model here)."""
     named = [s.monitor for s in spec.schedulers] + ([spec.keep_metric] if spec.keep_metric else [])
     if all(name == TRAINING_LOSS for name in named):
         return frozenset()
     owner = type(task).__name__
     try:
-        metrics = task.evaluate(params)
+        metrics = task.evaluate(task.init_params(spec.seed))
     except Exception as error:
         raise JobSpecError(f"task {spec.task!r}: {owner}.evaluate of the initial parameters failed "
                            f"(needed to check the metric names): {type(error).__name__}: {error}") from error

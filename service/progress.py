@@ -101,6 +101,11 @@ class Progress:
         self.stream.flush()
         self._width = len(text)
 
+    def event(self, text: str) -> None:
+        """Something the run reports between steps (waiting for resources, a restart): a line
+        of its own, above the live status line."""
+        self._line(f"shardstep: {text}")
+
     def _line(self, text: str) -> None:
         if self.live and self._width:
             self.stream.write("\r" + " " * self._width + "\r")

@@ -54,6 +54,10 @@ class ShardedSpace(VectorSpace):
     def history_len(self) -> int:
         return self._history
 
+    def restore_history(self, length: int) -> None:
+        """After the shards loaded ``length`` history pairs from a checkpoint."""
+        self._history = length
+
     def push_history(self, s: Name, y: Name) -> None:
         self._broadcast("push_history", s, y)
         self._history += 1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shardstep.checkpoints import committed_steps, open_checkpoint
-from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator, Phase
+from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
 from shardstep.service.errors import NonFiniteError, RunFailedError
 from shardstep.service.jobspec import JobSpec, SchedulerSpec
 from shardstep.workers.tasks import make_task
@@ -153,8 +153,8 @@ def test_sharding_is_balanced_to_one_row(tmp_path):
         counts = [np.subtract(*layout.row_range(param.name, s)[::-1]) for s in range(3)]
         assert max(counts) - min(counts) <= 1 and sum(counts) == param.rows
     assert result.steps == STEPS
-    assert coordinator.phase_log == [Phase.STARTING, Phase.RUNNING, Phase.CHECKPOINTING, Phase.RUNNING,
-                                     Phase.FINISHED]
+    assert [state.name for state in coordinator.state_log] == [
+        "Preparing", "Starting", "Running", "Finishing", "Done"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_bit_identical(tmp_path, kin
     box["coordinator"] = coordinator
     result = coordinator.run()
     assert box["killed"] and result.failures == 1
-    assert Phase.RECOVERING in coordinator.phase_log
+    assert "Recovering" in [state.name for state in coordinator.state_log]
     assert [r["step"] for r in result.history] == list(range(1, 12))
     assert_same(result.params, reference)
 
@@ -220,7 +220,7 @@ def test_failures_beyond_max_failures_stop_the_run_with_checkpoints_intact(tmp_p
     box["coordinator"] = coordinator
     with pytest.raises(RunFailedError, match=r"max_failures=0.*intact \(latest: step 4\).*shardstep resume"):
         coordinator.run()
-    assert coordinator.phase is Phase.FAILED
+    assert coordinator.state.name == "Failed"
     root = os.path.join(base.run_dir, CHECKPOINT_DIR)
     assert committed_steps(root) == [4]
     with open_checkpoint(root) as checkpoint:

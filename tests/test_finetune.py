@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from shardstep.checkpoints import committed_steps, open_checkpoint
-from shardstep.service.coordinator import CHECKPOINT_DIR, INIT_FILE, Coordinator, Phase
+from shardstep.service.coordinator import CHECKPOINT_DIR, INIT_FILE, Coordinator
 from shardstep.service.jobspec import InitSpec, JobSpec, JobSpecError, SchedulerSpec, parse_job
 from shardstep.workers.tasks import make_task
 from shardstep.workers.tasks.base import ParamGroupRule
@@ -382,7 +382,7 @@ def test_a_mismatch_is_one_error_before_anything_starts(source, tmp_path, make, 
         assert fragment in str(caught.value), str(caught.value)
     assert coordinator.backend is None and coordinator.shards == []  # no actor was started
     assert os.listdir(run_dir) == ["notes.txt"] and (run_dir / "notes.txt").read_text() == "mine"
-    assert coordinator.phase is Phase.FAILED
+    assert coordinator.state.name == "Failed"
     # and a run directory that did not exist is not created
     fresh = spec.replace(run_dir=str(tmp_path / "fresh"))
     with pytest.raises(ValueError):
@@ -462,6 +462,6 @@ def test_fine_tuning_on_ray_recovers_from_the_source_and_matches_inline(source, 
     coordinator = Coordinator(on_ray, on_step=kill_a_shard)
     box["coordinator"] = coordinator
     result = coordinator.run()
-    assert box["killed"] and result.failures == 1 and Phase.RECOVERING in coordinator.phase_log
+    assert box["killed"] and result.failures == 1 and "Recovering" in [state.name for state in coordinator.state_log]
     assert_same(result.params, reference.params)
     assert result.init == reference.init

@@ -186,6 +186,12 @@ max_failures = 2
 worker_cpus = 1
 shard_cpus = 0.5
 transport = "object_store"
+start_timeout = 120
+placement = "spread"
+shard_resources = { big_memory = 1 }
+worker_resources = { accelerator = 0.5 }
+shard_labels = { zone = "us-east-1a" }
+worker_labels = { "ray.io/market-type" = "!in(spot)" }
 
 [checkpoint]
 every = 25
@@ -214,7 +220,9 @@ def test_a_complete_file_sets_every_field(tmp_path):
         ),
         steps=100, epochs=4, batch_size=32, seed=7, eval_every=20, clip_grad_norm=1.5, nonfinite="skip",
         shards=3, workers=2, backend="ray", address="ray://head:10001", max_failures=2, worker_cpus=1.0,
-        shard_cpus=0.5, transport="object_store", checkpoint_every=25, checkpoint_async=False, keep_last=2, keep_every=50, keep_best=1,
+        shard_cpus=0.5, transport="object_store", start_timeout=120.0, placement="spread",
+        shard_resources={"big_memory": 1.0}, worker_resources={"accelerator": 0.5},
+        shard_labels={"zone": "us-east-1a"}, worker_labels={"ray.io/market-type": "!in(spot)"}, checkpoint_every=25, checkpoint_async=False, keep_last=2, keep_every=50, keep_best=1,
         keep_metric="accuracy", keep_mode="max", run_dir=str(tmp_path / "runs" / "full"),
         frozen=("0.*",),
         init=InitSpec(str(tmp_path / "runs" / "base"), step=50, optimizer_state=True, skip=("4.*",)),

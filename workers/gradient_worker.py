@@ -24,7 +24,7 @@ import numpy as np
 
 from shardstep.checkpoints import ShardLayout
 from shardstep.workers.optim import RowSparseGrad
-from shardstep.workers.runtime import limit_threads
+from shardstep.workers.runtime import limit_threads, node_id
 from shardstep.workers.shard import unpack
 from shardstep.workers.shared_memory import SharedGrad, SharedTransport, whole
 from shardstep.workers.tasks.base import Task, epoch_order
@@ -53,9 +53,9 @@ class GradientWorker:
             self.shared_params = whole(shared.param_arrays(), layout)
             self.grad_region = shared.grad_arrays(rank)
 
-    def ping(self) -> tuple[int, int]:
-        """(rank, process id): proves the actor is up and says where it runs."""
-        return self.rank, os.getpid()
+    def ping(self) -> tuple[int, int, str | None]:
+        """(rank, process id, Ray node id): proves the actor is up and says where it runs."""
+        return self.rank, os.getpid(), node_id()
 
     def gather(self, packed: Sequence[Mapping[str, np.ndarray] | None]) -> dict[str, np.ndarray]:
         """Whole parameters from the shards' packed slices (shard order), or read-only views

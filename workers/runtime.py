@@ -9,3 +9,35 @@ def limit_threads(threads: int) -> None:
     import numba
 
     numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+
+
+def node_id() -> str | None:
+    """The id of the Ray node this process runs on, or None outside Ray (the inline backend
+    runs its actors in the coordinator's process)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # a Ray worker process has imported it; nothing else needs to
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def check_run_dir_visible(run_dir: str, run_id: str | None, who: str) -> None:
+    """Refuse to work on a node that does not see the run directory the coordinator made
+    (checkpoints are written by every shard on its own node): ``job.json`` there must name
+    this run."""
+    import json
+    import os
+    import socket
+
+    path = os.path.join(run_dir, "job.json")  # shardstep.service.run_dir.JOB_FILE
+    try:
+        with open(path) as file:
+            seen = json.load(file).get("run_id")
+    except (OSError, ValueError) as error:
+        seen, why = None, f"cannot read {path} ({type(error).__name__}: {error})"
+    else:
+        why = f"{path} belongs to run {seen!r}, not {run_id!r}"
+    if seen != run_id or seen is None:
+        raise RuntimeError(f"{who} on host {socket.gethostname()} does not see the run directory {run_dir}: {why}. "
+                           f"The run directory must be on storage every node shares, at the same path")

@@ -39,7 +39,7 @@ import numpy as np
 from shardstep.checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, ShardLayout, write_shard
 from shardstep.workers.optim import Parameter, RowSparseGrad, optimizer_class
 from shardstep.workers.optim.algorithms.lbfgs import LocalSlices
-from shardstep.workers.runtime import limit_threads
+from shardstep.workers.runtime import check_run_dir_visible, limit_threads, node_id
 from shardstep.workers.shared_memory import SharedGrad, SharedTransport
 
 
@@ -76,6 +76,29 @@ def unpack(layout: ShardLayout, packed: Sequence[Mapping[str, np.ndarray]]) -> d
     return params
 
 
+def own_rows(task: Any, seed: int, layout: ShardLayout, shard: int, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Shard ``shard``'s 1-D slices of the task's initial parameters for ``seed`` (all but
+    ``skip``): the same bits as slicing the whole model, which exists only here, only
+    while this runs. A parameter that is not what the layout says is an error naming it."""
+    owner = type(task).__name__
+    initial = task.init_params(seed)
+    wanted = {spec.name: spec for spec in layout.params}
+    if not isinstance(initial, Mapping) or set(initial) != set(wanted):
+        got = sorted(initial) if isinstance(initial, Mapping) else type(initial).__name__
+        raise ValueError(f"{owner}.init_params({seed}) gives {got}; its param_specs() name {sorted(wanted)}")
+    rows = {}
+    for name, spec in wanted.items():
+        if name in skip:
+            continue
+        array = initial[name]
+        if not isinstance(array, np.ndarray) or array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
+            raise ValueError(f"{owner}.init_params({seed}) gives {name!r} as {getattr(array, 'dtype', type(array))} "
+                             f"{getattr(array, 'shape', '')}; its param_specs() say {spec.dtype} {spec.shape}")
+        start, stop = layout.slice(name, shard)
+        rows[name] = array.reshape(-1)[start:stop]  # copied into the shard's buffer
+    return rows
+
+
 # state keys of LBFGS's vectors, cut into per-parameter pieces for the checkpoint
 LBFGS_PREFIX = "lbfgs."
 
@@ -90,18 +113,28 @@ class ShardActor:
     params: this shard's 1-D slice of every parameter (copied). state: its optimizer state,
     as :meth:`state_slices` returns it (e.g. from a checkpoint's ``load_shard``), or None.
     checkpoint: a committed checkpoint directory of this run to read both from instead.
+    init: ``{"task": task, "seed": seed}``: a fresh start, where the shard takes its rows of
+    ``task.init_params(seed)`` itself (the coordinator never builds the model).
     source: a fine-tuning run's first start, ``{"checkpoint": directory, "params": [names],
     "state": [names]}``: those parameters (and those parameters' optimizer state) are read
-    from another run's checkpoint, ``params`` gives the rest.
+    from another run's checkpoint, ``params`` or ``init`` give the rest.
     shared: the run's shared-memory regions; the slices then live in the parameter region.
+    run_dir: ``{"run_dir": path, "run_id": id}``: the run directory this shard writes its
+    checkpoint files into, checked to be the coordinator's (storage every node shares).
     """
 
     def __init__(self, shard: int, layout: ShardLayout, optimizer: str, groups: Sequence[Mapping[str, Any]],
                  params: Mapping[str, np.ndarray] | None, state: Mapping[str, Mapping[str, Any]] | None = None,
                  threads: int | None = None, checkpoint: str | None = None,
-                 source: Mapping[str, Any] | None = None, shared: SharedTransport | None = None):
+                 source: Mapping[str, Any] | None = None, shared: SharedTransport | None = None,
+                 init: Mapping[str, Any] | None = None, run_dir: Mapping[str, Any] | None = None):
         if threads is not None:
             limit_threads(threads)
+        if run_dir is not None:
+            check_run_dir_visible(run_dir["run_dir"], run_dir["run_id"], f"shard {shard}")
+        if init is not None:
+            params = own_rows(init["task"], init["seed"], layout, shard,
+                              skip=() if source is None else source["params"])
         if checkpoint is not None:
             # every shard reads its own rows of the committed files (any earlier shard count)
             with RunCheckpoint(checkpoint) as committed:
@@ -169,9 +202,9 @@ class ShardActor:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def ping(self) -> tuple[int, int]:
-        """(shard, process id): proves the actor is up and says where it runs."""
-        return self.shard, os.getpid()
+    def ping(self) -> tuple[int, int, str | None]:
+        """(shard, process id, Ray node id): proves the actor is up and says where it runs."""
+        return self.shard, os.getpid(), node_id()
 
     def get_params(self) -> dict[str, np.ndarray] | None:
         """This shard's packed slices: one flat array per dtype (see :func:`packed_places`);

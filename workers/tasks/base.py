@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.optim.parameter import FLOAT_DTYPES, RowSparseGrad
 
 Grad = np.ndarray | RowSparseGrad
@@ -201,6 +202,15 @@ def shard_bounds(global_size: int, rank: int, world_size: int) -> tuple[int, int
     return global_size * rank // world_size, global_size * (rank + 1) // world_size
 
 
+def declared_for(task: Any, declarer: str, builders: Sequence[str]) -> bool:
+    """Whether the shapes ``task``'s method ``declarer`` declares are those its ``builders``
+    make: the class that declares them must be at least as derived as every class that
+    defines a builder (a subclass that builds the model another way has other parameters)."""
+    def definer(name: str) -> type:
+        return next(cls for cls in type(task).__mro__ if name in vars(cls))
+    return all(issubclass(definer(declarer), definer(name)) for name in builders)
+
+
 # ---------------------------------------------------------------------------------------
 # the interface
 
@@ -248,6 +258,15 @@ class Task(ABC):
         """Metrics of ``params`` on the task's held-out data."""
 
     # -- provided --------------------------------------------------------------------------
+
+    def param_specs(self) -> tuple[ParamSpec, ...]:
+        """Name, shape and dtype of every parameter :meth:`init_params` gives, in its order.
+
+        The coordinator plans the shards from these alone and each shard initializes its own
+        rows, so the coordinator never holds the model. This default builds ``init_params(0)``
+        once to read them; a task with a large model overrides it with the shapes it knows."""
+        return tuple(ParamSpec(name, tuple(array.shape), np.dtype(array.dtype).name)
+                     for name, array in self.init_params(0).items())
 
     def num_batches(self, batch_size: int) -> int:
         """Global batches per epoch: ceil(train_size / batch_size)."""

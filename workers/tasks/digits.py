@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import CrossEntropyLoss, Module
 from shardstep.workers.tasks.base import check_dtype
-from shardstep.workers.tasks.models import ModelTask, check_activation, check_widths, mlp
+from shardstep.workers.tasks.models import ModelTask, check_activation, check_widths, mlp, mlp_specs
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
 IMAGES, PIXELS, CLASSES, MAX_COUNT = 1797, 64, 10, 16
@@ -74,6 +75,9 @@ class DigitsTask(ModelTask):
 
     def _data(self) -> DigitsData:
         return self.cached("data", lambda: load_digits(self.dtype))
+
+    def module_specs(self) -> tuple[ParamSpec, ...]:
+        return mlp_specs(self.sizes, self.dtype)
 
     def build_module(self, rng: np.random.Generator) -> Module:
         return mlp(self.sizes, self.activation, self.dtype, rng)

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import Module, TripletMarginLoss
 from shardstep.workers.tasks.base import Batch, check_dtype, check_int, check_real
 from shardstep.workers.tasks.digits import PIXELS, DigitsData, load_digits
-from shardstep.workers.tasks.models import SAMPLING_STREAM, ModelTask, check_activation, check_widths, mlp
+from shardstep.workers.tasks.models import SAMPLING_STREAM, ModelTask, check_activation, check_widths, mlp, mlp_specs
 
 # held-out images per block of the nearest-neighbour search (bounds its memory)
 _SEARCH_BLOCK = 512
@@ -69,6 +70,9 @@ class DigitsTripletTask(ModelTask):
 
     def _data(self) -> DigitsData:
         return self.cached("data", lambda: load_digits(self.dtype))
+
+    def module_specs(self) -> tuple[ParamSpec, ...]:
+        return mlp_specs((PIXELS, *self.hidden, self.dim), self.dtype)
 
     def build_module(self, rng: np.random.Generator) -> Module:
         return mlp((PIXELS, *self.hidden, self.dim), self.activation, self.dtype, rng)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import Linear, MSELoss
 from shardstep.workers.tasks.base import check_dtype, check_int, check_real
 from shardstep.workers.tasks.models import DATA_STREAM, ModelTask
@@ -70,6 +71,10 @@ class LeastSquaresTask(ModelTask):
         """The exact minimizer (float64): ``{"weight": (1, cols), "bias": (1,)}``."""
         _, weight, bias = self.cached("data", self._make)
         return {"weight": weight[None, :].copy(), "bias": bias.copy()}
+
+    def module_specs(self) -> tuple[ParamSpec, ...]:
+        dtype = np.dtype(self.dtype).name
+        return ParamSpec("weight", (1, self.cols), dtype), ParamSpec("bias", (1,), dtype)
 
     def build_module(self, rng: np.random.Generator) -> Linear:
         return Linear(self.cols, 1, bias=True, dtype=self.dtype, rng=rng)

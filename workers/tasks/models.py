@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import GELU, Linear, Module, ReLU, Sequential, Tanh
 from shardstep.workers.nn.losses import Loss
 from shardstep.workers.optim.parameter import RowSparseGrad
-from shardstep.workers.tasks.base import Batch, Task, check_int, check_params
+from shardstep.workers.tasks.base import Batch, Task, check_int, check_params, declared_for
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "gelu": GELU}
 
@@ -49,6 +50,16 @@ def mlp(sizes: Sequence[int], activation: str, dtype: np.dtype, rng: np.random.G
             layers.append(ACTIVATIONS[activation]())
         layers.append(Linear(fan_in, fan_out, bias=True, dtype=dtype, rng=rng))
     return Sequential(*layers)
+
+
+def mlp_specs(sizes: Sequence[int], dtype: np.dtype) -> tuple[ParamSpec, ...]:
+    """The parameters :func:`mlp` makes, without making them."""
+    specs = []
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        layer = 2 * index  # an activation sits between two Linear layers
+        specs += [ParamSpec(f"{layer}.weight", (fan_out, fan_in), np.dtype(dtype).name),
+                  ParamSpec(f"{layer}.bias", (fan_out,), np.dtype(dtype).name)]
+    return tuple(specs)
 
 
 def mlp_param_count(sizes: Sequence[int]) -> int:
@@ -133,6 +144,16 @@ class ModelTask(Task):
     def make_criterion(self) -> Loss:
         """The loss module, with ``reduction="sum"``."""
         raise NotImplementedError(f"{type(self).__name__} must implement make_criterion or loss_and_grad")
+
+    def module_specs(self) -> tuple[ParamSpec, ...] | None:
+        """The parameters :meth:`build_module` makes, without making them; None: not known."""
+        return None
+
+    def param_specs(self) -> tuple[ParamSpec, ...]:
+        specs = self.module_specs()
+        if specs is not None and declared_for(self, "module_specs", ("build_module", "init_params")):
+            return specs
+        return super().param_specs()
 
     def _build(self, seed: int) -> BoundModule:
         rng = np.random.default_rng([seed, 0, INIT_STREAM])

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import Embedding, MSELoss
-from shardstep.workers.tasks.base import Batch, Task, check_dtype, check_int, check_real
+from shardstep.workers.tasks.base import Batch, Task, check_dtype, check_int, check_real, declared_for
 from shardstep.workers.tasks.models import DATA_STREAM, INIT_STREAM, BoundModule, check_bound
 
 GLOBAL_MEAN, BIAS_STD = 3.5, 0.5
@@ -106,10 +107,19 @@ class RatingsTask(Task):
         return self.cached("data", lambda: make_ratings(self.users, self.items, self.rank, self.density,
                                                         self.noise, self.data_seed, self.dtype))
 
+    def _table_sizes(self) -> dict[str, tuple[int, int]]:
+        return {"user": (self.users, self.dim), "item": (self.items, self.dim),
+                "user_bias": (self.users, 1), "item_bias": (self.items, 1)}
+
+    def param_specs(self) -> tuple[ParamSpec, ...]:
+        if not declared_for(self, "param_specs", ("init_params",)):
+            return super().param_specs()
+        dtype = np.dtype(self.dtype).name
+        return tuple(ParamSpec(f"{table}.weight", shape, dtype) for table, shape in self._table_sizes().items())
+
     def _tables(self) -> dict[str, BoundModule]:
         def build():
-            sizes = {"user": (self.users, self.dim), "item": (self.items, self.dim),
-                     "user_bias": (self.users, 1), "item_bias": (self.items, 1)}
+            sizes = self._table_sizes()
             return {table: BoundModule(Embedding(rows, width, sparse=True, dtype=self.dtype,
                                                  rng=np.random.default_rng(0)),
                                        self.name, prefix=f"{table}.", sparse=True)

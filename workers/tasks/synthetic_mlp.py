@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import CrossEntropyLoss, Module
 from shardstep.workers.tasks.base import check_dtype, check_int
-from shardstep.workers.tasks.models import DATA_STREAM, ModelTask, check_activation, mlp, mlp_param_count
+from shardstep.workers.tasks.models import DATA_STREAM, ModelTask, check_activation, mlp, mlp_param_count, mlp_specs
 
 
 def width_for(params: int, depth: int, inputs: int, classes: int) -> int:
@@ -98,6 +99,9 @@ class SyntheticMLPTask(ModelTask):
 
     def _data(self) -> TeacherData:
         return self.cached("data", self._make)
+
+    def module_specs(self) -> tuple[ParamSpec, ...]:
+        return mlp_specs(self.sizes, self.dtype)
 
     def build_module(self, rng: np.random.Generator) -> Module:
         return mlp(self.sizes, self.activation, self.dtype, rng)

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -692,7 +692,7 @@ class LBFGSDriver:
     def _dot(self, a, b):
         return self.dt(combine_sum(self.space.partial_gram([a], [b]))[0, 0])
 
-    def _history_names(self, m: int) -> list:
+    def history_names(self, m: int) -> list:
         return [("s", i) for i in range(m)] + [("y", i) for i in range(m)]
 
     # -- the direction --------------------------------------------------------------------
@@ -702,7 +702,7 @@ class LBFGSDriver:
         space, m = self.space, self.space.history_len()
         space.sub("y", "g", "prev_g")
         space.scale("s", "d", self.t)
-        hist = self._history_names(m)
+        hist = self.history_names(m)
         # rows s, y, g against columns s_0..s_{m-1}, y_0..y_{m-1}, s, y, g
         batch = combine_sum(space.partial_gram(["s", "y", "g"], [*hist, "s", "y", "g"]))
         ns, ny, ng = 2 * m, 2 * m + 1, 2 * m + 2
@@ -763,7 +763,7 @@ class LBFGSDriver:
             self.al.append(None)
         for i in range(m):
             self.al[i] = self.dt(al[i])
-        space.combine("d", [*self._history_names(m), "g"], c)
+        space.combine("d", [*self.history_names(m), "g"], c)
         return self.dt(gtd)
 
     # -- evaluation -----------------------------------------------------------------------
@@ -973,9 +973,39 @@ class LBFGSDriver:
         self.h_diag = _as_scalar(state["H_diag"])
         self.t = _as_scalar(state["t"])
         self.prev_loss = state["prev_loss"]
-        hist = self._history_names(space.history_len())
-        if hist:
-            self.hist_gram = combine_sum(space.partial_gram(hist, hist))
+        self.rebuild_gram()
+
+    def rebuild_gram(self) -> None:
+        """The history's Gram matrix from the history vectors in the space: one batched
+        reduction (the matrix is never saved)."""
+        hist = self.history_names(self.space.history_len())
+        self.hist_gram = combine_sum(self.space.partial_gram(hist, hist)) if hist else np.zeros((0, 0))
+
+    def scalar_state(self) -> dict[str, Any]:
+        """Every scalar of the driver as plain values (the sharded checkpoint keeps them in
+        its coordinator record; the vectors are in the shards' files), with the history's
+        length, which a space whose vectors live elsewhere needs back on load."""
+        def plain(value: Any) -> Any:
+            return None if value is None else (float(value) if isinstance(value, (np.generic, float)) else value)
+        return {
+            "func_evals": self.func_evals, "n_iter": self.n_iter, "started": self.started,
+            "t": plain(self.t), "ro": [plain(r) for r in self.ro], "h_diag": plain(self.h_diag),
+            "prev_loss": self.prev_loss, "al": None if self.al is None else [plain(a) for a in self.al],
+            "history": self.space.history_len(),
+        }
+
+    def load_scalar_state(self, state: Mapping[str, Any]) -> None:
+        """Load :meth:`scalar_state`'s values, cast back to the space's dtype (the space must
+        already hold the vectors and ``state["history"]`` history pairs)."""
+        def cast(value: Any) -> Any:
+            return None if value is None else self.dt(value)
+        self.func_evals, self.n_iter, self.started = state["func_evals"], state["n_iter"], state["started"]
+        self.t = cast(state["t"])
+        self.ro = [cast(r) for r in state["ro"]]
+        # torch's initial H_diag is the integer 1, kept as such until the first pair
+        self.h_diag = state["h_diag"] if isinstance(state["h_diag"], int) else cast(state["h_diag"])
+        self.prev_loss = state["prev_loss"]
+        self.al = None if state["al"] is None else [cast(a) for a in state["al"]]
 
 
 def _as_array(value):
