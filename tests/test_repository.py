@@ -125,9 +125,8 @@ def test_packaging_lists_every_package_folder_under_the_namespace():
 def test_the_built_wheel_installs_only_the_shardstep_namespace(tmp_path):
     """The distribution a user installs: every module under shardstep/, the tasks' data
     beside them, nothing at the top level that another distribution could own."""
-    import zipfile
-
     import shutil
+    import zipfile
 
     # from a copy of what the build reads: a build/ folder left in the checkout must not count
     source = tmp_path / "source"

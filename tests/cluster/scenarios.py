@@ -30,10 +30,9 @@ import threading
 import time
 from pathlib import Path
 
-from tests.cluster import SimulatedCluster, wait_for  # first: sets Ray's loopback variable
-
-from shardstep.service.coordinator import Coordinator  # noqa: E402
-from shardstep.service.jobspec import JobSpec  # noqa: E402
+from shardstep.service.coordinator import Coordinator
+from shardstep.service.jobspec import JobSpec
+from tests.cluster import SimulatedCluster, wait_for  # sets Ray's loopback variable (shardstep imports no ray)
 
 STEPS = 12
 CHECKPOINT_EVERY = 4
