@@ -37,11 +37,12 @@ def user_placement(spec: Any) -> bool:
                 or spec.worker_labels)
 
 
-def choose_transport(spec: Any, backend: Any) -> str:
+def choose_transport(spec: Any, backend: Any, first: bool = False) -> str:
     """How this (re)start's actors exchange parameters and gradients: ``inline`` (no
     actors), ``shared_memory`` (every actor pinned to the coordinator's node) or
-    ``object_store``. An explicit ``shared_memory`` the cluster cannot give is an
-    :class:`UnsuitableClusterError` (checked before the run directory is touched)."""
+    ``object_store``. An explicit ``shared_memory`` the cluster cannot give at the ``first``
+    start is an :class:`UnsuitableClusterError` (checked before the run directory is
+    touched)."""
     if backend.name != "ray":
         return "inline"
     wanted = spec.transport
@@ -54,6 +55,12 @@ def choose_transport(spec: Any, backend: Any) -> str:
                    "actors" if backend.client else "this platform has no memfd_create and /proc")
             raise UnsuitableClusterError(f"resources.transport = 'shared_memory' needs every actor on the "
                                          f"coordinator's node, but {why}; use 'auto' or 'object_store'")
+        if first and not backend.on_one_node():
+            raise UnsuitableClusterError(
+                f"resources.transport = 'shared_memory' needs every actor on the coordinator's node, but the Ray "
+                f"cluster has {backend.node_count()} nodes, where actors may be placed anywhere; use 'auto' (shared "
+                f"memory when the cluster is one node) or 'object_store'")
+        # at a restart the actors are pinned to this node, whatever joined the cluster since
         return wanted
     return "shared_memory" if possible and not user_placement(spec) and backend.on_one_node() else "object_store"
 

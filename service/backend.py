@@ -166,7 +166,7 @@ class RayBackend:
         # through Ray Client the coordinator's calls run on the cluster, not on this machine
         self.client = (target or "").startswith("ray://")
         if ray.is_initialized():
-            self.description = f"the Ray cluster at {ray.get_runtime_context().gcs_address} (joined before the run)"
+            self.description = f"the Ray cluster at {self._gcs_address()} (joined before the run)"
         else:
             options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True,
                                        "configure_logging": True}
@@ -181,10 +181,8 @@ class RayBackend:
 
                 ray_constants.ENABLE_RAY_CLUSTER = False
                 options.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
-                self.description = "a new local Ray instance"
             else:
                 options["address"] = target
-                self.description = f"the Ray cluster at {target}"
             # Ray's init replaces the SIGTERM handler with one that exits at once; the caller's
             # (shardstep's own: stop like Ctrl-C) is put back
             previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -197,9 +195,20 @@ class RayBackend:
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)
             self.started_here = True
+            # what the summary names: where this process actually is now, not what was asked
+            if target is None:
+                self.description = f"a new local Ray instance ({self._gcs_address()})"
+            else:
+                self.description = f"the Ray cluster at {target}"
         self._classes: dict[type, Any] = {}
 
     # -- the cluster -------------------------------------------------------------------------
+
+    def _gcs_address(self) -> str:
+        try:
+            return self.ray.get_runtime_context().gcs_address
+        except Exception:  # Ray Client: the cluster's address is the one it was given
+            return os.environ.get("RAY_ADDRESS", "?")
 
     def _alive_nodes(self) -> list[dict[str, Any]]:
         try:
@@ -213,6 +222,9 @@ class RayBackend:
             return False
         nodes = self._alive_nodes()
         return len(nodes) == 1 and nodes[0].get("NodeID") == self.this_node()
+
+    def node_count(self) -> int:
+        return len(self._alive_nodes())
 
     def this_node(self) -> str | None:
         return None if self.client else self.ray.get_runtime_context().get_node_id()

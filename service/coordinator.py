@@ -379,7 +379,7 @@ class Coordinator:
         # Ray first: a job the cluster cannot run (shared memory across nodes) is refused
         # before the run directory is touched
         self.backend = make_backend(spec.backend, spec.address)
-        choose_transport(spec, self.backend)
+        choose_transport(spec, self.backend, first=True)
         self.run_id = run_files.open_run_dir(self.run_dir, spec.to_dict(), self.init_record)
         self.store = CheckpointStore(self.run_dir / CHECKPOINT_DIR, run_id=self.run_id, retention=spec.retention())
         return Starting()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,3 +140,65 @@ def test_a_killed_coordinator_resumes_bit_identical(tmp_path, ray_address):
     assert "(actors exchanged data through shared memory)" in resumed.stdout  # one node: auto
     assert committed_steps(root)[-1] == steps
     assert_same(final_params(tmp_path / "run"), digits_reference(steps))
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_local_mode_starts_its_own_ray_whatever_else_runs_on_the_machine(tmp_path):
+    """Another Ray cluster was started on this machine with `ray start` (it is the one a plain
+    ray.init() would join): a job with no address still runs on a private instance of its own,
+    says so, and leaves the other cluster as it was."""
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's unix sockets live in it
+    names = ("port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port")
+    ports = dict(zip(names, _free_ports(len(names))))
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_TMPDIR=temp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    address_file = Path(temp) / "ray" / "ray_current_cluster"  # where ray.init() looks, with RAY_TMPDIR
+    other = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                              "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--num-cpus=1",
+                              f"--temp-dir={Path(temp) / 'ray'}", "--disable-usage-stats",
+                              *[f"--{name}={port}" for name, port in ports.items()]],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not address_file.exists():
+            assert other.poll() is None, "ray start exited"
+            assert time.monotonic() < deadline, "the other cluster did not come up within 90 s"
+            time.sleep(0.2)
+        joined = address_file.read_text().strip()
+        assert joined == f"127.0.0.1:{ports['port']}"
+        job = write_job(tmp_path, steps=10, backend="ray")
+        done = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job), "--quiet"],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        summary = re.search(r"^done: 10 steps \(epoch 0\) in [0-9.]+ s on a new local Ray instance \(([0-9.:]+)\) "
+                            r"\(actors exchanged data through shared memory\)", done.stdout, re.MULTILINE)
+        assert summary, done.stdout
+        assert summary.group(1) != joined  # where it ran, as Ray's own runtime context says
+
+        assert other.poll() is None and address_file.read_text().strip() == joined
+        assert_same(final_params(tmp_path / "run"), digits_reference(10))
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(other.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                other.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(temp, ignore_errors=True)

@@ -74,6 +74,11 @@ def test_a_cluster_too_small_says_what_it_waits_for_then_fails_and_sigterm_stops
     assert "Traceback" not in stopped["stderr"] and "SIGTERM" not in stopped["stderr"]
     for outcome in (timed_out, stopped):
         assert outcome["alive_actors"] == []
+    shared = report["shared"]
+    assert shared == {"code": 2, "created": False, "stderr": (
+        "shardstep run: error: resources.transport = 'shared_memory' needs every actor on the coordinator's node, "
+        "but the Ray cluster has 2 nodes, where actors may be placed anywhere; use 'auto' (shared memory when the "
+        "cluster is one node) or 'object_store'\n")}, shared
 
 
 def test_a_node_that_joins_later_never_breaks_the_run(tmp_path):

@@ -147,6 +147,14 @@ def too_small(args: argparse.Namespace) -> dict:
             actors = cluster._cluster.global_state.actor_table(None)
             outcome[mode] = {"code": process.returncode, "stdout": out, "stderr": err,
                              "alive_actors": [a for a in actors.values() if a["State"] != "DEAD"]}
+        # shared memory on a cluster of two nodes (the head and one more): refused before the
+        # run directory is written
+        run_dir = f"{args.run_dir}-shared"
+        job.write_text(f'run_dir = "{run_dir}"\n[task]\nname = "digits"\n[optimizer]\nname = "adam"\n'
+                       f'[training]\nsteps = 5\n[resources]\ntransport = "shared_memory"\n')
+        done = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        outcome["shared"] = {"code": done.returncode, "stderr": done.stderr, "created": os.path.exists(run_dir)}
     return outcome
 
 
