@@ -340,3 +340,24 @@ def test_sharded_lbfgs_exports_torch_layout_state(tmp_path):
             assert np.allclose(got, ref, rtol=1e-6, atol=1e-12), key
     assert exported["param_groups"][0]["params"] == expected["param_groups"][0]["params"] == [0, 1]
     assert exported["param_groups"][0]["history_size"] == 3
+
+
+# ---------------------------------------------------------------------------------------
+# the driver's memory
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
+def test_the_driver_never_holds_the_model(transport):
+    """A 20M-parameter (80 MB) run: the coordinator's peak private memory stays below 0.1 x the
+    model's bytes above the same process idle (benchmarks/driver_memory.py; its own Ray)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "benchmarks/driver_memory.py", "--params", "20000000", "--transport",
+                           transport], capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["transport"] == transport and measured["model_bytes"] > 79_000_000
+    assert measured["peak_above_idle"] < 0.1 * measured["model_bytes"], measured
