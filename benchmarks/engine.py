@@ -342,16 +342,17 @@ def idle_shard_memory(actors: int = 3) -> dict[str, int]:
 
     from shardstep.checkpoints import ShardLayout
     from shardstep.checkpoints.layout import ParamSpec
-    from shardstep.service.backend import RayBackend
+    from shardstep.service.backend import ActorSpec, Placement, RayBackend
     from shardstep.workers.shard import ShardActor
 
     backend = RayBackend()
     layout = ShardLayout((ParamSpec("weight", (16,), "float32"),), 1)
+    spec = ActorSpec(ShardActor, (0, layout, "adam", [{"params": ["weight"]}], {"weight": np.zeros(16, np.float32)}),
+                     {"threads": 1}, Placement(), "idle shard")
     readings = []
     for _ in range(actors):
-        actor = backend.start(ShardActor, (0, layout, "adam", [{"params": ["weight"]}],
-                                           {"weight": np.zeros(16, np.float32)}), {"threads": 1}, 0.0, "idle shard")
-        _, pid = backend.get([backend.call(actor, "ping")])[0]
+        (actor,), _ = backend.start_all([spec], strategy=None, pin=None, avoid=frozenset())
+        _, pid, _ = backend.get([backend.call(actor, "ping")])[0]
         readings.append(process_memory(pid))
         backend.kill(actor)
     return {key: int(statistics.median(r[key] for r in readings)) for key in STATUS_FIELDS}
@@ -372,7 +373,7 @@ def measure_memory(mode: dict) -> dict:
                 backend = coordinator.backend
                 # calls to an actor run in order: the ping answers after the step's apply
                 answers = backend.get([backend.call(s, "ping") for s in coordinator.shards])
-                for shard, pid in answers:
+                for shard, pid, _ in answers:
                     elements = sum(stop - start for start, stop in coordinator.layout.slices(shard).values())
                     readings.append({"step": record["step"], "shard": shard, "elements": elements,
                                      **process_memory(pid)})

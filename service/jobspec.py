@@ -38,7 +38,7 @@ import math
 import numbers
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,34 +230,33 @@ def _check_text(path: str, value: Any, what: str, *, optional: bool = False) -> 
     return value
 
 
+def _check_named_table(path: str, value: Any, form: str, what: str, check: Callable[[str, Any], Any]) -> dict:
+    """A table of non-empty string names, each value checked by ``check(name, value)``."""
+    if not isinstance(value, Mapping):
+        raise JobSpecError(f"{path} must be a table of {form}; got {_got(value)}")
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise JobSpecError(f"{path}: {what} names must be non-empty strings; got {_got(name)}")
+    return {name: check(name, item) for name, item in value.items()}
+
+
 def _check_resources(path: str, value: Any, actor: str) -> dict[str, float]:
     """A table of custom Ray resource name -> amount > 0 (``{accelerator = 1}``)."""
-    if not isinstance(value, Mapping):
-        raise JobSpecError(f"{path} must be a table of custom Ray resources, name = amount (e.g. "
-                           f"{{ special_hardware = 1 }}); got {_got(value)}")
-    out = {}
-    for name, amount in value.items():
-        if not isinstance(name, str) or not name:
-            raise JobSpecError(f"{path}: resource names must be non-empty strings; got {_got(name)}")
+    def amount(name: str, item: Any) -> float:
         if name in RESERVED_RESOURCES:
             own = f"resources.{actor}_cpus" if name == "CPU" else "nothing: shardstep's actors do not request it"
             raise JobSpecError(f"{path}.{name}: {name} is not a custom resource (it is set by {own}); allowed: "
                                f"any name but {', '.join(RESERVED_RESOURCES)}")
-        out[name] = _check_real(f"{path}.{name}", amount, 0.0, strict=True)
-    return out
+        return _check_real(f"{path}.{name}", item, 0.0, strict=True)
+    return _check_named_table(path, value, "custom Ray resources, name = amount (e.g. { special_hardware = 1 })",
+                              "resource", amount)
 
 
 def _check_labels(path: str, value: Any) -> dict[str, str]:
     """A table of Ray node label -> selector (``{zone = "us-east-1a"}``, ``"in(a,b)"``, ``"!in(c)"``)."""
-    if not isinstance(value, Mapping):
-        raise JobSpecError(f"{path} must be a table of Ray node labels, name = value or selector (e.g. "
-                           f"{{ zone = \"us-east-1a\" }}); got {_got(value)}")
-    out = {}
-    for name, selector in value.items():
-        if not isinstance(name, str) or not name:
-            raise JobSpecError(f"{path}: label names must be non-empty strings; got {_got(name)}")
-        out[name] = _check_text(f"{path}.{name}", selector, "a label value or a selector such as 'in(a,b)'")
-    return out
+    return _check_named_table(path, value, 'Ray node labels, name = value or selector (e.g. { zone = "us-east-1a" })',
+                              "label", lambda name, item: _check_text(f"{path}.{name}", item, "a label value or a "
+                                                                      "selector such as 'in(a,b)'"))
 
 
 def _check_bool(path: str, value: Any) -> bool:

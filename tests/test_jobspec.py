@@ -349,6 +349,31 @@ BAD_INPUTS = [
      ["resources.transport must be one of 'auto', 'shared_memory', 'object_store'; got 'shm'"]),
     ("transport without ray", with_("resources", backend="inline", transport="shared_memory"),
      ["resources.transport chooses how Ray actors exchange data, used only by backend 'ray'", "backend 'inline'"]),
+    ("start timeout", with_("resources", start_timeout=0),
+     ["resources.start_timeout must be a finite number > 0; got 0"]),
+    ("placement", with_("resources", placement="spready", shard_cpus=1, worker_cpus=1),
+     ["resources.placement must be one of 'pack', 'spread', 'strict_pack', 'strict_spread'; got 'spready' "
+      "(did you mean 'spread'?)"]),
+    ("placement without resources", with_("resources", placement="spread"),
+     ["resources.placement = 'spread' places one bundle of resources per actor, but the shards ask for none; set "
+      "resources.shard_cpus > 0 (or shard_resources)"]),
+    ("placement with shared memory", with_("resources", placement="pack", shard_cpus=1, worker_cpus=1,
+                                           transport="shared_memory"),
+     ["resources.transport = 'shared_memory' pins every actor to the coordinator's node, which resources.placement "
+      "contradicts; use transport 'auto' or 'object_store' to place the actors"]),
+    ("reserved resource", with_("resources", shard_resources={"CPU": 1}),
+     ["resources.shard_resources.CPU: CPU is not a custom resource (it is set by resources.shard_cpus); allowed: "
+      "any name but CPU, GPU, memory, object_store_memory"]),
+    ("zero resource", with_("resources", worker_resources={"accelerator": 0}),
+     ["resources.worker_resources.accelerator must be a finite number > 0; got 0"]),
+    ("labels not a table", with_("resources", shard_labels=5),
+     ["resources.shard_labels must be a table of Ray node labels, name = value or selector (e.g. { zone = "
+      "\"us-east-1a\" }); got 5 (integer)"]),
+    ("label value", with_("resources", worker_labels={"zone": 3}),
+     ["resources.worker_labels.zone must be a label value or a selector such as 'in(a,b)'; got 3 (integer)"]),
+    ("labels without ray", with_("resources", backend="inline", shard_labels={"zone": "a"}),
+     ["resources.shard_labels places Ray actors, used only by backend 'ray'; got shard_labels = {'zone': 'a'} "
+      "with backend 'inline'"]),
     ("address without ray", with_("resources", backend="inline", address="auto"),
      ["resources.address is a Ray cluster address, used only by backend 'ray'", "backend 'inline'"]),
     ("checkpoint every", with_("checkpoint", every=0), ["checkpoint.every must be an integer >= 1; got 0"]),
