@@ -191,6 +191,16 @@ class RayBackend:
             except Exception as error:
                 raise ActorLostError(f"cannot start or reach Ray at {target or 'a new local instance'}: "
                                      f"{error}") from error
+            except SystemExit as exit:
+                # SIGTERM while Ray's own handler was in place: stop what init started and
+                # end like Ctrl-C
+                if exit.code != signal.SIGTERM:
+                    raise
+                ray.shutdown()
+                raise KeyboardInterrupt from None
+            except KeyboardInterrupt:
+                ray.shutdown()
+                raise
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)
@@ -345,7 +355,7 @@ class RayBackend:
         except exceptions.RayTaskError as error:
             cause = error.cause if getattr(error, "cause", None) is not None else error
             if isinstance(cause, (exceptions.RayActorError, exceptions.ObjectLostError)):
-                raise ActorLostError(f"an actor was lost: {cause}") from error
+                raise ActorLostError(lost_actor_message(cause)) from error
             raise ActorCallError(str(cause)) from error
         except exceptions.RayActorError as error:
             if error.actor_init_failed:
@@ -353,10 +363,10 @@ class RayBackend:
                 # Ray's message ends with the original exception's line
                 lines = [line.strip() for line in str(error).splitlines() if line.strip()]
                 raise ActorCallError(f"an actor failed to start: {lines[-1] if lines else error}") from error
-            raise ActorLostError(f"an actor was lost: {type(error).__name__}: {error}") from error
+            raise ActorLostError(lost_actor_message(error)) from error
         except (exceptions.ObjectLostError, exceptions.WorkerCrashedError, exceptions.OwnerDiedError,
                 exceptions.NodeDiedError) as error:
-            raise ActorLostError(f"an actor was lost: {type(error).__name__}: {error}") from error
+            raise ActorLostError(lost_actor_message(error)) from error
 
     def kill(self, actor: Any) -> None:
         try:
@@ -368,6 +378,28 @@ class RayBackend:
         if self.started_here:
             self.ray.shutdown()
             self.started_here = False
+
+
+def lost_actor_message(error: BaseException) -> str:
+    """One line that says which actor was lost, where and why, then Ray's own text. Ray's
+    message starts with a generic sentence and the actor's fields (class_name, pid, ip, one
+    per line) before the reason."""
+    text = str(error).strip()
+    fields, reason = {}, None
+    for line in text.splitlines()[1:]:
+        key, colon, value = line.strip().partition(": ")
+        if line.startswith("\t") and colon and key in ("class_name", "pid", "ip"):
+            fields[key] = value.strip()
+        elif line.strip() and reason is None and not line.startswith("\t"):
+            reason = line.strip()
+    if not fields:
+        first = text.splitlines()[0] if text else ""
+        return f"an actor was lost: {type(error).__name__}: {first}" + (f"\n{text}" if "\n" in text else "")
+    who = fields.get("class_name", "an actor")
+    where = ", ".join(part for part in (f"pid {fields['pid']}" if "pid" in fields else "",
+                                        f"node {fields['ip']}" if "ip" in fields else "") if part)
+    summary = f"an actor was lost: {who}" + (f" ({where})" if where else "") + (f": {reason}" if reason else "")
+    return f"{summary}\n{text}"
 
 
 def make_backend(name: str, address: str | None = None) -> InlineBackend | RayBackend:

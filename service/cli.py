@@ -12,7 +12,9 @@ Exit codes: 0 done; 1 the run failed (an actor error, more failures than max_fai
 non-finite loss); 2 bad input (a job file that does not validate, a directory that is not a
 run, no checkpoint to resume, a cluster that cannot be reached or has no such job). A
 submitted job that was watched to its end gives 0 when it succeeded, 1 when it failed or was
-stopped. Errors are one message on stderr, never a traceback.
+stopped. Errors are one message on stderr, never a traceback; an exception from the job's
+own code (a task, a schedule function) or from shardstep itself is exit code 1 with its one
+line first and its traceback after it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except ShardstepError as error:
         print(f"shardstep {args.command}: the run failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as error:  # the job's own code (a task, a schedule function) or a bug: the line that
+        # matters first, the traceback after it
+        import traceback
+
+        print(f"shardstep {args.command}: the run failed: {type(error).__name__}: {error}\n"
+              + "".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as interruption:
         run_dir = getattr(interruption, "run_dir", "RUN_DIR")
@@ -176,8 +185,8 @@ def _resume(args: argparse.Namespace) -> int:
                          f"`shardstep run JOB.toml`")
     try:
         saved = json.loads(job_path.read_text())["job"]
-    except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"{job_path} is unreadable or damaged: {error}") from error
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        raise UsageError(f"{job_path} is unreadable or damaged: {type(error).__name__}: {error}") from None
     spec = JobSpec.from_dict(saved)
     changes = {"run_dir": str(run_dir.resolve()), **_overrides(args)}
     return _train(spec.replace(**changes), args.quiet)
@@ -187,7 +196,13 @@ def _train(spec: Any, quiet: bool) -> int:
     from shardstep.checkpoints import latest_step
     from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
 
+    from shardstep.service.run_dir import check_saved_job
+
     start = time.perf_counter()
+    try:
+        check_saved_job(Path(spec.run_dir), spec.to_dict())
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     resumed = latest_step(Path(spec.run_dir) / CHECKPOINT_DIR)
     total = spec.steps
     if not quiet:
@@ -310,7 +325,10 @@ def _export(args: argparse.Namespace) -> int:
     from shardstep.service.export import export_checkpoint
 
     with _checkpoint_of(run_dir, args.step) as checkpoint:
-        export_checkpoint(checkpoint, out)
+        try:
+            export_checkpoint(checkpoint, out)
+        except OSError as error:
+            raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
         step = checkpoint.step
     print(f"wrote {out} ({out.stat().st_size:,} bytes): parameters and optimizer state_dict of step {step}; "
           f"load with checkpoints.load({str(out)!r})")

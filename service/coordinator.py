@@ -50,7 +50,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from shardstep.checkpoints import CheckpointStore, ShardLayout, committed_steps, latest_step, open_checkpoint
+from shardstep.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    ShardLayout,
+    committed_steps,
+    latest_step,
+    open_checkpoint,
+)
 from shardstep.checkpoints.run import PendingCheckpoint
 from shardstep.service import run_dir as run_files
 from shardstep.service.actors import ActorGroup, StartPlan, choose_transport
@@ -215,6 +222,7 @@ class Progress:
     last_checkpoint: int | None = None   # staged (maybe not yet committed)
     committed: int | None = None         # the latest committed
     stop_requested: bool = False
+    skipped_in_a_row: int = 0            # steps skipped for non-finite values since the last update
 
 
 @dataclass(frozen=True)
@@ -282,6 +290,7 @@ class Coordinator:
         self.on_event = on_event
         self.run_dir = Path(spec.run_dir)
         self.run_id: str | None = None
+        self.directory: run_files.RunDirectory | None = None
         self.state: State = Preparing()
         self.state_log: list[State] = [self.state]
         self.failures = 0
@@ -357,6 +366,8 @@ class Coordinator:
                 self.store.close()
             if self.backend is not None:
                 self.backend.shutdown()
+            if self.directory is not None:
+                self.directory.close()
         if isinstance(state, Failed):
             raise state.error
         return state.result
@@ -376,11 +387,22 @@ class Coordinator:
     def _preparing(self, state: Preparing) -> State:
         spec = self.spec
         self._plan_init()
+        job = spec.to_dict()
+        trained = run_files.trained_position(self.run_dir)
+        run_files.check_saved_job(self.run_dir, job)  # a different job is refused before Ray starts
+        if trained is not None:  # and a checkpoint whose position this job cannot continue
+            with open_checkpoint(self.run_dir / CHECKPOINT_DIR, trained[0]) as checkpoint:
+                self._checked_record(checkpoint.step, checkpoint.extra)
         # Ray first: a job the cluster cannot run (shared memory across nodes) is refused
         # before the run directory is touched
         self.backend = make_backend(spec.backend, spec.address)
         choose_transport(spec, self.backend, first=True)
-        self.run_id = run_files.open_run_dir(self.run_dir, spec.to_dict(), self.init_record)
+        self.directory = run_files.open_run_dir(self.run_dir, job, self.init_record, trained)
+        self.run_id = self.directory.run_id
+        if self.directory.changes and trained is not None:
+            changed = ", ".join(f"{key} {run_files.quoted(old)} -> {run_files.quoted(new)}"
+                                for key, old, new in self.directory.changes)
+            self._event(f"the job changed since step {trained[0]} ({changed}): continuing with the new values")
         self.store = CheckpointStore(self.run_dir / CHECKPOINT_DIR, run_id=self.run_id, retention=spec.retention())
         return Starting()
 
@@ -420,7 +442,7 @@ class Coordinator:
             self._restore(step, extra, groups)
         else:  # from the start: whatever an earlier attempt logged is replayed
             self.history, self.evaluations = [], []
-            run_files.truncate_records(self.run_dir, 0)
+            self._truncate_log(0)
         # a node lost just before this start is still listed alive: its raylet tells
         self.lost_nodes |= self.backend.unreachable_nodes()
         plan = StartPlan(
@@ -477,6 +499,31 @@ class Coordinator:
         spec = self.spec
         return self.optimizer.driver is None and spec.clip_grad_norm is None and spec.nonfinite == "stop"
 
+    def _checked_record(self, step: int, extra: Any) -> Mapping[str, Any]:
+        """The checkpoint's coordinator record, its position checked against this job: a
+        record that is not the run's own (edited, or of another task) would train on batches
+        that do not exist."""
+        where = f"the checkpoint at step {step} in {self.run_dir / CHECKPOINT_DIR}"
+        record = extra.get("coordinator") if isinstance(extra, Mapping) else None
+        if not isinstance(record, Mapping):
+            raise CheckpointError(f"{where} has no coordinator record (it was not written by a run)")
+        batches = self.task.num_batches(self.spec.batch_size)
+        limits = {"step": (step, step), "epoch": (0, None), "batch": (0, batches - 1), "optimizer_steps": (0, None)}
+        for key, (low, high) in limits.items():
+            value = record.get(key)
+            if type(value) is not int or value < low or (high is not None and value > high):
+                allowed = f"{low}" if low == high else f"an integer in [{low}, {'...' if high is None else high}]"
+                raise CheckpointError(f"{where} holds coordinator {key} = {value!r}; this job allows {allowed} "
+                                      f"({batches} batches of {self.spec.batch_size} per epoch)")
+        losses = record.get("epoch_losses")
+        if (not isinstance(losses, list) or len(losses) > batches
+                or not all(isinstance(loss, (int, float)) and not isinstance(loss, bool) for loss in losses)):
+            raise CheckpointError(f"{where} holds coordinator epoch_losses that are not at most {batches} numbers")
+        if not isinstance(record.get("schedulers"), list) or len(record["schedulers"]) != len(self.spec.schedulers):
+            raise CheckpointError(f"{where} holds the state of {len(record.get('schedulers') or [])} scheduler(s); "
+                                  f"this job has {len(self.spec.schedulers)}")
+        return record
+
     def _restore(self, step: int, extra: Mapping[str, Any], groups: list[dict]) -> None:
         names = [g["params"] for g in self.optimizer.param_groups]
         saved_names = [list(g["params"]) for g in groups]
@@ -487,7 +534,7 @@ class Coordinator:
             group.clear()
             group.update(saved)
             group["params"] = list(saved["params"])
-        record = extra["coordinator"]
+        record = self._checked_record(step, extra)
         for scheduler, state in zip(self.schedulers, record["schedulers"], strict=True):
             scheduler.load_state_dict(state)
         progress = self.progress
@@ -502,7 +549,13 @@ class Coordinator:
         # the records past the checkpoint are about to be replayed
         self.history = [r for r in self.history if r["step"] <= step]
         self.evaluations = [e for e in self.evaluations if e["step"] <= step]
-        run_files.truncate_records(self.run_dir, step)
+        self._truncate_log(step)
+
+    def _truncate_log(self, step: int) -> None:
+        dropped = run_files.truncate_records(self.run_dir, step)
+        if dropped:
+            self._event(f"dropped {dropped} line(s) of {self.run_dir / METRICS_FILE} that were not whole records "
+                        f"(a torn append or garbage); the log now ends at step {step}")
 
     # -- Recovering ----------------------------------------------------------------------------
 
@@ -511,10 +564,12 @@ class Coordinator:
         self.failures = state.failure
         root = self.run_dir / CHECKPOINT_DIR
         if state.failure > spec.max_failures:
+            details = str(state.error).strip().splitlines()[1:]
             error = RunFailedError(
-                f"{state.error}; this is failure {state.failure} and the job allows max_failures="
+                f"{first_line(state.error)}; this is failure {state.failure} and the job allows max_failures="
                 f"{spec.max_failures}. The committed checkpoints in {root} are intact (latest: step "
-                f"{latest_step(root)}); continue with `shardstep resume {self.run_dir}`")
+                f"{latest_step(root)}); continue with `shardstep resume {self.run_dir}`"
+                + "".join(f"\n{line}" for line in details))
             error.__cause__ = state.error
             return Failed(error)
         # the nodes of the lost actors that no longer answer stay out of every later start
@@ -547,13 +602,24 @@ class Coordinator:
                 metrics = record["eval"] = self._evaluate()
             progress.last_metrics = {"loss": record["loss"], **(metrics or {})}
             self.history.append(record)
-            run_files.append_record(self.run_dir, record)
+            self._log(record)
             if self.on_step is not None and self.on_step(record) is True:
                 progress.stop_requested = True
             if (spec.checkpoint_every is not None and not record.get("skipped")
                     and progress.step % spec.checkpoint_every == 0):
                 return Checkpointing(wait=not spec.checkpoint_async)
         return Finishing()
+
+    def _log(self, record: dict[str, Any]) -> None:
+        try:
+            run_files.append_record(self.run_dir, record)
+        except run_files.RunLogError as error:
+            root = self.run_dir / CHECKPOINT_DIR
+            latest = latest_step(root)
+            then = ("nothing was committed yet: make room and run the job again" if latest is None else
+                    f"the committed checkpoints in {root} are intact (latest: step {latest}): make room and "
+                    f"continue with `shardstep resume {self.run_dir}`")
+            raise RunFailedError(f"{error}; {then}") from error
 
     def _evaluate(self) -> dict[str, float]:
         progress = self.progress
@@ -600,6 +666,14 @@ class Coordinator:
             loss = self.optimizer.step(closure)
         except _SkipStep as skip:
             pipeline.discard_grads()
+            progress.skipped_in_a_row += 1
+            if progress.skipped_in_a_row >= spec.max_skipped_steps:
+                self._finish_saves()  # the checkpoint in flight is of a good step: keep it
+                raise NonFiniteError(
+                    f"{progress.skipped_in_a_row} steps in a row were skipped for non-finite values "
+                    f"(max_skipped_steps = {spec.max_skipped_steps}), the last: {skip}; the run is diverging. Its "
+                    f"committed checkpoints are kept (latest: step {progress.committed}). Lower the learning rate "
+                    "or clip gradients (clip_grad_norm), and resume") from None
             record = {"step": progress.step, "epoch": epoch, "batch": index, "skipped": True,
                       "loss": float("nan"), "message": str(skip), "lr": plain(lr)}
             self._advance_batch()
@@ -609,6 +683,7 @@ class Coordinator:
                   "examples": min(spec.batch_size, self.task.train_size - index * spec.batch_size),
                   "loss": float(loss), "lr": plain(lr), "lrs": lrs}
         progress.step += 1
+        progress.skipped_in_a_row = 0
         progress.epoch_losses.append(record["loss"])
         if self.schedulers:
             self._tick("step", record["loss"])

@@ -17,7 +17,21 @@ fails here with the key that caused it instead of on a cluster minutes later:
   least one parameter must stay trainable), the optimizer then over the trainable ones;
 - every scheduler, by ``shardstep.workers.training.build_scheduler``, on that optimizer;
 - a metric named by ``schedulers[i].monitor`` or ``checkpoint.metric`` other than "loss"
-  against the keys of one ``task.evaluate`` of the initial parameters (run only then).
+  against the keys of one ``task.evaluate`` of the initial parameters (run only then);
+- the kind of gradient the task gives each trainable parameter (``Task.sparse_gradients``)
+  against the kinds the optimizer takes.
+
+A job file names code, like a Python script: the task's class is imported and constructed
+here, and a schedule function (``lr_lambda = "module:function"``) is imported and checked
+to be callable, but never called: its scheduler is built with a stand-in, and the job's
+function first runs when training starts.
+
+What a hostile or broken file cannot do here: hang on a FIFO or a device (only a regular
+file of at most ``MAX_JOB_FILE_BYTES`` is read), overflow the parser's or the checks' stack
+or take quadratic time (nesting and key paths are bounded by ``MAX_NESTING``), put a NUL or
+an unencodable character in a path, pass a non-finite hyperparameter (except where torch
+gives infinity a meaning, ``INFINITE_HYPERPARAMETERS``) or an integer numpy and msgpack
+cannot carry, or make a message longer than a line.
 
 Every failure is a :class:`JobSpecError` whose message names the key path
 (``training.steps``), the value received and what is allowed; messages of a loaded file
@@ -34,9 +48,13 @@ import datetime
 import difflib
 import fnmatch
 import inspect
+import json
 import math
 import numbers
 import os
+import re
+import stat
+import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,9 +68,12 @@ from shardstep.checkpoints.run import Retention
 from shardstep.workers.optim import Parameter, lr_scheduler
 from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
 from shardstep.workers.optim.registry import NAMES as OPTIMIZER_NAMES
+from shardstep.workers.optim.registry import optimizer_class
+from shardstep.workers.optim.registry import rule as optimizer_rule
 from shardstep.workers.tasks import TASK_NAMES, make_task, task_class
 from shardstep.workers.tasks.base import ParamGroupRule, Task
 from shardstep.workers.training import (
+    COMPOSITE_SCHEDULERS,
     SCHEDULER_INTERVALS,
     SCHEDULER_NAMES,
     build_optimizer,
@@ -75,11 +96,37 @@ KEEP_MODES = ("min", "max")
 # the metric every job has: the training loss of a step
 TRAINING_LOSS = "loss"
 PLATEAU = "ReduceLROnPlateau"
+DEFAULT_MAX_SKIPPED_STEPS = 20
+
+# a job file is a few KiB: the limit keeps a wrong path (a log, a data set) out of memory
+MAX_JOB_FILE_BYTES = 1 << 20
+# arrays and tables inside one another (args, options) and parts of a key path: a job needs
+# a handful; the bound keeps the checks, repr, JSON and msgpack far from Python's recursion
+# limit, and tomllib (quadratic in the parts of one dotted key) fast
+MAX_NESTING = 32
+# what numpy and msgpack carry: a larger integer would pass here and fail on the cluster
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# Linux's limits: bytes per name in a path (NAME_MAX) and per path (PATH_MAX)
+NAME_MAX, PATH_MAX = 255, 4096
+# the longest value or foreign message a message shows (a huge value stays one short line)
+SHOWN_CHARS = 120
+FOREIGN_MESSAGE_CHARS = 1000
+# the hyperparameters where torch gives +inf a meaning, by optimizer: Rprop's largest step
+# size (its clamp then has no ceiling) and ASGD's t0 (averaging never starts: mu stays
+# 1 / max(1, step - inf) = 1). torch documents infinity for none of the others (not lr), and
+# no scheduler argument; NaN nowhere
+INFINITE_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {"rprop": ("step_sizes[1]",), "asgd": ("t0",)}
+# a bare TOML key, shown as written; any other key is shown quoted
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class JobSpecError(ValueError):
     """A job file or job spec that cannot run; the message names the key, the value and what
-    is allowed."""
+    is allowed. It is always one line: the command line prints it as ``error: <message>``,
+    and a builder's or the user's multi-line message is joined onto it."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,6 +147,7 @@ FIELD_KEYS: dict[str, str] = {
     "eval_every": "training.eval_every",
     "clip_grad_norm": "training.clip_grad_norm",
     "nonfinite": "training.nonfinite",
+    "max_skipped_steps": "training.max_skipped_steps",
     "shards": "resources.shards",
     "workers": "resources.workers",
     "backend": "resources.backend",
@@ -169,9 +217,33 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to SHOWN_CHARS with the full length said."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"an integer of {value.bit_length()} bits"
+    except RecursionError:
+        return "a value nested too deeply to show"
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 def _got(value: Any) -> str:
     """``'cuda'`` for a value of the expected kind; ``3.5 (float)`` when the type is wrong."""
-    return f"{value!r} ({_type_name(value)})"
+    return f"{_shown(value)} ({_type_name(value)})"
+
+
+def _join(path: str, key: Any) -> str:
+    """The key path of ``key`` in table ``path`` (the top level when empty); a key that is not
+    bare is quoted as TOML writes it (``worker_labels."ray.io/zone"``), so a newline in a
+    key cannot break a message's line."""
+    shown = key if isinstance(key, str) and BARE_KEY.fullmatch(key) else _clip(json.dumps(key), SHOWN_CHARS)
+    return f"{path}.{shown}" if path else shown
+
+
+def _clip(text: str, limit: int = FOREIGN_MESSAGE_CHARS) -> str:
+    """A message of a builder or of the user's code, cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _suggest(word: Any, choices: Sequence[str]) -> str:
@@ -199,7 +271,10 @@ def _check_int(path: str, value: Any, minimum: int, *, optional: bool = False) -
     if not _is_int(value):
         raise JobSpecError(f"{path} must be an integer >= {minimum}; got {_got(value)}")
     if value < minimum:
-        raise JobSpecError(f"{path} must be an integer >= {minimum}; got {int(value)}")
+        raise JobSpecError(f"{path} must be an integer >= {minimum}; got {_shown(int(value))}")
+    if value > INT64_MAX:
+        raise JobSpecError(f"{path} must be an integer from {minimum} to {INT64_MAX} (int64); got "
+                           f"{_shown(int(value))}")
     return int(value)
 
 
@@ -210,13 +285,13 @@ def _check_real(path: str, value: Any, minimum: float, *, strict: bool, optional
     if not _is_real(value) or not math.isfinite(value):
         raise JobSpecError(f"{path} must be a finite number {bound}; got {_got(value)}")
     if value < minimum or (strict and value == minimum):
-        raise JobSpecError(f"{path} must be a finite number {bound}; got {value!r}")
+        raise JobSpecError(f"{path} must be a finite number {bound}; got {_shown(value)}")
     return float(value)
 
 
 def _check_choice(path: str, value: Any, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
-        shown = repr(value) if isinstance(value, str) else _got(value)
+        shown = _shown(value) if isinstance(value, str) else _got(value)
         raise JobSpecError(f"{path} must be one of {', '.join(map(repr, allowed))}; got {shown}"
                            f"{_suggest(value, allowed)}")
     return value
@@ -228,6 +303,37 @@ def _check_text(path: str, value: Any, what: str, *, optional: bool = False) -> 
     if not isinstance(value, str) or not value.strip():
         raise JobSpecError(f"{path} must be {what}; got {_got(value)}")
     return value
+
+
+def _check_path_text(path: str, value: str) -> str:
+    """A path the operating system can hold: no NUL, every character encodable in the file
+    system's encoding, names of at most NAME_MAX bytes and at most PATH_MAX bytes in all
+    (refused here rather than when the run creates its directory)."""
+    if "\0" in value:
+        raise JobSpecError(f"{path} holds a NUL character (at index {value.index(chr(0))}), which no path can "
+                           f"hold; got {_shown(value)}")
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeEncodeError as error:
+        raise JobSpecError(f"{path} holds {value[error.start]!r} (at index {error.start}), which the file system's "
+                           f"encoding ({sys.getfilesystemencoding()}) cannot hold; got {_shown(value)}") from None
+    if len(encoded) > PATH_MAX:
+        raise JobSpecError(f"{path} is {len(encoded)} bytes long; a path may be at most {PATH_MAX} bytes; got "
+                           f"{_shown(value)}")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise JobSpecError(f"{path} has a name of {len(longest)} bytes; a name in a path may be at most {NAME_MAX} "
+                           f"bytes; got {_shown(value)}")
+    return value
+
+
+def _resolve_path(path: str, value: str, base: Path) -> str:
+    """``value`` (a checked path text) absolute: ``~`` expanded, relative to ``base``."""
+    try:
+        resolved = str((base / Path(value).expanduser()).resolve())
+    except (RuntimeError, OSError) as error:  # "~user" of no such user, a symlink loop
+        raise JobSpecError(f"{path}: cannot resolve {_shown(value)}: {_clip(str(error))}") from None
+    return _check_path_text(path, resolved)
 
 
 def _check_named_table(path: str, value: Any, form: str, what: str, check: Callable[[str, Any], Any]) -> dict:
@@ -247,7 +353,7 @@ def _check_resources(path: str, value: Any, actor: str) -> dict[str, float]:
             own = f"resources.{actor}_cpus" if name == "CPU" else "nothing: shardstep's actors do not request it"
             raise JobSpecError(f"{path}.{name}: {name} is not a custom resource (it is set by {own}); allowed: "
                                f"any name but {', '.join(RESERVED_RESOURCES)}")
-        return _check_real(f"{path}.{name}", item, 0.0, strict=True)
+        return _check_real(_join(path, name), item, 0.0, strict=True)
     return _check_named_table(path, value, "custom Ray resources, name = amount (e.g. { special_hardware = 1 })",
                               "resource", amount)
 
@@ -255,7 +361,7 @@ def _check_resources(path: str, value: Any, actor: str) -> dict[str, float]:
 def _check_labels(path: str, value: Any) -> dict[str, str]:
     """A table of Ray node label -> selector (``{zone = "us-east-1a"}``, ``"in(a,b)"``, ``"!in(c)"``)."""
     return _check_named_table(path, value, 'Ray node labels, name = value or selector (e.g. { zone = "us-east-1a" })',
-                              "label", lambda name, item: _check_text(f"{path}.{name}", item, "a label value or a "
+                              "label", lambda name, item: _check_text(_join(path, name), item, "a label value or a "
                                                                       "selector such as 'in(a,b)'"))
 
 
@@ -265,25 +371,53 @@ def _check_bool(path: str, value: Any) -> bool:
     return value
 
 
-def _plain(path: str, value: Any) -> Any:
+def _plain(path: str, value: Any, depth: int = 0) -> Any:
     """A deep copy of ``value`` made of None, bool, int, float, str, list and str-keyed dict
-    (what msgpack and JSON carry); tuples become lists, numpy scalars Python numbers."""
+    (what msgpack and JSON carry): integers in int64, at most MAX_NESTING arrays and tables
+    deep; tuples become lists, numpy scalars Python numbers."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if _is_int(value):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise JobSpecError(f"{path} must be an integer from {INT64_MIN} to {INT64_MAX} (int64, what numpy and "
+                               f"msgpack carry); got {_shown(int(value))}")
         return int(value)
     if _is_real(value):
         return float(value)
+    if isinstance(value, (Mapping, list, tuple)) and depth == MAX_NESTING:
+        kind = "a table" if isinstance(value, Mapping) else "an array"
+        raise JobSpecError(f"{path} is {kind} nested {MAX_NESTING} arrays and tables deep; a job's values may nest "
+                           f"at most {MAX_NESTING} deep")
     if isinstance(value, Mapping):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise JobSpecError(f"{path}: keys must be strings; got {_got(key)}")
-            out[key] = _plain(f"{path}.{key}", item)
+            out[key] = _plain(_join(path, key), item, depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_plain(f"{path}[{index}]", item) for index, item in enumerate(value)]
+        return [_plain(f"{path}[{index}]", item, depth + 1) for index, item in enumerate(value)]
     raise JobSpecError(f"{path} must be a string, number, boolean, array or table; got {_got(value)}")
+
+
+def _check_finite(path: str, value: Any, infinite: Sequence[str] = ()) -> None:
+    """Refuse NaN and infinity anywhere in the hyperparameter ``value`` (a number, or arrays
+    and tables of them, as ``_plain`` made it); +inf is allowed at the sub-paths ``infinite``
+    (``"step_sizes[1]"``, relative to ``path``). The optimizers refuse NaN themselves but, as
+    torch does, take ``lr = inf`` and train to NaN."""
+    def walk(sub: str, item: Any) -> None:
+        if isinstance(item, float) and not math.isfinite(item):
+            if item == math.inf and sub in infinite:
+                return
+            allowed = f" (+inf is allowed only at {', '.join(infinite)})" if infinite else ""
+            raise JobSpecError(f"{path}.{sub} must be a finite number{allowed}; got {item}")
+        if isinstance(item, Mapping):
+            for key, child in item.items():
+                walk(_join(sub, key), child)
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                walk(f"{sub}[{index}]", child)
+    walk("", value)
 
 
 def _check_patterns(path: str, value: Any) -> tuple[str, ...]:
@@ -306,7 +440,7 @@ def _check_keys(path: str, table: Mapping[str, Any], allowed: Sequence[str]) -> 
     for key in table:
         if key not in allowed:
             where = f"in [{path}]" if path else "at the top level"
-            full = f"{path}.{key}" if path else key
+            full = _join(path, key)
             raise JobSpecError(f"unknown key {full}{_suggest(key, allowed)}; allowed {where}: {', '.join(allowed)}"
                                f"{_misplaced(path, key)}")
 
@@ -348,6 +482,7 @@ def _scheduler_name(path: str, value: Any) -> str:
 def _scheduler_values(path: str, name: Any, args: Any, interval: Any, monitor: Any) -> dict[str, Any]:
     name = _scheduler_name(f"{path}.name", name)
     args = _check_args(f"{path}.args", args)
+    _check_finite(f"{path}.args", args)
     interval = _check_choice(f"{path}.interval", interval, SCHEDULER_INTERVALS)
     monitor = _check_text(f"{path}.monitor", monitor, f"{TRAINING_LOSS!r} or the name of a metric of the task")
     if name != PLATEAU and monitor != TRAINING_LOSS:
@@ -387,10 +522,10 @@ def _init_values(source: Any, step: Any, optimizer_state: Any, skip: Any) -> dic
     ``optimizer_state``, ``skip`` patterns."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
-    _check_text("init.from", source, "a directory path")
+    _check_path_text("init.from", _check_text("init.from", source, "a directory path"))
     if not os.path.isabs(source):
         raise JobSpecError(f"init.from must be an absolute path here (a job file's relative path is resolved "
-                           f"against the file's directory); got {source!r}")
+                           f"against the file's directory); got {_shown(source)}")
     return {"source": os.path.normpath(source), "step": _check_int("init.step", step, 0, optional=True),
             "optimizer_state": _check_bool("init.optimizer_state", optimizer_state),
             "skip": _check_patterns("init.skip", skip)}
@@ -445,6 +580,8 @@ class JobSpec:
     parameters. Training stops at ``steps`` or ``epochs``, whichever comes first.
     ``frozen``: glob patterns of parameters that are not trained (in no param group, no
     optimizer state). ``init``: the checkpoint a fine-tuning job starts from, or None.
+    ``max_skipped_steps``: with ``nonfinite = "skip"``, the steps skipped in a row after
+    which the run stops with an error (it is diverging).
     """
 
     task: str
@@ -460,6 +597,7 @@ class JobSpec:
     eval_every: int | None = None
     clip_grad_norm: float | None = None
     nonfinite: str = "stop"
+    max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS
     shards: int = 1
     workers: int = 1
     backend: str = "ray"
@@ -627,12 +765,16 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     out["task_args"] = _check_args(key["task_args"], spec.task_args)
     out["optimizer"] = _optimizer_name(key["optimizer"], spec.optimizer)
     out["optimizer_args"] = _check_args(key["optimizer_args"], spec.optimizer_args)
+    infinite = INFINITE_HYPERPARAMETERS.get(out["optimizer"], ())
+    _check_finite(key["optimizer_args"], out["optimizer_args"], infinite)
 
     rules = spec.param_groups
     if rules is not None:
         if not isinstance(rules, (list, tuple)) or not all(isinstance(r, ParamGroupRule) for r in rules):
             raise JobSpecError(f"param_groups must be None or a sequence of ParamGroupRule; got {rules!r}")
         rules = tuple(_rule(f"param_groups[{i}]", r.pattern, r.options) for i, r in enumerate(rules))
+        for index, rule in enumerate(rules):
+            _check_finite(f"param_groups[{index}]", rule.options, infinite)
     out["param_groups"] = rules
     schedulers = spec.schedulers
     if not isinstance(schedulers, (list, tuple)) or not all(isinstance(s, SchedulerSpec) for s in schedulers):
@@ -651,6 +793,7 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     out["eval_every"] = _check_int(key["eval_every"], spec.eval_every, 1, optional=True)
     out["clip_grad_norm"] = _check_real(key["clip_grad_norm"], spec.clip_grad_norm, 0.0, strict=True, optional=True)
     out["nonfinite"] = _check_choice(key["nonfinite"], spec.nonfinite, NONFINITE_POLICIES)
+    out["max_skipped_steps"] = _check_int(key["max_skipped_steps"], spec.max_skipped_steps, 1)
 
     out["shards"] = _check_int(key["shards"], spec.shards, 1)
     out["workers"] = _check_int(key["workers"], spec.workers, 1)
@@ -709,9 +852,10 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
         run_dir = os.fspath(run_dir)
     if not isinstance(run_dir, str) or not run_dir:
         raise JobSpecError(f"{key['run_dir']} is required: the directory of the run's checkpoints; got {_got(run_dir)}")
+    _check_path_text(key["run_dir"], run_dir)
     if not os.path.isabs(run_dir):
         raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
-                           f"resolved against the file's directory); got {run_dir!r}")
+                           f"resolved against the file's directory); got {_shown(run_dir)}")
     out["run_dir"] = run_dir
 
     out["frozen"] = _check_patterns(key["frozen"], spec.frozen)
@@ -763,13 +907,14 @@ def _check_build(spec: JobSpec) -> None:
         if frozen and not any(rule.matches(name) for name in trainable):
             raise JobSpecError(f"param_groups[{index}] (pattern {rule.pattern!r}) matches only frozen parameters "
                                f"({', '.join(frozen)}); frozen parameters are in no param group")
+    _check_gradient_kinds(spec, task, trainable)
 
     def stand_ins() -> dict[str, Parameter]:
         # frozen parameters are not the optimizer's (torch's requires_grad=False)
         return {name: Parameter(np.zeros(0, dtypes[name]), name=name) for name in trainable}
 
-    # the builders raise TypeError or ValueError for bad arguments, but a scheduler's
-    # lr_lambda is the user's code and may raise anything: every failure names its key
+    # the builders raise TypeError or ValueError for the bad arguments they foresee; any other
+    # failure (an overflow on an extreme value) still names its key
     try:
         build_optimizer(spec.optimizer, spec.optimizer_args, stand_ins(), ())
     except Exception as error:
@@ -792,8 +937,9 @@ def _check_build(spec: JobSpec) -> None:
     for index, scheduler in enumerate(spec.schedulers):
         path = f"schedulers[{index}]"
         _check_required_args(path, scheduler)
+        args = _without_calls(f"{path}.args", scheduler.name, scheduler.args)
         try:
-            build_scheduler(scheduler.name, scheduler.args, optimizer)
+            build_scheduler(scheduler.name, args, optimizer)
         except Exception as error:
             raise JobSpecError(f"{path}.args: {_message(error)}") from error
         if scheduler.monitor != TRAINING_LOSS and scheduler.monitor not in metrics:
@@ -807,26 +953,107 @@ def _check_build(spec: JobSpec) -> None:
 
 
 def _message(error: BaseException) -> str:
-    """The builders' own messages as they are; anything else with its type."""
+    """The builders' own messages as they are; anything else with its type (cut to
+    FOREIGN_MESSAGE_CHARS: a message may quote a huge value)."""
     if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])  # KeyError's str() is the repr of its argument
+        return _clip(str(error.args[0]))  # KeyError's str() is the repr of its argument
     if isinstance(error, (TypeError, ValueError)):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+        return _clip(str(error))
+    return _clip(f"{type(error).__name__}: {error}")
+
+
+def _gradient_kinds(optimizer: str) -> tuple[str, ...]:
+    """The kinds of gradient optimizer ``optimizer`` updates with: its rule's ``update``
+    (dense) and ``update_rows`` (row-sparse). LBFGS has neither: its step runs its own driver
+    over the dense gradient and refuses row-sparse ones."""
+    rule = optimizer_rule(optimizer)
+    if not rule.accepts_dense and not rule.accepts_sparse:
+        return ("dense",)
+    return tuple(kind for kind, accepted in (("dense", rule.accepts_dense), ("row-sparse", rule.accepts_sparse))
+                 if accepted)
+
+
+def _check_gradient_kinds(spec: JobSpec, task: Task, trainable: Sequence[str]) -> None:
+    """The optimizer must take the kind of gradient the task gives every trainable parameter
+    (``Task.sparse_gradients``): torch's Adam refuses row-sparse gradients and SparseAdam
+    dense ones, but only at the first step, on the cluster."""
+    patterns = task.sparse_gradients
+    owner = type(task).__name__
+    if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or not all(
+            isinstance(pattern, str) for pattern in patterns):
+        raise JobSpecError(f"task {spec.task!r}: {owner}.sparse_gradients must be a tuple of glob patterns on "
+                           f"parameter names; got {_got(patterns)}")
+    sparse = [name for name in trainable if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    kinds = {"row-sparse": sparse, "dense": [name for name in trainable if name not in sparse]}
+    accepted = _gradient_kinds(spec.optimizer)
+    for kind, names in kinds.items():
+        if names and kind not in accepted:
+            allowed = [name for name in OPTIMIZER_NAMES if kind in _gradient_kinds(name)]
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise JobSpecError(f"{FIELD_KEYS['optimizer']}: {optimizer_class(spec.optimizer).__name__} takes "
+                               f"only {' and '.join(accepted)} gradients, but task {spec.task!r} gives {kind} "
+                               f"gradients ({shown}); allowed with {kind} gradients: {', '.join(allowed)}")
+
+
+def _unit_schedule(_: float) -> float:
+    """What a schedule function the job names stands for while its scheduler is built here
+    (the constructor takes an initial step, which calls it): validation runs none of the
+    job's code; the job's own function is called from the first step of training on."""
+    return 1.0
+
+
+def _without_calls(path: str, name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` of scheduler ``name`` (and of a composite's children) for the build check:
+    every schedule function named by a string is resolved (imported, checked callable) and
+    replaced by :func:`_unit_schedule`. Calling it here would run the user's code at
+    validation: ``lr_lambda = "os:_exit"`` ended the process with exit code 0."""
+    args = dict(args)
+    argument = lr_scheduler.SCHEDULE_FUNCTION_ARGUMENTS.get(name)
+    if argument is not None and argument in args:
+        value = args[argument]
+        items = value if isinstance(value, list) else [value]
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                where = f"{path}.{argument}" + (f"[{index}]" if isinstance(value, list) else "")
+                _check_importable(where, item, argument)
+        # anything but a string is left for the constructor to refuse in its own words
+        standing_in = [_unit_schedule if isinstance(item, str) else item for item in items]
+        args[argument] = standing_in if isinstance(value, list) else standing_in[0]
+    children = args.get("schedulers")
+    if name in COMPOSITE_SCHEDULERS and isinstance(children, list):
+        folded = {scheduler.lower(): scheduler for scheduler in SCHEDULER_NAMES}
+        args["schedulers"] = [
+            [child[0], _without_calls(f"{path}.schedulers[{index}][1]", folded[child[0].lower()], child[1])]
+            if (isinstance(child, list) and len(child) == 2 and isinstance(child[0], str)
+                and child[0].lower() in folded and isinstance(child[1], Mapping)) else child
+            for index, child in enumerate(children)]
+    return args
+
+
+def _check_importable(path: str, reference: str, argument: str) -> None:
+    """Import the function ``reference`` names and check that it is callable, without
+    calling it. Importing runs the module's top level: an import that fails or exits is
+    refused with its key."""
+    try:
+        lr_scheduler.resolve_schedule_function(reference, argument)
+    except (TypeError, ValueError) as error:
+        raise JobSpecError(f"{path}: {_clip(str(error))}") from error
+    except (Exception, SystemExit) as error:
+        raise JobSpecError(f"{path}: importing {_shown(reference)} failed: {_message(error)}") from error
 
 
 def _build_task(spec: JobSpec) -> Task:
     try:
         task_class(spec.task)
     except (TypeError, ValueError) as error:
-        raise JobSpecError(f"{FIELD_KEYS['task']}: {error}{_suggest(spec.task, TASK_NAMES)}") from error
+        raise JobSpecError(f"{FIELD_KEYS['task']}: {_message(error)}{_suggest(spec.task, TASK_NAMES)}") from error
     try:
         return make_task(spec.task, **spec.task_args)
     except (TypeError, ValueError) as error:
-        raise JobSpecError(f"{FIELD_KEYS['task_args']}: {error}") from error
+        raise JobSpecError(f"{FIELD_KEYS['task_args']}: {_message(error)}") from error
     except Exception as error:  # a task of the user's may fail any way; name it and its key
         raise JobSpecError(f"{FIELD_KEYS['task_args']}: building task {spec.task!r} failed: "
-                           f"{type(error).__name__}: {error}") from error
+                           f"{_message(error)}") from error
 
 
 def _param_specs(task: Task, spec: JobSpec) -> tuple[ParamSpec, ...]:
@@ -837,7 +1064,7 @@ def _param_specs(task: Task, spec: JobSpec) -> tuple[ParamSpec, ...]:
         specs = task.param_specs()
     except Exception as error:
         raise JobSpecError(f"task {spec.task!r}: {owner}.param_specs() failed (by default it calls init_params(0)): "
-                           f"{type(error).__name__}: {error}") from error
+                           f"{_clip(f'{type(error).__name__}: {error}')}") from error
     if not isinstance(specs, (tuple, list)) or not specs or not all(isinstance(s, ParamSpec) for s in specs):
         raise JobSpecError(f"task {spec.task!r}: {owner}.param_specs() must return a non-empty tuple of "
                            f"ParamSpec; got {specs!r:.80}")
@@ -859,8 +1086,8 @@ def _metric_names(task: Task, spec: JobSpec) -> frozenset[str]:
     try:
         metrics = task.evaluate(task.init_params(spec.seed))
     except Exception as error:
-        raise JobSpecError(f"task {spec.task!r}: {owner}.evaluate of the initial parameters failed "
-                           f"(needed to check the metric names): {type(error).__name__}: {error}") from error
+        raise JobSpecError(f"task {spec.task!r}: {owner}.evaluate of the initial parameters failed (needed to "
+                           f"check the metric names): {_clip(f'{type(error).__name__}: {error}')}") from error
     if not isinstance(metrics, Mapping):
         raise JobSpecError(f"task {spec.task!r}: {owner}.evaluate must return a dict of metrics; got "
                            f"{type(metrics).__name__}")
@@ -887,27 +1114,67 @@ def load_job(path: str | os.PathLike) -> JobSpec:
     """Read and check the TOML job file at ``path``; a relative run_dir is resolved against
     the file's directory."""
     path = Path(path)
+    text = _read_job_file(path)
+    return parse_job(text, source=_path_shown(path), base_dir=path.parent)
+
+
+def _path_shown(path: Path) -> str:
+    """``path`` as a message shows it: as it is, or quoted when it holds a character that
+    would break the message's line (a newline in a file name)."""
+    text = str(path)
+    return text if text.isprintable() else _shown(text)
+
+
+def _read_job_file(path: Path) -> str:
+    """The text of the job file at ``path``: a regular file of at most MAX_JOB_FILE_BYTES of
+    UTF-8. It is opened without blocking (a FIFO with no writer would wait forever) and
+    checked through the open descriptor, so what is read is what was checked (a path swapped
+    for /dev/zero in between is still refused)."""
+    shown = _path_shown(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        data = path.read_bytes()
+        descriptor = os.open(path, flags)
     except FileNotFoundError:
-        raise JobSpecError(f"job file not found: {path}") from None
+        raise JobSpecError(f"job file not found: {shown}") from None
     except OSError as error:
-        raise JobSpecError(f"cannot read job file {path}: {error.strerror or error}") from error
+        raise JobSpecError(f"cannot read job file {shown}: {error.strerror or error}") from error
+    except ValueError as error:  # a NUL in the path
+        raise JobSpecError(f"cannot read job file {shown}: {error}") from None
     try:
-        text = data.decode("utf-8")
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise JobSpecError(f"cannot read job file {shown}: it is {_file_kind(mode)}, not a regular file")
+        chunks, read = [], 0
+        # one byte past the limit tells a file that grew after fstat
+        while read <= MAX_JOB_FILE_BYTES and (chunk := os.read(descriptor, MAX_JOB_FILE_BYTES + 1 - read)):
+            chunks.append(chunk)
+            read += len(chunk)
+        size = max(read, os.fstat(descriptor).st_size)
+    except OSError as error:
+        raise JobSpecError(f"cannot read job file {shown}: {error.strerror or error}") from error
+    finally:
+        os.close(descriptor)
+    data = b"".join(chunks)
+    if size > MAX_JOB_FILE_BYTES:
+        raise JobSpecError(f"cannot read job file {shown}: it is {size} bytes; a job file may be at most "
+                           f"{MAX_JOB_FILE_BYTES} bytes (1 MiB)")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise JobSpecError(f"{path}: a job file must be UTF-8 text; byte {error.start} is not") from error
-    return parse_job(text, source=str(path), base_dir=path.parent)
+        raise JobSpecError(f"{shown}: a job file must be UTF-8 text; byte {error.start} is not") from error
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), f"a file of type {stat.S_IFMT(mode):o}")
 
 
 def parse_job(text: str, *, source: str = "<job>", base_dir: Path | None = None) -> JobSpec:
     """Check the job file ``text``; messages start with ``"<source>: "``. A relative run_dir
     is resolved against ``base_dir`` (the current directory when None)."""
     try:
-        try:
-            document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise JobSpecError(f"TOML syntax error: {error}") from error
+        document = _parse_toml(text)
         fields, hints = _fields_from_document(document, base_dir)
         spec = JobSpec(**fields)
         try:
@@ -921,6 +1188,56 @@ def parse_job(text: str, *, source: str = "<job>", base_dir: Path | None = None)
         return spec
     except JobSpecError as error:
         raise JobSpecError(f"{source}: {error}") from error.__cause__
+
+
+# the openers of what the key-path scan skips: strings (multi-line ones first) and comments
+_SKIPPED_OPENER = re.compile(r"\"\"\"|'''|[\"'#]")
+_STRING_REST = {'"""': re.compile(r'(?:\\.|[^\\])*?"""', re.DOTALL), "'''": re.compile(r".*?'''", re.DOTALL),
+                '"': re.compile(r'(?:\\.|[^"\\\n])*"'), "'": re.compile(r"[^'\n]*'")}
+# a key path of more than MAX_NESTING parts (bare or quoted), matched from a part's start
+_DEEP_KEY_PATH = re.compile(rf'(?<![A-Za-z0-9_-])(?:(?:[A-Za-z0-9_-]++|"")[ \t]*\.[ \t]*){{{MAX_NESTING}}}')
+
+
+def _parse_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads(text)``, every failure a JobSpecError: a syntax error with its line
+    and column; nesting too deep for tomllib's recursion; a key path of more than
+    MAX_NESTING parts (``a.b.c...``, which tomllib reads in quadratic time: 25 s for 40,000
+    parts), refused before tomllib reads it; an integer too long for Python's int()."""
+    code = _without_strings_and_comments(text)
+    deep = _DEEP_KEY_PATH.search(code)
+    if deep is not None:
+        line = code.count("\n", 0, deep.start()) + 1
+        raise JobSpecError(f"line {line}: a key path of more than {MAX_NESTING} parts ({_clip(deep.group(), 40)}); "
+                           f"a job's tables nest at most {MAX_NESTING} deep")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise JobSpecError(f"TOML syntax error: {error}") from error
+    except RecursionError:
+        raise JobSpecError(f"arrays or tables nest too deeply for the TOML reader; a job's values may nest at most "
+                           f"{MAX_NESTING} deep") from None
+    except ValueError as error:  # int() of more than sys.get_int_max_str_digits() digits
+        raise JobSpecError(f"a TOML value cannot be read: {str(error).partition(';')[0]}") from None
+
+
+def _without_strings_and_comments(text: str) -> str:
+    """``text`` with every string replaced by ``""`` and every comment removed, newlines
+    kept, for the key-path scan; an unterminated string ends it (tomllib then refuses the
+    file). Linear: the scan moves forward only, and stops at a string without an end."""
+    kept, position = [], 0
+    while (opener := _SKIPPED_OPENER.search(text, position)) is not None:
+        kept.append(text[position:opener.start()])
+        if opener.group() == "#":
+            end = text.find("\n", opener.end())
+            position = len(text) if end < 0 else end
+            continue
+        rest = _STRING_REST[opener.group()].match(text, opener.end())
+        if rest is None:
+            return "".join(kept)
+        kept.append('""' + "\n" * text.count("\n", opener.start(), rest.end()))
+        position = rest.end()
+    kept.append(text[position:])
+    return "".join(kept)
 
 
 def _table(path: str, value: Any, form: str) -> Mapping[str, Any]:
@@ -939,9 +1256,9 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
     run_dir = document.get("run_dir")
     if run_dir is None:
         raise JobSpecError("run_dir is required: the directory of the run's checkpoints (relative to the job file)")
-    _check_text("run_dir", run_dir, "a directory path")
+    _check_path_text("run_dir", _check_text("run_dir", run_dir, "a directory path"))
     base = Path.cwd() if base_dir is None else Path(base_dir)
-    fields["run_dir"] = str((base / Path(run_dir).expanduser()).resolve())
+    fields["run_dir"] = _resolve_path("run_dir", run_dir, base)
 
     for table in ("task", "optimizer"):
         if table not in document:
@@ -999,8 +1316,8 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
         if "from" not in section:
             raise JobSpecError("init.from is required: the run directory or step-<k> checkpoint directory to start "
                                "from (relative to the job file)")
-        source = _check_text("init.from", section["from"], "a directory path")
-        fields["init"] = InitSpec.from_dict({**section, "from": str((base / Path(source).expanduser()).resolve())})
+        source = _check_path_text("init.from", _check_text("init.from", section["from"], "a directory path"))
+        fields["init"] = InitSpec.from_dict({**section, "from": _resolve_path("init.from", source, base)})
 
     fields["steps"] = fields["epochs"] = None
     for table, keys in SETTING_TABLES.items():

@@ -22,13 +22,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PlotError(f"{run_dir} has no {METRICS_FILE}: not a run directory, or no step has finished yet")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as error:
-            raise PlotError(f"{path}:{number} is not a JSON record ({error})") from None
+    # a live run may be mid-append, and a resumed one cuts back torn lines itself: a line
+    # that is not a whole record is left out of the plot, not an error
+    with open(path, encoding="utf-8", errors="replace") as log:
+        for line in log:
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if isinstance(record, dict) and type(record.get("step")) is int and "loss" in record:
+                records.append(record)
     if not records:
         raise PlotError(f"{path} holds no steps yet")
     return records
@@ -80,6 +83,17 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     lr_axis.set_xlabel("step")
     lr_axis.legend(loc="best")
     out = Path(out)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
+    # written beside the target and renamed, so a failed write leaves no half PNG
+    partial = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(partial, dpi=100, format="png")
+        os.replace(partial, out)
+    except OSError as error:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass  # it was never created
+        raise PlotError(f"cannot write {out}: {error.strerror or error}") from None
+    finally:
+        plt.close(figure)
     return out

@@ -7,6 +7,7 @@ actors (named in jobs as ``"tests.fault_tasks:..."``).
 - ``NoInitialParameters``: its shapes are known, but building its parameters fails (in the
   shards, which initialize their own rows).
 - ``NaNAtStep``: the loss is NaN on global batch ``batch`` of epoch 0.
+- ``DivergesFrom``: the loss is infinite on every batch from step ``step`` on.
 """
 
 from __future__ import annotations
@@ -49,4 +50,19 @@ class NaNAtStep(DigitsTask):
         loss, grads = super().loss_and_grad(params, batch)
         if batch.epoch == 0 and batch.index == self.batch_with_nan:
             loss = float("nan")
+        return loss, grads
+
+
+class DivergesFrom(DigitsTask):
+    """The loss is infinite on every batch from batch ``step`` (1-based) of epoch 0 on: a
+    run that has diverged for good."""
+
+    def __init__(self, *, step: int = 3, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.diverged_from = step
+
+    def loss_and_grad(self, params, batch):
+        loss, grads = super().loss_and_grad(params, batch)
+        if batch.epoch > 0 or batch.index + 1 >= self.diverged_from:
+            loss = float("inf")
         return loss, grads

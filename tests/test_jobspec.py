@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 
 from shardstep.checkpoints.run import Retention
@@ -24,9 +25,11 @@ from shardstep.service.jobspec import (
     load_job,
     parse_job,
 )
+from shardstep.workers.optim import Parameter
 from shardstep.workers.tasks import TASK_NAMES
 from shardstep.workers.tasks.base import ParamGroupRule
 from shardstep.workers.tasks.digits import DigitsTask
+from shardstep.workers.training import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "jobs"
@@ -118,8 +121,18 @@ class RuledDigitsTask(DigitsTask):
 
 
 def failing_lambda(epoch: int) -> float:
-    """An lr_lambda with a bug of the user's."""
+    """An lr_lambda with a bug of the user's (it fails at epoch 0, the constructor's step)."""
     return 1.0 / epoch
+
+
+NOT_CALLABLE = 0.5
+SCHEDULE_CALLS: list[int] = []
+
+
+def recorded_lambda(epoch: int) -> float:
+    """An lr_lambda that records its calls."""
+    SCHEDULE_CALLS.append(epoch)
+    return 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +189,7 @@ seed = 7
 eval_every = 20
 clip_grad_norm = 1.5
 nonfinite = "skip"
+max_skipped_steps = 5
 
 [resources]
 shards = 3
@@ -219,6 +233,7 @@ def test_a_complete_file_sets_every_field(tmp_path):
             SchedulerSpec("ReduceLROnPlateau", {"mode": "max", "patience": 2}, interval="epoch", monitor="accuracy"),
         ),
         steps=100, epochs=4, batch_size=32, seed=7, eval_every=20, clip_grad_norm=1.5, nonfinite="skip",
+        max_skipped_steps=5,
         shards=3, workers=2, backend="ray", address="ray://head:10001", max_failures=2, worker_cpus=1.0,
         shard_cpus=0.5, transport="object_store", start_timeout=120.0, placement="spread",
         shard_resources={"big_memory": 1.0}, worker_resources={"accelerator": 0.5},
@@ -426,9 +441,24 @@ BAD_INPUTS = [
      ["schedulers[0].args: ChainedScheduler: schedulers[1] is a ReduceLROnPlateau"]),
     ("resumed scheduler", edited(schedulers=[{"name": "StepLR", "args": {"step_size": 2, "last_epoch": 3}}]),
      ["schedulers[0].args: param_groups[0] has no 'initial_lr'; StepLR with last_epoch=3 resumes a schedule"]),
-    ("failing lr_lambda", edited(schedulers=[{"name": "LambdaLR",
-                                              "args": {"lr_lambda": "tests.test_jobspec:failing_lambda"}}]),
-     ["schedulers[0].args: ZeroDivisionError: float division by zero"]),
+    ("lr_lambda not callable", edited(schedulers=[{"name": "LambdaLR",
+                                                   "args": {"lr_lambda": "tests.test_jobspec:NOT_CALLABLE"}}]),
+     [("schedulers[0].args.lr_lambda: lr_lambda reference 'tests.test_jobspec:NOT_CALLABLE' names a float, which "
+       "is not callable")]),
+    ("lr_lambda not importable", edited(schedulers=[{"name": "StepLR", "args": {"step_size": 2}}, {
+        "name": "SequentialLR", "args": {"milestones": [2], "schedulers": [
+            ["StepLR", {"step_size": 2}], ["LambdaLR", {"lr_lambda": ["tests.no_such_module:f"]}]]}}]),
+     [("schedulers[1].args.schedulers[1][1].lr_lambda[0]: lr_lambda reference 'tests.no_such_module:f': cannot "
+       "import 'tests.no_such_module'")]),
+    ("max_skipped_steps", with_("training", nonfinite="skip", max_skipped_steps=0),
+     ["training.max_skipped_steps must be an integer >= 1; got 0"]),
+    ("max_skipped_steps type", with_("training", max_skipped_steps="5"),
+     ["training.max_skipped_steps must be an integer >= 1; got '5' (string)"]),
+    ("infinite lr", edited(optimizer={"name": "sgd", "args": {"lr": float("inf")}}),
+     ["optimizer.args.lr must be a finite number; got inf"]),
+    ("sparse optimizer on dense gradients", edited(optimizer={"name": "sparse_adam"}),
+     [("optimizer.name: SparseAdam takes only row-sparse gradients, but task 'least-squares' gives dense "
+       "gradients (weight, bias); allowed with dense gradients: sgd, adagrad, rmsprop")]),
     ("interval", edited(schedulers=[{"name": "StepLR", "interval": "batch", "args": {"step_size": 2}}]),
      ["schedulers[0].interval must be one of 'step', 'epoch'; got 'batch'"]),
     ("monitor on another scheduler",
@@ -546,6 +576,62 @@ def test_from_dict_refuses_unknown_and_missing_fields(tmp_path):
     data = _spec(tmp_path).to_dict() | {"run_dir": "runs/relative"}
     with pytest.raises(JobSpecError, match=r"^run_dir must be an absolute path here .*; got 'runs/relative'$"):
         JobSpec.from_dict(data)
+
+
+def test_max_skipped_steps_has_a_default_that_old_job_dicts_load_with(tmp_path):
+    spec = _spec(tmp_path)
+    assert spec.max_skipped_steps == 20
+    data = spec.to_dict()
+    assert data["max_skipped_steps"] == 20
+    del data["max_skipped_steps"]  # a job.json written before the key existed
+    assert JobSpec.from_dict(data) == spec
+    assert _spec(tmp_path, with_("training", nonfinite="skip", max_skipped_steps=3)).max_skipped_steps == 3
+    with pytest.raises(JobSpecError, match=r"^training\.max_skipped_steps must be an integer >= 1; got 0$"):
+        spec.replace(max_skipped_steps=0)
+
+
+def test_schedule_functions_are_imported_but_called_only_when_training_builds_the_scheduler(tmp_path):
+    SCHEDULE_CALLS.clear()
+    references = ["tests.test_jobspec:recorded_lambda", "tests.test_jobspec:failing_lambda"]
+    schedulers = [{"name": "LambdaLR", "args": {"lr_lambda": reference}} for reference in references]
+    schedulers.append({"name": "SequentialLR", "args": {"milestones": [2], "schedulers": [
+        ["MultiplicativeLR", {"lr_lambda": references[1]}], ["LambdaLR", {"lr_lambda": [references[1]]}]]}})
+    schedulers.append({"name": "CyclicLR", "args": {"base_lr": 0.01, "max_lr": 0.1, "cycle_momentum": False,
+                                                    "scale_fn": references[1]}})
+    spec = load_job(write_job(tmp_path, edited(schedulers=schedulers)))
+    assert SCHEDULE_CALLS == []  # and failing_lambda, which fails at epoch 0, was not called either
+    assert spec.schedulers[0].args == {"lr_lambda": references[0]}  # the spec keeps the job's references
+    optimizer = build_optimizer("sgd", {"lr": 0.1}, {"w": Parameter(np.zeros(2), name="w")}, ())
+    build_scheduler(spec.schedulers[0].name, spec.schedulers[0].args, optimizer)
+    assert SCHEDULE_CALLS == [0]  # training's scheduler calls the job's function, at its initial step
+    with pytest.raises(ZeroDivisionError):
+        build_scheduler(spec.schedulers[1].name, spec.schedulers[1].args, optimizer)
+
+
+def test_the_optimizer_must_take_the_tasks_kind_of_gradient(tmp_path):
+    ratings = {"name": "ratings", "args": {"users": 20, "items": 10, "dim": 2}}
+    for name in ("sgd", "adagrad", "sparse_adam"):
+        assert load_job(write_job(tmp_path, edited(task=ratings, optimizer={"name": name}))).optimizer == name
+    # a frozen parameter's gradient is the optimizer's concern no more; the trainable ones still are
+    document = edited(task=ratings, optimizer={"name": "adam"}, frozen=["user.*", "item.*", "item_bias.*"])
+    with pytest.raises(JobSpecError, match=r"Adam takes only dense gradients, but task 'ratings' gives row-sparse "
+                                           r"gradients \(user_bias\.weight\); allowed with row-sparse gradients: sgd, "
+                                           r"adagrad, sparse_adam$"):
+        load_job(write_job(tmp_path, document))
+
+
+def test_infinity_only_where_torch_gives_it_a_meaning(tmp_path):
+    rprop = edited(optimizer={"name": "rprop", "args": {"step_sizes": [1e-6, float("inf")]}})
+    assert load_job(write_job(tmp_path, rprop)).optimizer_args["step_sizes"] == [1e-6, float("inf")]
+    assert load_job(write_job(tmp_path, edited(optimizer={"name": "asgd", "args": {"t0": float("inf")}}))).optimizer
+    with pytest.raises(JobSpecError, match=r"optimizer\.args\.t0 must be a finite number \(\+inf is allowed only at "
+                                           r"step_sizes\[1\]\); got inf$"):
+        load_job(write_job(tmp_path, edited(optimizer={"name": "rprop", "args": {"t0": float("inf")}})))
+    with pytest.raises(JobSpecError, match=r"optimizer\.args\.t0 must be a finite number \(\+inf is allowed only at "
+                                           r"t0\); got -inf$"):
+        load_job(write_job(tmp_path, edited(optimizer={"name": "asgd", "args": {"t0": float("-inf")}})))
+    with pytest.raises(JobSpecError, match=r"^scheduler\.args\.eta_min must be a finite number; got nan$"):
+        SchedulerSpec("CosineAnnealingLR", {"T_max": 2, "eta_min": float("nan")})
 
 
 def test_constructing_a_spec_checks_its_values():

@@ -5,6 +5,7 @@ and the moves taken are exactly the declared ones."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -101,7 +102,14 @@ def test_every_declared_move_is_taken(tmp_path, ray_address):
     (tmp_path / "died-again").unlink(missing_ok=True)
     spec = job(tmp_path / "ray-0", backend="ray", max_failures=0, task="tests.fault_tasks:DiesOnFirstStart",
                task_args={"marker": str(tmp_path / "died-again")})
-    taken |= moves(run(spec, RunFailedError))
+    failed = run(spec, RunFailedError)
+    taken |= moves(failed)
+    # the first line says which actor was lost, where and why; Ray's own text follows it
+    first, *details = str(failed.state.error).splitlines()
+    assert re.fullmatch(r"an actor was lost: (ShardActor|GradientWorker) \(pid \d+, node 127\.0\.0\.1\): .+; this is "
+                        r"failure 1 and the job allows max_failures=0\. The committed checkpoints in .+ are intact "
+                        r"\(latest: step None\); continue with `shardstep resume .+`", first), first
+    assert details and "class_name:" in "\n".join(details)
 
     assert taken == DECLARED, (f"never taken: {sorted(DECLARED - taken)}; taken but not declared: "
                                f"{sorted(taken - DECLARED)}")

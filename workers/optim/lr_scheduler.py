@@ -207,6 +207,19 @@ def _write_momentum(group: dict[str, Any], key: str, value: Any) -> None:
 #   {"same_as": j}   the very object stored at position j (shared, as torch shares one lambda)
 
 
+# the argument of each scheduler that takes schedule functions (one, or a list of one per group)
+SCHEDULE_FUNCTION_ARGUMENTS: dict[str, str] = {"LambdaLR": "lr_lambda", "MultiplicativeLR": "lr_lambda",
+                                               "CyclicLR": "scale_fn"}
+
+
+def resolve_schedule_function(value: Any, argument: str) -> Callable:
+    """The callable a schedule-function argument names, without calling it: ``value`` itself,
+    or what a ``"module:function"`` string imports to (ValueError or TypeError naming
+    ``argument`` otherwise). A job file's check resolves its functions with this, so that
+    validation imports the user's code but runs none of it."""
+    return _ScheduleFunction.from_argument(value, argument).function
+
+
 def _resolve_reference(reference: str, argument: str) -> Callable:
     module_name, colon, qualname = reference.partition(":")
     if not colon or not module_name or not qualname:

@@ -230,6 +230,11 @@ class Task(ABC):
     name: ClassVar[str] = ""
     #: hyperparameter overrides by parameter name pattern, first match wins
     param_groups: tuple[ParamGroupRule, ...] = ()
+    #: globs on the names of the parameters whose gradients :meth:`loss_and_grad` gives as
+    #: RowSparseGrad (the others' are dense): a job file's check refuses an optimizer that
+    #: cannot take them (Adam takes no row-sparse gradient, SparseAdam no dense one) before
+    #: anything starts, instead of at the first step
+    sparse_gradients: tuple[str, ...] = ()
 
     # -- what a task implements ----------------------------------------------------------
 

@@ -82,6 +82,7 @@ class RatingsTask(Task):
     """
 
     name = "ratings"
+    sparse_gradients = ("*",)  # every table is an Embedding(sparse=True)
 
     def __init__(self, *, users: int = 600, items: int = 400, rank: int = 8, density: float = 0.15,
                  noise: float = 0.5, dim: int = 16, init_std: float = 0.1, data_seed: int = 0,
