@@ -4,8 +4,10 @@ any shard count, retention and asynchronous saves.
 Single files: :func:`dump` / :func:`load`. Run checkpoints: a :class:`CheckpointStore`
 begins a step, every shard writes its slices with :func:`write_shard` (in parallel, from
 its own process), the store commits; :func:`open_checkpoint` reads one back at any shard
-count (``load_shard``) or consolidated (``export``). The format is specified in
-``checkpoints/FORMAT.md``; the guide is ``docs/checkpoints.md``.
+count (``load_shard``) or consolidated (``export``); :func:`newest_intact` finds the newest
+checkpoint that verifies, and :meth:`CheckpointStore.set_aside` moves a damaged one out of the
+way. The format is specified in ``checkpoints/FORMAT.md``; the guide is
+``docs/checkpoints.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from shardstep.checkpoints.run import (
     RunCheckpoint,
     committed_steps,
     latest_step,
+    newest_intact,
     open_checkpoint,
+    open_newest_intact,
     write_shard,
 )
 
@@ -39,6 +43,8 @@ __all__ = [
     "dump",
     "latest_step",
     "load",
+    "newest_intact",
+    "open_newest_intact",
     "open_checkpoint",
     "partition",
     "write_shard",

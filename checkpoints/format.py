@@ -649,6 +649,21 @@ class FileReader:
                 "the data is damaged"
             )
 
+    def verify_all(self) -> None:
+        """Every chunk of every tensor against its checksum (and bool tensors' bytes), read
+        one chunk at a time into one reused buffer: memory stays at one ``chunk_size``
+        whatever the file's size. Padding is :meth:`check_padding`'s."""
+        if self._scratch is None or len(self._scratch) < self.chunk_size:
+            self._scratch = bytearray(self.chunk_size)
+        buffer = memoryview(self._scratch)
+        for entry in self.entries:
+            for chunk, start in enumerate(range(0, entry.length, self.chunk_size)):
+                data = buffer[:min(self.chunk_size, entry.length - start)]
+                self._preadinto(data, entry.offset + start)
+                self._verify(entry, chunk, data)
+                if entry.dtype.kind == "b" and np.frombuffer(data, np.uint8).max() > 1:
+                    raise self.corrupt(f"bool tensor {_show(entry.key)} holds bytes other than 0 and 1")
+
     def check_padding(self) -> None:
         """The zero bytes between tensors (the header padding is checked when opening)."""
         end = self.data_start

@@ -13,7 +13,12 @@ there (:func:`write_shard`, no gathering through one process), then
 the directory to ``step-<k>``. That rename is the commit: a directory without the plain
 ``step-<k>`` name is never loaded, and the writer's store removes such leftovers when it
 opens. Retention deletes by renaming to ``step-<k>.deleting-<token>`` first, so a crash
-mid-delete also leaves only a leftover. Layout and manifest: ``checkpoints/FORMAT.md``.
+mid-delete also leaves only a leftover.
+
+A damaged checkpoint (:meth:`RunCheckpoint.verify`, :func:`newest_intact`) is set aside by
+renaming it to ``step-<k>.damaged-<token>`` (:meth:`CheckpointStore.set_aside`): never loaded,
+never removed, and step k can be committed again. Layout and manifest:
+``checkpoints/FORMAT.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,12 +42,17 @@ import numpy as np
 
 from shardstep.checkpoints.errors import CheckpointError, CorruptCheckpointError
 from shardstep.checkpoints.format import (
+    ALLOWED_DTYPES,
     DTYPES,
+    MAX_NDIM,
     Encoder,
     FileReader,
     StreamedArray,
+    TensorEntry,
     TensorRef,
     _fsync_directory,
+    _show,
+    _write_all,
     dump,
     fill,
     load,
@@ -55,6 +66,12 @@ MANIFEST_VERSION = 1
 LOCK = ".writer.lock"
 STEP_DIR = re.compile(r"step-(\d+)")
 LEFTOVER = re.compile(r"step-\d+\.(pending|deleting)-[0-9a-f]+|\..*\.tmp-\d+-[0-9a-f]+")
+# a damaged step directory renamed out of the way by set_aside: neither committed nor a
+# leftover, so nothing loads it and nothing removes it (the user may want to look at it)
+DAMAGED = re.compile(r"step-\d+\.damaged-[0-9a-f]+")
+# written into a set-aside directory: when and why it was set aside
+SET_ASIDE_NOTE = "set-aside-reason.txt"
+SHARD_RECORD_FIELDS = ("file", "size", "header_checksum", "slices")
 SHARD_FIELDS = ("run_id", "step", "shard", "num_shards", "param", "state")
 MANIFEST_FIELDS = ("kind", "version", "run_id", "step", "created", "num_shards", "params",
                    "param_groups", "state", "shards", "metrics", "extra")
@@ -330,7 +347,7 @@ class CheckpointStore:
         metrics = _check_metrics(metrics)
         directory = Path(pending.directory)
         final = step_directory(self.root, pending.step)
-        if final.exists():
+        if os.path.lexists(final / MANIFEST):
             raise CheckpointError(f"step {pending.step} is already committed in {self.root}")
         try:
             entries = os.listdir(directory)
@@ -371,6 +388,11 @@ class CheckpointStore:
             "param_groups": groups, "state": schema, "shards": shards, "metrics": metrics, "extra": extra,
         }
         dump(manifest, directory / MANIFEST)
+        if os.path.lexists(final):
+            # step-<k> without a manifest is no committed checkpoint (its manifest was deleted):
+            # refusing would fail every later save of this step, deleting it would destroy
+            # what the user may want to inspect, so it is moved aside
+            self.set_aside(pending.step, f"the commit of step {pending.step} found it without {MANIFEST}")
         try:
             os.rename(directory, final)
             _fsync_directory(self.root)
@@ -379,6 +401,32 @@ class CheckpointStore:
         self._pending.discard(pending.directory)
         self.prune()
         return final
+
+    def set_aside(self, step: int, reason: str) -> Path:
+        """Move the damaged directory of ``step`` (committed, or left without a manifest) out
+        of the way: rename it to ``step-<k>.damaged-<token>``, with ``reason`` and the time in
+        its ``set-aside-reason.txt``, and return the new path. Nothing is deleted; the
+        directory is never loaded, listed as committed or removed by :meth:`cleanup`, and
+        step k can be committed again. Which steps are damaged: :func:`newest_intact`."""
+        self._check_open()
+        _check_step(step)
+        if type(reason) is not str or not reason.strip():
+            raise ValueError(f"reason must be a non-empty str; got {reason!r}")
+        directory = step_directory(self.root, step)
+        if not os.path.lexists(directory):
+            raise CheckpointError(f"cannot set aside step {step}: {directory} does not exist")
+        aside = directory.with_name(f"{directory.name}.damaged-{secrets.token_hex(6)}")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            if directory.is_dir() and not directory.is_symlink():
+                # written before the rename: a crash in between leaves a note in a directory
+                # that is set aside again later, never a set-aside directory without its note
+                _write_note(directory / SET_ASIDE_NOTE, f"{directory.name} set aside at {when}: {reason}\n")
+            os.rename(directory, aside)
+            _fsync_directory(self.root)
+        except OSError as error:
+            raise CheckpointError(f"cannot set aside {directory}: {error.strerror or error}") from error
+        return aside
 
     def prune(self) -> list[int]:
         """Apply the retention policy; returns the deleted steps."""
@@ -399,6 +447,15 @@ class CheckpointStore:
 
     def latest(self) -> int | None:
         return latest_step(self.root)
+
+
+def _write_note(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, memoryview(text.encode()))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -548,27 +605,84 @@ def _first_difference(a: dict, b: dict) -> str:
 # reading committed checkpoints
 
 
-def committed_steps(root: str | os.PathLike) -> list[int]:
-    """The committed steps in a run directory, oldest first (pending ones never count)."""
-    root = Path(root)
+def _step_entries(root: Path) -> list[tuple[int, str]]:
+    """``(step, name)`` of every ``step-<k>`` entry of a run directory, committed or not,
+    oldest first (pending, deleting and set-aside names never match)."""
     try:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
     except OSError as error:
         raise CheckpointError(f"cannot list {root}: {error.strerror or error}") from error
-    steps = []
+    entries = []
     for name in names:
         match = STEP_DIR.fullmatch(name)
-        if match and (root / name / MANIFEST).is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+        if match:
+            entries.append((int(match.group(1)), name))
+    return sorted(entries)
+
+
+def committed_steps(root: str | os.PathLike) -> list[int]:
+    """The committed steps in a run directory, oldest first (pending ones never count, nor
+    do set-aside ``step-<k>.damaged-<token>`` directories)."""
+    root = Path(root)
+    return [step for step, name in _step_entries(root) if (root / name / MANIFEST).is_file()]
 
 
 def latest_step(root: str | os.PathLike) -> int | None:
     """The newest committed step, or None."""
     steps = committed_steps(root)
     return steps[-1] if steps else None
+
+
+def newest_intact(root: str | os.PathLike) -> tuple[int | None, list[tuple[int, str]]]:
+    """The newest committed step whose manifest loads and whose :meth:`RunCheckpoint.verify`
+    passes (None when there is none), and ``(step, one-line reason)`` for every newer
+    ``step-<k>`` directory that did not, newest first: damaged files, or a directory without
+    a manifest (not a committed step, but not something to pass over in silence either).
+
+    Reads every byte of each checkpoint it checks, newest first, until one is intact. A
+    failure that says nothing about the checkpoint (permissions, I/O errors on opening)
+    propagates as a :class:`CheckpointError` rather than passing the step over.
+    """
+    checkpoint, damaged = open_newest_intact(root)
+    if checkpoint is None:
+        return None, damaged
+    checkpoint.close()
+    return checkpoint.step, damaged
+
+
+def open_newest_intact(root: str | os.PathLike) -> tuple[RunCheckpoint | None, list[tuple[int, str]]]:
+    """As :func:`newest_intact`, but the intact checkpoint is returned open, with every shard
+    file it verified still open: a reader keeps reading it even if a live run's retention
+    deletes the step meanwhile (the caller closes it)."""
+    root = Path(root)
+    damaged: list[tuple[int, str]] = []
+    for step, name in reversed(_step_entries(root)):
+        directory = root / name
+        if not (directory / MANIFEST).is_file():
+            reason = f"{directory}: no {MANIFEST}, so not a committed checkpoint (its manifest was deleted or never written)"
+            damaged.append((step, reason))
+            continue
+        checkpoint = None
+        try:
+            checkpoint = RunCheckpoint(directory)
+            if checkpoint.step != step:
+                raise CorruptCheckpointError(
+                    f"{directory / MANIFEST}: is the manifest of step {checkpoint.step}; this "
+                    f"directory holds step {step}")
+            checkpoint.verify()
+        except CorruptCheckpointError as error:
+            if checkpoint is not None:
+                checkpoint.close()
+            damaged.append((step, str(error)))
+            continue
+        except BaseException:
+            if checkpoint is not None:
+                checkpoint.close()
+            raise
+        return checkpoint, damaged
+    return None, damaged
 
 
 def open_checkpoint(root: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
@@ -590,7 +704,14 @@ class RunCheckpoint:
 
     ``load_shard(shard, num_shards)`` gives one shard of any new shard count, reading only
     the byte ranges (to the 1 MiB checksum chunk) it needs; ``export()`` gives the full
-    parameters and a torch-layout optimizer state_dict. Both verify every chunk they read.
+    parameters and a torch-layout optimizer state_dict. Both verify every chunk they read;
+    ``verify()`` checks every byte of the checkpoint without loading it.
+
+    Nothing is allocated on a claim that is not checked first: opening checks the manifest
+    against itself (parameter table, slices, state schema, shard file names, and array bytes
+    no larger than the shard files it records), and every shard file a read needs is opened
+    and checked against the manifest (size, header checksum, every array's shape and dtype)
+    before any array is allocated.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -609,11 +730,15 @@ class RunCheckpoint:
             tuple(ParamSpec(p["name"], tuple(p["shape"]), p["dtype"]) for p in manifest["params"]),
             manifest["num_shards"])
         self._readers: dict[int, FileReader] = {}
+        # per open shard file, its arrays checked against the manifest, by (parameter, state
+        # key or None for the parameter itself)
+        self._entries: dict[int, dict[tuple[str, str | None], TensorEntry]] = {}
 
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+        self._entries.clear()
 
     def __enter__(self) -> RunCheckpoint:
         return self
@@ -621,25 +746,104 @@ class RunCheckpoint:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def verify(self) -> None:
+        """Check the whole checkpoint: every shard file the manifest names exists, has the
+        size and header checksum the manifest records and the arrays its slices and state
+        schema say, zero padding, and every data chunk matches its checksum. Reads one
+        checksum chunk (1 MiB) at a time, so memory stays bounded whatever the checkpoint's
+        size. Raises :class:`CorruptCheckpointError` naming the file and what is wrong."""
+        for shard in range(self.layout.num_shards):
+            self._reader(shard).verify_all()
+
     def _reader(self, shard: int) -> FileReader:
+        """Shard ``shard``'s file, opened once and checked against the manifest."""
         reader = self._readers.get(shard)
-        if reader is None:
-            record = self._manifest["shards"][shard]
-            reader = FileReader(self.directory / record["file"])
+        if reader is not None:
+            return reader
+        record = self._manifest["shards"][shard]
+        path = self.directory / record["file"]
+        listed = f"the manifest lists it as shard {shard} of {self.layout.num_shards}, {record['size']} bytes"
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{path}: missing; {listed}") from None
+        except OSError:
+            status = None  # not a statement about the checkpoint: FileReader reports it
+        if status is not None and not stat.S_ISREG(status.st_mode):
+            raise CorruptCheckpointError(f"{path}: not a regular file; {listed}")
+        reader = FileReader(path)
+        try:
             if reader.size != record["size"] or reader.header_checksum != record["header_checksum"]:
-                reader.close()
                 raise CorruptCheckpointError(
                     f"{reader.path}: size {reader.size} / header checksum {reader.header_checksum:#x} differ "
                     f"from the manifest's {record['size']} / {record['header_checksum']:#x}; the file was "
                     "replaced or damaged"
                 )
-            try:
-                reader.check_padding()
-            except BaseException:
-                reader.close()
-                raise
-            self._readers[shard] = reader
+            reader.check_padding()
+            self._entries[shard] = self._check_shard_file(reader, shard, record)
+        except BaseException:
+            reader.close()
+            raise
+        self._readers[shard] = reader
         return reader
+
+    def _check_shard_file(self, reader: FileReader, shard: int, record: dict) -> dict:
+        """A shard file's tree against the manifest: the same run, step and shard, and every
+        array the manifest's slices and state schema promise, with exactly that shape and
+        dtype. Returns those arrays' table entries; nothing of the file's data is read."""
+        tree = reader.tree
+        manifest = f"the manifest of {self.directory}"
+        if type(tree) is not dict or tuple(tree) != SHARD_FIELDS:
+            fields = _show(list(tree)) if type(tree) is dict else type(tree).__name__
+            raise CorruptCheckpointError(f"{reader.path}: not a shard file (fields {fields}; expected {list(SHARD_FIELDS)})")
+        for key, value in (("run_id", self.run_id), ("step", self.step), ("shard", shard),
+                           ("num_shards", self.layout.num_shards)):
+            if type(tree[key]) is not type(value) or tree[key] != value:
+                raise CorruptCheckpointError(f"{reader.path}: {key} is {_show(tree[key])}; {manifest} says {value!r}")
+        params, state = tree["param"], tree["state"]
+        names = [spec.name for spec in self.layout.params]
+        if type(params) is not dict or set(params) != set(names):
+            held = _show(list(params)) if type(params) is dict else type(params).__name__
+            raise CorruptCheckpointError(f"{reader.path}: holds parameters {held}; {manifest} lists {_show(names)}")
+        if type(state) is not dict or set(state) != set(self.state_schema):
+            held = _show(list(state)) if type(state) is dict else type(state).__name__
+            raise CorruptCheckpointError(
+                f"{reader.path}: holds optimizer state of {held}; {manifest} lists {_show(list(self.state_schema))}")
+        entries = {}
+        for spec in self.layout.params:
+            entries[(spec.name, None)] = self._checked_entry(
+                reader, params[spec.name], f"parameter {spec.name!r}", spec.dtype, record["slices"][spec.name], shard)
+        for name, schema in self.state_schema.items():
+            held = state[name]
+            if type(held) is not dict or set(held) != set(schema):
+                shown = _show(list(held)) if type(held) is dict else type(held).__name__
+                raise CorruptCheckpointError(
+                    f"{reader.path}: the state of parameter {name!r} holds {shown}; {manifest} lists {list(schema)}")
+            for key, kind in schema.items():
+                if "per_element" in kind:
+                    entries[(name, key)] = self._checked_entry(
+                        reader, held[key], f"state {key!r} of parameter {name!r}", kind["per_element"],
+                        record["slices"][name], shard)
+        return entries
+
+    def _checked_entry(self, reader: FileReader, ref: Any, what: str, dtype: str, bounds: list[int],
+                       shard: int) -> TensorEntry:
+        lo, hi = bounds
+        expected = f"the manifest of {self.directory} says {dtype}[{hi - lo}] (shard {shard}'s elements [{lo}, {hi}))"
+        if type(ref) is not TensorRef:
+            raise CorruptCheckpointError(f"{reader.path}: {what} is not an array; {expected}")
+        entry = reader.entries[ref.index]
+        if entry.shape != (hi - lo,) or entry.dtype.name != dtype:
+            raise CorruptCheckpointError(f"{reader.path}: {what} is {entry.dtype.name}{list(entry.shape)}; {expected}")
+        return entry
+
+    def _open_files(self, ranges: Mapping[str, tuple[int, int]]) -> None:
+        """Open and check every shard file holding part of ``ranges`` ({parameter: (start,
+        stop)} of the flattened parameters) before anything is allocated for them."""
+        for shard, record in enumerate(self._manifest["shards"]):
+            slices = record["slices"]
+            if any(max(start, slices[name][0]) < min(stop, slices[name][1]) for name, (start, stop) in ranges.items()):
+                self._reader(shard)
 
     def _read(self, name: str, key: str | None, dtype: np.dtype, start: int, stop: int, out: np.ndarray) -> None:
         """Elements [start, stop) of a parameter (key None) or of its per-element state
@@ -652,13 +856,7 @@ class RunCheckpoint:
             if a >= b:
                 continue
             reader = self._reader(shard)
-            tree = reader.tree
-            ref = tree["param"][name] if key is None else tree["state"].get(name, {}).get(key)
-            if type(ref) is not TensorRef:
-                raise CorruptCheckpointError(f"{reader.path}: lacks {'param' if key is None else key!r} of {name!r}")
-            entry = reader.entries[ref.index]
-            if entry.shape != (hi - lo,) or entry.dtype != dtype:
-                raise CorruptCheckpointError(f"{reader.path}: {name!r}/{key} does not match the manifest")
+            entry = self._entries[shard][(name, key)]
             reader.read_into(entry, view[(a - start) * size:(b - start) * size], (a - lo) * size, (b - lo) * size)
             reader.check_bool(entry, out[a - start:b - start])
 
@@ -668,6 +866,7 @@ class RunCheckpoint:
         ``ShardLayout(params, num_shards)``."""
         layout = ShardLayout(self.layout.params, num_shards)
         layout._check_shard(shard)
+        self._open_files(layout.slices(shard))
         params, state = {}, {}
         for spec in layout.params:
             start, stop = layout.slice(spec.name, shard)
@@ -698,6 +897,7 @@ class RunCheckpoint:
             self._read(name, key, dtype, 0, spec.numel, array.reshape(-1))
             return array
 
+        self._open_files({spec.name: (0, spec.numel) for spec in self.layout.params})
         return self._consolidated(full)
 
     def export_file(self, path: str | os.PathLike) -> None:
@@ -718,6 +918,7 @@ class RunCheckpoint:
 
             return StreamedArray(dtype, spec.shape, blocks)
 
+        self._open_files({spec.name: (0, spec.numel) for spec in self.layout.params})
         model, optimizer = self._consolidated(streamed)
         encoder = Encoder()
         write_file(path, encoder.encode({"model": model, "optimizer": optimizer}), encoder.tensors)
@@ -744,7 +945,13 @@ class RunCheckpoint:
 
 
 def _check_manifest(manifest: Any, path: Path) -> dict:
-    """Every field the readers rely on, so a bad manifest is a CorruptCheckpointError."""
+    """Every field the readers rely on, so a bad manifest is a CorruptCheckpointError before
+    anything is allocated on what it claims: a parameter table of known dtypes and
+    non-negative shapes, slices that tile every parameter in shard order, a state schema of
+    known dtypes, shard files named as the layout names them, and no shard whose arrays need
+    more bytes than the manifest records for its file (the readers check that size against
+    the real file before reading). Values from the file appear in messages through _show,
+    which bounds them."""
 
     def bad(message: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: {message}")
@@ -752,53 +959,109 @@ def _check_manifest(manifest: Any, path: Path) -> dict:
     if type(manifest) is not dict or manifest.get("kind") != MANIFEST_KIND:
         raise bad("not a run-checkpoint manifest")
     if manifest.get("version") != MANIFEST_VERSION:
-        raise bad(f"unsupported manifest version {manifest.get('version')!r}; this reader reads {MANIFEST_VERSION}")
+        raise bad(f"unsupported manifest version {_show(manifest.get('version'))}; this reader reads {MANIFEST_VERSION}")
     if list(manifest) != list(MANIFEST_FIELDS):
-        raise bad(f"manifest fields {list(manifest)}; expected {list(MANIFEST_FIELDS)}")
-    num_shards = manifest["num_shards"]
-    if type(num_shards) is not int or num_shards < 1 or type(manifest["step"]) is not int:
-        raise bad("num_shards / step must be positive ints")
+        raise bad(f"manifest fields {_show(list(manifest))}; expected {list(MANIFEST_FIELDS)}")
+    num_shards, step = manifest["num_shards"], manifest["step"]
+    if type(num_shards) is not int or num_shards < 1 or type(step) is not int or step < 0:
+        raise bad(f"num_shards {_show(num_shards)} must be an int >= 1 and step {_show(step)} an int >= 0")
+    if type(manifest["run_id"]) is not str:
+        raise bad(f"run_id {_show(manifest['run_id'])} must be a str")
+
+    params = manifest["params"]
+    if type(params) is not list:
+        raise bad(f"params must be a list of {{name, shape, dtype}} maps; got {type(params).__name__}")
+    specs = []
+    for index, param in enumerate(params):
+        if type(param) is not dict or set(param) != {"name", "shape", "dtype"}:
+            raise bad(f"params[{index}] must be a map of exactly name, shape and dtype; got {_show(param)}")
+        name, shape, dtype = param["name"], param["shape"], param["dtype"]
+        if type(name) is not str or not name:
+            raise bad(f"params[{index}]: name {_show(name)} must be a non-empty str")
+        if type(shape) is not list or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
+            raise bad(f"parameter {name!r}: shape {_show(shape)} must be a list of at most {MAX_NDIM} non-negative ints")
+        if type(dtype) is not str or dtype not in DTYPES:
+            raise bad(f"parameter {name!r}: dtype {_show(dtype)} is unknown; allowed: {ALLOWED_DTYPES}")
+        specs.append(ParamSpec(name, tuple(shape), dtype))
     try:
-        specs = [ParamSpec(p["name"], tuple(p["shape"]), p["dtype"]) for p in manifest["params"]]
         ShardLayout(tuple(specs), num_shards)
-    except (TypeError, ValueError, KeyError) as error:
+    except ValueError as error:  # repeated names
         raise bad(f"bad parameter table ({error})") from None
+    by_name = {spec.name: spec for spec in specs}
+
+    state = manifest["state"]
+    if type(state) is not dict:
+        raise bad(f"state schema must be a map; got {type(state).__name__}")
+    for name, entries in state.items():
+        if name not in by_name:
+            raise bad(f"state schema for parameter {_show(name)}, which the parameter table lacks")
+        if type(entries) is not dict:
+            raise bad(f"state schema of {name!r} must be a map; got {type(entries).__name__}")
+        for key, kind in entries.items():
+            if type(key) is not str:
+                raise bad(f"state schema of {name!r}: key {_show(key)} must be a str")
+            per_element = kind.get("per_element") if type(kind) is dict else None
+            if not (type(kind) is dict and (list(kind) == ["value"] or (
+                    list(kind) == ["per_element"] and type(per_element) is str and per_element in DTYPES))):
+                raise bad(f"state schema of {name!r}/{key!r} is {_show(kind)}; expected {{'value': v}} or "
+                          f"{{'per_element': dtype}} with dtype one of {ALLOWED_DTYPES}")
+
     shards = manifest["shards"]
     if type(shards) is not list or len(shards) != num_shards:
         raise bad(f"lists {len(shards) if type(shards) is list else '?'} shard files for {num_shards} shards")
     for shard, record in enumerate(shards):
-        if (type(record) is not dict or type(record.get("file")) is not str or "/" in record["file"]
-                or type(record.get("size")) is not int or type(record.get("header_checksum")) is not int
-                or type(record.get("slices")) is not dict):
-            raise bad(f"shard record {shard} is malformed")
+        if type(record) is not dict or set(record) != set(SHARD_RECORD_FIELDS):
+            raise bad(f"shard record {shard} must be a map of exactly {', '.join(SHARD_RECORD_FIELDS)}")
+        # the only file a reader may open for this shard: never "..", a path or another shard's
+        expected_name = shard_file_name(shard, num_shards)
+        if record["file"] != expected_name:
+            raise bad(f"shard {shard}'s file is {_show(record['file'])}; the only name allowed is {expected_name!r}")
+        size, header_sum, slices = record["size"], record["header_checksum"], record["slices"]
+        if type(size) is not int or size < 0 or type(header_sum) is not int or not 0 <= header_sum < 1 << 64:
+            raise bad(f"shard {shard}'s size {_show(size)} and header checksum {_show(header_sum)} must be "
+                      "non-negative ints (the checksum below 2**64)")
+        if type(slices) is not dict or set(slices) != set(by_name):
+            shown = _show(list(slices)) if type(slices) is dict else type(slices).__name__
+            raise bad(f"shard {shard}'s slices are of {shown}; expected exactly the parameters {_show(list(by_name))}")
     for spec in specs:
         expected = 0
         for shard, record in enumerate(shards):
-            bounds = record["slices"].get(spec.name)
-            if (type(bounds) is not list or len(bounds) != 2 or bounds[0] != expected
-                    or type(bounds[1]) is not int or bounds[1] < bounds[0]):
-                raise bad(f"shard {shard}'s slice of {spec.name!r} is {bounds!r}; slices must tile the parameter in order")
+            bounds = record["slices"][spec.name]
+            if (type(bounds) is not list or len(bounds) != 2 or any(type(b) is not int for b in bounds)
+                    or bounds[0] != expected or bounds[1] < bounds[0]):
+                raise bad(f"shard {shard}'s slice of {spec.name!r} is {_show(bounds)}; slices must tile "
+                          f"[0, {spec.numel}) in shard order, so this one is [{expected}, stop) with stop >= {expected}")
             expected = bounds[1]
         if expected != spec.numel:
-            raise bad(f"the slices of {spec.name!r} cover {expected} of its {spec.numel} elements")
-    names = {spec.name for spec in specs}
-    state = manifest["state"]
-    if type(state) is not dict:
-        raise bad("state schema must be a map")
-    for name, entries in state.items():
-        if name not in names or type(entries) is not dict:
-            raise bad(f"state schema for unknown parameter {name!r}")
-        for key, kind in entries.items():
-            if not (type(kind) is dict and (list(kind) == ["value"] or
-                    (list(kind) == ["per_element"] and kind["per_element"] in DTYPES))):
-                raise bad(f"state schema of {name!r}/{key!r} is malformed: {kind!r}")
+            raise bad(f"the slices of {spec.name!r} cover [0, {expected}); its shape {list(spec.shape)} has "
+                      f"{spec.numel} elements")
+    for shard, record in enumerate(shards):
+        # a shard file holds at least its arrays' bytes: what the slices claim is bounded by
+        # the size recorded here, which the readers check against the real file
+        claimed = 0
+        for spec in specs:
+            lo, hi = record["slices"][spec.name]
+            arrays = [(f"parameter {spec.name!r}", spec.dtype)] + [
+                (f"state {key!r} of parameter {spec.name!r}", kind["per_element"])
+                for key, kind in state.get(spec.name, {}).items() if "per_element" in kind]
+            for what, dtype in arrays:
+                needed = (hi - lo) * DTYPES[dtype].itemsize
+                claimed += needed
+                if claimed > record["size"]:
+                    raise bad(f"{what} (shape {list(spec.shape)}, {dtype}) needs {needed} bytes for shard {shard}'s "
+                              f"elements [{lo}, {hi}), {claimed} with the shard's arrays before it; the manifest "
+                              f"records its file {record['file']} as {record['size']} bytes")
+
     groups = manifest["param_groups"]
-    if type(groups) is not list or any(type(g) is not dict or type(g.get("params")) is not list
-                                       or any(n not in names for n in g["params"]) for g in groups):
+    if type(groups) is not list or any(
+            type(g) is not dict or type(g.get("params")) is not list
+            or any(type(n) is not str or n not in by_name for n in g["params"]) for g in groups):
         raise bad("param_groups must be maps whose 'params' list parameter names")
     grouped = {name for group in groups for name in group["params"]}
     if any(name not in grouped for name in state):
         raise bad("optimizer state for a parameter that no param group lists")
-    if type(manifest["metrics"]) is not dict:
-        raise bad("metrics must be a map")
+    metrics = manifest["metrics"]
+    # retention ranks by these: anything but a number would fail the prune after a commit
+    if type(metrics) is not dict or any(type(k) is not str or type(v) not in (int, float) for k, v in metrics.items()):
+        raise bad(f"metrics must map names to numbers; got {_show(metrics)}")
     return manifest

@@ -195,7 +195,6 @@ def _resume(args: argparse.Namespace) -> int:
 def _train(spec: Any, quiet: bool) -> int:
     from shardstep.checkpoints import latest_step
     from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
-
     from shardstep.service.run_dir import check_saved_job
 
     start = time.perf_counter()
@@ -251,53 +250,116 @@ def _train(spec: Any, quiet: bool) -> int:
 # inspect / export
 
 
-def _checkpoint_of(path: Path, step: int | None = None):
-    from shardstep.checkpoints import RunCheckpoint, open_checkpoint
+def _checkpoint_of(path: Path, step: int | None = None, damaged: list | None = None):
+    """The checkpoint a command reads, verified: ``path`` itself when it is a step
+    directory, else ``step`` of the run directory, or its newest intact step (the damaged
+    newer ones are appended to ``damaged`` as ``(step, reason)``)."""
+    from shardstep.checkpoints import (
+        CheckpointError,
+        RunCheckpoint,
+        committed_steps,
+        open_checkpoint,
+        open_newest_intact,
+    )
     from shardstep.checkpoints.run import MANIFEST
     from shardstep.service.coordinator import CHECKPOINT_DIR
 
     if (path / MANIFEST).is_file():
-        return RunCheckpoint(path)
+        checkpoint = RunCheckpoint(path)
+    else:
+        root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+        if not root.is_dir():
+            raise UsageError(f"{path} is neither a run directory nor a checkpoint directory")
+        if step is None:
+            checkpoint, found = open_newest_intact(root)
+            if damaged is not None:
+                damaged.extend(found)
+            if checkpoint is None:
+                if not committed_steps(root):
+                    raise CheckpointError(f"no committed checkpoint in {root}")
+                raise CheckpointError(f"no committed checkpoint in {root} is intact: "
+                                      + "; ".join(f"step {s}: {reason}" for s, reason in found))
+            return checkpoint  # verified, its files open
+        checkpoint = open_checkpoint(root, step)
+    try:
+        checkpoint.verify()
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint
+
+
+# a live run's retention may delete the step a reader chose while it reads; it reads the
+# newest again this many times
+READ_ATTEMPTS = 5
+
+
+def _reading(path: Path, step: int | None, body: Any) -> Any:
+    """``body(checkpoint, damaged)`` on the checkpoint :func:`_checkpoint_of` chooses. When the
+    read fails and the run directory's committed steps changed meanwhile (a live run
+    committed and retention deleted what was chosen), it is read again from the newest."""
+    from shardstep.checkpoints import CheckpointError, committed_steps
+    from shardstep.service.coordinator import CHECKPOINT_DIR
+
     root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-    if not root.is_dir():
-        raise UsageError(f"{path} is neither a run directory nor a checkpoint directory")
-    return open_checkpoint(root, step)
+
+    def listing() -> list[int]:
+        try:
+            return committed_steps(root)
+        except CheckpointError:
+            return []
+
+    for attempt in range(READ_ATTEMPTS):
+        before = listing()
+        damaged: list[tuple[int, str]] = []
+        try:
+            with _checkpoint_of(path, step, damaged) as checkpoint:
+                return body(checkpoint, damaged)
+        except (CheckpointError, OSError):
+            if step is not None or attempt == READ_ATTEMPTS - 1 or listing() == before:
+                raise
 
 
 def _inspect(args: argparse.Namespace) -> int:
+
+    path = Path(args.path)
+    print("\n".join(_reading(path, None, lambda checkpoint, damaged: _description(path, checkpoint, damaged))))
+    return 0
+
+
+def _description(path: Path, checkpoint: Any, damaged: list[tuple[int, str]]) -> list[str]:
     from shardstep.checkpoints import committed_steps
     from shardstep.service.coordinator import CHECKPOINT_DIR
 
-    path = Path(args.path)
-    with _checkpoint_of(path) as checkpoint:
-        lines = [f"checkpoint  {checkpoint.directory}",
-                 f"run         {checkpoint.run_id}",
-                 f"step        {checkpoint.step}",
-                 f"shards      {checkpoint.layout.num_shards}"]
-        if (path / CHECKPOINT_DIR).is_dir():
-            lines.append(f"committed   steps {committed_steps(path / CHECKPOINT_DIR)}")
-        if checkpoint.metrics:
-            lines.append("metrics     " + "  ".join(f"{k} {v:.6g}" for k, v in checkpoint.metrics.items()))
-        coordinator = (checkpoint.extra or {}).get("coordinator") if isinstance(checkpoint.extra, dict) else None
-        if coordinator:
-            lines.append(f"position    epoch {coordinator['epoch']}, batch {coordinator['batch']}")
-        lines.append("")
-        rows = [("parameter", "shape", "dtype", "elements", "group", "state")]
-        group_of = {name: i for i, g in enumerate(checkpoint.param_groups) for name in g["params"]}
-        total = 0
-        for spec in checkpoint.layout.params:
-            state = ", ".join(sorted(checkpoint.state_schema.get(spec.name, {})))
-            rows.append((spec.name, "x".join(map(str, spec.shape)) or "()", spec.dtype, f"{spec.numel:,}",
-                         str(group_of.get(spec.name, "-")), state or "-"))
-            total += spec.numel
-        lines += _table(rows)
-        lines.append(f"total {total:,} elements")
-        lines.append("")
-        for index, group in enumerate(checkpoint.param_groups):
-            hyper = ", ".join(f"{k}={v}" for k, v in group.items() if k != "params" and v is not None)
-            lines.append(f"group {index}: {hyper}")
-    print("\n".join(lines))
-    return 0
+    lines = [f"checkpoint  {checkpoint.directory}",
+             f"run         {checkpoint.run_id}",
+             f"step        {checkpoint.step}",
+             f"shards      {checkpoint.layout.num_shards}",
+             f"verified    every chunk of its {checkpoint.layout.num_shards} shard file(s)"]
+    if (path / CHECKPOINT_DIR).is_dir():
+        lines.append(f"committed   steps {committed_steps(path / CHECKPOINT_DIR)}")
+    lines += [f"damaged     step {step}: {reason}" for step, reason in damaged]
+    if checkpoint.metrics:
+        lines.append("metrics     " + "  ".join(f"{k} {v:.6g}" for k, v in checkpoint.metrics.items()))
+    coordinator = (checkpoint.extra or {}).get("coordinator") if isinstance(checkpoint.extra, dict) else None
+    if coordinator:
+        lines.append(f"position    epoch {coordinator['epoch']}, batch {coordinator['batch']}")
+    lines.append("")
+    rows = [("parameter", "shape", "dtype", "elements", "group", "state")]
+    group_of = {name: i for i, g in enumerate(checkpoint.param_groups) for name in g["params"]}
+    total = 0
+    for spec in checkpoint.layout.params:
+        state = ", ".join(sorted(checkpoint.state_schema.get(spec.name, {})))
+        rows.append((spec.name, "x".join(map(str, spec.shape)) or "()", spec.dtype, f"{spec.numel:,}",
+                     str(group_of.get(spec.name, "-")), state or "-"))
+        total += spec.numel
+    lines += _table(rows)
+    lines.append(f"total {total:,} elements")
+    lines.append("")
+    for index, group in enumerate(checkpoint.param_groups):
+        hyper = ", ".join(f"{k}={v}" for k, v in group.items() if k != "params" and v is not None)
+        lines.append(f"group {index}: {hyper}")
+    return lines
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -324,12 +386,17 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} is a directory; give a file name")
     from shardstep.service.export import export_checkpoint
 
-    with _checkpoint_of(run_dir, args.step) as checkpoint:
-        try:
-            export_checkpoint(checkpoint, out)
-        except OSError as error:
-            raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
-        step = checkpoint.step
+    def export(checkpoint: Any, damaged: list[tuple[int, str]]) -> int:
+        export_checkpoint(checkpoint, out)
+        for step, reason in damaged:
+            print(f"shardstep export: warning: step {step} is damaged ({reason}); exported step {checkpoint.step}, "
+                  f"the newest intact one", file=sys.stderr)
+        return checkpoint.step
+
+    try:
+        step = _reading(run_dir, args.step, export)
+    except OSError as error:
+        raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
     print(f"wrote {out} ({out.stat().st_size:,} bytes): parameters and optimizer state_dict of step {step}; "
           f"load with checkpoints.load({str(out)!r})")
     return 0

@@ -388,10 +388,13 @@ class Coordinator:
         spec = self.spec
         self._plan_init()
         job = spec.to_dict()
-        trained = run_files.trained_position(self.run_dir)
-        run_files.check_saved_job(self.run_dir, job)  # a different job is refused before Ray starts
+        # the checkpoint to start from, verified before anything is written or started: the
+        # newest intact one (damaged newer ones are set aside once the directory is held)
+        intact, damaged = run_files.starting_checkpoint(self.run_dir)
+        trained = None if intact is None else run_files.trained_position(self.run_dir, intact)
+        run_files.check_saved_job(self.run_dir, job, trained)  # a different job is refused before Ray starts
         if trained is not None:  # and a checkpoint whose position this job cannot continue
-            with open_checkpoint(self.run_dir / CHECKPOINT_DIR, trained[0]) as checkpoint:
+            with open_checkpoint(self.run_dir / CHECKPOINT_DIR, intact) as checkpoint:
                 self._checked_record(checkpoint.step, checkpoint.extra)
         # Ray first: a job the cluster cannot run (shared memory across nodes) is refused
         # before the run directory is touched
@@ -404,6 +407,10 @@ class Coordinator:
                                 for key, old, new in self.directory.changes)
             self._event(f"the job changed since step {trained[0]} ({changed}): continuing with the new values")
         self.store = CheckpointStore(self.run_dir / CHECKPOINT_DIR, run_id=self.run_id, retention=spec.retention())
+        for step, reason in damaged:
+            aside = self.store.set_aside(step, reason)
+            self._event(f"warning: step {step} is damaged ({reason}); set aside as {aside.name}, "
+                        + (f"resuming from step {intact}" if intact is not None else "starting from the beginning"))
         return Starting()
 
     def _plan_init(self) -> None:
@@ -417,7 +424,7 @@ class Coordinator:
         trainable = [name for name in model if not spec.is_frozen(name)]
         local = self._local_optimizer({name: model[name].dtype for name in trainable})
         groups = {name: group for group in local.param_groups for name in group["param_names"]}
-        with open_init_source(spec.init) as source:
+        with open_init_source(spec.init, warn=self._event) as source:
             self.init_plan = plan_init(source, spec, model, groups)
         self.init_record = self.init_plan.record()
 

@@ -11,14 +11,14 @@ has a checkpoint of its own it resumes from that, never from the source again.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shardstep.checkpoints import CheckpointError, RunCheckpoint, latest_step, open_checkpoint
+from shardstep.checkpoints import CheckpointError, RunCheckpoint, latest_step, newest_intact, open_checkpoint
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import MANIFEST
 from shardstep.workers.optim import optimizer_class
@@ -54,10 +54,19 @@ class InitPlan:
                 "state": list(self.state)}
 
 
-def open_init_source(init: Any) -> RunCheckpoint:
+def _verified(checkpoint: RunCheckpoint) -> None:
+    try:
+        checkpoint.verify()
+    except BaseException:
+        checkpoint.close()
+        raise
+
+
+def open_init_source(init: Any, warn: Callable[[str], Any] | None = None) -> RunCheckpoint:
     """The committed checkpoint ``init.from`` names: a ``step-<k>`` directory, or step
     ``init.step`` (default: the newest) of a run directory or of its checkpoints directory.
-    Anything else is a ValueError naming the path."""
+    Anything else is a ValueError naming the path. The checkpoint is verified (every chunk);
+    without ``init.step`` it is the newest intact one, and ``warn`` hears of damaged newer ones."""
     path = Path(init.source)
     try:
         if (path / MANIFEST).is_file():
@@ -66,6 +75,7 @@ def open_init_source(init: Any) -> RunCheckpoint:
                 checkpoint.close()
                 raise ValueError(f"init.step is {init.step}, but init.from is the checkpoint of step "
                                  f"{checkpoint.step} ({path}); leave init.step out when init.from is a step directory")
+            _verified(checkpoint)
             return checkpoint
         if not path.is_dir():
             what = "is not a directory" if path.exists() else "does not exist"
@@ -75,7 +85,19 @@ def open_init_source(init: Any) -> RunCheckpoint:
         if latest_step(root) is None:
             raise ValueError(f"init.from: {path} holds no committed checkpoint (expected a run directory, its "
                              f"{CHECKPOINT_DIR} directory or a step-<k> checkpoint directory)")
-        return open_checkpoint(root, init.step)
+        if init.step is None:
+            # the newest intact step; a damaged newer one is named (the source is not ours to set aside)
+            step, damaged = newest_intact(root)
+            if step is None:
+                raise ValueError(f"init.from: no committed checkpoint in {root} is intact: "
+                                 + "; ".join(f"step {s}: {reason}" for s, reason in damaged))
+            for newer, reason in damaged if warn is not None else ():
+                warn(f"warning: init.from: step {newer} of {root} is damaged ({reason}); fine-tuning from step "
+                     f"{step}, the newest intact one")
+            return open_checkpoint(root, step)
+        checkpoint = open_checkpoint(root, init.step)
+        _verified(checkpoint)
+        return checkpoint
     except CheckpointError as error:
         raise ValueError(f"init.from: {error}") from error
 

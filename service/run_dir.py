@@ -172,24 +172,48 @@ def check_job_change(run_dir: Path, saved: Mapping[str, Any], job: Mapping[str, 
     return [(key, old, new) for _, key, old, new in differences]
 
 
-def trained_position(run_dir: Path) -> tuple[int, int] | None:
-    """(step, epoch) of the run directory's latest committed checkpoint, or None."""
-    from shardstep.checkpoints import latest_step, open_checkpoint
+def trained_position(run_dir: Path, step: int | None = None) -> tuple[int, int] | None:
+    """(step, epoch) of the run directory's checkpoint of ``step`` (default: the newest
+    committed one whose manifest reads; its files are not verified here), or None."""
+    from shardstep.checkpoints import CorruptCheckpointError, committed_steps, open_checkpoint
 
     root = run_dir / CHECKPOINT_DIR
-    if latest_step(root) is None:
-        return None
-    with open_checkpoint(root) as checkpoint:
-        extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
-        return checkpoint.step, extra.get("coordinator", {}).get("epoch", 0)
+    for candidate in [step] if step is not None else reversed(committed_steps(root)):
+        try:
+            with open_checkpoint(root, candidate) as checkpoint:
+                extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
+                coordinator = extra.get("coordinator")
+                epoch = coordinator.get("epoch", 0) if isinstance(coordinator, dict) else 0
+                return checkpoint.step, epoch
+        except CorruptCheckpointError:
+            if step is not None:
+                raise
+    return None
 
 
-def check_saved_job(run_dir: Path, job: Mapping[str, Any]) -> None:
-    """Refuse (RunDirectoryError) a job that the run directory's own cannot become; reads
+def starting_checkpoint(run_dir: Path) -> tuple[int | None, list[tuple[int, str]]]:
+    """The newest intact committed step of the run directory (every chunk of every file
+    verified) and the damaged ``step-<k>`` directories newer than it, ``(step, reason)``.
+    Refuses (CheckpointError) a directory whose committed checkpoints are all damaged: the
+    run would start over and the damaged ones would be its only record."""
+    from shardstep.checkpoints import CheckpointError, committed_steps, newest_intact
+
+    root = run_dir / CHECKPOINT_DIR
+    intact, damaged = newest_intact(root)
+    if intact is None and committed_steps(root):
+        raise CheckpointError(f"no committed checkpoint in {root} is intact: "
+                              + "; ".join(f"step {step}: {reason}" for step, reason in damaged)
+                              + "; nothing was changed")
+    return intact, damaged
+
+
+def check_saved_job(run_dir: Path, job: Mapping[str, Any], trained: tuple[int, int] | None = None) -> None:
+    """Refuse (RunDirectoryError) a job that the run directory's own cannot become;
+    ``trained``: where the run resumes (default: its newest readable checkpoint). Reads
     only, takes no lock (:func:`open_run_dir` checks again under the lock)."""
     saved = saved_job(run_dir)
     if saved is not None:
-        check_job_change(run_dir, saved["job"], job, trained_position(run_dir))
+        check_job_change(run_dir, saved["job"], job, trained if trained is not None else trained_position(run_dir))
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -342,3 +344,35 @@ def test_plot_leaves_out_lines_that_are_not_whole_records(tmp_path, capsys):
     from shardstep.service.plot import read_metrics
 
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 11))
+
+
+def test_readers_of_a_live_run_always_find_a_committed_step_while_retention_deletes(tmp_path, capsys):
+    """A run commits a checkpoint every step and keeps only the last: `export` and `inspect`
+    in another process, again and again, always read a whole committed step."""
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job.toml", run_dir, steps=100000, every=1,
+                    replace={"every = 1\n": "every = 1\nkeep_last = 1\nasync = false\n"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writer = subprocess.Popen([sys.executable, "-m", "shardstep.service.cli", "run", str(job), "--quiet"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not committed_steps(run_dir / "checkpoints"):
+            assert writer.poll() is None, writer.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.01)
+        exported, described = [], []
+        for attempt in range(40):
+            code, out, err = run_cli(capsys, "export", str(run_dir), "--out", str(tmp_path / "model.ckpt"))
+            assert code == 0, f"export {attempt}: {err}"
+            exported.append(int(out.split("state_dict of step ")[1].split(";")[0]))
+            code, out, err = run_cli(capsys, "inspect", str(run_dir))
+            assert code == 0, f"inspect {attempt}: {err}"
+            described.append(int(out.split("step        ")[1].split("\n")[0]))
+        assert writer.poll() is None, writer.stderr.read()
+        # the run moved on while they read: retention really deleted under them
+        assert len(set(exported)) > 5 and len(set(described)) > 5, (exported, described)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        assert writer.wait(timeout=60) == 130
+        writer.stderr.close()
