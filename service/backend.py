@@ -157,7 +157,7 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None):
+    def __init__(self, address: str | None = None, code: Sequence[str] = ()):
         import ray
 
         self.ray = ray
@@ -183,6 +183,11 @@ class RayBackend:
                 options.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
             else:
                 options["address"] = target
+            # the job's own modules (beside its job file) travel to every actor, on this machine
+            # and on a cluster alike; a driver that Ray Jobs started (`shardstep submit`) has
+            # them in its job's runtime_env already, which a second py_modules would conflict with
+            if code and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+                options["runtime_env"] = {"py_modules": list(code)}
             # Ray's init replaces the SIGTERM handler with one that exits at once; the caller's
             # (shardstep's own: stop like Ctrl-C) is put back
             previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -402,9 +407,10 @@ def lost_actor_message(error: BaseException) -> str:
     return f"{summary}\n{text}"
 
 
-def make_backend(name: str, address: str | None = None) -> InlineBackend | RayBackend:
+def make_backend(name: str, address: str | None = None, code: Sequence[str] = ()) -> InlineBackend | RayBackend:
+    """``code``: the job's own modules, for the actors (Ray's ``py_modules``)."""
     if name == "inline":
         return InlineBackend()
     if name == "ray":
-        return RayBackend(address)
+        return RayBackend(address, code)
     raise ValueError(f"backend must be 'ray' or 'inline'; got {name!r}")

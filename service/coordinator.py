@@ -64,6 +64,7 @@ from shardstep.service.actors import ActorGroup, StartPlan, choose_transport
 from shardstep.service.backend import make_backend
 from shardstep.service.errors import ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
 from shardstep.service.finetune import InitPlan, open_init_source, plan_init
+from shardstep.service.job_code import shipped_modules, use_job_code
 from shardstep.service.pipeline import StepPipeline
 from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, plain
 from shardstep.service.sharded_lbfgs import ShardedSpace
@@ -285,6 +286,7 @@ class Coordinator:
                  on_step: Callable[[dict[str, Any]], Any] | None = None,
                  on_event: Callable[[str], Any] | None = None):
         self.spec = spec
+        use_job_code(getattr(spec, "code_dir", None))
         self.task = task if task is not None else make_task(spec.task, **dict(spec.task_args))
         self.on_step = on_step
         self.on_event = on_event
@@ -398,7 +400,7 @@ class Coordinator:
                 self._checked_record(checkpoint.step, checkpoint.extra)
         # Ray first: a job the cluster cannot run (shared memory across nodes) is refused
         # before the run directory is touched
-        self.backend = make_backend(spec.backend, spec.address)
+        self.backend = make_backend(spec.backend, spec.address, code=shipped_modules(spec))
         choose_transport(spec, self.backend, first=True)
         self.directory = run_files.open_run_dir(self.run_dir, job, self.init_record, trained)
         self.run_id = self.directory.run_id

@@ -65,6 +65,7 @@ import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import Retention
+from shardstep.service.job_code import use_job_code
 from shardstep.workers.optim import Parameter, lr_scheduler
 from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
 from shardstep.workers.optim.registry import NAMES as OPTIMIZER_NAMES
@@ -172,6 +173,8 @@ FIELD_KEYS: dict[str, str] = {
     "run_dir": "run_dir",
     "frozen": "frozen",
     "init": "init",
+    # not a key of the file: the directory the file is in, where its own code is imported from
+    "code_dir": "code_dir",
 }
 # the tables of plain settings: table -> {key: field}
 SETTING_TABLES: dict[str, dict[str, str]] = {
@@ -185,7 +188,7 @@ SCHEDULER_KEYS = ("name", "interval", "monitor", "args")
 INIT_KEYS = ("from", "step", "optimizer_state", "skip")
 # the fields whose values decide what the task, optimizer and scheduler checks see
 BUILD_FIELDS = ("task", "task_args", "optimizer", "optimizer_args", "param_groups", "schedulers", "seed",
-                "keep_metric", "frozen")
+                "keep_metric", "frozen", "code_dir")
 
 
 # ---------------------------------------------------------------------------------------
@@ -622,6 +625,7 @@ class JobSpec:
     run_dir: str = ""
     frozen: tuple[str, ...] = ()
     init: InitSpec | None = None
+    code_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in _checked_fields(self).items():
@@ -857,6 +861,14 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
         raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
                            f"resolved against the file's directory); got {_shown(run_dir)}")
     out["run_dir"] = run_dir
+    code_dir = spec.code_dir
+    if code_dir is not None:
+        _check_text(key["code_dir"], code_dir, "the absolute path of the job file's directory")
+        _check_path_text(key["code_dir"], code_dir)
+        if not os.path.isabs(code_dir):
+            raise JobSpecError(f"{key['code_dir']} must be an absolute path (the job file's directory); got "
+                               f"{_shown(code_dir)}")
+    out["code_dir"] = code_dir
 
     out["frozen"] = _check_patterns(key["frozen"], spec.frozen)
     if out["frozen"] and out["optimizer"] == "lbfgs":
@@ -889,6 +901,7 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
 def _check_build(spec: JobSpec) -> None:
     """Build what the job builds, on stand-ins where size matters; raise JobSpecError with
     the key that caused a failure."""
+    use_job_code(spec.code_dir)  # what the job names may lie beside its file
     task = _build_task(spec)
     dtypes = {param.name: np.dtype(param.dtype) for param in _param_specs(task, spec)}
     metrics = _metric_names(task, spec)
@@ -1246,6 +1259,24 @@ def _table(path: str, value: Any, form: str) -> Mapping[str, Any]:
     return value
 
 
+def _task_paths_resolved(task: Any, args: Any, base: Path) -> Any:
+    """``args`` with the task's path arguments (:attr:`Task.path_arguments`) that are
+    relative resolved against the job file's directory ``base``, like run_dir."""
+    if not isinstance(task, str) or not isinstance(args, Mapping):
+        return args  # refused with its own message by the checks
+    try:
+        names = task_class(task).path_arguments
+    except Exception:
+        return args  # an unknown task: the build check names it
+    resolved = dict(args)
+    for name in names:
+        value = resolved.get(name)
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            _check_path_text(f"task.args.{name}", value)
+            resolved[name] = os.path.normpath(os.path.join(os.path.abspath(base), value))
+    return resolved
+
+
 def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) -> tuple[dict[str, Any], dict[str, str]]:
     """The JobSpec fields of a parsed job file, its layout checked (values are checked by
     JobSpec), and a hint per args table that holds a top-level key (see :func:`_misplaced`)."""
@@ -1259,6 +1290,9 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
     _check_path_text("run_dir", _check_text("run_dir", run_dir, "a directory path"))
     base = Path.cwd() if base_dir is None else Path(base_dir)
     fields["run_dir"] = _resolve_path("run_dir", run_dir, base)
+    if base_dir is not None:
+        fields["code_dir"] = os.path.abspath(base)
+        use_job_code(fields["code_dir"])
 
     for table in ("task", "optimizer"):
         if table not in document:
@@ -1272,6 +1306,8 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
         fields[table] = section["name"]
         fields[f"{table}_args"] = section.get("args", {})
         hints[f"{table}.args"] = _misplaced_in(f"{table}.args", fields[f"{table}_args"])
+    if base_dir is not None:
+        fields["task_args"] = _task_paths_resolved(fields["task"], fields["task_args"], base)
 
     if "param_groups" in document:
         groups = document["param_groups"]

@@ -14,7 +14,8 @@ write fails, so the log never holds half a record from this process.
 A run directory knows its job: running a job on a directory that holds another job's
 checkpoints applies the change only when a resumed run can honour it
 (:data:`RESUMABLE_FIELDS`: how long to train, when to evaluate and checkpoint, what to keep,
-what to do with non-finite values, where and how the actors run) and refuses any other
+what to do with non-finite values, where and how the actors run, where the job's own code
+lies) and refuses any other
 change, naming every key that differs. Such changes alter what is trained (the model, its
 data, the optimizer and its schedule, the batch order), so the numbers of the continued run
 would belong to no job; they belong in a new run that starts from this one's weights.
@@ -44,7 +45,7 @@ RESUMABLE_FIELDS = frozenset({
     "steps", "epochs", "eval_every", "checkpoint_every", "checkpoint_async", "keep_last", "keep_every",
     "keep_best", "keep_metric", "keep_mode", "nonfinite", "max_skipped_steps", "max_failures", "shards",
     "workers", "backend", "address", "worker_cpus", "shard_cpus", "transport", "start_timeout", "placement",
-    "shard_resources", "worker_resources", "shard_labels", "worker_labels", "run_dir",
+    "shard_resources", "worker_resources", "shard_labels", "worker_labels", "run_dir", "code_dir",
 })
 # the longest value a message quotes
 _QUOTED = 60

@@ -241,6 +241,7 @@ def test_a_complete_file_sets_every_field(tmp_path):
         keep_metric="accuracy", keep_mode="max", run_dir=str(tmp_path / "runs" / "full"),
         frozen=("0.*",),
         init=InitSpec(str(tmp_path / "runs" / "base"), step=50, optimizer_state=True, skip=("4.*",)),
+        code_dir=str(tmp_path),
     )
     # every field but backend differs from its default, so none was silently left at it
     # (an address needs backend "ray", the default)

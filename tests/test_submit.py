@@ -419,7 +419,7 @@ def test_stop_then_resubmit_resumes_from_the_stopped_jobs_checkpoint(head, tmp_p
     steps = 400
     run_dir = tmp_path / "run"  # inside the job's directory: left out of the upload
     job = write_job(tmp_path, run_dir=run_dir, steps=steps, every=10, task=f"{package}:SlowDigits")
-    env = {**head.env, "PYTHONPATH": str(tmp_path)}  # for the check here; the cluster has the working dir
+    env = head.env  # no PYTHONPATH: the job's own code is found beside its file, here and on the cluster
     root = run_dir / CHECKPOINT_DIR
 
     first = submitted_id(shardstep("submit", str(job), "--address", head.url, "--no-wait", env=env))

@@ -235,6 +235,9 @@ class Task(ABC):
     #: cannot take them (Adam takes no row-sparse gradient, SparseAdam no dense one) before
     #: anything starts, instead of at the first step
     sparse_gradients: tuple[str, ...] = ()
+    #: the constructor arguments that name files or directories (a data file, say): a relative
+    #: one in a job file is resolved against the job file's directory, like its run_dir
+    path_arguments: tuple[str, ...] = ()
 
     # -- what a task implements ----------------------------------------------------------
 
