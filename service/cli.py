@@ -242,7 +242,8 @@ def _train(spec: Any, quiet: bool) -> int:
     cluster = "" if result.cluster == "inline" else f" on {result.cluster}"
     print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s{cluster}{moved}; {metrics}; "
           f"checkpoints at steps {result.checkpoint_steps[-5:]} in {Path(spec.run_dir) / CHECKPOINT_DIR}"
-          + (f"; recovered from {result.failures} failure(s)" if result.failures else ""), flush=True)
+          + (f"; recovered from {result.failures} failure(s)" if result.failures else "")
+          + (f"; {result.stopped_early}" if result.stopped_early else ""), flush=True)
     return 0
 
 

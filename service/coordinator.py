@@ -224,6 +224,12 @@ class Progress:
     committed: int | None = None         # the latest committed
     stop_requested: bool = False
     skipped_in_a_row: int = 0            # steps skipped for non-finite values since the last update
+    # early stopping: the best value of its metric so far and at which step, the evaluations
+    # since without an improvement, and why training stopped (None: it did not)
+    stop_best: float | None = None
+    stop_best_step: int | None = None
+    stop_bad: int = 0
+    stopped_early: str | None = None
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,8 @@ class RunResult:
     transport: str = "inline"
     # where the run ran: "inline", "a new local Ray instance" or "the Ray cluster at ADDRESS"
     cluster: str = "inline"
+    # why early stopping ended training before steps/epochs, or None
+    stopped_early: str | None = None
 
     @functools.cached_property
     def params(self) -> dict[str, np.ndarray]:
@@ -552,6 +560,16 @@ class Coordinator:
         progress.last_metrics = dict(record.get("metrics", {}))
         progress.last_checkpoint = step
         self.optimizer._step_count = record["optimizer_steps"]
+        watched = record.get("early_stopping")
+        # what was watched before carries over while the job watches the same metric the
+        # same way; a changed patience decides from the count so far
+        if (isinstance(watched, Mapping) and watched.get("metric") == self.spec.stop_metric
+                and self.spec.stop_metric is not None):
+            progress.stop_best, progress.stop_best_step = watched.get("best"), watched.get("best_step")
+            progress.stop_bad = int(watched.get("bad") or 0)
+            if progress.stop_bad >= self.spec.stop_patience:
+                progress.stopped_early = watched.get("stopped") or (
+                    f"early stopping: {self.spec.stop_metric} did not improve in {progress.stop_bad} evaluation(s)")
         self.init_record = extra.get("init")
         if self.optimizer.driver is not None:
             self.optimizer.driver.load_scalar_state(record["lbfgs"])
@@ -598,7 +616,8 @@ class Coordinator:
 
     def _training_over(self) -> bool:
         spec, progress = self.spec, self.progress
-        return (progress.stop_requested or (spec.epochs is not None and progress.epoch >= spec.epochs)
+        return (progress.stop_requested or progress.stopped_early is not None
+                or (spec.epochs is not None and progress.epoch >= spec.epochs)
                 or (spec.steps is not None and progress.step >= spec.steps))
 
     def _running(self, state: Running) -> State:
@@ -609,6 +628,7 @@ class Coordinator:
             if (spec.eval_every is not None and not record.get("skipped")
                     and progress.step % spec.eval_every == 0):
                 metrics = record["eval"] = self._evaluate()
+                self._watch_for_early_stop(metrics)
             progress.last_metrics = {"loss": record["loss"], **(metrics or {})}
             self.history.append(record)
             self._log(record)
@@ -618,6 +638,28 @@ class Coordinator:
                     and progress.step % spec.checkpoint_every == 0):
                 return Checkpointing(wait=not spec.checkpoint_async)
         return Finishing()
+
+    def _watch_for_early_stop(self, metrics: Mapping[str, float]) -> None:
+        """Count the evaluations whose metric did not improve on the best by more than
+        min_delta (as Lightning's EarlyStopping does); at ``patience`` of them in a row,
+        training stops after this step."""
+        spec, progress = self.spec, self.progress
+        if spec.stop_metric is None:
+            return
+        value = float(metrics[spec.stop_metric])
+        best = progress.stop_best
+        improved = best is None or (value < best - spec.stop_min_delta if spec.stop_mode == "min"
+                                    else value > best + spec.stop_min_delta)
+        if improved:
+            progress.stop_best, progress.stop_best_step, progress.stop_bad = value, progress.step, 0
+            return
+        progress.stop_bad += 1
+        if progress.stop_bad >= spec.stop_patience:
+            progress.stopped_early = (
+                f"early stopping: {spec.stop_metric} did not improve on its best, {best:.6g} at step "
+                f"{progress.stop_best_step}, by more than {spec.stop_min_delta:g} ({spec.stop_mode}) in "
+                f"{progress.stop_bad} evaluation(s); stopped at step {progress.step}")
+            self._event(progress.stopped_early)
 
     def _log(self, record: dict[str, Any]) -> None:
         try:
@@ -785,6 +827,9 @@ class Coordinator:
             "epoch_losses": list(progress.epoch_losses), "optimizer_steps": self.optimizer._step_count,
             "schedulers": [s.state_dict() for s in self.schedulers], "metrics": dict(progress.last_metrics),
             "lbfgs": None if self.optimizer.driver is None else self.optimizer.driver.scalar_state(),
+            "early_stopping": {"metric": self.spec.stop_metric, "best": progress.stop_best,
+                               "best_step": progress.stop_best_step, "bad": progress.stop_bad,
+                               "stopped": progress.stopped_early},
         }
         payload = {
             "param_groups": [dict(g) for g in self.optimizer.param_groups],
@@ -831,7 +876,7 @@ class Coordinator:
             history=self.history, evaluations=self.evaluations, metrics=metrics, steps=progress.step,
             epoch=progress.epoch, batch=progress.batch, failures=self.failures, run_dir=self.run_dir,
             checkpoint_steps=committed_steps(self.run_dir / CHECKPOINT_DIR), init=self.init_record,
-            transport=self.transport, cluster=self.backend.description))
+            transport=self.transport, cluster=self.backend.description, stopped_early=progress.stopped_early))
 
     # -- actors ----------------------------------------------------------------------------------
 

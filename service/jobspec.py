@@ -170,6 +170,10 @@ FIELD_KEYS: dict[str, str] = {
     "keep_best": "checkpoint.keep_best",
     "keep_metric": "checkpoint.metric",
     "keep_mode": "checkpoint.mode",
+    "stop_metric": "early_stopping.metric",
+    "stop_patience": "early_stopping.patience",
+    "stop_min_delta": "early_stopping.min_delta",
+    "stop_mode": "early_stopping.mode",
     "run_dir": "run_dir",
     "frozen": "frozen",
     "init": "init",
@@ -179,16 +183,17 @@ FIELD_KEYS: dict[str, str] = {
 # the tables of plain settings: table -> {key: field}
 SETTING_TABLES: dict[str, dict[str, str]] = {
     table: {key.partition(".")[2]: name for name, key in FIELD_KEYS.items() if key.startswith(f"{table}.")}
-    for table in ("training", "resources", "checkpoint")
+    for table in ("training", "resources", "checkpoint", "early_stopping")
 }
 TOP_LEVEL_KEYS = ("run_dir", "task", "optimizer", "param_groups", "schedulers", "training", "resources", "checkpoint",
+                  "early_stopping",
                   "frozen", "init")
 NAMED_TABLE_KEYS = ("name", "args")
 SCHEDULER_KEYS = ("name", "interval", "monitor", "args")
 INIT_KEYS = ("from", "step", "optimizer_state", "skip")
 # the fields whose values decide what the task, optimizer and scheduler checks see
 BUILD_FIELDS = ("task", "task_args", "optimizer", "optimizer_args", "param_groups", "schedulers", "seed",
-                "keep_metric", "frozen", "code_dir")
+                "keep_metric", "stop_metric", "frozen", "code_dir")
 
 
 # ---------------------------------------------------------------------------------------
@@ -622,6 +627,10 @@ class JobSpec:
     keep_best: int | None = None
     keep_metric: str | None = None
     keep_mode: str = "min"
+    stop_metric: str | None = None
+    stop_patience: int = 3
+    stop_min_delta: float = 0.0
+    stop_mode: str = "min"
     run_dir: str = ""
     frozen: tuple[str, ...] = ()
     init: InitSpec | None = None
@@ -851,6 +860,18 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
         raise JobSpecError(f"{key['keep_mode']} applies to keep_best; got mode = {out['keep_mode']!r} without "
                            f"keep_best and metric")
 
+    out["stop_metric"] = _check_text(key["stop_metric"], spec.stop_metric, "the name of a metric the task's "
+                                     "evaluation reports", optional=True)
+    out["stop_patience"] = _check_int(key["stop_patience"], spec.stop_patience, 1)
+    out["stop_min_delta"] = _check_real(key["stop_min_delta"], spec.stop_min_delta, 0.0, strict=False)
+    out["stop_mode"] = _check_choice(key["stop_mode"], spec.stop_mode, KEEP_MODES)
+    if out["stop_metric"] is None and (out["stop_patience"], out["stop_min_delta"], out["stop_mode"]) != (3, 0.0, "min"):
+        raise JobSpecError(f"{key['stop_patience']}, {key['stop_min_delta']} and {key['stop_mode']} apply to early "
+                           f"stopping, which needs {key['stop_metric']}")
+    if out["stop_metric"] is not None and out["eval_every"] is None:
+        raise JobSpecError(f"{key['stop_metric']} = {out['stop_metric']!r} stops on evaluations, so "
+                           f"{key['eval_every']} is required with it")
+
     run_dir = spec.run_dir
     if isinstance(run_dir, os.PathLike):
         run_dir = os.fspath(run_dir)
@@ -959,6 +980,10 @@ def _check_build(spec: JobSpec) -> None:
             raise JobSpecError(f"{path}.monitor must be {TRAINING_LOSS!r} or a metric of task {spec.task!r} "
                                f"({', '.join(sorted(metrics))}); got {scheduler.monitor!r}"
                                f"{_suggest(scheduler.monitor, sorted(metrics))}")
+    if spec.stop_metric is not None and spec.stop_metric not in metrics:
+        raise JobSpecError(f"{FIELD_KEYS['stop_metric']} must be a metric of task {spec.task!r}'s evaluation "
+                           f"({', '.join(sorted(metrics))}); got {spec.stop_metric!r}"
+                           f"{_suggest(spec.stop_metric, sorted(metrics))}")
     if spec.keep_metric is not None and spec.keep_metric != TRAINING_LOSS and spec.keep_metric not in metrics:
         raise JobSpecError(f"{FIELD_KEYS['keep_metric']} must be {TRAINING_LOSS!r} or a metric of task "
                            f"{spec.task!r} ({', '.join(sorted(metrics))}); got {spec.keep_metric!r}"
@@ -1093,7 +1118,8 @@ def _metric_names(task: Task, spec: JobSpec) -> frozenset[str]:
     only when the spec names a metric other than the training loss (the one check that
     builds the model here)."""
     named = [s.monitor for s in spec.schedulers] + ([spec.keep_metric] if spec.keep_metric else [])
-    if all(name == TRAINING_LOSS for name in named):
+    # early stopping's metric is always the evaluation's own, even when it is called "loss"
+    if all(name == TRAINING_LOSS for name in named) and spec.stop_metric is None:
         return frozenset()
     owner = type(task).__name__
     try:
