@@ -230,6 +230,8 @@ class Progress:
     stop_best_step: int | None = None
     stop_bad: int = 0
     stopped_early: str | None = None
+    # seconds spent in steps by this run and every run it resumed (the time limit's clock)
+    trained_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -560,6 +562,11 @@ class Coordinator:
         progress.last_metrics = dict(record.get("metrics", {}))
         progress.last_checkpoint = step
         self.optimizer._step_count = record["optimizer_steps"]
+        trained = record.get("trained_seconds", 0.0)
+        progress.trained_seconds = float(trained) if isinstance(trained, (int, float)) and trained >= 0 else 0.0
+        if self.spec.time_limit is not None and progress.trained_seconds >= self.spec.time_limit:
+            progress.stopped_early = (f"time limit: {progress.trained_seconds:.1f} s of training had reached "
+                                      f"training.time_limit = {self.spec.time_limit:g} s at step {step}")
         watched = record.get("early_stopping")
         # what was watched before carries over while the job watches the same metric the
         # same way; a changed patience decides from the count so far
@@ -741,6 +748,12 @@ class Coordinator:
         self._advance_batch()
         record["seconds"] = time.perf_counter() - start
         record["checkpoint"] = progress.committed
+        progress.trained_seconds += record["seconds"]
+        if (spec.time_limit is not None and progress.trained_seconds >= spec.time_limit
+                and progress.stopped_early is None):
+            progress.stopped_early = (f"time limit: {progress.trained_seconds:.1f} s of training reached "
+                                      f"training.time_limit = {spec.time_limit:g} s; stopped at step {progress.step}")
+            self._event(progress.stopped_early)
         return record
 
     def _advance_batch(self) -> None:
@@ -827,6 +840,7 @@ class Coordinator:
             "epoch_losses": list(progress.epoch_losses), "optimizer_steps": self.optimizer._step_count,
             "schedulers": [s.state_dict() for s in self.schedulers], "metrics": dict(progress.last_metrics),
             "lbfgs": None if self.optimizer.driver is None else self.optimizer.driver.scalar_state(),
+            "trained_seconds": progress.trained_seconds,
             "early_stopping": {"metric": self.spec.stop_metric, "best": progress.stop_best,
                                "best_step": progress.stop_best_step, "bad": progress.stop_bad,
                                "stopped": progress.stopped_early},

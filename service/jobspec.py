@@ -149,6 +149,7 @@ FIELD_KEYS: dict[str, str] = {
     "clip_grad_norm": "training.clip_grad_norm",
     "nonfinite": "training.nonfinite",
     "max_skipped_steps": "training.max_skipped_steps",
+    "time_limit": "training.time_limit",
     "shards": "resources.shards",
     "workers": "resources.workers",
     "backend": "resources.backend",
@@ -606,6 +607,7 @@ class JobSpec:
     clip_grad_norm: float | None = None
     nonfinite: str = "stop"
     max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS
+    time_limit: float | None = None
     shards: int = 1
     workers: int = 1
     backend: str = "ray"
@@ -807,6 +809,7 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     out["clip_grad_norm"] = _check_real(key["clip_grad_norm"], spec.clip_grad_norm, 0.0, strict=True, optional=True)
     out["nonfinite"] = _check_choice(key["nonfinite"], spec.nonfinite, NONFINITE_POLICIES)
     out["max_skipped_steps"] = _check_int(key["max_skipped_steps"], spec.max_skipped_steps, 1)
+    out["time_limit"] = _check_real(key["time_limit"], spec.time_limit, 0.0, strict=True, optional=True)
 
     out["shards"] = _check_int(key["shards"], spec.shards, 1)
     out["workers"] = _check_int(key["workers"], spec.workers, 1)

@@ -46,7 +46,7 @@ RESUMABLE_FIELDS = frozenset({
     "keep_best", "keep_metric", "keep_mode", "nonfinite", "max_skipped_steps", "max_failures", "shards",
     "workers", "backend", "address", "worker_cpus", "shard_cpus", "transport", "start_timeout", "placement",
     "shard_resources", "worker_resources", "shard_labels", "worker_labels", "run_dir", "code_dir",
-    "stop_metric", "stop_patience", "stop_min_delta", "stop_mode",
+    "stop_metric", "stop_patience", "stop_min_delta", "stop_mode", "time_limit",
 })
 # the longest value a message quotes
 _QUOTED = 60

@@ -8,6 +8,7 @@ actors (named in jobs as ``"tests.fault_tasks:..."``).
   shards, which initialize their own rows).
 - ``NaNAtStep``: the loss is NaN on global batch ``batch`` of epoch 0.
 - ``DivergesFrom``: the loss is infinite on every batch from step ``step`` on.
+- ``SlowDigits``: every gradient computation takes at least ``seconds``.
 """
 
 from __future__ import annotations
@@ -66,3 +67,17 @@ class DivergesFrom(DigitsTask):
         if batch.epoch > 0 or batch.index + 1 >= self.diverged_from:
             loss = float("inf")
         return loss, grads
+
+
+class SlowDigits(DigitsTask):
+    """The digits task with each gradient computation taking at least ``seconds``."""
+
+    def __init__(self, *, seconds: float = 0.02, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.seconds = seconds
+
+    def loss_and_grad(self, params, batch):
+        import time
+
+        time.sleep(self.seconds)
+        return super().loss_and_grad(params, batch)

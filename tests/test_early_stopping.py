@@ -5,6 +5,7 @@ are refused before anything starts."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -108,3 +109,45 @@ def test_bad_early_stopping_keys_are_refused_before_anything_is_written(tmp_path
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_time_limit_stops_training_and_counts_the_time_of_every_resumed_run(tmp_path, capsys):
+    """It stops at the first step whose end takes the training time (the sum of the steps'
+    own seconds, as metrics.jsonl records them) to the limit, and the time carries over."""
+    job = tmp_path / "timed.toml"
+
+    def write(limit: float) -> None:
+        text = DIGITS_JOB.format(run_dir=tmp_path / "timed", task="tests.fault_tasks:SlowDigits", steps=1000,
+                                 backend="inline", every=1000)
+        text = text.replace('name = "tests.fault_tasks:SlowDigits"\n',
+                            'name = "tests.fault_tasks:SlowDigits"\n[task.args]\nseconds = 0.005\n', 1)
+        job.write_text(text.replace("seed = 5\n", f"seed = 5\ntime_limit = {limit}\n", 1))
+
+    def stopped_at(out: str) -> int:
+        return int(out.split("done: ")[1].split(" steps")[0])
+
+    def clock(upto: int) -> float:
+        total = 0.0
+        for record in (json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()):
+            if record["step"] <= upto:
+                total += record["seconds"]
+        return total
+
+    write(0.5)
+    code, out, err = run_cli(capsys, "run", str(job), "--quiet")
+    assert code == 0, err
+    first = stopped_at(out)
+    assert 1 < first < 1000 and f"reached training.time_limit = 0.5 s; stopped at step {first}" in out, out
+    assert clock(first - 1) < 0.5 <= clock(first)
+    assert committed_steps(tmp_path / "timed" / "checkpoints") == [first]
+
+    code, out, err = run_cli(capsys, "run", str(job), "--quiet")  # its time is used up
+    assert code == 0 and stopped_at(out) == first, err
+
+    write(1.0)  # more time on resume: it trains on, counting the time already spent
+    code, out, err = run_cli(capsys, "run", str(job), "--quiet")
+    assert code == 0, err
+    assert "training.time_limit 0.5 -> 1.0" in out + err
+    second = stopped_at(out)
+    assert first < second < 1000 and "reached training.time_limit = 1 s" in out, out
+    assert clock(second - 1) < 1.0 <= clock(second)
