@@ -75,6 +75,7 @@ class StartPlan:
     task: Any
     seed: int
     batch_size: int
+    accumulate: int
     workers: int
     frozen: list[str]
     checkpoint: str | None      # a committed step directory to read from, or None: a fresh start
@@ -161,7 +162,7 @@ def _actor_specs(spec: Any, plan: StartPlan, regions: Any, threads: bool) -> lis
         specs.append(ActorSpec(ShardActor, (shard, layout, plan.optimizer, plan.groups, None), kwargs,
                                shard_placement, f"shard {shard}"))
     for rank in range(plan.workers):
-        kwargs = {"threads": worker_threads, "shared": regions, "frozen": plan.frozen}
+        kwargs = {"threads": worker_threads, "shared": regions, "frozen": plan.frozen, "accumulate": plan.accumulate}
         specs.append(ActorSpec(GradientWorker, (plan.task, rank, plan.workers, plan.seed, plan.batch_size, layout),
                                kwargs, worker_placement, f"gradient worker {rank}"))
     return specs

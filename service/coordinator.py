@@ -467,7 +467,8 @@ class Coordinator:
         plan = StartPlan(
             layout=self.layout, optimizer=spec.optimizer,
             groups=[{"params": list(g["params"])} for g in self.optimizer.param_groups],
-            task=self.task, seed=spec.seed, batch_size=spec.batch_size, workers=spec.workers,
+            task=self.task, seed=spec.seed, batch_size=spec.batch_size, accumulate=spec.accumulate,
+            workers=spec.workers,
             frozen=[s.name for s in self.layout.params if spec.is_frozen(s.name)],
             checkpoint=None if step is None else str(root / f"step-{step:010d}"),
             init=None if step is not None else self.init_plan,

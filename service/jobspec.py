@@ -150,6 +150,7 @@ FIELD_KEYS: dict[str, str] = {
     "nonfinite": "training.nonfinite",
     "max_skipped_steps": "training.max_skipped_steps",
     "time_limit": "training.time_limit",
+    "accumulate": "training.accumulate",
     "shards": "resources.shards",
     "workers": "resources.workers",
     "backend": "resources.backend",
@@ -608,6 +609,7 @@ class JobSpec:
     nonfinite: str = "stop"
     max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS
     time_limit: float | None = None
+    accumulate: int = 1
     shards: int = 1
     workers: int = 1
     backend: str = "ray"
@@ -810,6 +812,10 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     out["nonfinite"] = _check_choice(key["nonfinite"], spec.nonfinite, NONFINITE_POLICIES)
     out["max_skipped_steps"] = _check_int(key["max_skipped_steps"], spec.max_skipped_steps, 1)
     out["time_limit"] = _check_real(key["time_limit"], spec.time_limit, 0.0, strict=True, optional=True)
+    out["accumulate"] = _check_int(key["accumulate"], spec.accumulate, 1)
+    if out["accumulate"] > out["batch_size"]:
+        raise JobSpecError(f"{key['accumulate']} = {out['accumulate']} micro-batches cannot be cut from "
+                           f"{key['batch_size']} = {out['batch_size']} examples; give at most {out['batch_size']}")
 
     out["shards"] = _check_int(key["shards"], spec.shards, 1)
     out["workers"] = _check_int(key["workers"], spec.workers, 1)

@@ -47,6 +47,7 @@ RESUMABLE_FIELDS = frozenset({
     "workers", "backend", "address", "worker_cpus", "shard_cpus", "transport", "start_timeout", "placement",
     "shard_resources", "worker_resources", "shard_labels", "worker_labels", "run_dir", "code_dir",
     "stop_metric", "stop_patience", "stop_min_delta", "stop_mode", "time_limit",
+    "accumulate",
 })
 # the longest value a message quotes
 _QUOTED = 60

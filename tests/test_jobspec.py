@@ -191,6 +191,7 @@ clip_grad_norm = 1.5
 nonfinite = "skip"
 max_skipped_steps = 5
 time_limit = 3600.0
+accumulate = 2
 
 [resources]
 shards = 3
@@ -240,7 +241,7 @@ def test_a_complete_file_sets_every_field(tmp_path):
             SchedulerSpec("ReduceLROnPlateau", {"mode": "max", "patience": 2}, interval="epoch", monitor="accuracy"),
         ),
         steps=100, epochs=4, batch_size=32, seed=7, eval_every=20, clip_grad_norm=1.5, nonfinite="skip",
-        max_skipped_steps=5, time_limit=3600.0,
+        max_skipped_steps=5, time_limit=3600.0, accumulate=2,
         shards=3, workers=2, backend="ray", address="ray://head:10001", max_failures=2, worker_cpus=1.0,
         shard_cpus=0.5, transport="object_store", start_timeout=120.0, placement="spread",
         shard_resources={"big_memory": 1.0}, worker_resources={"accelerator": 0.5},

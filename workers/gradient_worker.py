@@ -27,7 +27,7 @@ from shardstep.workers.optim import RowSparseGrad
 from shardstep.workers.runtime import limit_threads, node_id
 from shardstep.workers.shard import unpack
 from shardstep.workers.shared_memory import SharedGrad, SharedTransport, whole
-from shardstep.workers.tasks.base import Task, epoch_order
+from shardstep.workers.tasks.base import Task, accumulated_loss_and_grad, epoch_order
 
 
 class GradientWorker:
@@ -35,7 +35,7 @@ class GradientWorker:
 
     def __init__(self, task: Task, rank: int, world_size: int, seed: int, batch_size: int,
                  layout: ShardLayout, threads: int | None = None, frozen: Sequence[str] = (),
-                 shared: SharedTransport | None = None):
+                 shared: SharedTransport | None = None, accumulate: int = 1):
         if threads is not None:
             limit_threads(threads)
         self.task = task
@@ -43,6 +43,8 @@ class GradientWorker:
         self.world_size = world_size
         self.seed = seed
         self.batch_size = batch_size
+        # its shard of each global batch is computed in this many micro-batches
+        self.accumulate = accumulate
         self.layout = layout
         # frozen parameters are never updated: their gradients are not sent
         self.frozen = frozenset(frozen)
@@ -69,7 +71,7 @@ class GradientWorker:
         the shards sent: ``(loss, piece_0, ..., piece_{N-1})``."""
         params = self.gather(slices)
         batch = self._batch(epoch, index)
-        loss, grads = self.task.loss_and_grad(params, batch)
+        loss, grads = accumulated_loss_and_grad(self.task, params, batch, self.accumulate)
         return (float(loss), *self.split(grads))
 
     def evaluate(self, *slices: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from shardstep.workers.optim.parameter import RowSparseGrad
+
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.optim.parameter import FLOAT_DTYPES, RowSparseGrad
 
@@ -200,6 +202,48 @@ def epoch_order(seed: int, epoch: int, train_size: int) -> np.ndarray:
 def shard_bounds(global_size: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rank ``rank``'s slice [start, stop) of a global batch of ``global_size`` examples."""
     return global_size * rank // world_size, global_size * (rank + 1) // world_size
+
+
+def micro_batches(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` cut into ``parts`` consecutive pieces (the sharding rule's split: sizes differ
+    by at most one), each with the whole global batch's ``global_size``, so their summable
+    losses and gradients add up to the batch's."""
+    if parts == 1:
+        return [batch]
+    pieces = []
+    for part in range(parts):
+        start, stop = shard_bounds(batch.size, part, parts)
+        pieces.append(Batch(seed=batch.seed, epoch=batch.epoch, index=batch.index, rank=batch.rank,
+                            world_size=batch.world_size, examples=batch.examples[start:stop],
+                            global_size=batch.global_size,
+                            data={key: array[start:stop] for key, array in batch.data.items()}))
+    return pieces
+
+
+def accumulated_loss_and_grad(task: Task, params: Mapping[str, np.ndarray], batch: Batch,
+                              parts: int) -> tuple[float, dict[str, Any]]:
+    """``task.loss_and_grad`` of ``batch`` computed in ``parts`` micro-batches, one after
+    another, their losses and gradients added (dense ones in place; row-sparse ones by
+    concatenating their rows). The same numbers as one call up to the order of float sums;
+    at most 1/parts of the activations are alive at a time."""
+    if parts == 1:
+        return task.loss_and_grad(params, batch)
+    total_loss, total = 0.0, None
+    for piece in micro_batches(batch, parts):
+        loss, grads = task.loss_and_grad(params, piece)
+        total_loss += float(loss)
+        if total is None:
+            total = {name: grad if isinstance(grad, RowSparseGrad) else np.array(grad, copy=True)
+                     for name, grad in grads.items()}
+            continue
+        for name, grad in grads.items():
+            if isinstance(grad, RowSparseGrad):
+                kept = total[name]
+                total[name] = RowSparseGrad(np.concatenate([kept.indices, grad.indices]),
+                                            np.concatenate([kept.values, grad.values]), kept.shape)
+            else:
+                total[name] += grad
+    return total_loss, total
 
 
 def declared_for(task: Any, declarer: str, builders: Sequence[str]) -> bool:
