@@ -39,8 +39,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from shardstep.workers.optim.parameter import RowSparseGrad
-
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.optim.parameter import FLOAT_DTYPES, RowSparseGrad
 
