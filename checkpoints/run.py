@@ -434,8 +434,7 @@ class CheckpointStore:
         if self.retention is None:
             return []
         steps = committed_steps(self.root)
-        metrics = {step: RunCheckpoint(step_directory(self.root, step)).metrics for step in steps}
-        kept = self.retention.keep(metrics)
+        kept = self.retention.keep({step: self._metrics_of(step) for step in steps})
         deleted = [step for step in steps if step not in kept]
         for step in deleted:
             doomed = step_directory(self.root, step)
@@ -447,6 +446,15 @@ class CheckpointStore:
 
     def latest(self) -> int | None:
         return latest_step(self.root)
+
+    def _metrics_of(self, step: int) -> Mapping[str, float]:
+        """A committed step's metrics for retention; none for one whose manifest no longer
+        reads (damaged after its commit): it never ranks among the best, and keep_last and
+        keep_every treat it like any other step, so pruning never fails on it."""
+        try:
+            return RunCheckpoint(step_directory(self.root, step)).metrics
+        except CorruptCheckpointError:
+            return {}
 
 
 def _write_note(path: Path, text: str) -> None:

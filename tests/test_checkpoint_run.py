@@ -365,6 +365,20 @@ def test_retention_keeps_what_its_rules_say_and_always_the_newest(retention, los
     assert _run_with(tmp_path, retention, losses) == kept
 
 
+def test_retention_goes_on_past_an_older_checkpoint_whose_manifest_was_damaged(tmp_path):
+    """Step 1's manifest is damaged after its commit: later commits still apply retention
+    (the damaged step ranks nowhere among the best and goes when keep_last says so)."""
+    layout = ShardLayout(SPECS[1:3], 2)
+    with CheckpointStore(tmp_path, run_id="run", retention=Retention(keep_best=1, metric="loss", keep_last=1)) as store:
+        _save(tmp_path, 1, layout, store=store, metrics={"loss": 0.1})
+        _save(tmp_path, 2, layout, store=store, metrics={"loss": 0.5})
+        manifest = tmp_path / "step-0000000001" / "manifest.ckpt"
+        manifest.write_bytes(manifest.read_bytes()[:-1])
+        _save(tmp_path, 3, layout, store=store, metrics={"loss": 0.7})
+        _save(tmp_path, 4, layout, store=store, metrics={"loss": 0.6})
+    assert committed_steps(tmp_path) == [2, 4]  # 2 is the best readable; 1 ranked nowhere and went
+
+
 def test_retention_never_touches_a_checkpoint_being_written(tmp_path):
     layout = ShardLayout(SPECS[1:3], 2)
     with CheckpointStore(tmp_path, run_id="run", retention=Retention(keep_last=1)) as store:
