@@ -108,6 +108,14 @@ def exits_at_import(directory: Path) -> Path:
     return path
 
 
+def task_exits_at_import(directory: Path) -> Path:
+    """A task in a module whose import raises SystemExit."""
+    (directory / "exiting_task.py").write_text("raise SystemExit(3)\n")
+    path = directory / "job.toml"
+    path.write_text(job(task='[task]\nname = "exiting_task:Task"'))
+    return path
+
+
 def scheduler(name: str, args: str) -> str:
     return f'[[schedulers]]\nname = "{name}"\n[schedulers.args]\n{args}'
 
@@ -308,6 +316,8 @@ CASES: list[tuple[str, str | Maker, list[str]]] = [
      ["task.name: task 'os:_exit': '_exit' in 'os' is not a Task subclass"]),
     ("task of no such module", job(task='[task]\nname = "no_such_module_of_shardstep:Task"'),
      ["task.name: task 'no_such_module_of_shardstep:Task': cannot import module"]),
+    ("task whose module exits at import", task_exits_at_import,
+     ["task 'exiting_task:Task': importing module 'exiting_task' failed: SystemExit: 3"]),
 ]
 
 

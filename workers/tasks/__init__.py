@@ -46,6 +46,9 @@ def task_class(name: str) -> type[Task]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ValueError(f"task {name!r}: cannot import module {module_name!r} ({error})") from error
+    except (Exception, SystemExit) as error:  # its top level raised, or tried to end the process
+        raise ValueError(f"task {name!r}: importing module {module_name!r} failed: {type(error).__name__}: "
+                         f"{error}") from error
     cls = getattr(module, attribute, None)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ValueError(f"task {name!r}: {attribute!r} in {module_name!r} is not a Task subclass")
