@@ -52,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from shardstep.service.jobspec import URL_SCHEME
+
+    for name in ("run_dir", "path", "out", "job"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and URL_SCHEME.match(value):
+            what = "--run-dir" if name == "run_dir" and args.command in ("run", "submit") else name.upper()
+            print(f"shardstep {args.command}: error: {what} {value!r} is a URL; run directories, checkpoints and "
+                  f"job files are file system paths (object storage is not supported yet)", file=sys.stderr)
+            return EXIT_USAGE
     from shardstep.checkpoints import CheckpointError
     from shardstep.service.errors import ShardstepError, UnsuitableClusterError
     from shardstep.service.jobspec import JobSpecError

@@ -315,10 +315,20 @@ def _check_text(path: str, value: Any, what: str, *, optional: bool = False) -> 
     return value
 
 
+# "s3://", "gs://", "file://": taken as a relative path, "s3://b/run" would be a local
+# directory named "s3:"
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _check_path_text(path: str, value: str) -> str:
     """A path the operating system can hold: no NUL, every character encodable in the file
     system's encoding, names of at most NAME_MAX bytes and at most PATH_MAX bytes in all
     (refused here rather than when the run creates its directory)."""
+    url = URL_SCHEME.match(value)
+    if url:
+        raise JobSpecError(f"{path} is a URL ({url.group(0)}...); run directories and checkpoints live on a file "
+                           f"system path (for a cluster: storage every node sees at the same path, such as NFS), "
+                           f"object storage is not supported yet; got {_shown(value)}")
     if "\0" in value:
         raise JobSpecError(f"{path} holds a NUL character (at index {value.index(chr(0))}), which no path can "
                            f"hold; got {_shown(value)}")

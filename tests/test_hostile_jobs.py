@@ -316,6 +316,8 @@ CASES: list[tuple[str, str | Maker, list[str]]] = [
      ["task.name: task 'os:_exit': '_exit' in 'os' is not a Task subclass"]),
     ("task of no such module", job(task='[task]\nname = "no_such_module_of_shardstep:Task"'),
      ["task.name: task 'no_such_module_of_shardstep:Task': cannot import module"]),
+    ("run_dir on object storage", job(top='run_dir = "s3://bucket/runs/x"'),
+     ["run_dir is a URL (s3://...); run directories and checkpoints live on a file system path"]),
     ("task whose module exits at import", task_exits_at_import,
      ["task 'exiting_task:Task': importing module 'exiting_task' failed: SystemExit: 3"]),
 ]

@@ -376,3 +376,17 @@ def test_readers_of_a_live_run_always_find_a_committed_step_while_retention_dele
         writer.send_signal(signal.SIGTERM)
         assert writer.wait(timeout=60) == 130
         writer.stderr.close()
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "JOB", "--run-dir", "s3://bucket/runs/x"], ["resume", "gs://bucket/runs/x"],
+    ["inspect", "s3://bucket/runs/x"], ["export", "RUN", "--out", "s3://bucket/model.ckpt"],
+])
+def test_object_storage_urls_are_refused_before_anything_is_written(tmp_path, capsys, argv):
+    job = write_job(tmp_path / "job.toml", tmp_path / "run")
+    before = sorted(tmp_path.rglob("*"))
+    argv = [str(job) if a == "JOB" else str(tmp_path / "run") if a == "RUN" else a for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert (code, out) == (2, "") and len(err.splitlines()) == 1, err
+    assert "is a URL; run directories, checkpoints and job files are file system paths" in err
+    assert sorted(tmp_path.rglob("*")) == before and not Path("s3:").exists() and not Path("gs:").exists()
