@@ -25,6 +25,7 @@ from shardstep.checkpoints.run import (
     latest_step,
     newest_intact,
     open_checkpoint,
+    open_intact,
     open_newest_intact,
     write_shard,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "latest_step",
     "load",
     "newest_intact",
+    "open_intact",
     "open_newest_intact",
     "open_checkpoint",
     "partition",

@@ -660,6 +660,17 @@ def newest_intact(root: str | os.PathLike) -> tuple[int | None, list[tuple[int, 
     return checkpoint.step, damaged
 
 
+def open_intact(root: str | os.PathLike) -> tuple[RunCheckpoint | None, list[tuple[int, str]]]:
+    """:func:`open_newest_intact` for a reader that needs a checkpoint: a directory whose
+    committed checkpoints are all damaged is refused (CheckpointError naming each one);
+    None only when nothing is committed."""
+    checkpoint, damaged = open_newest_intact(root)
+    if checkpoint is None and committed_steps(root):
+        raise CheckpointError(f"no committed checkpoint in {root} is intact: "
+                              + "; ".join(f"step {step}: {reason}" for step, reason in damaged))
+    return checkpoint, damaged
+
+
 def open_newest_intact(root: str | os.PathLike) -> tuple[RunCheckpoint | None, list[tuple[int, str]]]:
     """As :func:`newest_intact`, but the intact checkpoint is returned open, with every shard
     file it verified still open: a reader keeps reading it even if a live run's retention

@@ -204,11 +204,11 @@ def _resume(args: argparse.Namespace) -> int:
 def _train(spec: Any, quiet: bool) -> int:
     from shardstep.checkpoints import latest_step
     from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
-    from shardstep.service.run_dir import check_saved_job
+    from shardstep.service.run_dir import check_saved_job, trained_position
 
     start = time.perf_counter()
     try:
-        check_saved_job(Path(spec.run_dir), spec.to_dict())
+        check_saved_job(Path(spec.run_dir), spec.to_dict(), trained_position(Path(spec.run_dir)))
     except ValueError as error:
         raise UsageError(str(error)) from error
     resumed = latest_step(Path(spec.run_dir) / CHECKPOINT_DIR)
@@ -264,13 +264,7 @@ def _checkpoint_of(path: Path, step: int | None = None, damaged: list | None = N
     """The checkpoint a command reads, verified: ``path`` itself when it is a step
     directory, else ``step`` of the run directory, or its newest intact step (the damaged
     newer ones are appended to ``damaged`` as ``(step, reason)``)."""
-    from shardstep.checkpoints import (
-        CheckpointError,
-        RunCheckpoint,
-        committed_steps,
-        open_checkpoint,
-        open_newest_intact,
-    )
+    from shardstep.checkpoints import CheckpointError, RunCheckpoint, open_checkpoint, open_intact
     from shardstep.checkpoints.run import MANIFEST
     from shardstep.service.coordinator import CHECKPOINT_DIR
 
@@ -281,14 +275,11 @@ def _checkpoint_of(path: Path, step: int | None = None, damaged: list | None = N
         if not root.is_dir():
             raise UsageError(f"{path} is neither a run directory nor a checkpoint directory")
         if step is None:
-            checkpoint, found = open_newest_intact(root)
+            checkpoint, found = open_intact(root)
             if damaged is not None:
                 damaged.extend(found)
             if checkpoint is None:
-                if not committed_steps(root):
-                    raise CheckpointError(f"no committed checkpoint in {root}")
-                raise CheckpointError(f"no committed checkpoint in {root} is intact: "
-                                      + "; ".join(f"step {s}: {reason}" for s, reason in found))
+                raise CheckpointError(f"no committed checkpoint in {root}")
             return checkpoint  # verified, its files open
         checkpoint = open_checkpoint(root, step)
     try:
@@ -331,7 +322,6 @@ def _reading(path: Path, step: int | None, body: Any) -> Any:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-
     path = Path(args.path)
     print("\n".join(_reading(path, None, lambda checkpoint, damaged: _description(path, checkpoint, damaged))))
     return 0

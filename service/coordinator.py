@@ -402,12 +402,13 @@ class Coordinator:
         job = spec.to_dict()
         # the checkpoint to start from, verified before anything is written or started: the
         # newest intact one (damaged newer ones are set aside once the directory is held)
-        intact, damaged = run_files.starting_checkpoint(self.run_dir)
-        trained = None if intact is None else run_files.trained_position(self.run_dir, intact)
+        start, damaged = run_files.starting_checkpoint(self.run_dir)
+        intact = trained = None
+        if start is not None:
+            with start:  # and a checkpoint whose position this job cannot continue
+                intact, trained = start.step, run_files.position(start)
+                self._checked_record(start.step, start.extra)
         run_files.check_saved_job(self.run_dir, job, trained)  # a different job is refused before Ray starts
-        if trained is not None:  # and a checkpoint whose position this job cannot continue
-            with open_checkpoint(self.run_dir / CHECKPOINT_DIR, intact) as checkpoint:
-                self._checked_record(checkpoint.step, checkpoint.extra)
         # Ray first: a job the cluster cannot run (shared memory across nodes) is refused
         # before the run directory is touched
         self.backend = make_backend(spec.backend, spec.address, code=shipped_modules(spec))

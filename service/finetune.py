@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shardstep.checkpoints import CheckpointError, RunCheckpoint, latest_step, newest_intact, open_checkpoint
+from shardstep.checkpoints import CheckpointError, RunCheckpoint, latest_step, open_checkpoint, open_intact
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import MANIFEST
 from shardstep.workers.optim import optimizer_class
@@ -87,14 +87,11 @@ def open_init_source(init: Any, warn: Callable[[str], Any] | None = None) -> Run
                              f"{CHECKPOINT_DIR} directory or a step-<k> checkpoint directory)")
         if init.step is None:
             # the newest intact step; a damaged newer one is named (the source is not ours to set aside)
-            step, damaged = newest_intact(root)
-            if step is None:
-                raise ValueError(f"init.from: no committed checkpoint in {root} is intact: "
-                                 + "; ".join(f"step {s}: {reason}" for s, reason in damaged))
+            checkpoint, damaged = open_intact(root)  # something is committed: never None here
             for newer, reason in damaged if warn is not None else ():
                 warn(f"warning: init.from: step {newer} of {root} is damaged ({reason}); fine-tuning from step "
-                     f"{step}, the newest intact one")
-            return open_checkpoint(root, step)
+                     f"{checkpoint.step}, the newest intact one")
+            return checkpoint
         checkpoint = open_checkpoint(root, init.step)
         _verified(checkpoint)
         return checkpoint

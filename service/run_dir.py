@@ -160,8 +160,9 @@ def check_job_change(run_dir: Path, saved: Mapping[str, Any], job: Mapping[str, 
         listed = "; ".join(f"{key} {quoted(old)} -> {quoted(new)}" for key, old, new in refused)
         raise RunDirectoryError(
             f"{run_dir} holds checkpoints of a different job ({listed}). A run directory continues only its own job; "
-            "a resumed run may change how long it trains, when it evaluates and checkpoints, what it keeps, "
-            "nonfinite/max_skipped_steps and where its actors run (docs/jobs.md). Continue the saved job with "
+            "a resumed run may change how long it trains and when it stops, when it evaluates and checkpoints, "
+            "what it keeps, its handling of non-finite values, accumulation and where its actors run "
+            "(docs/jobs.md). Continue the saved job with "
             f"`shardstep resume {run_dir}`, or train with the new settings in a new run directory whose "
             f"[init] from = \"{run_dir}\" starts from this run's weights")
     step, epoch = trained
@@ -175,48 +176,45 @@ def check_job_change(run_dir: Path, saved: Mapping[str, Any], job: Mapping[str, 
     return [(key, old, new) for _, key, old, new in differences]
 
 
-def trained_position(run_dir: Path, step: int | None = None) -> tuple[int, int] | None:
-    """(step, epoch) of the run directory's checkpoint of ``step`` (default: the newest
-    committed one whose manifest reads; its files are not verified here), or None."""
+def position(checkpoint: Any) -> tuple[int, int]:
+    """(step, epoch) of a checkpoint, from its coordinator record."""
+    extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
+    coordinator = extra.get("coordinator")
+    return checkpoint.step, coordinator.get("epoch", 0) if isinstance(coordinator, dict) else 0
+
+
+def trained_position(run_dir: Path) -> tuple[int, int] | None:
+    """(step, epoch) of the newest committed checkpoint whose manifest reads (its files are
+    not verified here), or None."""
     from shardstep.checkpoints import CorruptCheckpointError, committed_steps, open_checkpoint
 
     root = run_dir / CHECKPOINT_DIR
-    for candidate in [step] if step is not None else reversed(committed_steps(root)):
+    for step in reversed(committed_steps(root)):
         try:
-            with open_checkpoint(root, candidate) as checkpoint:
-                extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
-                coordinator = extra.get("coordinator")
-                epoch = coordinator.get("epoch", 0) if isinstance(coordinator, dict) else 0
-                return checkpoint.step, epoch
+            with open_checkpoint(root, step) as checkpoint:
+                return position(checkpoint)
         except CorruptCheckpointError:
-            if step is not None:
-                raise
+            continue
     return None
 
 
-def starting_checkpoint(run_dir: Path) -> tuple[int | None, list[tuple[int, str]]]:
-    """The newest intact committed step of the run directory (every chunk of every file
-    verified) and the damaged ``step-<k>`` directories newer than it, ``(step, reason)``.
-    Refuses (CheckpointError) a directory whose committed checkpoints are all damaged: the
-    run would start over and the damaged ones would be its only record."""
-    from shardstep.checkpoints import CheckpointError, committed_steps, newest_intact
+def starting_checkpoint(run_dir: Path) -> tuple[Any, list[tuple[int, str]]]:
+    """The run directory's newest intact checkpoint, open and verified (None when nothing
+    is committed), and the damaged ``step-<k>`` directories newer than it as ``(step,
+    reason)``. A directory whose committed checkpoints are all damaged is refused
+    (CheckpointError): the run would start over and they would be its only record."""
+    from shardstep.checkpoints import open_intact
 
-    root = run_dir / CHECKPOINT_DIR
-    intact, damaged = newest_intact(root)
-    if intact is None and committed_steps(root):
-        raise CheckpointError(f"no committed checkpoint in {root} is intact: "
-                              + "; ".join(f"step {step}: {reason}" for step, reason in damaged)
-                              + "; nothing was changed")
-    return intact, damaged
+    return open_intact(run_dir / CHECKPOINT_DIR)
 
 
-def check_saved_job(run_dir: Path, job: Mapping[str, Any], trained: tuple[int, int] | None = None) -> None:
+def check_saved_job(run_dir: Path, job: Mapping[str, Any], trained: tuple[int, int] | None) -> None:
     """Refuse (RunDirectoryError) a job that the run directory's own cannot become;
-    ``trained``: where the run resumes (default: its newest readable checkpoint). Reads
-    only, takes no lock (:func:`open_run_dir` checks again under the lock)."""
+    ``trained``: (step, epoch) where the run resumes, or None. Reads only, takes no lock
+    (:func:`open_run_dir` checks again under the lock)."""
     saved = saved_job(run_dir)
     if saved is not None:
-        check_job_change(run_dir, saved["job"], job, trained if trained is not None else trained_position(run_dir))
+        check_job_change(run_dir, saved["job"], job, trained)
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from shardstep.checkpoints import (
 )
 from shardstep.workers.optim import Adam, Parameter, RowSparseGrad, SparseAdam
 from tests.checkpoints import assert_identical, named_state, shard_inputs
-from tests.checkpoints.processes import expected_full, expected_shard, parallel_shard_writer
+from tests.checkpoints.processes import commit_expected, expected_full, expected_shard, parallel_shard_writer
 
 SPECS = (
     ParamSpec("big", (600_003,), "float32"),          # 2.4 MB: slices cross 1 MiB checksum chunks
@@ -39,17 +39,7 @@ SPECS = (
 )
 
 
-def _save(root, step, layout, run_id="run", store=None, **commit):
-    own = store is None
-    store = store or CheckpointStore(root, run_id=run_id)
-    try:
-        pending = store.begin(step, layout)
-        for shard in range(layout.num_shards):
-            write_shard(pending, shard, *expected_shard(layout, shard, step))
-        return store.commit(pending, **commit)
-    finally:
-        if own:
-            store.close()
+_save = commit_expected
 
 
 # -- the layout -------------------------------------------------------------------------------

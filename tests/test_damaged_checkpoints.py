@@ -37,7 +37,7 @@ from shardstep.checkpoints import (
 from shardstep.checkpoints.format import CHUNK_SIZE, FileReader, checksum
 from shardstep.checkpoints.run import DAMAGED, SET_ASIDE_NOTE
 from tests.checkpoints import assert_identical, build_file, split_file
-from tests.checkpoints.processes import expected_full, expected_shard
+from tests.checkpoints.processes import commit_expected, expected_full
 
 # "w" is 2.4 MB, so each shard's slice spans two 1 MiB checksum chunks
 LAYOUT = ShardLayout((ParamSpec("w", (600_003,), "float32"), ParamSpec("b", (7, 5), "float64")), 2)
@@ -48,16 +48,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _save(root: Path, step: int, layout: ShardLayout = LAYOUT, store: CheckpointStore | None = None) -> Path:
-    own = store is None
-    store = store or CheckpointStore(root, run_id=RUN)
-    try:
-        pending = store.begin(step, layout)
-        for shard in range(layout.num_shards):
-            write_shard(pending, shard, *expected_shard(layout, shard, step))
-        return store.commit(pending)
-    finally:
-        if own:
-            store.close()
+    return commit_expected(root, step, layout, run_id=RUN, store=store)
 
 
 def _step_dir(root: Path, step: int = DAMAGED_STEP) -> Path:

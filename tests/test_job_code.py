@@ -18,7 +18,7 @@ import numpy as np
 
 from shardstep.checkpoints import committed_steps
 from shardstep.service.run_dir import JOB_FILE
-from tests.runs import final_params
+from tests.runs import DIGITS_JOB, final_params
 
 TASK_MODULE = '''\
 from pathlib import Path
@@ -44,37 +44,21 @@ SCHEDULES = '''\
 def warmup(epoch):
     return min(1.0, (epoch + 1) / 5)
 '''
-JOB = '''\
-run_dir = "runs/{name}"
+# DIGITS_JOB's task and schedule replaced by the user's, named relative to the job file
+OWN_CODE = {
+    'name = "mytask:ScaledDigits"\n': 'name = "mytask:ScaledDigits"\n[task.args]\nscale_file = "data/scale.txt"\n',
+    'name = "StepLR"\n[schedulers.args]\nstep_size = 40\ngamma = 0.5\n':
+        'name = "LambdaLR"\n[schedulers.args]\nlr_lambda = "schedules:warmup"\n',
+}
 
-[task]
-name = "mytask:ScaledDigits"
-[task.args]
-scale_file = "data/scale.txt"
 
-[optimizer]
-name = "adam"
-[optimizer.args]
-lr = 0.01
-
-[[schedulers]]
-name = "LambdaLR"
-[schedulers.args]
-lr_lambda = "schedules:warmup"
-
-[training]
-steps = 20
-batch_size = 96
-seed = 5
-
-[resources]
-shards = 2
-workers = 2
-backend = "{backend}"
-
-[checkpoint]
-every = 10
-'''
+def job_text(backend: str) -> str:
+    text = DIGITS_JOB.format(run_dir=f"runs/{backend}", task="mytask:ScaledDigits", steps=20, backend=backend,
+                             every=10)
+    for old, new in OWN_CODE.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
 
 
 def project(tmp_path: Path) -> Path:
@@ -85,7 +69,7 @@ def project(tmp_path: Path) -> Path:
     (folder / "schedules.py").write_text(SCHEDULES)
     (folder / "data" / "scale.txt").write_text("0.5\n")
     for backend in ("inline", "ray"):
-        (folder / f"{backend}.toml").write_text(JOB.format(name=backend, backend=backend))
+        (folder / f"{backend}.toml").write_text(job_text(backend))
     return folder
 
 

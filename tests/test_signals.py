@@ -101,11 +101,22 @@ def test_a_signal_at_any_moment_stops_the_run_with_its_message_and_keeps_the_che
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
     reader.start()
+    # read by a thread too: a process of the run that outlived it and kept the pipe open
+    # must fail the test (below), not hang it
+    errors: list[str] = []
+    error_reader = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
+    error_reader.start()
+
+    def stderr_text() -> str:
+        error_reader.join(timeout=60)
+        assert not error_reader.is_alive(), "a process of the run still holds its stderr open"
+        return errors[0]
+
     try:
         header_seen = None
         deadline = time.monotonic() + WAIT_SECONDS
         while not _moment_reached(moment, run_dir, header_seen):
-            assert process.poll() is None, f"the run ended before {moment}: {process.stderr.read()}"
+            assert process.poll() is None, f"the run ended before {moment}: {stderr_text()}"
             assert time.monotonic() < deadline, f"the run did not reach {moment} within {WAIT_SECONDS} s"
             try:
                 if lines.get(timeout=0.005).startswith("shardstep: ") and header_seen is None:
@@ -116,7 +127,7 @@ def test_a_signal_at_any_moment_stops_the_run_with_its_message_and_keeps_the_che
             assert not (run_dir / METRICS_FILE).exists()  # no step yet
         process.send_signal(signum)
         code = process.wait(timeout=WAIT_SECONDS)
-        stderr = process.stderr.read()
+        stderr = stderr_text()
         assert code == 130, stderr
         assert stderr.strip().splitlines()[-1] == (
             f"shardstep run: interrupted; committed checkpoints are kept (continue with `shardstep resume {run_dir}`)")

@@ -59,6 +59,22 @@ def expected_shard(layout: ShardLayout, shard: int, step: int) -> tuple[dict, di
     return params, state
 
 
+def commit_expected(root: Any, step: int, layout: ShardLayout, run_id: str = "run",
+                    store: CheckpointStore | None = None, **commit: Any) -> Any:
+    """Write and commit step ``step`` of :func:`expected_shard`'s state in ``root`` (with
+    ``store``, or a store of its own); returns the committed directory."""
+    own = store is None
+    store = store or CheckpointStore(root, run_id=run_id)
+    try:
+        pending = store.begin(step, layout)
+        for shard in range(layout.num_shards):
+            write_shard(pending, shard, *expected_shard(layout, shard, step))
+        return store.commit(pending, **commit)
+    finally:
+        if own:
+            store.close()
+
+
 def expected_full(layout: ShardLayout, step: int) -> tuple[dict, dict]:
     """The same state consolidated: full-shape arrays by name."""
     params, state = {}, {}
