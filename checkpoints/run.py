@@ -294,6 +294,14 @@ class CheckpointStore:
                 removed.append(entry)
         return removed
 
+    def discard_pending(self) -> list[str]:
+        """Remove this store's pending checkpoints and whatever crashed writes left: what a
+        writer that stops does with saves it will never commit, wherever it was stopped (even
+        inside :meth:`begin` or :meth:`commit`). Returns the names removed."""
+        self._check_open()
+        self._pending.clear()
+        return self.cleanup()
+
     def begin(self, step: int, layout: ShardLayout) -> PendingCheckpoint:
         """Create the pending directory of ``step``; hand the result to every shard."""
         self._check_open()

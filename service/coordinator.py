@@ -375,6 +375,12 @@ class Coordinator:
             self._abort_save()
             self._stop_actors()
             if self.store is not None:
+                # once no actor writes any more: a save that a signal cut short anywhere (even
+                # between creating its directory and recording it) leaves nothing behind
+                try:
+                    self.store.discard_pending()
+                except (OSError, CheckpointError):
+                    pass  # a checkpoints directory that cannot be listed: the next store cleans it
                 self.store.close()
             if self.backend is not None:
                 self.backend.shutdown()
