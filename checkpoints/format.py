@@ -33,6 +33,7 @@ import numpy as np
 import xxhash
 
 from shardstep.checkpoints.errors import CheckpointError, CorruptCheckpointError
+from shardstep.checkpoints.storage import ObjectSource, is_url, location, put_object
 
 MAGIC = b"\x89SSCKPT\n"
 VERSION = 1
@@ -249,26 +250,17 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def write_file(path: str | os.PathLike, tree: Any, tensors: list[TensorSource],
-               chunk_size: int = CHUNK_SIZE) -> int:
+               chunk_size: int = CHUNK_SIZE, *, create: bool = False) -> int:
     """Write a checkpoint file atomically (temporary file, fsync, rename, fsync of the
-    directory); returns the header checksum. ``tree`` is already encoded."""
+    directory; on object storage one PUT or multipart upload, visible whole or not at all);
+    returns the header checksum. ``tree`` is already encoded. ``create`` (object storage
+    only): refuse, with ObjectExistsError, if the object is there already."""
+    header, table, placeholder_length, data_start = _plan(path, tree, tensors, chunk_size)
+    if is_url(path):
+        return _write_object(location(path), header, tensors, placeholder_length, data_start, create)
+    if create:
+        raise ValueError("create=True is for object storage; local files commit by rename")
     path = Path(path)
-    table = []
-    end = 0
-    for source in tensors:
-        offset = align(end)
-        length = source.length
-        table.append({
-            "key": source.key, "dtype": source.dtype.name, "shape": list(source.shape),
-            "offset": offset, "length": length, "checksums": bytes(8 * -(-length // chunk_size)),
-        })
-        end = offset + length
-    header = {"chunk_size": chunk_size, "tensors": table, "tree": tree}
-    placeholder = _pack(header)
-    if len(placeholder) > MAX_HEADER:
-        raise ValueError(f"cannot save {path}: the header would be {len(placeholder)} bytes; at most {MAX_HEADER}")
-    data_start = align(PREAMBLE.size + len(placeholder))
-
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -281,12 +273,10 @@ def write_file(path: str | os.PathLike, tree: Any, tensors: list[TensorSource],
             for source, entry in zip(tensors, table):
                 if entry["offset"] > position:
                     _write_all(fd, memoryview(bytes(entry["offset"] - position)))
-                entry["checksums"] = _write_tensor(fd, source, entry["length"], chunk_size)
+                entry["checksums"] = _checksummed(source, entry["length"], chunk_size,
+                                                  lambda block: _write_all(fd, block))
                 position = entry["offset"] + entry["length"]
-            header_bytes = _pack(header)
-            assert len(header_bytes) == len(placeholder), "header length changed while writing"
-            head = PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), checksum(header_bytes))
-            head += header_bytes + bytes(data_start - PREAMBLE.size - len(header_bytes))
+            head, header_sum = _head(header, placeholder_length, data_start)
             os.pwrite(fd, head, 0)
             os.fsync(fd)
         finally:
@@ -301,35 +291,116 @@ def write_file(path: str | os.PathLike, tree: Any, tensors: list[TensorSource],
         if isinstance(error, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}") from error
         raise
-    return checksum(header_bytes)
+    return header_sum
 
 
-def _write_tensor(fd: int, source: TensorSource, length: int, chunk_size: int) -> bytes:
-    sums = bytearray()
-    hasher = xxhash.xxh3_64()
-    filled = 0
-    written = 0
-    for block in source.blocks(IO_BLOCK):
-        _write_all(fd, block)
-        written += len(block)
+def _plan(path: Any, tree: Any, tensors: list[TensorSource], chunk_size: int) -> tuple[dict, list, int, int]:
+    """The header with its tensor table (checksums zeroed: same length as the real ones),
+    the header's packed length and where the data starts."""
+    table = []
+    end = 0
+    for source in tensors:
+        offset = align(end)
+        length = source.length
+        table.append({
+            "key": source.key, "dtype": source.dtype.name, "shape": list(source.shape),
+            "offset": offset, "length": length, "checksums": bytes(8 * -(-length // chunk_size)),
+        })
+        end = offset + length
+    header = {"chunk_size": chunk_size, "tensors": table, "tree": tree}
+    placeholder = _pack(header)
+    if len(placeholder) > MAX_HEADER:
+        raise ValueError(f"cannot save {path}: the header would be {len(placeholder)} bytes; at most {MAX_HEADER}")
+    return header, table, len(placeholder), align(PREAMBLE.size + len(placeholder))
+
+
+def _head(header: dict, placeholder_length: int, data_start: int) -> tuple[bytes, int]:
+    """Preamble, header and padding: the file's first ``data_start`` bytes, and the
+    header checksum."""
+    header_bytes = _pack(header)
+    assert len(header_bytes) == placeholder_length, "header length changed while writing"
+    header_sum = checksum(header_bytes)
+    head = PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), header_sum)
+    return head + header_bytes + bytes(data_start - PREAMBLE.size - len(header_bytes)), header_sum
+
+
+def _write_object(path: Any, header: dict, tensors: list[TensorSource], placeholder_length: int,
+                  data_start: int, create: bool) -> int:
+    """An object cannot be written header-last, so the checksums come from a first pass over
+    the data (hashing runs at memory speed, far above any upload) and the upload streams
+    header then data. The second pass is checked against the first: a source that changed
+    in between fails the upload before it completes, never stores a file whose checksums lie."""
+    table = header["tensors"]
+    chunk_size = header["chunk_size"]
+    for source, entry in zip(tensors, table):
+        entry["checksums"] = _checksummed(source, entry["length"], chunk_size, None)
+    head, header_sum = _head(header, placeholder_length, data_start)
+
+    put_object(path, _streamed(tensors, table, head, chunk_size, path), create=create)
+    return header_sum
+
+
+def _streamed(tensors: list[TensorSource], table: list[dict], head: bytes, chunk_size: int, path: Any):
+    """Header, padding and each tensor's blocks in file order, re-hashed as they go out."""
+    yield head
+    position = 0
+    for source, entry in zip(tensors, table):
+        if entry["offset"] > position:
+            yield bytes(entry["offset"] - position)
+        hasher = _ChunkHasher(chunk_size)
+        for block in source.blocks(IO_BLOCK):
+            hasher.update(block)
+            yield block
+        if hasher.length != entry["length"] or hasher.digest() != entry["checksums"]:
+            raise CheckpointError(f"cannot write {path}: tensor {source.key!r} changed while it was uploaded")
+        position = entry["offset"] + entry["length"]
+
+
+class _ChunkHasher:
+    """XXH3-64 of every ``chunk_size`` bytes of a stream fed in blocks of any length."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+        self.sums = bytearray()
+        self.hasher = xxhash.xxh3_64()
+        self.filled = 0
+        self.length = 0
+
+    def update(self, block: memoryview) -> None:
+        self.length += len(block)
         position = 0
         while position < len(block):
-            take = min(chunk_size - filled, len(block) - position)
-            if filled == 0 and take == chunk_size:
-                sums += checksum(block[position:position + take]).to_bytes(8, "little")
+            take = min(self.chunk_size - self.filled, len(block) - position)
+            if self.filled == 0 and take == self.chunk_size:
+                self.sums += checksum(block[position:position + take]).to_bytes(8, "little")
             else:
-                hasher.update(block[position:position + take])
-                filled += take
-                if filled == chunk_size:
-                    sums += hasher.intdigest().to_bytes(8, "little")
-                    hasher.reset()
-                    filled = 0
+                self.hasher.update(block[position:position + take])
+                self.filled += take
+                if self.filled == self.chunk_size:
+                    self.sums += self.hasher.intdigest().to_bytes(8, "little")
+                    self.hasher.reset()
+                    self.filled = 0
             position += take
-    if filled:
-        sums += hasher.intdigest().to_bytes(8, "little")
-    if written != length:
-        raise ValueError(f"tensor {source.key!r} produced {written} bytes; expected {length}")
-    return bytes(sums)
+
+    def digest(self) -> bytes:
+        sums = bytearray(self.sums)
+        if self.filled:
+            sums += self.hasher.intdigest().to_bytes(8, "little")
+        return bytes(sums)
+
+
+def _checksummed(source: TensorSource, length: int, chunk_size: int,
+                 sink: Callable[[memoryview], Any] | None) -> bytes:
+    """The chunk checksums of a tensor's bytes, each block handed to ``sink`` as it is
+    hashed (None: hash only)."""
+    hasher = _ChunkHasher(chunk_size)
+    for block in source.blocks(IO_BLOCK):
+        if sink is not None:
+            sink(block)
+        hasher.update(block)
+    if hasher.length != length:
+        raise ValueError(f"tensor {source.key!r} produced {hasher.length} bytes; expected {length}")
+    return hasher.digest()
 
 
 def dump(obj: Any, path: str | os.PathLike) -> None:
@@ -375,6 +446,20 @@ class FileReader:
     """
 
     def __init__(self, path: str | os.PathLike):
+        self._object: ObjectSource | None = None
+        self._scratch: bytearray | None = None
+        self.fd = -1
+        if is_url(path):
+            # an object in a store: ranged GETs instead of pread (checkpoints/storage.py)
+            self.path = location(path)
+            self._object = ObjectSource(self.path)
+            self.size = self._object.size
+            try:
+                self._parse()
+            except BaseException:
+                self._object.close()
+                raise
+            return
         self.path = Path(path)
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
@@ -393,9 +478,10 @@ class FileReader:
         except BaseException:
             os.close(self.fd)
             raise
-        self._scratch: bytearray | None = None
 
     def close(self) -> None:
+        if self._object is not None:
+            self._object.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -410,6 +496,11 @@ class FileReader:
         return CorruptCheckpointError(f"{self.path}: {message}")
 
     def pread(self, length: int, offset: int) -> bytes:
+        if self._object is not None:
+            data = self._object.pread(length, offset)
+            if len(data) != length:
+                raise self.corrupt(f"object ended at byte {offset + len(data)} while reading {length} bytes at {offset}")
+            return data
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as error:
@@ -420,6 +511,13 @@ class FileReader:
 
     def _preadinto(self, target: memoryview, offset: int) -> None:
         while len(target):
+            if self._object is not None:
+                got = self._object.readinto(target, offset)
+                if got == 0:
+                    raise self.corrupt(f"object ended at byte {offset} while reading tensor data")
+                target = target[got:]
+                offset += got
+                continue
             try:
                 got = os.preadv(self.fd, [target], offset)
             except OSError as error:
@@ -690,6 +788,8 @@ class FileReader:
 
     def mapped_arrays(self) -> list[np.ndarray]:
         """Read-only arrays that alias the file through one shared mapping, verified."""
+        if self._object is not None:
+            raise CheckpointError(f"cannot map {self.path}: an object in a store is not a file; load it without mmap")
         flags = _mmap.MAP_SHARED | getattr(_mmap, "MAP_POPULATE", 0)
         try:
             mapping = _mmap.mmap(self.fd, self.size, flags=flags, prot=_mmap.PROT_READ)

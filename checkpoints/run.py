@@ -59,12 +59,16 @@ from shardstep.checkpoints.format import (
     write_file,
 )
 from shardstep.checkpoints.layout import ParamSpec, ShardLayout
+from shardstep.checkpoints.storage import ObjectPath, is_url, location
 
 MANIFEST = "manifest.ckpt"
 MANIFEST_KIND = "shardstep-run-checkpoint"
 MANIFEST_VERSION = 1
 LOCK = ".writer.lock"
 STEP_DIR = re.compile(r"step-(\d+)")
+# on object storage each attempt at a step writes its shard files under a prefix of its own,
+# step-<k>/attempt-<token>/, and the manifest names them so (checkpoints/FORMAT.md)
+ATTEMPT = re.compile(r"attempt-[0-9a-f]{12}")
 LEFTOVER = re.compile(r"step-\d+\.(pending|deleting)-[0-9a-f]+|\..*\.tmp-\d+-[0-9a-f]+")
 # a damaged step directory renamed out of the way by set_aside: neither committed nor a
 # leftover, so nothing loads it and nothing removes it (the user may want to look at it)
@@ -104,8 +108,8 @@ class PendingCheckpoint:
     step: int
     layout: ShardLayout
 
-    def shard_path(self, shard: int) -> Path:
-        return Path(self.directory) / shard_file_name(shard, self.layout.num_shards)
+    def shard_path(self, shard: int) -> Path | ObjectPath:
+        return location(self.directory) / shard_file_name(shard, self.layout.num_shards)
 
 
 def encode_shard(pending: PendingCheckpoint, shard: int, params: Mapping[str, np.ndarray],
@@ -239,6 +243,14 @@ class CheckpointStore:
     (:func:`open_checkpoint`, :func:`latest_step`) needs no store.
     """
 
+    def __new__(cls, root: str | os.PathLike, *args: Any, **kwargs: Any):
+        if cls is CheckpointStore and is_url(root):
+            # a URL names object storage: the same store, committed by conditional writes
+            from shardstep.checkpoints.object_store import ObjectCheckpointStore
+
+            return super().__new__(ObjectCheckpointStore)
+        return super().__new__(cls)
+
     def __init__(self, root: str | os.PathLike, *, run_id: str, retention: Retention | None = None):
         if type(run_id) is not str or not run_id:
             raise ValueError(f"run_id must be a non-empty str; got {run_id!r}")
@@ -350,9 +362,6 @@ class CheckpointStore:
         ``metrics``: numbers retention can rank by (e.g. ``{"loss": 0.31}``).
         """
         self._own(pending)
-        layout = pending.layout
-        groups = _check_groups(param_groups, layout)
-        metrics = _check_metrics(metrics)
         directory = Path(pending.directory)
         final = step_directory(self.root, pending.step)
         if os.path.lexists(final / MANIFEST):
@@ -365,36 +374,8 @@ class CheckpointStore:
             if LEFTOVER.fullmatch(entry):
                 _remove(directory / entry)  # a shard writer's temporary file from a retried write
 
-        shards, schema = [], None
-        for shard in range(layout.num_shards):
-            path = pending.shard_path(shard)
-            if not path.exists():
-                raise CheckpointError(
-                    f"cannot commit step {pending.step}: shard {shard} of {layout.num_shards} was not written ({path})"
-                )
-            with FileReader(path) as reader:
-                shard_schema = _shard_schema(reader, pending, shard)
-                shards.append({
-                    "file": path.name, "size": reader.size, "header_checksum": reader.header_checksum,
-                    "slices": {name: list(bounds) for name, bounds in layout.slices(shard).items()},
-                })
-            if schema is None:
-                schema = shard_schema
-            elif not _same(schema, shard_schema):
-                raise CheckpointError(
-                    f"cannot commit step {pending.step}: shard {shard}'s optimizer state differs from "
-                    f"shard 0's in its keys, dtypes or scalar values ({_first_difference(schema, shard_schema)})"
-                )
-        grouped = {name for group in groups for name in group["params"]}
-        stray = [name for name in schema if name not in grouped]
-        if stray:
-            raise ValueError(f"optimizer state for parameters {stray} that no param group lists")
-        manifest = {
-            "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "run_id": pending.run_id,
-            "step": pending.step, "created": time.time(), "num_shards": layout.num_shards,
-            "params": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in layout.params],
-            "param_groups": groups, "state": schema, "shards": shards, "metrics": metrics, "extra": extra,
-        }
+        manifest = build_manifest(pending, param_groups, metrics, extra,
+                                  lambda shard: (pending.shard_path(shard).name, pending.shard_path(shard)))
         dump(manifest, directory / MANIFEST)
         if os.path.lexists(final):
             # step-<k> without a manifest is no committed checkpoint (its manifest was deleted):
@@ -522,6 +503,45 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     return checked
 
 
+def build_manifest(pending: PendingCheckpoint, param_groups: list[dict] | None, metrics: Mapping[str, float] | None,
+                   extra: Any, shard_file: Callable[[int], tuple[str, Any]]) -> dict:
+    """Check every shard file of a pending checkpoint and return its manifest.
+    ``shard_file(shard)`` gives the name the manifest records and where the file is."""
+    layout = pending.layout
+    groups = _check_groups(param_groups, layout)
+    metrics = _check_metrics(metrics)
+    shards, schema = [], None
+    for shard in range(layout.num_shards):
+        name, path = shard_file(shard)
+        if (path.size() is None) if isinstance(path, ObjectPath) else not path.exists():
+            raise CheckpointError(
+                f"cannot commit step {pending.step}: shard {shard} of {layout.num_shards} was not written ({path})"
+            )
+        with FileReader(path) as reader:
+            shard_schema = _shard_schema(reader, pending, shard)
+            shards.append({
+                "file": name, "size": reader.size, "header_checksum": reader.header_checksum,
+                "slices": {param: list(bounds) for param, bounds in layout.slices(shard).items()},
+            })
+        if schema is None:
+            schema = shard_schema
+        elif not _same(schema, shard_schema):
+            raise CheckpointError(
+                f"cannot commit step {pending.step}: shard {shard}'s optimizer state differs from "
+                f"shard 0's in its keys, dtypes or scalar values ({_first_difference(schema, shard_schema)})"
+            )
+    grouped = {name for group in groups for name in group["params"]}
+    stray = [name for name in schema if name not in grouped]
+    if stray:
+        raise ValueError(f"optimizer state for parameters {stray} that no param group lists")
+    return {
+        "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "run_id": pending.run_id,
+        "step": pending.step, "created": time.time(), "num_shards": layout.num_shards,
+        "params": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in layout.params],
+        "param_groups": groups, "state": schema, "shards": shards, "metrics": metrics, "extra": extra,
+    }
+
+
 def _shard_schema(reader: FileReader, pending: PendingCheckpoint, shard: int) -> dict:
     """A shard file's optimizer-state schema ({name: {key: {"per_element": dtype} or
     {"value": v}}}), after checking the file against the pending checkpoint."""
@@ -624,12 +644,15 @@ def _first_difference(a: dict, b: dict) -> str:
 def _step_entries(root: Path) -> list[tuple[int, str]]:
     """``(step, name)`` of every ``step-<k>`` entry of a run directory, committed or not,
     oldest first (pending, deleting and set-aside names never match)."""
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    except OSError as error:
-        raise CheckpointError(f"cannot list {root}: {error.strerror or error}") from error
+    if isinstance(root, ObjectPath):
+        names, _ = root.children()
+    else:
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise CheckpointError(f"cannot list {root}: {error.strerror or error}") from error
     entries = []
     for name in names:
         match = STEP_DIR.fullmatch(name)
@@ -641,7 +664,7 @@ def _step_entries(root: Path) -> list[tuple[int, str]]:
 def committed_steps(root: str | os.PathLike) -> list[int]:
     """The committed steps in a run directory, oldest first (pending ones never count, nor
     do set-aside ``step-<k>.damaged-<token>`` directories)."""
-    root = Path(root)
+    root = location(root)
     return [step for step, name in _step_entries(root) if (root / name / MANIFEST).is_file()]
 
 
@@ -682,8 +705,9 @@ def open_intact(root: str | os.PathLike) -> tuple[RunCheckpoint | None, list[tup
 def open_newest_intact(root: str | os.PathLike) -> tuple[RunCheckpoint | None, list[tuple[int, str]]]:
     """As :func:`newest_intact`, but the intact checkpoint is returned open, with every shard
     file it verified still open: a reader keeps reading it even if a live run's retention
-    deletes the step meanwhile (the caller closes it)."""
-    root = Path(root)
+    deletes the step meanwhile (the caller closes it; on object storage a deleted object
+    cannot be read on, and the reader fails with a CheckpointError naming it)."""
+    root = location(root)
     damaged: list[tuple[int, str]] = []
     for step, name in reversed(_step_entries(root)):
         directory = root / name
@@ -714,7 +738,7 @@ def open_newest_intact(root: str | os.PathLike) -> tuple[RunCheckpoint | None, l
 
 def open_checkpoint(root: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
     """A committed checkpoint of a run directory: ``step``, or the newest when None."""
-    root = Path(root)
+    root = location(root)
     if step is None:
         step = latest_step(root)
         if step is None:
@@ -742,7 +766,7 @@ class RunCheckpoint:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.directory = location(directory)
         manifest = load(self.directory / MANIFEST)
         self._manifest = _check_manifest(manifest, self.directory / MANIFEST)
         self.run_id: str = manifest["run_id"]
@@ -790,14 +814,18 @@ class RunCheckpoint:
         record = self._manifest["shards"][shard]
         path = self.directory / record["file"]
         listed = f"the manifest lists it as shard {shard} of {self.layout.num_shards}, {record['size']} bytes"
-        try:
-            status = os.stat(path)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{path}: missing; {listed}") from None
-        except OSError:
-            status = None  # not a statement about the checkpoint: FileReader reports it
-        if status is not None and not stat.S_ISREG(status.st_mode):
-            raise CorruptCheckpointError(f"{path}: not a regular file; {listed}")
+        if isinstance(path, ObjectPath):
+            if path.size() is None:
+                raise CorruptCheckpointError(f"{path}: missing; {listed}")
+        else:
+            try:
+                status = os.stat(path)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{path}: missing; {listed}") from None
+            except OSError:
+                status = None  # not a statement about the checkpoint: FileReader reports it
+            if status is not None and not stat.S_ISREG(status.st_mode):
+                raise CorruptCheckpointError(f"{path}: not a regular file; {listed}")
         reader = FileReader(path)
         try:
             if reader.size != record["size"] or reader.header_checksum != record["header_checksum"]:
@@ -1041,8 +1069,10 @@ def _check_manifest(manifest: Any, path: Path) -> dict:
             raise bad(f"shard record {shard} must be a map of exactly {', '.join(SHARD_RECORD_FIELDS)}")
         # the only file a reader may open for this shard: never "..", a path or another shard's
         expected_name = shard_file_name(shard, num_shards)
-        if record["file"] != expected_name:
-            raise bad(f"shard {shard}'s file is {_show(record['file'])}; the only name allowed is {expected_name!r}")
+        attempt, _, file_name = record["file"].rpartition("/") if type(record["file"]) is str else ("", "", None)
+        if file_name != expected_name or (attempt and not ATTEMPT.fullmatch(attempt)):
+            raise bad(f"shard {shard}'s file is {_show(record['file'])}; the only names allowed are "
+                      f"{expected_name!r} and attempt-<12 hex digits>/{expected_name}")
         size, header_sum, slices = record["size"], record["header_checksum"], record["slices"]
         if type(size) is not int or size < 0 or type(header_sum) is not int or not 0 <= header_sum < 1 << 64:
             raise bad(f"shard {shard}'s size {_show(size)} and header checksum {_show(header_sum)} must be "

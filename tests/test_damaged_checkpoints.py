@@ -147,7 +147,8 @@ def _delete_manifest(root):
 def _name_parent_directory(root):
     _resign(_manifest(root), lambda m: m["shards"][1].update(file=".."))
     return CorruptCheckpointError, re.escape(
-        f"{_manifest(root)}: shard 1's file is '..'; the only name allowed is 'shard-00001-of-00002.ckpt'")
+        f"{_manifest(root)}: shard 1's file is '..'; the only names allowed are 'shard-00001-of-00002.ckpt' "
+        "and attempt-<12 hex digits>/shard-00001-of-00002.ckpt")
 
 
 def _claim_huge_shape(root):
@@ -321,13 +322,17 @@ def test_newest_intact_refuses_a_manifest_copied_into_another_step(run):
 # -- shard file names -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["..", ".", "/etc/passwd", "", "../step-0000000010/shard-00001-of-00002.ckpt",
-                                  "shard-00000-of-00002.ckpt", "shard-1-of-2.ckpt", "manifest.ckpt", 7])
+                                  "shard-00000-of-00002.ckpt", "shard-1-of-2.ckpt", "manifest.ckpt", 7,
+                                  "attempt-0123456789ab/../shard-00001-of-00002.ckpt",
+                                  "attempt-0123456789a/shard-00001-of-00002.ckpt",
+                                  "/attempt-0123456789ab/shard-00001-of-00002.ckpt",
+                                  "attempt-0123456789ab/shard-00000-of-00002.ckpt"])
 def test_a_manifest_may_name_only_the_layouts_shard_files(run, name):
     _resign(_manifest(run), lambda m: m["shards"][1].update(file=name))
     with pytest.raises(CorruptCheckpointError) as caught:
         RunCheckpoint(_step_dir(run))
-    assert str(caught.value) == (f"{_manifest(run)}: shard 1's file is {name!r}; the only name allowed is "
-                                 "'shard-00001-of-00002.ckpt'")
+    assert str(caught.value) == (f"{_manifest(run)}: shard 1's file is {name!r}; the only names allowed are "
+                                 "'shard-00001-of-00002.ckpt' and attempt-<12 hex digits>/shard-00001-of-00002.ckpt")
 
 
 def test_a_shard_file_replaced_by_a_directory_is_damage(run):

@@ -1,0 +1,308 @@
+"""Run directories on object storage: a URL (``s3://bucket/prefix/run``, ``gs://...``,
+``az://...``) names a key prefix that checkpoints are written under and read from.
+
+The layer is `obstore <https://developmentseed.org/obstore/>`_ (the Rust ``object_store``
+crate): it is the one of the candidates that gives conditional writes (create-only and
+compare-and-swap by ETag), which the atomic commit and the writer's lease need, next to
+ranged GETs and streamed multipart uploads (docs/checkpoints.md, "Object storage"). It is an
+optional extra (``pip install 'shardstep[objectstore]'``), imported only when a URL is used.
+
+Credentials and endpoint come from the environment as for every AWS/GCS/Azure client
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
+``AWS_ENDPOINT_URL`` for an S3-compatible server, ``AWS_ALLOW_HTTP=true`` for one without
+TLS; instance, container and web-identity credentials are found the same way). Nothing here
+ever writes them anywhere.
+
+:class:`ObjectPath` joins like a :class:`pathlib.Path`, so the readers in ``run.py`` handle
+both; :class:`ObjectSource` is what a :class:`~shardstep.checkpoints.format.FileReader` reads
+through for an object (ranged GETs, with a read-ahead window so small sequential reads do not
+cost one request each); :func:`put_object` streams a file's bytes as one PUT or a multipart
+upload, optionally create-only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from shardstep.checkpoints.errors import CheckpointError
+
+# the schemes obstore serves from a URL; memory:// is per process, so no run can use it
+SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "azure")
+URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)")
+# bytes fetched by one GET when a reader asks for less: one request serves a run of small
+# sequential reads (a checksum chunk at a time, a header, a padding check)
+READ_AHEAD = 8 << 20
+# part size of multipart uploads; S3 wants at least 5 MiB for every part but the last
+PART_SIZE = 16 << 20
+PART_CONCURRENCY = 8
+# a failing store is retried for at most this long per request, then the error is ours:
+# long enough to ride out a server restart, short enough that a run fails in seconds
+RETRY = {"max_retries": 4, "retry_timeout": timedelta(seconds=20),
+         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=4), "base": 2}}
+CLIENT = {"connect_timeout": "5s", "timeout": "120s"}
+
+
+def is_url(location: Any) -> bool:
+    """Whether ``location`` (a str, Path or ObjectPath) names object storage."""
+    return isinstance(location, ObjectPath) or (isinstance(location, str) and URL.match(location) is not None)
+
+
+def location(root: Any) -> Any:
+    """``root`` as an :class:`ObjectPath` when it is a URL, else as a local ``Path``."""
+    from pathlib import Path
+
+    if isinstance(root, ObjectPath):
+        return root
+    if isinstance(root, str) and URL.match(root):
+        return ObjectPath(root)
+    return Path(root)
+
+
+class ObjectPath:
+    """A key prefix in an object store, named by its URL; ``/``, ``name``, ``parent`` and
+    ``with_name`` work as on a ``PurePosixPath``."""
+
+    __slots__ = ("scheme", "bucket", "key")
+
+    def __init__(self, url: str, *, _parts: tuple[str, str, str] | None = None):
+        if _parts is not None:
+            self.scheme, self.bucket, self.key = _parts
+            return
+        match = URL.fullmatch(url)
+        if match is None:
+            raise ValueError(f"{url!r} is not a URL")
+        scheme, rest = match.group(1).lower(), match.group(2)
+        if scheme not in SCHEMES:
+            raise CheckpointError(
+                f"{url}: the {scheme}:// scheme is not an object store shardstep writes to; "
+                f"allowed: {', '.join(s + '://' for s in SCHEMES)}, or a local path")
+        bucket, _, key = rest.partition("/")
+        parts = [part for part in key.split("/") if part]
+        if not bucket or any(part in (".", "..") for part in parts):
+            raise CheckpointError(f"{url}: expected {scheme}://BUCKET/PREFIX with no '.' or '..' in the prefix")
+        self.scheme, self.bucket, self.key = scheme, bucket, "/".join(parts)
+
+    def __truediv__(self, name: str) -> ObjectPath:
+        name = str(name).strip("/")
+        key = f"{self.key}/{name}" if self.key else name
+        return ObjectPath("", _parts=(self.scheme, self.bucket, key))
+
+    @property
+    def name(self) -> str:
+        return self.key.rpartition("/")[2]
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath("", _parts=(self.scheme, self.bucket, self.key.rpartition("/")[0]))
+
+    def with_name(self, name: str) -> ObjectPath:
+        return self.parent / name
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}"
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, ObjectPath) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __reduce__(self):
+        return ObjectPath, (str(self),)
+
+    # -- what run.py asks of a path ---------------------------------------------------------
+
+    @property
+    def store(self) -> Any:
+        return _store(self.scheme, self.bucket)
+
+    def size(self) -> int | None:
+        """The object's size, or None when there is no object at this key."""
+        obstore = _obstore()
+        try:
+            return int(obstore.head(self.store, self.key)["size"])
+        except FileNotFoundError:
+            return None
+        except Exception as error:
+            raise _error(f"cannot look up {self}", error) from error
+
+    def is_file(self) -> bool:
+        return self.size() is not None
+
+    def children(self) -> tuple[list[str], dict[str, int]]:
+        """The names one level below this prefix: ``(prefixes, {object name: size})``."""
+        obstore = _obstore()
+        try:
+            listing = obstore.list_with_delimiter(self.store, prefix=self.key or None)
+        except Exception as error:
+            raise _error(f"cannot list {self}", error) from error
+        skip = len(self.key) + 1 if self.key else 0
+        prefixes = [prefix[skip:].rstrip("/") for prefix in listing["common_prefixes"]]
+        objects = {meta["path"][skip:]: int(meta["size"]) for meta in listing["objects"]}
+        return prefixes, objects
+
+    def walk(self) -> dict[str, int]:
+        """Every object below this prefix: ``{key relative to it: size}``."""
+        obstore = _obstore()
+        skip = len(self.key) + 1 if self.key else 0
+        found: dict[str, int] = {}
+        try:
+            for batch in obstore.list(self.store, prefix=f"{self.key}/" if self.key else None):
+                for meta in batch:
+                    found[meta["path"][skip:]] = int(meta["size"])
+        except Exception as error:
+            raise _error(f"cannot list {self}", error) from error
+        return found
+
+    def read_bytes(self) -> bytes:
+        obstore = _obstore()
+        try:
+            return bytes(obstore.get(self.store, self.key).bytes())
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise _error(f"cannot read {self}", error) from error
+
+    def delete(self, names: Iterable[str] = ("",)) -> None:
+        """Delete this object, or the objects ``self / name`` for each name; absent ones are
+        not an error (deleting is idempotent on every object store)."""
+        obstore = _obstore()
+        keys = [(self / name).key if name else self.key for name in names]
+        try:
+            for start in range(0, len(keys), 1000):
+                obstore.delete(self.store, keys[start:start + 1000])
+        except FileNotFoundError:
+            pass
+        except Exception as error:
+            raise _error(f"cannot delete under {self}", error) from error
+
+
+# ---------------------------------------------------------------------------------------
+# the client
+
+
+_STORES: dict[tuple[str, str, int], Any] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _obstore() -> Any:
+    try:
+        import obstore
+    except ImportError:
+        raise CheckpointError(
+            "run directories on object storage need obstore: pip install 'shardstep[objectstore]'") from None
+    return obstore
+
+
+def _store(scheme: str, bucket: str) -> Any:
+    """One client per bucket and process (clients hold connection pools; a forked child
+    must not share its parent's)."""
+    key = (scheme, bucket, os.getpid())
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            _obstore()
+            from obstore.store import from_url
+
+            try:
+                store = from_url(f"{scheme}://{bucket}", retry_config=RETRY, client_options=CLIENT)
+            except Exception as error:
+                raise _error(f"cannot configure a client for {scheme}://{bucket}", error) from error
+            _STORES[key] = store
+    return store
+
+
+def _error(what: str, error: BaseException) -> CheckpointError:
+    """An obstore error as ours: its first line only (the rest is the client's debug dump,
+    which may quote request headers)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"{what}: {type(error).__name__}: {text}")
+
+
+def exceptions() -> Any:
+    return _obstore().exceptions
+
+
+# ---------------------------------------------------------------------------------------
+# reading and writing objects
+
+
+class ObjectSource:
+    """Ranged reads of one object, for a FileReader: ``size``, ``pread``, ``readinto``."""
+
+    def __init__(self, path: ObjectPath):
+        self.path = path
+        size = path.size()
+        if size is None:
+            raise CheckpointError(f"cannot open checkpoint {path}: no such object")
+        self.size = size
+        self._window = b""
+        self._window_start = 0
+
+    def _get(self, start: int, stop: int) -> memoryview:
+        obstore = _obstore()
+        try:
+            return memoryview(obstore.get_range(self.path.store, self.path.key, start=start, end=stop))
+        except Exception as error:
+            raise _error(f"cannot read {self.path}", error) from error
+
+    def readinto(self, target: memoryview, offset: int) -> int:
+        """Fill ``target`` from ``offset`` on; returns the bytes read (fewer only at the end)."""
+        length = min(len(target), max(0, self.size - offset))
+        if length == 0:
+            return 0
+        window_end = self._window_start + len(self._window)
+        if self._window_start <= offset and offset + length <= window_end:
+            at = offset - self._window_start
+            target[:length] = memoryview(self._window)[at:at + length]
+        elif length >= READ_AHEAD:
+            target[:length] = self._get(offset, offset + length)
+        else:
+            self._window = self._get(offset, min(self.size, offset + READ_AHEAD))
+            self._window_start = offset
+            target[:length] = self._window[:length]
+        return length
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buffer = bytearray(length)
+        got = self.readinto(memoryview(buffer), offset)
+        return bytes(buffer[:got])
+
+    def close(self) -> None:
+        self._window = b""
+
+
+def put_object(path: ObjectPath, chunks: Iterable[Any], *, create: bool = False) -> None:
+    """Upload ``chunks`` (bytes-like blocks, streamed: a multipart upload once they pass one
+    part) as the object at ``path``. ``create``: only if no object is there yet (an
+    ``If-None-Match: *`` PUT); a taken key raises :class:`ObjectExistsError`. An object is
+    visible whole or not at all, so no temporary name is needed."""
+    obstore = _obstore()
+    try:
+        if create:
+            # a conditional PUT is one request (S3 has no create-only multipart upload here):
+            # used for manifests and leases, which are small
+            obstore.put(path.store, path.key, b"".join(bytes(chunk) for chunk in chunks), mode="create",
+                        use_multipart=False)
+        else:
+            obstore.put(path.store, path.key, iter(chunks), chunk_size=PART_SIZE, max_concurrency=PART_CONCURRENCY)
+    except obstore.exceptions.AlreadyExistsError:
+        raise ObjectExistsError(f"{path} already exists") from None
+    except obstore.exceptions.PreconditionError:
+        raise ObjectExistsError(f"{path} already exists") from None
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise _error(f"cannot write {path}", error) from error
+
+
+class ObjectExistsError(CheckpointError):
+    """A create-only write found the key taken."""
