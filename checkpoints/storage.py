@@ -34,17 +34,21 @@ from shardstep.checkpoints.errors import CheckpointError
 # the schemes obstore serves from a URL; memory:// is per process, so no run can use it
 SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "azure")
 URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)")
-# bytes fetched by one GET when a reader asks for less: one request serves a run of small
-# sequential reads (a checksum chunk at a time, a header, a padding check)
+# bytes fetched by one GET when small reads run sequentially (a header, a checksum chunk at a
+# time): one request serves them all
 READ_AHEAD = 8 << 20
-# part size of multipart uploads; S3 wants at least 5 MiB for every part but the last
-PART_SIZE = 16 << 20
-PART_CONCURRENCY = 8
+FIRST_READ_AHEAD = 64 << 10
+# part size of multipart uploads (S3 wants at least 5 MiB for every part but the last, and at
+# most 10,000 parts: 78 GiB per shard file) and parts in flight at once; an upload holds at
+# most about (PART_CONCURRENCY + 1) * PART_SIZE of its data in memory
+PART_SIZE = 8 << 20
+PART_CONCURRENCY = 4
 # a failing store is retried for at most this long per request, then the error is ours:
 # long enough to ride out a server restart, short enough that a run fails in seconds
 RETRY = {"max_retries": 4, "retry_timeout": timedelta(seconds=20),
          "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=4), "base": 2}}
-CLIENT = {"connect_timeout": "5s", "timeout": "120s"}
+# no client options are passed: that would replace those the environment gives (AWS_ALLOW_HTTP,
+# AWS_PROXY_URL, ...); object_store's defaults are a 5 s connect and a 30 s request timeout
 
 
 def is_url(location: Any) -> bool:
@@ -213,7 +217,7 @@ def _store(scheme: str, bucket: str) -> Any:
             from obstore.store import from_url
 
             try:
-                store = from_url(f"{scheme}://{bucket}", retry_config=RETRY, client_options=CLIENT)
+                store = from_url(f"{scheme}://{bucket}", retry_config=RETRY)
             except Exception as error:
                 raise _error(f"cannot configure a client for {scheme}://{bucket}", error) from error
             _STORES[key] = store
@@ -236,7 +240,13 @@ def exceptions() -> Any:
 
 
 class ObjectSource:
-    """Ranged reads of one object, for a FileReader: ``size``, ``pread``, ``readinto``."""
+    """Ranged reads of one object, for a FileReader: ``size``, ``pread``, ``readinto``.
+
+    Read-ahead only where reads are small and sequential (the header, ``verify_all``'s chunk
+    at a time): then one GET fetches up to :data:`READ_AHEAD` bytes, and the window is dropped once
+    read to its end, so an open reader holds no buffer between scans. Any other read fetches
+    exactly its range.
+    """
 
     def __init__(self, path: ObjectPath):
         self.path = path
@@ -244,8 +254,10 @@ class ObjectSource:
         if size is None:
             raise CheckpointError(f"cannot open checkpoint {path}: no such object")
         self.size = size
-        self._window = b""
+        self._window: memoryview | None = None
         self._window_start = 0
+        self._last_end = 0  # where the previous read ended: a read from there is sequential
+        self._ahead = FIRST_READ_AHEAD
 
     def _get(self, start: int, stop: int) -> memoryview:
         obstore = _obstore()
@@ -259,16 +271,23 @@ class ObjectSource:
         length = min(len(target), max(0, self.size - offset))
         if length == 0:
             return 0
-        window_end = self._window_start + len(self._window)
-        if self._window_start <= offset and offset + length <= window_end:
+        end = offset + length
+        window = self._window
+        if window is not None and self._window_start <= offset and end <= self._window_start + len(window):
             at = offset - self._window_start
-            target[:length] = memoryview(self._window)[at:at + length]
-        elif length >= READ_AHEAD:
-            target[:length] = self._get(offset, offset + length)
+            target[:length] = window[at:at + length]
+            if end == self._window_start + len(window):
+                self._window = None
+        elif length < READ_AHEAD and offset == self._last_end:
+            # as the kernel's read-ahead: small at first, growing while reads stay sequential
+            fetched = self._get(offset, min(self.size, offset + max(length, self._ahead)))
+            self._ahead = min(READ_AHEAD, self._ahead * 4)
+            target[:length] = fetched[:length]
+            self._window, self._window_start = (fetched, offset) if len(fetched) > length else (None, 0)
         else:
-            self._window = self._get(offset, min(self.size, offset + READ_AHEAD))
-            self._window_start = offset
-            target[:length] = self._window[:length]
+            target[:length] = self._get(offset, end)
+            self._ahead = FIRST_READ_AHEAD
+        self._last_end = end
         return length
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -277,32 +296,75 @@ class ObjectSource:
         return bytes(buffer[:got])
 
     def close(self) -> None:
-        self._window = b""
+        self._window = None
 
 
-def put_object(path: ObjectPath, chunks: Iterable[Any], *, create: bool = False) -> None:
+def put_object(path: ObjectPath, chunks: Iterable[Any], *, create: bool = False,
+               if_match: str | None = None) -> str | None:
     """Upload ``chunks`` (bytes-like blocks, streamed: a multipart upload once they pass one
     part) as the object at ``path``. ``create``: only if no object is there yet (an
     ``If-None-Match: *`` PUT); a taken key raises :class:`ObjectExistsError`. An object is
-    visible whole or not at all, so no temporary name is needed."""
+    visible whole or not at all, so no temporary name is needed. ``if_match``: only if the
+    object there still has this ETag (compare-and-swap; a changed one raises
+    :class:`ObjectChangedError`). Returns the new object's ETag when the store gives one."""
     obstore = _obstore()
     try:
-        if create:
+        if if_match is not None:
+            result = obstore.put(path.store, path.key, b"".join(bytes(chunk) for chunk in chunks),
+                                 mode={"e_tag": if_match}, use_multipart=False)
+        elif create:
             # a conditional PUT is one request (S3 has no create-only multipart upload here):
             # used for manifests and leases, which are small
-            obstore.put(path.store, path.key, b"".join(bytes(chunk) for chunk in chunks), mode="create",
-                        use_multipart=False)
+            result = obstore.put(path.store, path.key, b"".join(bytes(chunk) for chunk in chunks), mode="create",
+                                 use_multipart=False)
         else:
-            obstore.put(path.store, path.key, iter(chunks), chunk_size=PART_SIZE, max_concurrency=PART_CONCURRENCY)
+            # written from this thread (the chunks may come from reads of other objects, which
+            # must not run inside the client's own event loop); an error or a kill before the
+            # end leaves no object: the multipart upload is aborted or never completed
+            # the writer keeps the buffers it is given until their part is uploaded, and
+            # callers reuse theirs (a streamed export fills one block over and over): each
+            # chunk goes in as a copy of its own
+            with obstore.open_writer(path.store, path.key, buffer_size=PART_SIZE,
+                                     max_concurrency=PART_CONCURRENCY) as writer:
+                for chunk in chunks:
+                    writer.write(bytes(chunk))
+            return None
     except obstore.exceptions.AlreadyExistsError:
         raise ObjectExistsError(f"{path} already exists") from None
     except obstore.exceptions.PreconditionError:
+        if if_match is not None:
+            raise ObjectChangedError(f"{path} was changed by someone else") from None
         raise ObjectExistsError(f"{path} already exists") from None
     except CheckpointError:
         raise
     except Exception as error:
         raise _error(f"cannot write {path}", error) from error
+    return result.get("e_tag") if isinstance(result, dict) else None
+
+
+def get_object(path: ObjectPath) -> tuple[bytes, str | None] | None:
+    """An object's bytes and ETag, or None when there is none."""
+    obstore = _obstore()
+    try:
+        result = obstore.get(path.store, path.key)
+        return bytes(result.bytes()), result.meta.get("e_tag")
+    except FileNotFoundError:
+        return None
+    except Exception as error:
+        raise _error(f"cannot read {path}", error) from error
+
+
+def copy_object(source: ObjectPath, target: ObjectPath) -> None:
+    obstore = _obstore()
+    try:
+        obstore.copy(source.store, source.key, target.key)
+    except Exception as error:
+        raise _error(f"cannot copy {source} to {target}", error) from error
 
 
 class ObjectExistsError(CheckpointError):
     """A create-only write found the key taken."""
+
+
+class ObjectChangedError(CheckpointError):
+    """A compare-and-swap write found the object changed."""

@@ -36,3 +36,33 @@ def ray_address():
         yield context.address_info["gcs_address"]
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's, on loopback, behind a relay the tests can cut)
+    for the whole session, its endpoint and credentials in the environment as a user would
+    set them; stopped at the end."""
+    from tests.objectstore import S3Server, restore_environment, set_environment
+
+    server = S3Server()
+    previous = set_environment(server.environment())
+    try:
+        yield server
+    finally:
+        restore_environment(previous)
+        server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_root(request, tmp_path):
+    """A run directory: a local one, or a fresh prefix of the test server's bucket."""
+    if request.param == "local":
+        return tmp_path / "run"
+    import uuid
+
+    from shardstep.checkpoints.storage import ObjectPath
+    from tests.objectstore import BUCKET
+
+    request.getfixturevalue("s3_server")
+    return ObjectPath(f"s3://{BUCKET}/runs/{uuid.uuid4().hex}")

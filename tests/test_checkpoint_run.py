@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,11 +110,11 @@ def test_shard_files_are_written_by_parallel_processes_then_committed(tmp_path):
 
 
 @pytest.mark.parametrize("saved", [1, 2, 3, 4, 5])
-def test_n_shards_load_into_m_shards_bit_identically(saved, tmp_path):
+def test_n_shards_load_into_m_shards_bit_identically(saved, run_root):
     layout = ShardLayout(SPECS, saved)
-    _save(tmp_path, 3, layout)
+    _save(run_root, 3, layout)
     full_params, full_state = expected_full(layout, 3)
-    with open_checkpoint(tmp_path) as checkpoint:
+    with open_checkpoint(run_root) as checkpoint:
         assert checkpoint.layout == layout
         params, state_dict = checkpoint.export()
         assert_identical(full_params, params)
@@ -144,7 +145,7 @@ def test_a_new_shard_reads_only_its_byte_ranges(tmp_path):
     assert share <= used <= share + 3 * 2 * (1 << 20), used
 
 
-def test_export_matches_a_real_optimizer_and_training_continues_identically(tmp_path):
+def test_export_matches_a_real_optimizer_and_training_continues_identically(run_root):
     rng = np.random.default_rng(3)
     names = ["w", "b", "v"]
     data = [rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32),
@@ -167,13 +168,13 @@ def test_export_matches_a_real_optimizer_and_training_continues_identically(tmp_
     state, groups = named_state(optimizer, names)
     full = {n: p.data for n, p in zip(names, params)}
     layout = ShardLayout.from_arrays(full, 3)
-    with CheckpointStore(tmp_path, run_id="adam") as store:
+    with CheckpointStore(run_root, run_id="adam") as store:
         pending = store.begin(3, layout)
         for shard in range(3):
             write_shard(pending, shard, *shard_inputs(layout, shard, full, state))
         store.commit(pending, param_groups=groups)
 
-    exported_params, exported = open_checkpoint(tmp_path).export()
+    exported_params, exported = open_checkpoint(run_root).export()
     assert_identical(optimizer.state_dict(), exported)
     resumed_params = [Parameter(exported_params[n], name=n) for n in names]
     resumed = Adam([{"params": resumed_params[:2]}, {"params": resumed_params[2:], "lr": 0.01, "amsgrad": True}])
@@ -184,30 +185,30 @@ def test_export_matches_a_real_optimizer_and_training_continues_identically(tmp_
         assert p.data.tobytes() == q.data.tobytes()
 
 
-def test_sparse_adam_int_steps_survive_sharding(tmp_path):
+def test_sparse_adam_int_steps_survive_sharding(run_root):
     params = [Parameter(np.ones((5, 2), np.float32), name="e")]
     optimizer = SparseAdam(params)
     params[0].grad = RowSparseGrad(np.array([1, 3]), np.ones((2, 2), np.float32), (5, 2))
     optimizer.step()
     state, groups = named_state(optimizer, ["e"])
     layout = ShardLayout.from_arrays({"e": params[0].data}, 2)
-    with CheckpointStore(tmp_path, run_id="sparse") as store:
+    with CheckpointStore(run_root, run_id="sparse") as store:
         pending = store.begin(1, layout)
         for shard in range(2):
             write_shard(pending, shard, *shard_inputs(layout, shard, {"e": params[0].data}, state))
         store.commit(pending, param_groups=groups)
-    _, exported = open_checkpoint(tmp_path).export()
+    _, exported = open_checkpoint(run_root).export()
     assert type(exported["state"][0]["step"]) is int
     assert_identical(optimizer.state_dict(), exported)
 
 
-def test_manifest_records_the_run_and_the_coordinator_state(tmp_path):
+def test_manifest_records_the_run_and_the_coordinator_state(run_root):
     layout = ShardLayout(SPECS[1:3], 2)
     rng_state = np.random.default_rng(0).bit_generator.state
     extra = {"scheduler": {"last_epoch": 4, "last_lr": [0.1]}, "rng": rng_state, "data_position": (3, 128)}
     groups = [{"lr": 0.1, "betas": (0.9, 0.999), "params": ["tiny", "matrix"], "foreach": None}]
-    _save(tmp_path, 4, layout, run_id="r-7", extra=extra, metrics={"loss": 0.25}, param_groups=groups)
-    checkpoint = open_checkpoint(tmp_path, 4)
+    _save(run_root, 4, layout, run_id="r-7", extra=extra, metrics={"loss": 0.25}, param_groups=groups)
+    checkpoint = open_checkpoint(run_root, 4)
     assert (checkpoint.run_id, checkpoint.step, checkpoint.metrics) == ("r-7", 4, {"loss": 0.25})
     assert_identical(extra, checkpoint.extra)
     assert_identical(groups, checkpoint.param_groups)
@@ -334,12 +335,12 @@ def test_damaged_or_swapped_shard_files_are_detected_on_load(tmp_path):
 
 # -- retention ------------------------------------------------------------------------------
 
-def _run_with(tmp_path, retention, losses):
+def _run_with(run_root, retention, losses):
     layout = ShardLayout(SPECS[1:3], 2)
-    with CheckpointStore(tmp_path, run_id="run", retention=retention) as store:
+    with CheckpointStore(run_root, run_id="run", retention=retention) as store:
         for step, loss in enumerate(losses, start=1):
-            _save(tmp_path, step, layout, store=store, metrics={"loss": loss} if loss is not None else None)
-    return committed_steps(tmp_path)
+            _save(run_root, step, layout, store=store, metrics={"loss": loss} if loss is not None else None)
+    return committed_steps(run_root)
 
 
 @pytest.mark.parametrize("retention, losses, kept", [
@@ -351,8 +352,8 @@ def _run_with(tmp_path, retention, losses):
     (Retention(keep_best=1, metric="loss", keep_last=1), [0.1, 0.5, float("nan"), 0.7], [1, 4]),
     (Retention(), [1, 2, 3], [1, 2, 3]),
 ])
-def test_retention_keeps_what_its_rules_say_and_always_the_newest(retention, losses, kept, tmp_path):
-    assert _run_with(tmp_path, retention, losses) == kept
+def test_retention_keeps_what_its_rules_say_and_always_the_newest(retention, losses, kept, run_root):
+    assert _run_with(run_root, retention, losses) == kept
 
 
 def test_retention_goes_on_past_an_older_checkpoint_whose_manifest_was_damaged(tmp_path):
@@ -369,18 +370,18 @@ def test_retention_goes_on_past_an_older_checkpoint_whose_manifest_was_damaged(t
     assert committed_steps(tmp_path) == [2, 4]  # 2 is the best readable; 1 ranked nowhere and went
 
 
-def test_retention_never_touches_a_checkpoint_being_written(tmp_path):
+def test_retention_never_touches_a_checkpoint_being_written(run_root):
     layout = ShardLayout(SPECS[1:3], 2)
-    with CheckpointStore(tmp_path, run_id="run", retention=Retention(keep_last=1)) as store:
+    with CheckpointStore(run_root, run_id="run", retention=Retention(keep_last=1)) as store:
         pending = store.begin(1, layout)  # slow writer, still open
         write_shard(pending, 0, *expected_shard(layout, 0, 1))
-        _save(tmp_path, 2, layout, store=store)
-        _save(tmp_path, 3, layout, store=store)
-        assert committed_steps(tmp_path) == [3]
-        assert Path(pending.directory).is_dir()
+        _save(run_root, 2, layout, store=store)
+        _save(run_root, 3, layout, store=store)
+        assert committed_steps(run_root) == [3]
+        assert pending.shard_path(0).is_file()
         write_shard(pending, 1, *expected_shard(layout, 1, 1))
         store.commit(pending)  # an older step committed late: the newest (3) stays
-        assert committed_steps(tmp_path) == [3]
+        assert committed_steps(run_root) == [3]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -397,20 +398,23 @@ def test_bad_retention_is_refused(kwargs, message):
         Retention(keep_first=1)
 
 
-def test_open_checkpoint_without_any_commit_is_a_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError, match=f"no committed checkpoint in {tmp_path}"):
-        checkpoints.open_checkpoint(tmp_path)
-    assert latest_step(tmp_path / "missing") is None
+def test_open_checkpoint_without_any_commit_is_a_checkpoint_error(run_root):
+    with pytest.raises(CheckpointError, match=f"no committed checkpoint in {re.escape(str(run_root))}"):
+        checkpoints.open_checkpoint(run_root)
+    assert latest_step(run_root / "missing") is None
 
 
-def test_export_file_streams_the_consolidated_state_into_one_file(tmp_path):
+def test_export_file_streams_the_consolidated_state_into_one_file(run_root, tmp_path):
     """The single-file export equals export(), and writing it never holds the state: 48 MB of
-    arrays pass through with a peak of a few 8 MiB blocks (tracemalloc sees numpy's memory)."""
+    arrays pass through with a peak of a few 8 MiB blocks (tracemalloc sees numpy's memory).
+    From object storage too: the export reads exact byte ranges into the same blocks. Into
+    object storage, the upload holds up to (PART_CONCURRENCY + 1) parts of PART_SIZE, so
+    there the export is checked for its content."""
     import tracemalloc
 
     layout = ShardLayout((ParamSpec("w", (4_000_000,), "float32"),) + SPECS[1:], 3)
-    _save(tmp_path, 1, layout, param_groups=[{"lr": 0.1, "params": [s.name for s in layout.params]}])
-    with open_checkpoint(tmp_path) as checkpoint:
+    _save(run_root, 1, layout, param_groups=[{"lr": 0.1, "params": [s.name for s in layout.params]}])
+    with open_checkpoint(run_root) as checkpoint:
         tracemalloc.start()
         try:
             checkpoint.export_file(tmp_path / "consolidated.ckpt")
@@ -418,8 +422,10 @@ def test_export_file_streams_the_consolidated_state_into_one_file(tmp_path):
         finally:
             tracemalloc.stop()
         params, state_dict = checkpoint.export()
+        checkpoint.export_file(run_root / "consolidated.ckpt")
     assert peak < 20 << 20, f"peak {peak / 2**20:.1f} MiB while streaming 48 MB"
-    assert_identical({"model": params, "optimizer": state_dict}, checkpoints.load(tmp_path / "consolidated.ckpt"))
+    for target in (tmp_path, run_root):
+        assert_identical({"model": params, "optimizer": state_dict}, checkpoints.load(target / "consolidated.ckpt"))
 
 
 @pytest.mark.torch_live
