@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
