@@ -30,6 +30,7 @@ from shardstep.checkpoints import (
     write_shard,
 )
 from shardstep.checkpoints.layout import ParamSpec
+from shardstep.checkpoints.storage import ObjectPath, location
 from tests.checkpoints import assert_identical
 
 CRASH_SPECS = (ParamSpec("embed/weight", (300, 257), "float32"), ParamSpec("head.bias", (5,), "float32"),
@@ -97,7 +98,8 @@ def parallel_shard_writer(pending: Any, shard: int, step: int, barrier: Any, tim
     times.put((shard, os.getpid(), started, time.monotonic()))
 
 
-def crash_writer(root: str, channel: Any, stop_inside: tuple[int, int] | None = None) -> None:
+def crash_writer(root: str, channel: Any, stop_inside: tuple[int, int] | None = None,
+                 environment: dict[str, str] | None = None) -> None:
     """Resume a run after the newest committed step and save step after step (three
     shards, keep the last two, plus a single-file copy of the newest) until killed.
 
@@ -108,7 +110,11 @@ def crash_writer(root: str, channel: Any, stop_inside: tuple[int, int] | None = 
 
     ``stop_inside=(steps, shards)``: after committing ``steps`` steps, begin the next one,
     write ``shards`` of its shard files, report ``stopped`` and wait there to be killed, so a
-    kill lands inside an uncommitted checkpoint for certain."""
+    kill lands inside an uncommitted checkpoint for certain.
+
+    ``environment``: set first (an object store's endpoint and credentials; the forkserver
+    this runs under may have started before the test set them)."""
+    os.environ.update(environment or {})
     try:
         store = CheckpointStore(root, run_id=CRASH_RUN, retention=Retention(keep_last=2))
         layout = ShardLayout(CRASH_SPECS, CRASH_SHARDS)
@@ -125,7 +131,7 @@ def crash_writer(root: str, channel: Any, stop_inside: tuple[int, int] | None = 
                     write_shard(pending, shard, params, state)
             store.commit(pending, extra={"data_position": step * 32}, metrics={"loss": 1.0 / step})
             channel.send(("committed", step))
-            dump({"step": step, "params": expected_full(layout, step)[0]}, os.path.join(root, "latest.ckpt"))
+            dump({"step": step, "params": expected_full(layout, step)[0]}, location(root) / "latest.ckpt")
             step += 1
     except BaseException:
         channel.send(("error", traceback.format_exc()))
@@ -139,9 +145,11 @@ class CrashWriter:
     ended (exit code or signal) and the traceback it reported, if any. The process is a
     daemon, so an interrupted test never leaves it for the interpreter to wait on at exit."""
 
-    def __init__(self, context: Any, root: str, stop_inside: tuple[int, int] | None = None):
+    def __init__(self, context: Any, root: str, stop_inside: tuple[int, int] | None = None,
+                 environment: dict[str, str] | None = None):
         self._reports, sender = context.Pipe(duplex=False)
-        self.process = context.Process(target=crash_writer, args=(root, sender, stop_inside), daemon=True)
+        self.process = context.Process(target=crash_writer, args=(root, sender, stop_inside, environment),
+                                       daemon=True)
         self.process.start()
         sender.close()  # the writer holds the only sending end: its death ends the pipe
         self.committed: list[int] = []
@@ -200,6 +208,29 @@ class CrashWriter:
 LEFTOVER = re.compile(r"step-\d+\.(pending|deleting)-[0-9a-f]+|\..*\.tmp-\d+-[0-9a-f]+")
 
 
+def leftovers(root: Any) -> list[str]:
+    """What interrupted saves left in a run directory: on disk the LEFTOVER names; on object
+    storage every object under a step-<k>/ prefix that no intact manifest of that step names
+    (read through a second client, boto3, not through the code under test)."""
+    root = location(root)
+    if not isinstance(root, ObjectPath):
+        return sorted(name for name in os.listdir(root) if LEFTOVER.fullmatch(name))
+    import boto3
+
+    client = boto3.client("s3")
+    prefix = root.key + "/"
+    keys = [item["Key"][len(prefix):] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=root.bucket, Prefix=prefix) for item in page.get("Contents", [])]
+    named = set()
+    for key in keys:
+        step, _, rest = key.partition("/")
+        if rest == "manifest.ckpt":
+            manifest = load(root / key)
+            named.add(key)
+            named.update(f"{step}/{record['file']}" for record in manifest["shards"])
+    return sorted(key for key in keys if re.fullmatch(r"step-\d+/.+", key) and key not in named)
+
+
 def verify_after_kill(root: str, layout: ShardLayout, reported: int, resumed_from: int) -> int:
     """After a kill: the newest committed checkpoint is at least the newest one the writer
     reported and at most one further; every committed one loads and equals what was saved
@@ -217,8 +248,8 @@ def verify_after_kill(root: str, layout: ShardLayout, reported: int, resumed_fro
             assert_identical(full_params, params)
             assert_identical({i: full_state[s.name] for i, s in enumerate(layout.params)}, state_dict["state"])
             assert checkpoint.extra == {"data_position": step * 32}
-    single = os.path.join(root, "latest.ckpt")
-    if os.path.exists(single):
+    single = location(root) / "latest.ckpt"
+    if single.is_file():
         value = load(single)
         assert_identical({"step": value["step"], "params": expected_full(layout, value["step"])[0]}, value)
     return newest
