@@ -50,7 +50,6 @@ from shardstep.checkpoints.run import (
     _check_step,
     build_manifest,
     committed_steps,
-    latest_step,
     shard_file_name,
     step_directory,
 )
@@ -240,20 +239,7 @@ class ObjectCheckpointStore(CheckpointStore):
         return removed
 
     def begin(self, step: int, layout: ShardLayout) -> PendingCheckpoint:
-        self._check_open()
-        _check_step(step)
-        if not isinstance(layout, ShardLayout):
-            raise TypeError(f"layout must be a ShardLayout; got {type(layout).__name__}")
-        if (step_directory(self.root, step) / MANIFEST).is_file():
-            raise CheckpointError(f"step {step} is already committed in {self.root}")
-        newest = latest_step(self.root)
-        if newest is not None:
-            owner = RunCheckpoint(step_directory(self.root, newest)).run_id
-            if owner != self.run_id:
-                raise CheckpointError(
-                    f"{self.root} holds checkpoints of run {owner!r}; this store writes run "
-                    f"{self.run_id!r}: use a separate directory per run"
-                )
+        self._check_begin(step, layout)
         # nothing to create: an attempt exists once its first shard file is written
         directory = step_directory(self.root, step) / f"attempt-{secrets.token_hex(6)}"
         self._pending.add(str(directory))

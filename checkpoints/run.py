@@ -314,8 +314,9 @@ class CheckpointStore:
         self._pending.clear()
         return self.cleanup()
 
-    def begin(self, step: int, layout: ShardLayout) -> PendingCheckpoint:
-        """Create the pending directory of ``step``; hand the result to every shard."""
+    def _check_begin(self, step: int, layout: ShardLayout) -> None:
+        """What every begin checks: an open store, a step not committed yet, and a root that
+        holds no other run's checkpoints."""
         self._check_open()
         _check_step(step)
         if not isinstance(layout, ShardLayout):
@@ -330,6 +331,10 @@ class CheckpointStore:
                     f"{self.root} holds checkpoints of run {owner!r}; this store writes run "
                     f"{self.run_id!r}: use a separate directory per run"
                 )
+
+    def begin(self, step: int, layout: ShardLayout) -> PendingCheckpoint:
+        """Create the pending directory of ``step``; hand the result to every shard."""
+        self._check_begin(step, layout)
         directory = step_directory(self.root, step).with_name(
             f"step-{step:010d}.pending-{secrets.token_hex(6)}")
         try:

@@ -141,6 +141,8 @@ class ObjectPath:
     def is_file(self) -> bool:
         return self.size() is not None
 
+    exists = is_file  # a prefix "exists" only as the objects under it: callers ask of objects
+
     def children(self) -> tuple[list[str], dict[str, int]]:
         """The names one level below this prefix: ``(prefixes, {object name: size})``."""
         obstore = _obstore()
