@@ -69,6 +69,15 @@ LEASE = ".writer-lease"
 LEASE_SECONDS = 60.0
 
 
+class LeaseHeldError(CheckpointError):
+    """Another live writer holds the lease: ``holder`` is its record, ``left`` its seconds."""
+
+    def __init__(self, holder: dict, left: float, message: str):
+        super().__init__(message)
+        self.holder = holder
+        self.left = left
+
+
 class Lease:
     """The run's writer lease: one object, created and renewed by conditional writes."""
 
@@ -108,10 +117,11 @@ class Lease:
         holder = _holder(data)
         if holder is not None and not _gone(holder):
             left = holder["expires"] - time.time()
-            raise CheckpointError(
-                f"{self.path.parent} is being written by another writer (run {holder.get('run_id')!r}, "
-                f"host {holder.get('host')!r}, pid {holder.get('pid')}); one writer per run. Its lease "
-                f"runs {left:.0f} s more: if that writer is gone, try again after that")
+            run = f"run {holder.get('run_id')!r}, " if holder.get("run_id") else ""
+            raise LeaseHeldError(holder, left,
+                f"{self.path.parent} is being written by another writer ({run}host {holder.get('host')!r}, "
+                f"pid {holder.get('pid')}); one writer per run. Its lease runs {left:.0f} s more: if that "
+                "writer is gone, try again after that")
         try:
             self._etag = put_object(self.path, [self._record()], if_match=etag)
         except ObjectChangedError:

@@ -143,6 +143,11 @@ class ObjectPath:
 
     exists = is_file  # a prefix "exists" only as the objects under it: callers ask of objects
 
+    def is_dir(self) -> bool:
+        """Whether any object lies below this prefix."""
+        prefixes, objects = self.children()
+        return bool(prefixes or objects)
+
     def children(self) -> tuple[list[str], dict[str, int]]:
         """The names one level below this prefix: ``(prefixes, {object name: size})``."""
         obstore = _obstore()

@@ -56,11 +56,24 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("run_dir", "path", "out", "job"):
         value = getattr(args, name, None)
-        if isinstance(value, str) and URL_SCHEME.match(value):
-            what = "--run-dir" if name == "run_dir" and args.command in ("run", "submit") else name.upper()
-            print(f"shardstep {args.command}: error: {what} {value!r} is a URL; run directories, checkpoints and "
-                  f"job files are file system paths (object storage is not supported yet)", file=sys.stderr)
-            return EXIT_USAGE
+        if not (isinstance(value, str) and URL_SCHEME.match(value)):
+            continue
+        what = "--run-dir" if name == "run_dir" and args.command in ("run", "submit") else name.upper()
+        if name in ("run_dir", "path") or (name == "out" and args.command == "export"):
+            # run directories, checkpoints and exports may be on object storage
+            from shardstep.checkpoints.errors import CheckpointError
+            from shardstep.checkpoints.storage import ObjectPath
+
+            try:
+                ObjectPath(value)
+                continue
+            except CheckpointError as error:
+                print(f"shardstep {args.command}: error: {what} {error}", file=sys.stderr)
+                return EXIT_USAGE
+        print(f"shardstep {args.command}: error: {what} {value!r} is a URL; it must be a file system path "
+              f"(run directories, checkpoints and exports may be on object storage; job files and plots not)",
+              file=sys.stderr)
+        return EXIT_USAGE
     from shardstep.checkpoints import CheckpointError
     from shardstep.service.errors import ShardstepError, UnsuitableClusterError
     from shardstep.service.jobspec import JobSpecError
@@ -173,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
     changes = _overrides(args)
     if args.run_dir is not None:
-        changes["run_dir"] = str(Path(args.run_dir).resolve())
+        changes["run_dir"] = _absolute(args.run_dir)
     if changes:
         spec = spec.replace(**changes)
     return _train(spec, args.quiet)
@@ -183,8 +196,9 @@ def _resume(args: argparse.Namespace) -> int:
     from shardstep.checkpoints import latest_step
     from shardstep.service.coordinator import CHECKPOINT_DIR, JOB_FILE
     from shardstep.service.jobspec import JobSpec
+    from shardstep.service.run_dir import _read_text, run_location
 
-    run_dir = Path(args.run_dir)
+    run_dir = run_location(args.run_dir)
     job_path = run_dir / JOB_FILE
     if not job_path.is_file():
         raise UsageError(f"{run_dir} is not a run directory (it has no {JOB_FILE}); start a run with "
@@ -193,25 +207,34 @@ def _resume(args: argparse.Namespace) -> int:
         raise UsageError(f"{run_dir} has no committed checkpoint to resume from; start it again with "
                          f"`shardstep run JOB.toml`")
     try:
-        saved = json.loads(job_path.read_text())["job"]
+        saved = json.loads(_read_text(job_path))["job"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise UsageError(f"{job_path} is unreadable or damaged: {type(error).__name__}: {error}") from None
     spec = JobSpec.from_dict(saved)
-    changes = {"run_dir": str(run_dir.resolve()), **_overrides(args)}
+    changes = {"run_dir": _absolute(args.run_dir), **_overrides(args)}
     return _train(spec.replace(**changes), args.quiet)
+
+
+def _absolute(run_dir: str) -> str:
+    """A run directory as a job names it: a URL as it is, a path made absolute."""
+    from shardstep.service.run_dir import run_location
+
+    where = run_location(run_dir)
+    return str(where.resolve()) if isinstance(where, Path) else str(where)
 
 
 def _train(spec: Any, quiet: bool) -> int:
     from shardstep.checkpoints import latest_step
     from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
-    from shardstep.service.run_dir import check_saved_job, trained_position
+    from shardstep.service.run_dir import check_saved_job, run_location, trained_position
 
     start = time.perf_counter()
+    run_dir = run_location(spec.run_dir)
     try:
-        check_saved_job(Path(spec.run_dir), spec.to_dict(), trained_position(Path(spec.run_dir)))
+        check_saved_job(run_dir, spec.to_dict(), trained_position(run_dir))
     except ValueError as error:
         raise UsageError(str(error)) from error
-    resumed = latest_step(Path(spec.run_dir) / CHECKPOINT_DIR)
+    resumed = latest_step(run_dir / CHECKPOINT_DIR)
     total = spec.steps
     if not quiet:
         where = f"resuming from step {resumed}" if resumed is not None else "starting"
@@ -250,7 +273,7 @@ def _train(spec: Any, quiet: bool) -> int:
              "object_store": " (actors exchanged data through Ray's object store)"}.get(result.transport, "")
     cluster = "" if result.cluster == "inline" else f" on {result.cluster}"
     print(f"done: {result.steps} steps (epoch {result.epoch}) in {seconds:.1f} s{cluster}{moved}; {metrics}; "
-          f"checkpoints at steps {result.checkpoint_steps[-5:]} in {Path(spec.run_dir) / CHECKPOINT_DIR}"
+          f"checkpoints at steps {result.checkpoint_steps[-5:]} in {run_dir / CHECKPOINT_DIR}"
           + (f"; recovered from {result.failures} failure(s)" if result.failures else "")
           + (f"; {result.stopped_early}" if result.stopped_early else ""), flush=True)
     return 0
@@ -322,7 +345,9 @@ def _reading(path: Path, step: int | None, body: Any) -> Any:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    from shardstep.checkpoints.storage import location
+
+    path = location(args.path)
     print("\n".join(_reading(path, None, lambda checkpoint, damaged: _description(path, checkpoint, damaged))))
     return 0
 
@@ -368,9 +393,13 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from shardstep.checkpoints.storage import ObjectPath, location
     from shardstep.service.plot import PlotError, plot_run
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "metrics.png"
+    where = location(args.run_dir)
+    # a run on object storage is plotted into the current directory, named after the run
+    default = Path(f"{where.name}-metrics.png") if isinstance(where, ObjectPath) else where / "metrics.png"
+    out = Path(args.out) if args.out else default
     try:
         written = plot_run(args.run_dir, out)
     except PlotError as error:
@@ -380,9 +409,11 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
+    from shardstep.checkpoints.storage import ObjectPath, location
+
+    run_dir = location(args.run_dir)
+    out = location(args.out)
+    if not isinstance(out, ObjectPath) and out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name")
     from shardstep.service.export import export_checkpoint
 
@@ -397,7 +428,8 @@ def _export(args: argparse.Namespace) -> int:
         step = _reading(run_dir, args.step, export)
     except OSError as error:
         raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
-    print(f"wrote {out} ({out.stat().st_size:,} bytes): parameters and optimizer state_dict of step {step}; "
+    size = out.size() if isinstance(out, ObjectPath) else out.stat().st_size
+    print(f"wrote {out} ({size:,} bytes): parameters and optimizer state_dict of step {step}; "
           f"load with checkpoints.load({str(out)!r})")
     return 0
 

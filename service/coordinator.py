@@ -59,6 +59,7 @@ from shardstep.checkpoints import (
     open_checkpoint,
 )
 from shardstep.checkpoints.run import PendingCheckpoint
+from shardstep.checkpoints.storage import ObjectPath
 from shardstep.service import run_dir as run_files
 from shardstep.service.actors import ActorGroup, StartPlan, choose_transport
 from shardstep.service.backend import make_backend
@@ -255,7 +256,7 @@ class RunResult:
     epoch: int
     batch: int
     failures: int
-    run_dir: Path
+    run_dir: Path | ObjectPath
     checkpoint_steps: list[int]
     init: dict[str, Any] | None = None
     # how the actors exchanged parameters and gradients: "shared_memory", "object_store" or
@@ -300,7 +301,7 @@ class Coordinator:
         self.task = task if task is not None else make_task(spec.task, **dict(spec.task_args))
         self.on_step = on_step
         self.on_event = on_event
-        self.run_dir = Path(spec.run_dir)
+        self.run_dir = run_files.run_location(spec.run_dir)
         self.run_id: str | None = None
         self.directory: run_files.RunDirectory | None = None
         self.state: State = Preparing()
@@ -364,6 +365,11 @@ class Coordinator:
                     # the one recovery policy, whatever the state; before the run directory
                     # exists there is nothing to recover to
                     following = Failed(error) if isinstance(state, Preparing) else Recovering(error, self.failures + 1)
+                except CheckpointError as error:
+                    # once running, a checkpoint that cannot be written or read (a full disk, an
+                    # object store that stopped answering) fails the run; at the start it is the
+                    # run directory's content, which the user must look at (exit 2)
+                    following = Failed(error if isinstance(state, Preparing) else self._storage_failure(error))
                 except Exception as error:
                     following = Failed(error)
                 self._move(following)
@@ -385,6 +391,10 @@ class Coordinator:
             if self.backend is not None:
                 self.backend.shutdown()
             if self.directory is not None:
+                try:
+                    run_files.flush_records(self.run_dir)  # the records since the last checkpoint
+                except run_files.RunLogError as error:
+                    self._event(f"warning: {error}")
                 self.directory.close()
         if isinstance(state, Failed):
             raise state.error
@@ -596,7 +606,7 @@ class Coordinator:
     def _truncate_log(self, step: int) -> None:
         dropped = run_files.truncate_records(self.run_dir, step)
         if dropped:
-            self._event(f"dropped {dropped} line(s) of {self.run_dir / METRICS_FILE} that were not whole records "
+            self._event(f"dropped {dropped} line(s) of {run_files.log_location(self.run_dir)} that were not whole records "
                         f"(a torn append or garbage); the log now ends at step {step}")
 
     # -- Recovering ----------------------------------------------------------------------------
@@ -676,16 +686,33 @@ class Coordinator:
                 f"{progress.stop_bad} evaluation(s); stopped at step {progress.step}")
             self._event(progress.stopped_early)
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def _storage_failure(self, error: Exception) -> RunFailedError:
+        """``error`` as the run's failure, with where the run can continue from."""
+        root = self.run_dir / CHECKPOINT_DIR
+        fix = "once the object store answers again," if isinstance(self.run_dir, ObjectPath) else "make room and"
         try:
-            run_files.append_record(self.run_dir, record)
-        except run_files.RunLogError as error:
-            root = self.run_dir / CHECKPOINT_DIR
             latest = latest_step(root)
-            then = ("nothing was committed yet: make room and run the job again" if latest is None else
-                    f"the committed checkpoints in {root} are intact (latest: step {latest}): make room and "
+        except CheckpointError:
+            then = f"the committed checkpoints in {root} are kept: {fix} continue with `shardstep resume {self.run_dir}`"
+        else:
+            then = (f"nothing was committed yet: {fix} run the job again" if latest is None else
+                    f"the committed checkpoints in {root} are intact (latest: step {latest}): {fix} "
                     f"continue with `shardstep resume {self.run_dir}`")
-            raise RunFailedError(f"{error}; {then}") from error
+        failure = RunFailedError(f"{error}; {then}")
+        failure.__cause__ = error
+        return failure
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self._log_call(run_files.append_record, record)
+
+    def _flush_log(self) -> None:
+        self._log_call(run_files.flush_records)
+
+    def _log_call(self, call: Callable[..., None], *args: Any) -> None:
+        try:
+            call(self.run_dir, *args)
+        except run_files.RunLogError as error:
+            raise self._storage_failure(error) from error
 
     def _evaluate(self) -> dict[str, float]:
         progress = self.progress
@@ -837,6 +864,9 @@ class Coordinator:
         ``wait``); the commit follows once all are on disk."""
         progress = self.progress
         self._finish_saves()
+        # the log reaches this step before the checkpoint does (on object storage it is
+        # written in segments): a resumed run never lacks the records of trained steps
+        self._flush_log()
         pending = self.store.begin(progress.step, self.layout)
         try:
             self.pipeline.wait(self.pipeline.on_shards("save", pending, wait))

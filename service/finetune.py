@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from shardstep.checkpoints import CheckpointError, RunCheckpoint, latest_step, open_checkpoint, open_intact
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import MANIFEST
+from shardstep.checkpoints.storage import location
 from shardstep.workers.optim import optimizer_class
 
 # the checkpoints directory inside a run directory
@@ -67,7 +67,7 @@ def open_init_source(init: Any, warn: Callable[[str], Any] | None = None) -> Run
     ``init.step`` (default: the newest) of a run directory or of its checkpoints directory.
     Anything else is a ValueError naming the path. The checkpoint is verified (every chunk);
     without ``init.step`` it is the newest intact one, and ``warn`` hears of damaged newer ones."""
-    path = Path(init.source)
+    path = location(init.source)
     try:
         if (path / MANIFEST).is_file():
             checkpoint = RunCheckpoint(path)

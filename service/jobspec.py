@@ -315,8 +315,8 @@ def _check_text(path: str, value: Any, what: str, *, optional: bool = False) -> 
     return value
 
 
-# "s3://", "gs://", "file://": taken as a relative path, "s3://b/run" would be a local
-# directory named "s3:"
+# "s3://", "gs://", "file://": a path that is a URL names object storage (run_dir, init.from)
+# or is refused; never taken as a relative path ("s3://b/run" would be a local directory "s3:")
 URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -326,9 +326,8 @@ def _check_path_text(path: str, value: str) -> str:
     (refused here rather than when the run creates its directory)."""
     url = URL_SCHEME.match(value)
     if url:
-        raise JobSpecError(f"{path} is a URL ({url.group(0)}...); run directories and checkpoints live on a file "
-                           f"system path (for a cluster: storage every node sees at the same path, such as NFS), "
-                           f"object storage is not supported yet; got {_shown(value)}")
+        raise JobSpecError(f"{path} is a URL ({url.group(0)}...); it must be a file system path (only run_dir "
+                           f"and init.from may name object storage); got {_shown(value)}")
     if "\0" in value:
         raise JobSpecError(f"{path} holds a NUL character (at index {value.index(chr(0))}), which no path can "
                            f"hold; got {_shown(value)}")
@@ -345,6 +344,37 @@ def _check_path_text(path: str, value: str) -> str:
         raise JobSpecError(f"{path} has a name of {len(longest)} bytes; a name in a path may be at most {NAME_MAX} "
                            f"bytes; got {_shown(value)}")
     return value
+
+
+def _object_url(path: str, value: str) -> str | None:
+    """``value`` normalized when it names object storage (``s3://bucket/prefix``, ``gs://``,
+    ``az://``), else None; another scheme, or a URL without a bucket, is refused."""
+    if not URL_SCHEME.match(value):
+        return None
+    from shardstep.checkpoints.errors import CheckpointError
+    from shardstep.checkpoints.storage import ObjectPath
+
+    try:
+        return str(ObjectPath(value))
+    except CheckpointError as error:
+        raise JobSpecError(f"{path}: {error}") from None
+
+
+def _check_location_text(path: str, value: str) -> str:
+    """A run directory or checkpoint: an object-storage URL, or a path as _check_path_text."""
+    return _object_url(path, value) or _check_path_text(path, value)
+
+
+def _resolve_location(path: str, value: str, base: Path) -> str:
+    """A URL as it is (normalized); a path as :func:`_resolve_path`."""
+    return _object_url(path, value) or _resolve_path(path, value, base)
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether location ``inner`` is ``outer`` or below it (URLs compare by prefix)."""
+    if URL_SCHEME.match(inner) or URL_SCHEME.match(outer):
+        return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+    return os.path.commonpath([inner, outer]) == os.path.normpath(outer)
 
 
 def _resolve_path(path: str, value: str, base: Path) -> str:
@@ -542,11 +572,13 @@ def _init_values(source: Any, step: Any, optimizer_state: Any, skip: Any) -> dic
     ``optimizer_state``, ``skip`` patterns."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
-    _check_path_text("init.from", _check_text("init.from", source, "a directory path"))
-    if not os.path.isabs(source):
-        raise JobSpecError(f"init.from must be an absolute path here (a job file's relative path is resolved "
-                           f"against the file's directory); got {_shown(source)}")
-    return {"source": os.path.normpath(source), "step": _check_int("init.step", step, 0, optional=True),
+    url = _object_url("init.from", _check_text("init.from", source, "a directory path"))
+    if url is None:
+        _check_path_text("init.from", source)
+        if not os.path.isabs(source):
+            raise JobSpecError(f"init.from must be an absolute path here (a job file's relative path is resolved "
+                               f"against the file's directory); got {_shown(source)}")
+    return {"source": url or os.path.normpath(source), "step": _check_int("init.step", step, 0, optional=True),
             "optimizer_state": _check_bool("init.optimizer_state", optimizer_state),
             "skip": _check_patterns("init.skip", skip)}
 
@@ -896,11 +928,13 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
         run_dir = os.fspath(run_dir)
     if not isinstance(run_dir, str) or not run_dir:
         raise JobSpecError(f"{key['run_dir']} is required: the directory of the run's checkpoints; got {_got(run_dir)}")
-    _check_path_text(key["run_dir"], run_dir)
-    if not os.path.isabs(run_dir):
-        raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
-                           f"resolved against the file's directory); got {_shown(run_dir)}")
-    out["run_dir"] = run_dir
+    url = _object_url(key["run_dir"], run_dir)
+    if url is None:
+        _check_path_text(key["run_dir"], run_dir)
+        if not os.path.isabs(run_dir):
+            raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
+                               f"resolved against the file's directory); got {_shown(run_dir)}")
+    out["run_dir"] = url or run_dir
     code_dir = spec.code_dir
     if code_dir is not None:
         _check_text(key["code_dir"], code_dir, "the absolute path of the job file's directory")
@@ -918,7 +952,7 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     if init is not None:
         if not isinstance(init, InitSpec):
             raise JobSpecError(f"init must be None or an InitSpec; got {init!r}")
-        if os.path.commonpath([init.source, run_dir]) == os.path.normpath(run_dir):
+        if _inside(init.source, out["run_dir"]):
             raise JobSpecError(f"init.from must be another run's checkpoint, outside this job's run_dir "
                                f"({run_dir}); got {init.source!r}")
         if init.optimizer_state and out["optimizer"] == "lbfgs":
@@ -1332,9 +1366,9 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
     run_dir = document.get("run_dir")
     if run_dir is None:
         raise JobSpecError("run_dir is required: the directory of the run's checkpoints (relative to the job file)")
-    _check_path_text("run_dir", _check_text("run_dir", run_dir, "a directory path"))
+    _check_location_text("run_dir", _check_text("run_dir", run_dir, "a directory path"))
     base = Path.cwd() if base_dir is None else Path(base_dir)
-    fields["run_dir"] = _resolve_path("run_dir", run_dir, base)
+    fields["run_dir"] = _resolve_location("run_dir", run_dir, base)
     if base_dir is not None:
         fields["code_dir"] = os.path.abspath(base)
         use_job_code(fields["code_dir"])
@@ -1397,8 +1431,8 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
         if "from" not in section:
             raise JobSpecError("init.from is required: the run directory or step-<k> checkpoint directory to start "
                                "from (relative to the job file)")
-        source = _check_path_text("init.from", _check_text("init.from", section["from"], "a directory path"))
-        fields["init"] = InitSpec.from_dict({**section, "from": _resolve_path("init.from", source, base)})
+        source = _check_location_text("init.from", _check_text("init.from", section["from"], "a directory path"))
+        fields["init"] = InitSpec.from_dict({**section, "from": _resolve_location("init.from", source, base)})
 
     fields["steps"] = fields["epochs"] = None
     for table, keys in SETTING_TABLES.items():

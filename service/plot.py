@@ -15,25 +15,28 @@ class PlotError(Exception):
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The step records of ``metrics.jsonl`` (one JSON object per line), in order."""
-    from shardstep.service.coordinator import METRICS_FILE
+    """The step records of the run's log (one JSON object per line), in order."""
+    from shardstep.service.run_dir import METRICS_FILE, RunLogError, log_location, read_log_lines, run_location
 
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    where = run_location(run_dir)
+    try:
+        lines = read_log_lines(where)
+    except (RunLogError, OSError) as error:
+        raise PlotError(f"cannot read the log of {run_dir}: {error}") from None
+    if lines is None:
         raise PlotError(f"{run_dir} has no {METRICS_FILE}: not a run directory, or no step has finished yet")
     records = []
     # a live run may be mid-append, and a resumed one cuts back torn lines itself: a line
     # that is not a whole record is left out of the plot, not an error
-    with open(path, encoding="utf-8", errors="replace") as log:
-        for line in log:
-            try:
-                record = json.loads(line) if line.strip() else None
-            except ValueError:
-                continue
-            if isinstance(record, dict) and type(record.get("step")) is int and "loss" in record:
-                records.append(record)
+    for line in lines:
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(record, dict) and type(record.get("step")) is int and "loss" in record:
+            records.append(record)
     if not records:
-        raise PlotError(f"{path} holds no steps yet")
+        raise PlotError(f"{log_location(where)} holds no steps yet")
     return records
 
 
@@ -63,7 +66,11 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         loss_axis.set_yscale("log")
     loss_axis.set_ylabel("loss")
     loss_axis.legend(loc="upper right")
-    loss_axis.set_title(f"{Path(run_dir).resolve().name}: {len(records)} steps")
+    from shardstep.service.run_dir import run_location
+
+    where = run_location(run_dir)
+    name = where.resolve().name if isinstance(where, Path) else where.name
+    loss_axis.set_title(f"{name}: {len(records)} steps")
     if metric_names:
         metric_axis = rest.pop(0)
         for name in metric_names:

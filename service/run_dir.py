@@ -11,6 +11,16 @@ Every whole-file write goes to a temporary name first and is renamed into place,
 reader never sees half a file; a record is appended with one write and cut back if the
 write fails, so the log never holds half a record from this process.
 
+A run directory may be a URL (``s3://bucket/runs/exp1``; checkpoints/storage.py). There the
+files are objects, written whole; the lock is a lease object, ``.run-lease``
+(checkpoints/object_store.py); and since an object cannot be appended to, the log is a
+series of segments, ``metrics/<generation>-<sequence>.jsonl``: records are buffered and
+written as the next segment before every checkpoint (so the log always reaches the newest
+checkpoint) and every :data:`LOG_FLUSH_SECONDS`. Readers concatenate the segments of the
+newest generation in order; cutting the log back on resume writes the kept records as the
+first segment of a new generation, then deletes the older ones, so a cut that stops halfway
+leaves the old log or the new one, never a mix.
+
 A run directory knows its job: running a job on a directory that holds another job's
 checkpoints applies the change only when a resumed run can honour it
 (:data:`RESUMABLE_FIELDS`: how long to train, when to evaluate and checkpoint, what to keep,
@@ -27,18 +37,29 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shardstep.checkpoints.errors import CheckpointError
+from shardstep.checkpoints.storage import ObjectPath, get_object, location, put_object
+
 JOB_FILE = "job.json"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 INIT_FILE = "init.json"
 RUN_LOCK = ".run.lock"
+# on object storage: the lock's lease, and the prefix of the log's segments
+RUN_LEASE = ".run-lease"
+LOG_SEGMENTS = "metrics"
+LOG_SEGMENT = re.compile(r"(\d{6})-(\d{8})\.jsonl")
+# seconds between the writes of a log segment on object storage (besides one per checkpoint)
+LOG_FLUSH_SECONDS = 10.0
 
 # the job's fields a resumed run honours when they change (see the module's docstring)
 RESUMABLE_FIELDS = frozenset({
@@ -69,10 +90,34 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _replace(path: Path, text: str) -> None:
+def run_location(run_dir: str | os.PathLike | ObjectPath) -> Path | ObjectPath:
+    """A run directory as a local Path, or as an ObjectPath when it is a URL."""
+    return location(run_dir)
+
+
+def _replace(path: Path | ObjectPath, text: str) -> None:
+    if isinstance(path, ObjectPath):
+        try:
+            put_object(path, [text.encode()])  # an object is replaced whole
+        except CheckpointError as error:
+            raise OSError(errno.EIO, str(error)) from None
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _read_text(path: Path | ObjectPath) -> str:
+    """A file's text; FileNotFoundError when there is none."""
+    if isinstance(path, ObjectPath):
+        try:
+            found = get_object(path)
+        except CheckpointError as error:
+            raise OSError(errno.EIO, str(error)) from None
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", str(path))
+        return found[0].decode("utf-8", errors="replace")
+    return path.read_text()
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +129,7 @@ def saved_job(run_dir: Path) -> dict[str, Any] | None:
     directory has none."""
     path = run_dir / JOB_FILE
     try:
-        text = path.read_text()
+        text = _read_text(path)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -225,19 +270,44 @@ class RunDirectory:
     """A run directory held by this run: its lock is taken before anything is written, and
     held until :meth:`close` (the kernel releases it if the process dies)."""
 
-    def __init__(self, path: Path, run_id: str, lock: int, changes: list[tuple[str, Any, Any]]):
+    def __init__(self, path: Path | ObjectPath, run_id: str, lock: int | Any, changes: list[tuple[str, Any, Any]]):
         self.path = path
         self.run_id = run_id
         self.changes = changes
-        self._lock = lock
+        self._lock = lock  # a file descriptor, or on object storage a Lease
 
     def close(self) -> None:
-        if self._lock >= 0:
-            os.close(self._lock)
-            self._lock = -1
+        _release(self._lock)
+        self._lock = -1
 
 
-def _take_lock(run_dir: Path) -> int:
+def _release(lock: int | Any) -> None:
+    if isinstance(lock, int):
+        if lock >= 0:
+            os.close(lock)
+    else:
+        lock.release()
+
+
+def _take_lease(run_dir: ObjectPath) -> Any:
+    from shardstep.checkpoints.object_store import LEASE_SECONDS, Lease, LeaseHeldError
+
+    lease = Lease(run_dir / RUN_LEASE, "", LEASE_SECONDS)
+    try:
+        lease.acquire()
+    except LeaseHeldError as held:
+        raise RunDirectoryError(
+            f"run directory {run_dir} is in use by another run (host {held.holder.get('host')!r}, pid "
+            f"{held.holder.get('pid')}, which holds {run_dir / RUN_LEASE} {held.left:.0f} s more); wait for that "
+            "run to end, or give this one another run directory") from None
+    except CheckpointError as error:
+        raise RunDirectoryError(f"cannot take the run directory {run_dir}: {error}") from None
+    return lease
+
+
+def _take_lock(run_dir: Path | ObjectPath) -> int | Any:
+    if isinstance(run_dir, ObjectPath):
+        return _take_lease(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -283,10 +353,10 @@ def open_run_dir(run_dir: Path, job: Mapping[str, Any], init: Mapping[str, Any] 
         if init is not None:
             _replace(run_dir / INIT_FILE, json.dumps(dict(init), indent=1))
     except OSError as error:
-        os.close(lock)
+        _release(lock)
         raise RunDirectoryError(f"cannot write {run_dir / JOB_FILE}: {error.strerror or error}") from None
     except BaseException:
-        os.close(lock)
+        _release(lock)
         raise
     return RunDirectory(run_dir, run_id, lock, changes)
 
@@ -295,9 +365,16 @@ def open_run_dir(run_dir: Path, job: Mapping[str, Any], init: Mapping[str, Any] 
 # the run log
 
 
-def append_record(run_dir: Path, record: Mapping[str, Any]) -> None:
+def append_record(run_dir: Path | ObjectPath, record: Mapping[str, Any]) -> None:
     """Append one record with a single write; a write that fails (or falls short, as on a
-    full disk) is cut back, so the log ends with the previous record."""
+    full disk) is cut back, so the log ends with the previous record. On object storage the
+    record joins the buffer of the next segment (:func:`flush_records`)."""
+    if isinstance(run_dir, ObjectPath):
+        log = _segment_log(run_dir)
+        log.buffer.append(json.dumps(record, default=plain))
+        if time.monotonic() - log.flushed >= LOG_FLUSH_SECONDS:
+            flush_records(run_dir)
+        return
     data = (json.dumps(record, default=plain) + "\n").encode()
     path = run_dir / METRICS_FILE
     try:
@@ -331,29 +408,132 @@ def _record_step(line: str) -> tuple[int, bool] | None:
     return record["step"], bool(record.get("skipped"))
 
 
-def truncate_records(run_dir: Path, step: int) -> int:
+def truncate_records(run_dir: Path | ObjectPath, step: int) -> int:
     """Keep the records up to the checkpoint of ``step`` (a resumed run replays the rest):
     trained steps up to ``step`` and the steps skipped before it; lines that are not whole
     records (a torn append, garbage) are dropped. Returns the number of such lines."""
+    if isinstance(run_dir, ObjectPath):
+        return _truncate_segments(run_dir, step)
     path = run_dir / METRICS_FILE
     try:
         log = open(path, encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return 0
-    kept, damaged = [], 0
     with log:
-        for line in log:
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parsed = _record_step(line)
-            if parsed is None:
-                damaged += 1
-                continue
-            record_step, skipped = parsed
-            # a skipped step's record carries the step before it: skips at ``step`` came
-            # after that step's checkpoint
-            if record_step < step or (record_step == step and not skipped):
-                kept.append(line)
+        kept, damaged = _kept_lines(log, step)
     _replace(path, "".join(line + "\n" for line in kept))
+    return damaged
+
+
+def _kept_lines(lines: Any, step: int) -> tuple[list[str], int]:
+    kept, damaged = [], 0
+    for line in lines:
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        parsed = _record_step(line)
+        if parsed is None:
+            damaged += 1
+            continue
+        record_step, skipped = parsed
+        # a skipped step's record carries the step before it: skips at ``step`` came
+        # after that step's checkpoint
+        if record_step < step or (record_step == step and not skipped):
+            kept.append(line)
+    return kept, damaged
+
+
+def log_location(run_dir: Path | ObjectPath) -> Path | ObjectPath:
+    """Where the log is: ``metrics.jsonl``, or on object storage its segments' prefix."""
+    return run_dir / (LOG_SEGMENTS if isinstance(run_dir, ObjectPath) else METRICS_FILE)
+
+
+def read_log_lines(run_dir: Path | ObjectPath) -> list[str] | None:
+    """The log's lines, in order (None when there is no log)."""
+    if not isinstance(run_dir, ObjectPath):
+        try:
+            with open(run_dir / METRICS_FILE, encoding="utf-8", errors="replace") as log:
+                return log.read().splitlines()
+        except FileNotFoundError:
+            return None
+    segments = _segments(run_dir)
+    if not segments:
+        return None
+    newest = max(generation for generation, _, _ in segments)
+    lines: list[str] = []
+    for generation, _, name in segments:
+        if generation == newest:
+            lines += _read_text(run_dir / LOG_SEGMENTS / name).splitlines()
+    return lines
+
+
+class _SegmentLog:
+    """This process's buffer of the next log segment of a run on object storage."""
+
+    def __init__(self, generation: int, sequence: int):
+        self.generation = generation
+        self.sequence = sequence
+        self.buffer: list[str] = []
+        self.flushed = time.monotonic()
+
+
+_SEGMENT_LOGS: dict[str, _SegmentLog] = {}
+
+
+def _segments(run_dir: ObjectPath) -> list[tuple[int, int, str]]:
+    try:
+        _, objects = (run_dir / LOG_SEGMENTS).children()
+    except CheckpointError as error:
+        raise RunLogError(f"cannot list {run_dir / LOG_SEGMENTS}: {error}") from None
+    found = []
+    for name in objects:
+        match = LOG_SEGMENT.fullmatch(name)
+        if match:
+            found.append((int(match.group(1)), int(match.group(2)), name))
+    return sorted(found)
+
+
+def _segment_log(run_dir: ObjectPath) -> _SegmentLog:
+    log = _SEGMENT_LOGS.get(str(run_dir))
+    if log is None:
+        segments = _segments(run_dir)
+        generation = max((g for g, _, _ in segments), default=0)
+        sequence = max((q for g, q, _ in segments if g == generation), default=-1) + 1
+        log = _SEGMENT_LOGS[str(run_dir)] = _SegmentLog(generation, sequence)
+    return log
+
+
+def flush_records(run_dir: Path | ObjectPath) -> None:
+    """Write the buffered records as the log's next segment (object storage; on disk every
+    record is written when appended). Raises RunLogError, keeping the buffer, when the
+    store refuses."""
+    if not isinstance(run_dir, ObjectPath):
+        return
+    log = _segment_log(run_dir)
+    if log.buffer:
+        name = f"{log.generation:06d}-{log.sequence:08d}.jsonl"
+        try:
+            put_object(run_dir / LOG_SEGMENTS / name, ["".join(line + "\n" for line in log.buffer).encode()])
+        except CheckpointError as error:
+            raise RunLogError(str(error)) from None  # it names the segment
+        log.buffer.clear()
+        log.sequence += 1
+    log.flushed = time.monotonic()
+
+
+def _truncate_segments(run_dir: ObjectPath, step: int) -> int:
+    lines = read_log_lines(run_dir)
+    _SEGMENT_LOGS.pop(str(run_dir), None)
+    if lines is None:
+        return 0
+    kept, damaged = _kept_lines(lines, step)
+    old = _segments(run_dir)
+    generation = max(g for g, _, _ in old) + 1
+    try:
+        put_object(run_dir / LOG_SEGMENTS / f"{generation:06d}-{0:08d}.jsonl",
+                   ["".join(line + "\n" for line in kept).encode()])
+        (run_dir / LOG_SEGMENTS).delete([name for _, _, name in old])
+    except CheckpointError as error:
+        raise RunLogError(f"cannot cut back the log {run_dir / LOG_SEGMENTS}: {error}") from None
+    _SEGMENT_LOGS[str(run_dir)] = _SegmentLog(generation, 1)
     return damaged

@@ -404,11 +404,16 @@ def prepare(job_file: str, *, run_dir: str | None = None, shards: int | None = N
     if overrides:
         spec = spec.replace(**overrides)
     # as given, never through symlinks: the path must mean the same storage on the cluster
-    target = os.path.abspath(os.path.expanduser(run_dir)) if run_dir is not None else spec.run_dir
+    from shardstep.checkpoints.storage import is_url, location
+
+    if run_dir is None:
+        target = spec.run_dir
+    else:  # a URL names object storage, the same for every node
+        target = str(location(run_dir)) if is_url(run_dir) else os.path.abspath(os.path.expanduser(run_dir))
     working_dir = path.resolve().parent
 
     excludes = list(UPLOAD_EXCLUDES)
-    inside = _relative_to(Path(target), working_dir)
+    inside = None if is_url(target) else _relative_to(Path(target), working_dir)
     if inside is not None:
         if inside == Path("."):
             raise ClusterError(f"the run directory {target} is the job file's directory, which is uploaded with "
@@ -517,7 +522,7 @@ def submit(job_file: str, *, address: str | None, run_dir: str | None, shards: i
     resumes = _latest_step(submission.run_dir)
     if resumes is not None:
         start = f"resumes from step {resumes}"
-    elif Path(submission.run_dir).is_dir():
+    elif _visible(submission.run_dir):
         start = "no committed checkpoint yet: starts at step 0"
     else:
         start = "not visible from this machine: the job resumes from a checkpoint there, if any"
@@ -665,12 +670,24 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
+def _visible(run_dir: str) -> bool:
+    """Whether this machine sees ``run_dir`` (a local directory, or objects under its URL)."""
+    from shardstep.checkpoints import CheckpointError
+    from shardstep.checkpoints.storage import location
+
+    try:
+        return location(run_dir).is_dir()
+    except (CheckpointError, OSError):
+        return False
+
+
 def _latest_step(run_dir: str) -> int | None:
     """The latest committed checkpoint of ``run_dir`` when this machine sees that directory."""
     from shardstep.checkpoints import CheckpointError, latest_step
+    from shardstep.checkpoints.storage import location
     from shardstep.service.coordinator import CHECKPOINT_DIR
 
     try:
-        return latest_step(Path(run_dir) / CHECKPOINT_DIR)
+        return latest_step(location(run_dir) / CHECKPOINT_DIR)
     except CheckpointError:  # unreadable from here: the cluster's view is what counts
         return None

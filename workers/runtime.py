@@ -27,17 +27,29 @@ def check_run_dir_visible(run_dir: str, run_id: str | None, who: str) -> None:
     (checkpoints are written by every shard on its own node): ``job.json`` there must name
     this run."""
     import json
-    import os
     import socket
 
-    path = os.path.join(run_dir, "job.json")  # shardstep.service.run_dir.JOB_FILE
+    from shardstep.checkpoints.errors import CheckpointError
+    from shardstep.checkpoints.storage import ObjectPath, get_object, location
+
+    where = location(run_dir)
+    path = where / "job.json"  # shardstep.service.run_dir.JOB_FILE
     try:
-        with open(path) as file:
-            seen = json.load(file).get("run_id")
-    except (OSError, ValueError) as error:
+        if isinstance(where, ObjectPath):
+            found = get_object(path)
+            if found is None:
+                raise FileNotFoundError(f"no object {path}")
+            seen = json.loads(found[0]).get("run_id")
+        else:
+            with open(path) as file:
+                seen = json.load(file).get("run_id")
+    except (OSError, ValueError, CheckpointError) as error:
         seen, why = None, f"cannot read {path} ({type(error).__name__}: {error})"
     else:
         why = f"{path} belongs to run {seen!r}, not {run_id!r}"
     if seen != run_id or seen is None:
+        shared = ("Every node needs the object store's endpoint and credentials in its environment "
+                  "(docs/checkpoints.md, \"On object storage\")" if isinstance(where, ObjectPath) else
+                  "The run directory must be on storage every node shares, at the same path")
         raise RuntimeError(f"{who} on host {socket.gethostname()} does not see the run directory {run_dir}: {why}. "
-                           f"The run directory must be on storage every node shares, at the same path")
+                           + shared)
