@@ -378,15 +378,20 @@ def test_readers_of_a_live_run_always_find_a_committed_step_while_retention_dele
         writer.stderr.close()
 
 
-@pytest.mark.parametrize("argv", [
-    ["run", "JOB", "--run-dir", "s3://bucket/runs/x"], ["resume", "gs://bucket/runs/x"],
-    ["inspect", "s3://bucket/runs/x"], ["export", "RUN", "--out", "s3://bucket/model.ckpt"],
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "JOB", "--run-dir", "ftp://bucket/runs/x"],
+     "--run-dir ftp://bucket/runs/x: the ftp:// scheme is not an object store shardstep writes to"),
+    (["resume", "file://bucket/runs/x"], "RUN_DIR file://bucket/runs/x: the file:// scheme is not an object store"),
+    (["inspect", "s3://bucket/a/../x"], "PATH s3://bucket/a/../x: expected s3://BUCKET/PREFIX with no '.' or '..'"),
+    (["run", "s3://bucket/job.toml"], "JOB 's3://bucket/job.toml' is a URL; it must be a file system path"),
+    (["plot", "RUN", "--out", "s3://bucket/metrics.png"], "OUT 's3://bucket/metrics.png' is a URL; it must be a file"),
 ])
-def test_object_storage_urls_are_refused_before_anything_is_written(tmp_path, capsys, argv):
+def test_urls_that_name_no_object_store_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
     job = write_job(tmp_path / "job.toml", tmp_path / "run")
     before = sorted(tmp_path.rglob("*"))
     argv = [str(job) if a == "JOB" else str(tmp_path / "run") if a == "RUN" else a for a in argv]
     code, out, err = run_cli(capsys, *argv)
     assert (code, out) == (2, "") and len(err.splitlines()) == 1, err
-    assert "is a URL; run directories, checkpoints and job files are file system paths" in err
-    assert sorted(tmp_path.rglob("*")) == before and not Path("s3:").exists() and not Path("gs:").exists()
+    assert f"shardstep {argv[0]}: error: {message}" in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not any(Path(scheme).exists() for scheme in ("s3:", "ftp:", "file:"))
