@@ -335,6 +335,9 @@ def open_run_dir(run_dir: Path, job: Mapping[str, Any], init: Mapping[str, Any] 
     against the one it holds (see :func:`check_job_change`; an accepted change is recorded
     in it); record where a fine-tuning run's parameters came from."""
     lock = _take_lock(run_dir)
+    # a log segment buffer of an earlier run in this process would continue a sequence that
+    # other runs may have moved on from: this run lists the segments afresh
+    _SEGMENT_LOGS.pop(str(run_dir), None)
     try:
         saved = saved_job(run_dir)
         job = dict(job)
