@@ -440,11 +440,14 @@ PATH_KEYS = (("init", "from"),)
 
 
 def _check_paths_travel(job_file: Path) -> None:
-    """Refuse a relative path the cluster would resolve somewhere else than this machine."""
+    """Refuse a relative path the cluster would resolve somewhere else than this machine
+    (a URL means the same everywhere)."""
+    from shardstep.checkpoints.storage import is_url
+
     document = tomllib.loads(job_file.read_text(encoding="utf-8"))  # load_job has checked it
     for table, key in PATH_KEYS:
         value = document.get(table, {}).get(key)
-        if isinstance(value, str) and not os.path.isabs(value):
+        if isinstance(value, str) and not os.path.isabs(value) and not is_url(value):
             raise ClusterError(f"{job_file}: {table}.{key} = {value!r} is relative, and on the cluster a relative "
                                f"path is resolved against Ray's copy of the job file's directory; give it as an "
                                f"absolute path on storage every node shares")

@@ -308,9 +308,14 @@ def test_prepare_builds_the_command_and_ships_the_code(tmp_path, monkeypatch):
     # the job's directory is uploaded: it cannot be the run directory too
     with pytest.raises(ClusterError, match=r"is the job file's directory, which is uploaded with the job"):
         prepare(str(job), run_dir=str(beside))
+    # a run directory on object storage is the same for every node: taken as it is
+    submission = prepare(str(job), run_dir="s3://bucket/runs/x/")
+    assert submission.run_dir == "s3://bucket/runs/x" and submission.metadata["shardstep_run_dir"] == submission.run_dir
+    assert "s3://bucket/runs/x" in submission.entrypoint
 
     # a fine-tuning source given relative to the job file would be looked for in Ray's copy
-    for source, accepted in (("runs/base", False), ("~/runs/base", False), ("/shared/runs/base", True)):
+    for source, accepted in (("runs/base", False), ("~/runs/base", False), ("/shared/runs/base", True),
+                             ("s3://bucket/runs/base", True)):
         text = job.read_text().replace("[task]", f'[init]\nfrom = "{source}"\n\n[task]')
         tuned = job.with_name("tuned.toml")
         tuned.write_text(text)
