@@ -764,11 +764,21 @@ class FileReader:
 
     def check_padding(self) -> None:
         """The zero bytes between tensors (the header padding is checked when opening)."""
-        end = self.data_start
+        gaps, end = [], self.data_start
         for entry in self.entries:
-            if entry.offset > end and any(self.pread(entry.offset - end, end)):
-                raise self.corrupt(f"nonzero byte in the padding before tensor {_show(entry.key)}")
+            if entry.offset > end:
+                gaps.append((end, entry.offset, entry))
             end = entry.offset + entry.length
+        if self._object is not None:
+            # one request for them all (the client coalesces nearby ranges), not one per gap
+            contents = self._object.read_ranges([(start, stop) for start, stop, _ in gaps])
+        else:
+            contents = (self.pread(stop - start, start) for start, stop, _ in gaps)
+        for (start, stop, entry), data in zip(gaps, contents):
+            if len(data) != stop - start:
+                raise self.corrupt(f"file ended at byte {start + len(data)} while reading the padding")
+            if any(data):
+                raise self.corrupt(f"nonzero byte in the padding before tensor {_show(entry.key)}")
 
     def read_array(self, entry: TensorEntry) -> np.ndarray:
         try:

@@ -266,6 +266,32 @@ def test_damage_on_object_storage_is_detected_and_set_aside(s3_server, url):
     _export_equals(url, 2, layout)
 
 
+@pytest.mark.parametrize(("where", "message"), [
+    ("last byte", "checksum mismatch in tensor"), ("padding", "nonzero byte in the padding before"),
+    ("header", "header checksum"),
+])
+def test_every_kind_of_damage_to_a_stored_shard_file_is_found(url, tmp_path, where, message):
+    import boto3
+
+    from shardstep.checkpoints.format import FileReader
+
+    layout = ShardLayout(SPECS, 2)
+    commit_expected(url, 1, layout)
+    with open_checkpoint(url, 1) as checkpoint:
+        shard_key = (checkpoint.directory / checkpoint._manifest["shards"][0]["file"]).key
+    client = boto3.client("s3")
+    data = bytearray(client.get_object(Bucket=BUCKET, Key=shard_key)["Body"].read())
+    (tmp_path / "copy.ckpt").write_bytes(data)
+    with FileReader(tmp_path / "copy.ckpt") as reader:  # where the padding between tensors is
+        ends = [entry.offset + entry.length for entry in reader.entries]
+        padding = next(end for end, entry in zip(ends, reader.entries[1:]) if entry.offset > end)
+    data[{"last byte": -1, "padding": padding, "header": 40}[where]] ^= 1
+    client.put_object(Bucket=BUCKET, Key=shard_key, Body=bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=message):
+        with open_checkpoint(url, 1) as checkpoint:
+            checkpoint.load_shard(0, 1)
+
+
 def test_asynchronous_shard_saves_to_object_storage(url):
     layout = ShardLayout(SPECS, 2)
     with CheckpointStore(url, run_id="run") as store, AsyncSaver() as saver:
