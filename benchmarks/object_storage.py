@@ -368,7 +368,8 @@ def render(bench: Bench, header: dict) -> str:
         "",
         f"Machine: {header['machine']}. Python {header['python']}, numpy {header['numpy']}, obstore "
         f"{header['obstore']}, moto {header['moto']} (its standalone server on 127.0.0.1, behind the tests' "
-        f"TCP relay); {header['date']}; load average at start {header['load']}. Command: `{header['command']}`.",
+        f"TCP relay); {header['date']}; load average at start {header['load']}, at the end {header['load end']} "
+        f"(other work on this machine shares the cores). Command: `{header['command']}`.",
         "",
         f"State: {header['params'] / 1e6:.1f}M float32 parameters in {len(NAMES)} parameters of shape "
         f"{header['shape']} with Adam's state (exp_avg, exp_avg_sq, a 0-d step), {raw_bytes / 1e9:.3f} GB of "
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         header = {
             "machine": machine(), "python": platform.python_version(), "numpy": np.__version__,
             "obstore": obstore.__version__, "moto": moto.__version__, "date": time.strftime("%Y-%m-%d"),
-            "load": load_at_start,
+            "load": load_at_start, "load end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "command": "python benchmarks/object_storage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "params": sum(spec.numel for spec in specs), "shape": f"({shape[0]:,}, {shape[1]:,})",
             "shards": args.shards, "repeats": args.repeats, "raw bytes": raw_bytes, "file bytes": file_bytes,

@@ -1,11 +1,14 @@
 """The deployment files (deploy/, docs/deploy.md), checked without a cluster, Docker or network:
 every YAML parses and carries the fields KubeRay and Ray's cluster launcher need, volumes and
-mount paths agree, the job files validate and fit the cluster's CPUs, the image pins the Ray
-release pyproject.toml pins, and every `shardstep` command the files show parses with the real
-command line."""
+mount paths agree, the job files validate and fit the cluster's CPUs, the object-storage variant
+mounts no run-directory volume and gives every Ray container the bucket's Secret without a
+credential in any file it ships, the image pins the Ray release pyproject.toml pins and has the
+objectstore extra, and every `shardstep` command the files show parses with the real command
+line."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import functools
@@ -55,6 +58,17 @@ WORKER_GROUP_FIELDS = {"suspend", "groupName", "replicas", "minReplicas", "maxRe
 SUBMITTING_MODES = {"K8sJobMode", "HTTPMode", "SidecarMode"}
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 SHARDSTEP_SUBCOMMANDS = ("run", "resume", "inspect", "export")
+# the two RayJobs: the run directories on the shared claim of pvc.yaml, or in a bucket
+VOLUME_RAYJOB = "rayjob.yaml"
+S3_RAYJOB = "rayjob-s3.yaml"
+RAYJOB_FILES = (VOLUME_RAYJOB, S3_RAYJOB)
+# the variables the object store's client reads (docs/checkpoints.md, "On object storage"): the
+# Secret holds nothing else, and the three credentials must never be written anywhere but there
+STORE_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                   "AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP"}
+CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+# an AWS access key id (long-term AKIA..., temporary ASIA...)
+ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,8 +86,24 @@ def manifest(path: Path, kind: str) -> dict:
 
 
 @functools.cache
-def rayjob() -> dict:
-    return manifest(KUBERAY / "rayjob.yaml", "RayJob")
+def rayjob(name: str = VOLUME_RAYJOB) -> dict:
+    return manifest(KUBERAY / name, "RayJob")
+
+
+def s3_rayjob() -> dict:
+    return rayjob(S3_RAYJOB)
+
+
+@functools.cache
+def s3_secret() -> dict:
+    return manifest(KUBERAY / "s3-secret.yaml", "Secret")
+
+
+def secret_values(secret: dict) -> dict[str, str]:
+    """A Secret's keys and values, from stringData or (base64) data."""
+    values = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
+    values.update(secret.get("stringData") or {})
+    return values
 
 
 @functools.cache
@@ -113,20 +143,59 @@ def ray_requirement() -> Requirement:
     return ray
 
 
-def head_spec() -> dict:
-    return rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]
+def head_spec(name: str = VOLUME_RAYJOB) -> dict:
+    return rayjob(name)["spec"]["rayClusterSpec"]["headGroupSpec"]
 
 
-def worker_groups() -> list[dict]:
-    return rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+def worker_groups(name: str = VOLUME_RAYJOB) -> list[dict]:
+    return rayjob(name)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+
+
+def ray_pod_specs(name: str) -> dict[str, dict]:
+    """The pod specs of a RayJob's Ray cluster (head, every worker group), by a readable name."""
+    specs = {"head": head_spec(name)["template"]["spec"]}
+    for group in worker_groups(name):
+        specs[f"worker group {group['groupName']}"] = group["template"]["spec"]
+    return specs
 
 
 def pod_specs() -> dict[str, dict]:
-    """Every pod spec of the Kubernetes manifests, by a readable name."""
-    specs = {"head": head_spec()["template"]["spec"], "toolbox": toolbox()["spec"]}
-    for group in worker_groups():
-        specs[f"worker group {group['groupName']}"] = group["template"]["spec"]
-    return specs
+    """Every pod spec of the volume variant (rayjob.yaml and the toolbox), by a readable name."""
+    return {**ray_pod_specs(VOLUME_RAYJOB), "toolbox": toolbox()["spec"]}
+
+
+def all_pod_specs() -> dict[str, dict]:
+    """Every pod spec of the Kubernetes manifests, both variants."""
+    specs = {f"{name}: {pod}": spec for name in RAYJOB_FILES for pod, spec in ray_pod_specs(name).items()}
+    return {**specs, "toolbox": toolbox()["spec"]}
+
+
+def entrypoint_job(name: str) -> str:
+    """The job file a RayJob's entrypoint runs: `shardstep run /jobs/NAME.toml` -> NAME.toml."""
+    entrypoint = yaml.safe_load((KUBERAY / name).read_text())["spec"]["entrypoint"]
+    (job,) = re.findall(r"\bshardstep run (\S+)", entrypoint)
+    return PurePosixPath(job).name
+
+
+def configmap_keys(variant: str) -> list[str]:
+    """The ConfigMap's job files that the RayJob ``variant`` runs (for parametrizing; each key
+    is run by exactly one RayJob, see test_configmap_holds_the_job_files_of_deploy_jobs_...)."""
+    keys = yaml.safe_load((KUBERAY / "jobs-configmap.yaml").read_text())["data"]
+    return sorted(key for key in keys if entrypoint_job(variant) == key)
+
+
+def rayjob_running(key: str) -> str:
+    """The RayJob file whose entrypoint runs the ConfigMap's job file ``key``."""
+    (name,) = [name for name in RAYJOB_FILES if entrypoint_job(name) == key]
+    return name
+
+
+def is_url(location: str) -> bool:
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(location)) is not None
+
+
+def is_under_url(url: str, root: str) -> bool:
+    return url == root or url.startswith(root.rstrip("/") + "/")
 
 
 def mounts_of(pod: dict) -> dict[str, tuple[dict, dict]]:
@@ -415,7 +484,7 @@ def test_every_deploy_yaml_parses_into_named_objects():
     paths = sorted(DEPLOY.rglob("*.yaml"))
     assert {p.relative_to(DEPLOY).as_posix() for p in paths} >= {
         "cluster.yaml", "kuberay/rayjob.yaml", "kuberay/pvc.yaml", "kuberay/jobs-configmap.yaml",
-        "kuberay/toolbox.yaml"}
+        "kuberay/toolbox.yaml", "kuberay/rayjob-s3.yaml", "kuberay/s3-secret.yaml"}
     kinds = set()
     for path in paths:
         documents = yaml_documents(path)
@@ -425,7 +494,7 @@ def test_every_deploy_yaml_parses_into_named_objects():
                 assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path.name}: {sorted(doc)}"
                 assert DNS_LABEL.fullmatch(doc["metadata"]["name"]), doc["metadata"]["name"]
                 kinds.add(doc["kind"])
-    assert kinds == {"RayJob", "PersistentVolumeClaim", "ConfigMap", "Pod"}
+    assert kinds == {"RayJob", "PersistentVolumeClaim", "ConfigMap", "Pod", "Secret"}
 
 
 def test_the_guide_covers_every_deploy_file():
@@ -439,8 +508,9 @@ def test_the_guide_covers_every_deploy_file():
 # Kubernetes
 
 
-def test_rayjob_has_kuberay_v1_fields_only_and_everything_it_needs():
-    job = rayjob()
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_has_kuberay_v1_fields_only_and_everything_it_needs(name):
+    job = rayjob(name)
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     assert set(spec) <= RAYJOB_SPEC_FIELDS, set(spec) - RAYJOB_SPEC_FIELDS
@@ -470,7 +540,7 @@ def test_rayjob_has_kuberay_v1_fields_only_and_everything_it_needs():
 
 
 def test_pods_mount_only_volumes_they_declare_and_reserve_their_resources():
-    for name, pod in pod_specs().items():
+    for name, pod in all_pod_specs().items():
         assert pod["containers"], name
         declared = {volume["name"] for volume in pod.get("volumes", [])}
         used = {mount["name"] for c in pod["containers"] for mount in c.get("volumeMounts", [])}
@@ -497,12 +567,13 @@ def test_run_directories_are_on_one_readwritemany_claim_at_one_path_everywhere()
         assert not mount.get("readOnly", False), f"{name} must write checkpoints"
 
 
-def test_entrypoint_runs_a_job_file_the_configmap_puts_on_the_head():
-    (argv,) = shell_commands(rayjob()["spec"]["entrypoint"])
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_entrypoint_runs_a_job_file_the_configmap_puts_on_the_head(name):
+    (argv,) = shell_commands(rayjob(name)["spec"]["entrypoint"])
     args = parse_cli(argv)
     assert args.command == "run"
     job_path = PurePosixPath(args.job)
-    head_mounts = mounts_of(head_spec()["template"]["spec"])
+    head_mounts = mounts_of(head_spec(name)["template"]["spec"])
     assert str(job_path.parent) in head_mounts, f"the head mounts nothing at {job_path.parent}"
     volume, mount = head_mounts[str(job_path.parent)]
     configmap = jobs_configmap()
@@ -512,10 +583,23 @@ def test_entrypoint_runs_a_job_file_the_configmap_puts_on_the_head():
         key: key for key in configmap["data"]}
     assert job_path.name in keys, f"{job_path.name} is not in ConfigMap {configmap['metadata']['name']}"
     if args.run_dir is not None:
-        assert is_under(args.run_dir, shared_mount_path(head_spec()["template"]["spec"]))
+        if name == VOLUME_RAYJOB:
+            assert is_under(args.run_dir, shared_mount_path(head_spec()["template"]["spec"]))
+        else:
+            assert args.run_dir.startswith("s3://"), args.run_dir
 
 
-@pytest.mark.parametrize("key", sorted(yaml.safe_load((KUBERAY / "jobs-configmap.yaml").read_text())["data"]))
+def test_configmap_holds_the_job_files_of_deploy_jobs_each_run_by_one_rayjob():
+    keys = set(jobs_configmap()["data"])
+    # what `kubectl create configmap shardstep-jobs --from-file=deploy/jobs/` (the guide) makes
+    assert keys == set(job_specs()), (sorted(keys), sorted(job_specs()))
+    for key in sorted(keys):
+        assert jobs_configmap()["data"][key] == (JOBS / key).read_text(), f"{key} differs from deploy/jobs/{key}"
+        runners = [name for name in RAYJOB_FILES if entrypoint_job(name) == key]
+        assert len(runners) == 1, f"{key} is run by {runners}: a job file no RayJob runs is checked by nothing"
+
+
+@pytest.mark.parametrize("key", configmap_keys(VOLUME_RAYJOB))
 def test_configmap_jobs_validate_and_write_to_the_shared_claim(key):
     text = jobs_configmap()["data"][key]
     spec = parse_job(text, source=f"ConfigMap {key}", base_dir=Path("/jobs"))
@@ -526,25 +610,139 @@ def test_configmap_jobs_validate_and_write_to_the_shared_claim(key):
     assert text == (JOBS / key).read_text()
 
 
+@pytest.mark.parametrize("key", configmap_keys(S3_RAYJOB))
+def test_configmap_s3_jobs_validate_and_write_to_a_bucket(key):
+    text = jobs_configmap()["data"][key]
+    spec = parse_job(text, source=f"ConfigMap {key}", base_dir=Path("/jobs"))
+    # the repository's file validates too, to the same run directory
+    assert load_job(JOBS / key).run_dir == spec.run_dir
+    match = re.fullmatch(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(?P<prefix>\S+)", spec.run_dir)
+    assert match, f"{key}: run_dir should be a prefix in an S3 bucket (not the bucket's root); got {spec.run_dir}"
+    assert spec.backend == "ray" and spec.address == "auto", "a cluster job joins the cluster it runs on"
+    # two RayJobs may run at once: never on one run directory (the second would be refused)
+    others = {other.run_dir for name, other in job_specs().items() if name != key}
+    assert not any(is_under_url(spec.run_dir, o) or is_under_url(o, spec.run_dir) for o in others if is_url(o))
+    assert text == (JOBS / key).read_text()
+
+
 @pytest.mark.parametrize("key", sorted(yaml.safe_load((KUBERAY / "jobs-configmap.yaml").read_text())["data"]))
 def test_configmap_jobs_fit_the_worker_groups_and_stay_off_the_head(key):
     spec = parse_job(jobs_configmap()["data"][key], source=key, base_dir=Path("/jobs"))
+    name = rayjob_running(key)
     # every actor reserves CPUs, so Ray places them on workers and never on the CPU-less head
     assert spec.shard_cpus > 0 and spec.worker_cpus > 0
-    assert head_spec()["rayStartParams"]["num-cpus"] == "0"
+    assert head_spec(name)["rayStartParams"]["num-cpus"] == "0"
     capacity = sum(g.get("replicas", g["minReplicas"]) * cpu_quantity(c["resources"]["limits"]["cpu"])
-                   for g in worker_groups() for c in g["template"]["spec"]["containers"][:1])
-    assert job_cpus(spec) <= capacity, f"{key} reserves {job_cpus(spec)} CPUs; the worker pods have {capacity}"
+                   for g in worker_groups(name) for c in g["template"]["spec"]["containers"][:1])
+    assert job_cpus(spec) <= capacity, f"{key} reserves {job_cpus(spec)} CPUs; {name}'s worker pods have {capacity}"
+
+
+def test_s3_rayjob_mounts_no_run_directory_volume():
+    job = s3_rayjob()
+    assert job["metadata"]["name"] != rayjob()["metadata"]["name"], "both variants can be applied side by side"
+    for name, pod in ray_pod_specs(S3_RAYJOB).items():
+        # the only volume is the read-only job files: no claim, host path, NFS, CSI or ephemeral disk
+        # where a run directory could hide, and nothing at the volume variant's path
+        for volume in pod.get("volumes", []):
+            assert set(volume) == {"name", "configMap"}, f"{name}: volume {volume}"
+        for path, (_, mount) in mounts_of(pod).items():
+            assert mount.get("readOnly") is True, f"{name}: {path} is writable"
+            assert not is_under(path, shared_mount_path(head_spec()["template"]["spec"])), f"{name}: {path}"
+    spec = job_specs()[entrypoint_job(S3_RAYJOB)]
+    assert spec.run_dir.startswith("s3://"), spec.run_dir
+
+
+def test_s3_rayjob_gives_every_ray_container_the_secret():
+    secret = s3_secret()
+    name = secret["metadata"]["name"]
+    keys = set(secret_values(secret))
+    containers = [(pod_name, container) for pod_name, pod in ray_pod_specs(S3_RAYJOB).items()
+                  for container in pod.get("initContainers", []) + pod["containers"]]
+    assert len(containers) >= 1 + len(worker_groups(S3_RAYJOB))
+    for pod_name, container in containers:
+        where = f"{pod_name} container {container['name']}"
+        whole = [source for source in container.get("envFrom", []) if source.get("secretRef", {}).get("name") == name]
+        # a missing Secret must keep the pod from starting, not start it without credentials
+        assert not any(source["secretRef"].get("optional", False) for source in whole), where
+        assert not any(source.get("prefix") for source in whole), f"{where}: a prefix renames the variables"
+        if whole:
+            given = keys
+        else:
+            given = {variable["name"] for variable in container.get("env", [])
+                     if variable.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == name
+                     and variable["valueFrom"]["secretKeyRef"].get("key") == variable["name"]
+                     and not variable["valueFrom"]["secretKeyRef"].get("optional", False)}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= given, f"{where}: gets {sorted(given)}"
+        # a literal value would override the Secret (env wins over envFrom)
+        literal = {v["name"] for v in container.get("env", []) if "value" in v and v["name"] in STORE_VARIABLES}
+        assert not literal, f"{where}: {sorted(literal)} set in the manifest"
+
+
+def test_s3_secret_holds_the_store_variables_with_placeholders_only():
+    secret = s3_secret()
+    assert secret["apiVersion"] == "v1" and secret.get("type", "Opaque") == "Opaque"
+    values = secret_values(secret)
+    assert set(values) <= STORE_VARIABLES, set(values) - STORE_VARIABLES
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(values)
+    assert all(isinstance(value, str) for value in values.values()), "Secret values are strings"
+    for key in CREDENTIAL_VARIABLES & set(values):
+        # never a real key in the repository: an obvious placeholder
+        assert re.fullmatch(r"<[^<>]+>", values[key]), f"{key}: {values[key]!r} is not a placeholder"
+    # the file says how to make the Secret without a file
+    create = [line for line in comment_commands((KUBERAY / "s3-secret.yaml").read_text())
+              if line.startswith("kubectl create secret generic")]
+    assert create and all(shlex.split(line)[4] == secret["metadata"]["name"] for line in create), create
+    assert all(f"--from-literal={key}=" in create[0] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+
+
+def test_no_credential_is_written_into_the_s3_rayjob_or_the_job_files():
+    placeholders = {value for key, value in secret_values(s3_secret()).items() if key in CREDENTIAL_VARIABLES}
+    job = s3_rayjob()
+    spec = job["spec"]
+    # a runtime environment is stored by Ray and shown by `ray job list` and the dashboard
+    assert "AWS_" not in spec.get("runtimeEnvYAML", "") and "AWS_" not in spec["entrypoint"]
+    containers = [c for pod in ray_pod_specs(S3_RAYJOB).values() for c in pod["containers"]]
+    containers += spec.get("submitterPodTemplate", {}).get("spec", {}).get("containers", [])
+    for container in containers:
+        for variable in container.get("env", []):
+            assert not (variable["name"] in CREDENTIAL_VARIABLES and "value" in variable), variable["name"]
+    files = [KUBERAY / S3_RAYJOB, KUBERAY / "jobs-configmap.yaml", *sorted(JOBS.glob("*.toml"))]
+    for path in files:
+        text = path.read_text()
+        assert not ACCESS_KEY_ID.search(text), f"{path.name} holds an access key id"
+        assert not any(value in text for value in placeholders), path.name
+    for path in sorted(JOBS.glob("*.toml")):
+        # a job's fields go into job.json in the run directory and its file into a ConfigMap:
+        # no store variable at all
+        assert "AWS_" not in path.read_text(), path.name
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()) + [GUIDE]:
+        assert not ACCESS_KEY_ID.search(path.read_text()), f"{path} holds an access key id"
+
+
+def test_the_guide_creates_the_secret_the_s3_rayjob_reads():
+    guide = GUIDE.read_text()
+    name = s3_secret()["metadata"]["name"]
+    creates = [line for line in markdown_commands(guide) if line.startswith(f"kubectl create secret generic {name} ")]
+    assert creates, f"the guide creates the Secret {name}"
+    for line in creates:
+        given = set(re.findall(r"--from-literal=(\w+)=", line))
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= given <= STORE_VARIABLES, given
+    # the S3-compatible variant: the endpoint override and plain HTTP
+    assert any({"AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP"} <= set(re.findall(r"--from-literal=(\w+)=", line))
+               for line in creates)
+    assert f"kubectl apply -f deploy/kuberay/{S3_RAYJOB}" in guide
+    assert f"kubectl get rayjob {s3_rayjob()['metadata']['name']} --watch" in guide
 
 
 def test_every_pod_runs_the_project_image_of_the_pinned_ray():
-    images = {c["image"] for pod in pod_specs().values() for c in pod["containers"]}
+    images = {c["image"] for pod in all_pod_specs().values() for c in pod["containers"]}
     assert len(images) == 1, images
     (image,) = images
     tag = image.rpartition(":")[2]
     assert tag == pyproject()["project"]["version"], f"{image}: tag it with the project version"
     assert f"docker build -f deploy/Dockerfile -t {image} ." in GUIDE.read_text()
-    assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == docker_arg_defaults()["RAY_VERSION"]
+    for name in RAYJOB_FILES:
+        assert rayjob(name)["spec"]["rayClusterSpec"]["rayVersion"] == docker_arg_defaults()["RAY_VERSION"], name
 
 
 # ---------------------------------------------------------------------------------------
@@ -568,8 +766,19 @@ def test_dockerfile_installs_the_project_keeping_the_image_ray_and_never_torch()
     assert len(installs) == 1, runs
     workdir, words = installs[0]
     assert f"ray=={version}" in words
-    # `.` is the working directory, where pyproject.toml was copied: the repository's project
-    assert "." in words and in_image(workdir / "pyproject.toml", copies) == ROOT / "pyproject.toml"
+    # `.` is the working directory, where pyproject.toml was copied: the repository's project,
+    # with the objectstore extra that run directories in a bucket need on every node
+    (project,) = [word for word in words if re.fullmatch(r"\.(\[[\w,-]*\])?", word)]
+    extras = set(Requirement(f"shardstep{project[1:]}").extras)
+    assert "objectstore" in extras, f"{project}: install the objectstore extra"
+    optional = pyproject()["project"]["optional-dependencies"]
+    assert extras <= set(optional), extras - set(optional)
+    assert "obstore" in {Requirement(text).name for text in optional["objectstore"]}
+    assert in_image(workdir / "pyproject.toml", copies) == ROOT / "pyproject.toml"
+    # no extra the image installs brings torch or another Ray
+    for extra in extras:
+        names = {Requirement(text).name for text in optional[extra]}
+        assert "torch" not in names and "ray" not in names, (extra, names)
     instructions = " ".join(arguments for _, arguments in dockerfile_instructions())
     assert "torch" not in instructions.lower()
 
@@ -640,7 +849,10 @@ def test_cluster_shares_the_run_directories_and_the_auth_token_on_every_node():
     (host, inside) = re.search(r"--volume (\S+):(\S+)", options).groups()
     assert host == inside, "the same path on the host and in the container"
     assert any(re.search(rf"mount -t nfs4 .* {re.escape(host)}\b", c) for c in config["initialization_commands"])
-    for spec in job_specs().values():
+    # the jobs on a file system (a bucket's job needs no shared path; its nodes need its credentials)
+    on_disk = [spec for spec in job_specs().values() if not is_url(spec.run_dir)]
+    assert on_disk
+    for spec in on_disk:
         assert is_under(spec.run_dir, PurePosixPath(inside)), spec.run_dir
     assert "--env RAY_AUTH_MODE=token" in options
     token_path = re.search(r"--env RAY_AUTH_TOKEN_PATH=(\S+)", options).group(1)
@@ -677,6 +889,9 @@ def test_every_shardstep_command_parses_with_the_real_cli(where, argv):
         value = getattr(args, name, None)
         if value is not None and value.startswith("/mnt/"):
             assert any(is_under(value, PurePosixPath(d)) for d in run_dirs), f"{value}: no job writes there"
+        # and so are URLs: the bucket variant's run directory, or an object inside it
+        if value is not None and is_url(value):
+            assert any(is_under_url(value, d) for d in run_dirs if is_url(d)), f"{value}: no job writes there"
     if args.command == "submit":
         # run from the repository root, like every command of the guide: a job file of the checkout
         assert (ROOT / args.job).is_file(), args.job
@@ -709,8 +924,15 @@ def test_the_files_show_the_commands_users_need():
         by_file.setdefault(where, set()).add(argv[0] if argv else "")
     assert set(SHARDSTEP_SUBCOMMANDS) <= by_file["docs/deploy.md"]
     assert "run" in by_file["deploy/kuberay/rayjob.yaml"] and "run" in by_file["deploy/cluster.yaml"]
+    assert "run" in by_file[f"deploy/kuberay/{S3_RAYJOB}"]
     assert "inspect" in by_file["deploy/kuberay/toolbox.yaml"]
     assert ["run", "/jobs/digits.toml"] in [argv for _, argv in COMMANDS]
+    assert ["run", "/jobs/digits-s3.toml"] in [argv for _, argv in COMMANDS]
+    # the bucket variant's results are read where they are, from any machine with the variables
+    s3_run = job_specs()[entrypoint_job(S3_RAYJOB)].run_dir
+    guide = [argv for where, argv in COMMANDS if where == "docs/deploy.md"]
+    assert ["inspect", s3_run] in guide
+    assert any(argv[:2] == ["export", s3_run] and "--out" in argv for argv in guide)
 
 
 def test_command_extraction_finds_nested_and_prefixed_invocations():
