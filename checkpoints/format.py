@@ -720,7 +720,8 @@ class FileReader:
             if c0 >= start and min(c0 + size, entry.length) <= stop:
                 # a run of whole chunks that land in ``out``: read them there in one call
                 run_end = min(c0 + size, entry.length)
-                while run_end < stop and run_end - c0 < IO_BLOCK and min(run_end + size, entry.length) <= stop:
+                limit = IO_BLOCK if self._object is None else self._object.run_bytes
+                while run_end < stop and run_end - c0 < limit and min(run_end + size, entry.length) <= stop:
                     run_end = min(run_end + size, entry.length)
                 target = out[c0 - start:run_end - start]
                 self._preadinto(target, entry.offset + c0)
@@ -779,6 +780,17 @@ class FileReader:
                 raise self.corrupt(f"file ended at byte {start + len(data)} while reading the padding")
             if any(data):
                 raise self.corrupt(f"nonzero byte in the padding before tensor {_show(entry.key)}")
+
+    def prefetch(self, entries: list[TensorEntry]) -> None:
+        """Tensors about to be read whole, fetched in one request on object storage (their
+        chunks, as read_into reads them); nothing on a local file."""
+        if self._object is None:
+            return
+        ranges = []
+        for entry in entries:
+            for start in range(0, entry.length, self.chunk_size):
+                ranges.append((entry.offset + start, entry.offset + min(start + self.chunk_size, entry.length)))
+        self._object.prefetch(ranges)
 
     def read_array(self, entry: TensorEntry) -> np.ndarray:
         try:

@@ -59,7 +59,7 @@ from shardstep.checkpoints.format import (
     write_file,
 )
 from shardstep.checkpoints.layout import ParamSpec, ShardLayout
-from shardstep.checkpoints.storage import ObjectPath, is_url, location
+from shardstep.checkpoints.storage import ObjectMissingError, ObjectPath, is_url, location
 
 MANIFEST = "manifest.ckpt"
 MANIFEST_KIND = "shardstep-run-checkpoint"
@@ -518,11 +518,15 @@ def build_manifest(pending: PendingCheckpoint, param_groups: list[dict] | None, 
     shards, schema = [], None
     for shard in range(layout.num_shards):
         name, path = shard_file(shard)
-        if (path.size() is None) if isinstance(path, ObjectPath) else not path.exists():
-            raise CheckpointError(
-                f"cannot commit step {pending.step}: shard {shard} of {layout.num_shards} was not written ({path})"
-            )
-        with FileReader(path) as reader:
+        missing = CheckpointError(
+            f"cannot commit step {pending.step}: shard {shard} of {layout.num_shards} was not written ({path})")
+        if not isinstance(path, ObjectPath) and not path.exists():
+            raise missing
+        try:
+            reader = FileReader(path)  # on object storage, its look-up is the existence check
+        except ObjectMissingError:
+            raise missing from None
+        with reader:
             shard_schema = _shard_schema(reader, pending, shard)
             shards.append({
                 "file": name, "size": reader.size, "header_checksum": reader.header_checksum,
@@ -565,6 +569,10 @@ def _shard_schema(reader: FileReader, pending: PendingCheckpoint, shard: int) ->
         _check_entry(reader, tree["param"][spec.name], f"param {spec.name!r}", spec.dtype, stop - start)
     if type(tree["state"]) is not dict:
         raise CorruptCheckpointError(f"{reader.path}: state must be a map")
+    # the replicated values (0-d step counters, ...) are read below: on object storage in one request
+    reader.prefetch([reader.entries[value.index] for entries in tree["state"].values() if type(entries) is dict
+                     for value in entries.values() if type(value) is TensorRef
+                     and 0 <= value.index < len(reader.entries) and len(reader.entries[value.index].shape) != 1])
     schema = {}
     for name, entries in tree["state"].items():
         if name not in layout._by_name or type(entries) is not dict:
@@ -819,10 +827,7 @@ class RunCheckpoint:
         record = self._manifest["shards"][shard]
         path = self.directory / record["file"]
         listed = f"the manifest lists it as shard {shard} of {self.layout.num_shards}, {record['size']} bytes"
-        if isinstance(path, ObjectPath):
-            if path.size() is None:
-                raise CorruptCheckpointError(f"{path}: missing; {listed}")
-        else:
+        if not isinstance(path, ObjectPath):  # on object storage FileReader's look-up tells (below)
             try:
                 status = os.stat(path)
             except FileNotFoundError:
@@ -831,7 +836,10 @@ class RunCheckpoint:
                 status = None  # not a statement about the checkpoint: FileReader reports it
             if status is not None and not stat.S_ISREG(status.st_mode):
                 raise CorruptCheckpointError(f"{path}: not a regular file; {listed}")
-        reader = FileReader(path)
+        try:
+            reader = FileReader(path)
+        except ObjectMissingError:
+            raise CorruptCheckpointError(f"{path}: missing; {listed}") from None
         try:
             if reader.size != record["size"] or reader.header_checksum != record["header_checksum"]:
                 raise CorruptCheckpointError(

@@ -38,6 +38,12 @@ URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)")
 # time): one request serves them all
 READ_AHEAD = 8 << 20
 FIRST_READ_AHEAD = 64 << 10
+# a large read is split into ranges of READ_PART fetched READ_CONCURRENCY at a time (one GET
+# per range, as S3's own clients do: one stream is far below what a bucket serves); a reader
+# asks for up to READ_RUN bytes at once, so that many ranges are in flight
+READ_PART = 8 << 20
+READ_CONCURRENCY = 4
+READ_RUN = READ_PART * READ_CONCURRENCY * 2
 # part size of multipart uploads (S3 wants at least 5 MiB for every part but the last, and at
 # most 10,000 parts: 78 GiB per shard file) and parts in flight at once; an upload holds at
 # most about (PART_CONCURRENCY + 1) * PART_SIZE of its data in memory
@@ -231,6 +237,20 @@ def _store(scheme: str, bucket: str) -> Any:
     return store
 
 
+_READ_POOL: Any = None
+
+
+def _read_pool() -> Any:
+    """The threads that run a large read's GETs (the client releases the GIL while it waits)."""
+    global _READ_POOL
+    with _STORES_LOCK:
+        if _READ_POOL is None or _READ_POOL[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _READ_POOL = (os.getpid(), ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="object-read"))
+    return _READ_POOL[1]
+
+
 def _error(what: str, error: BaseException) -> CheckpointError:
     """An obstore error as ours: its first line only (the rest is the client's debug dump,
     which may quote request headers)."""
@@ -259,8 +279,9 @@ class ObjectSource:
         self.path = path
         size = path.size()
         if size is None:
-            raise CheckpointError(f"cannot open checkpoint {path}: no such object")
+            raise ObjectMissingError(f"cannot open checkpoint {path}: no such object")
         self.size = size
+        self._prefetched: dict[tuple[int, int], bytes] = {}
         self._window: memoryview | None = None
         self._window_start = 0
         self._last_end = 0  # where the previous read ended: a read from there is sequential
@@ -273,18 +294,39 @@ class ObjectSource:
         except Exception as error:
             raise _error(f"cannot read {self.path}", error) from error
 
+    run_bytes = READ_RUN
+
+    def _get_parallel(self, target: memoryview, offset: int) -> None:
+        """``target`` filled from ``offset`` by ranged GETs of READ_PART, several in flight."""
+        parts = [(start, min(start + READ_PART, len(target))) for start in range(0, len(target), READ_PART)]
+
+        def fetch(part: tuple[int, int]) -> None:
+            start, stop = part
+            target[start:stop] = self._get(offset + start, offset + stop)
+
+        for done in _read_pool().map(fetch, parts):
+            del done  # map re-raises the first failure here
+
     def readinto(self, target: memoryview, offset: int) -> int:
         """Fill ``target`` from ``offset`` on; returns the bytes read (fewer only at the end)."""
         length = min(len(target), max(0, self.size - offset))
         if length == 0:
             return 0
         end = offset + length
+        fetched = self._prefetched.pop((offset, end), None)
+        if fetched is not None:
+            target[:length] = fetched
+            self._last_end = end
+            return length
         window = self._window
         if window is not None and self._window_start <= offset and end <= self._window_start + len(window):
             at = offset - self._window_start
             target[:length] = window[at:at + length]
             if end == self._window_start + len(window):
                 self._window = None
+        elif length > READ_PART:
+            self._get_parallel(target[:length], offset)
+            self._ahead = FIRST_READ_AHEAD
         elif length < READ_AHEAD and offset == self._last_end:
             # as the kernel's read-ahead: small at first, growing while reads stay sequential
             fetched = self._get(offset, min(self.size, offset + max(length, self._ahead)))
@@ -311,6 +353,13 @@ class ObjectSource:
             raise _error(f"cannot read {self.path}", error) from error
         return [bytes(data) for data in found]
 
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Fetch these ranges together now; a later read of exactly one of them is served from
+        here (once). For the many small reads a header check makes."""
+        for key, data in zip(ranges, self.read_ranges(ranges)):
+            if len(data) == key[1] - key[0]:
+                self._prefetched[key] = data
+
     def pread(self, length: int, offset: int) -> bytes:
         buffer = bytearray(length)
         got = self.readinto(memoryview(buffer), offset)
@@ -318,6 +367,7 @@ class ObjectSource:
 
     def close(self) -> None:
         self._window = None
+        self._prefetched.clear()
 
 
 def put_object(path: ObjectPath, chunks: Iterable[Any], *, create: bool = False,
@@ -381,6 +431,10 @@ def copy_object(source: ObjectPath, target: ObjectPath) -> None:
         obstore.copy(source.store, source.key, target.key)
     except Exception as error:
         raise _error(f"cannot copy {source} to {target}", error) from error
+
+
+class ObjectMissingError(CheckpointError):
+    """There is no object where a checkpoint file should be."""
 
 
 class ObjectExistsError(CheckpointError):
