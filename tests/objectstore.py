@@ -23,6 +23,16 @@ BUCKET = "shardstep-tests"
 ACCESS_KEY, SECRET_KEY, REGION = "shardstep-test-key", "shardstep-test-secret", "us-east-1"
 
 
+def _die_with_parent() -> None:
+    """In the server's process before it starts: the kernel ends it when the test process ends,
+    however that ends (a killed pytest never runs its fixtures' teardown)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -122,7 +132,7 @@ class S3Server:
         self.server_port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.server_port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
             self.relay = Relay(("127.0.0.1", self.server_port))
