@@ -515,8 +515,7 @@ def build_manifest(pending: PendingCheckpoint, param_groups: list[dict] | None, 
     layout = pending.layout
     groups = _check_groups(param_groups, layout)
     metrics = _check_metrics(metrics)
-    shards, schema = [], None
-    for shard in range(layout.num_shards):
+    def check(shard: int) -> tuple[dict, dict]:
         name, path = shard_file(shard)
         missing = CheckpointError(
             f"cannot commit step {pending.step}: shard {shard} of {layout.num_shards} was not written ({path})")
@@ -527,11 +526,22 @@ def build_manifest(pending: PendingCheckpoint, param_groups: list[dict] | None, 
         except ObjectMissingError:
             raise missing from None
         with reader:
-            shard_schema = _shard_schema(reader, pending, shard)
-            shards.append({
+            return _shard_schema(reader, pending, shard), {
                 "file": name, "size": reader.size, "header_checksum": reader.header_checksum,
                 "slices": {param: list(bounds) for param, bounds in layout.slices(shard).items()},
-            })
+            }
+
+    if isinstance(shard_file(0)[1], ObjectPath):
+        # every read is a round trip to the store: the shard files are checked side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, layout.num_shards)) as pool:
+            checked = list(pool.map(check, range(layout.num_shards)))
+    else:
+        checked = [check(shard) for shard in range(layout.num_shards)]
+    shards, schema = [], None
+    for shard, (shard_schema, record) in enumerate(checked):
+        shards.append(record)
         if schema is None:
             schema = shard_schema
         elif not _same(schema, shard_schema):
