@@ -692,7 +692,7 @@ class Coordinator:
         fix = "once the object store answers again," if isinstance(self.run_dir, ObjectPath) else "make room and"
         try:
             latest = latest_step(root)
-        except CheckpointError:
+        except (CheckpointError, OSError):
             then = f"the committed checkpoints in {root} are kept: {fix} continue with `shardstep resume {self.run_dir}`"
         else:
             then = (f"nothing was committed yet: {fix} run the job again" if latest is None else

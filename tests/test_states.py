@@ -63,12 +63,15 @@ def test_every_declared_move_is_taken(tmp_path, ray_address):
     taken |= moves(run(job(tmp_path / "no-init", task="tests.fault_tasks:NoInitialParameters"), ActorCallError))
     # Running -> Failed: a non-finite loss
     taken |= moves(run(job(tmp_path / "nan", task="tests.fault_tasks:NaNAtStep"), NonFiniteError))
-    # Checkpointing -> Failed and Finishing -> Failed: the checkpoints directory goes away
+    # Checkpointing -> Failed and Finishing -> Failed: the checkpoints directory goes away (the
+    # run fails, with the storage's CheckpointError as the cause)
     for name, at, steps in (("lost-dir", 2, 6), ("lost-dir-at-end", 5, 5)):
         root = tmp_path / name / "checkpoints"
         spec = job(tmp_path / name, steps=steps, checkpoint_every=2 if name == "lost-dir" else None)
-        taken |= moves(run(spec, CheckpointError, on_step=lambda r, root=root, at=at: r["step"] == at and
-                           replace_with_a_file(root)))
+        coordinator = run(spec, RunFailedError, on_step=lambda r, root=root, at=at: r["step"] == at and
+                          replace_with_a_file(root))
+        assert isinstance(coordinator.state.error.__cause__, CheckpointError), coordinator.state.error
+        taken |= moves(coordinator)
 
     # On Ray: Starting -> Recovering (a worker dies as it starts), Recovering -> Starting,
     # Running -> Recovering (step 1), Checkpointing -> Recovering (a checkpoint step),
