@@ -10,8 +10,9 @@ optional extra (``pip install 'shardstep[objectstore]'``), imported only when a 
 Credentials and endpoint come from the environment as for every AWS/GCS/Azure client
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
 ``AWS_ENDPOINT_URL`` for an S3-compatible server, ``AWS_ALLOW_HTTP=true`` for one without
-TLS; instance, container and web-identity credentials are found the same way). Nothing here
-ever writes them anywhere.
+TLS; instance, container and web-identity credentials are found the same way), and for S3
+from the AWS profile files where the environment does not set them (:func:`aws_profile`).
+Nothing here ever writes them anywhere.
 
 :class:`ObjectPath` joins like a :class:`pathlib.Path`, so the readers in ``run.py`` handle
 both; :class:`ObjectSource` is what a :class:`~shardstep.checkpoints.format.FileReader` reads
@@ -229,8 +230,9 @@ def _store(scheme: str, bucket: str) -> Any:
             _obstore()
             from obstore.store import from_url
 
+            config = aws_profile() if scheme in ("s3", "s3a") else {}
             try:
-                store = from_url(f"{scheme}://{bucket}", retry_config=RETRY)
+                store = from_url(f"{scheme}://{bucket}", retry_config=RETRY, **({"config": config} if config else {}))
             except Exception as error:
                 raise _error(f"cannot configure a client for {scheme}://{bucket}", error) from error
             _STORES[key] = store
@@ -249,6 +251,50 @@ def _read_pool() -> Any:
 
             _READ_POOL = (os.getpid(), ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="object-read"))
     return _READ_POOL[1]
+
+
+# what the AWS config files may give, as obstore names it, unless the environment gives it
+_CREDENTIAL_KEYS = {"aws_access_key_id": "access_key_id", "aws_secret_access_key": "secret_access_key",
+                    "aws_session_token": "session_token"}
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def aws_profile() -> dict[str, str]:
+    """The S3 settings of the AWS profile (``AWS_PROFILE``, else ``default``) from the shared
+    files every AWS tool reads (``~/.aws/credentials``, ``~/.aws/config``, or where
+    ``AWS_SHARED_CREDENTIALS_FILE`` / ``AWS_CONFIG_FILE`` point): keys, region and
+    ``endpoint_url``, each only where the environment does not set it (the environment wins,
+    as in the AWS CLI). A named profile that neither file has is an error."""
+    import configparser
+
+    name = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    profile = name or "default"
+    sections = []
+    for variable, default, section in (
+            ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials", profile),
+            ("AWS_CONFIG_FILE", "~/.aws/config", profile if profile == "default" else f"profile {profile}")):
+        path = os.path.expanduser(os.environ.get(variable) or default)
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError) as error:
+            raise CheckpointError(f"cannot read the AWS file {path}: {type(error).__name__}: {error}") from None
+        if parser.has_section(section):
+            sections.append(dict(parser.items(section)))
+    if name and not sections:
+        raise CheckpointError(f"AWS_PROFILE={name}: no such profile in the AWS credentials or config file")
+    found: dict[str, str] = {}
+    for values in sections:  # the credentials file first: it wins, as for the AWS CLI
+        for key, value in values.items():
+            found.setdefault(key, value.strip())
+    config = {}
+    if not any(os.environ.get(variable) for variable in _CREDENTIAL_ENV):
+        config.update({ours: found[key] for key, ours in _CREDENTIAL_KEYS.items() if found.get(key)})
+    if found.get("region") and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+        config["region"] = found["region"]
+    if found.get("endpoint_url") and not (os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")):
+        config["endpoint"] = found["endpoint_url"]
+    return config
 
 
 def _error(what: str, error: BaseException) -> CheckpointError:

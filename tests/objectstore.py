@@ -46,6 +46,8 @@ class Relay:
         self.upstream = upstream
         self.port = free_port()
         self.bytes_down = 0  # bytes from the server to clients
+        # byte strings to look for in what clients send, and how many chunks held each
+        self.watched: dict[bytes, int] = {}
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -112,9 +114,12 @@ class Relay:
                 if not data:
                     break
                 target.sendall(data)
-                if down:
-                    with self._lock:
+                with self._lock:
+                    if down:
                         self.bytes_down += len(data)
+                    else:
+                        for marker in self.watched:
+                            self.watched[marker] += marker in data
         except OSError:
             pass
         finally:

@@ -311,3 +311,40 @@ def test_urls_that_are_not_object_stores_are_refused():
         CheckpointStore("http://host/run", run_id="run")
     with pytest.raises(CheckpointError, match=r"s3://bucket/a/../b: expected s3://BUCKET/PREFIX with no"):
         latest_step("s3://bucket/a/../b")
+
+
+def test_an_aws_profile_from_the_shared_files_gives_keys_region_and_endpoint(s3_server, tmp_path):
+    """No AWS_* key, region or endpoint in the environment: a writer in a process of its own
+    takes them from the profile AWS_PROFILE names in the AWS files, as every AWS tool does.
+    The relay sees requests signed with the profile's key (its id is in the Authorization
+    header of plain HTTP), so the endpoint came from the file too."""
+    from tests.objectstore import ACCESS_KEY, REGION, SECRET_KEY
+
+    key_id = "AKIDPROFILE" + uuid.uuid4().hex[:8].upper()
+    (tmp_path / "credentials").write_text(f"[default]\naws_access_key_id = WRONG\naws_secret_access_key = WRONG\n"
+                                          f"[shardstep-test]\naws_access_key_id = {key_id}\n"
+                                          f"aws_secret_access_key = {SECRET_KEY}\n")
+    (tmp_path / "config").write_text(f"[profile shardstep-test]\nregion = {REGION}\n"
+                                     f"endpoint_url = {s3_server.endpoint}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_PROFILE="shardstep-test", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "credentials"),
+               AWS_CONFIG_FILE=str(tmp_path / "config"), AWS_ALLOW_HTTP="true",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = f"s3://{BUCKET}/runs/{uuid.uuid4().hex}"
+    code = ("import sys; from shardstep.checkpoints import ShardLayout, ParamSpec, open_checkpoint; "
+            "from tests.checkpoints.processes import commit_expected; "
+            "layout = ShardLayout((ParamSpec('w', (1000,), 'float32'),), 2); commit_expected(sys.argv[1], 1, layout); "
+            "print(open_checkpoint(sys.argv[1]).step)")
+    marker = f"Credential={key_id}/".encode()
+    s3_server.relay.watched[marker] = 0
+    try:
+        done = subprocess.run([sys.executable, "-c", code, root], env=env, capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
+        assert s3_server.relay.watched[marker] > 0, "no request was signed with the profile's key"
+    finally:
+        del s3_server.relay.watched[marker]
+    assert ACCESS_KEY != key_id
+    env["AWS_PROFILE"] = "no-such-profile"
+    done = subprocess.run([sys.executable, "-c", code, root], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "AWS_PROFILE=no-such-profile: no such profile in the AWS credentials or config file" in done.stderr
