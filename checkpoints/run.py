@@ -735,6 +735,10 @@ def open_newest_intact(root: str | os.PathLike) -> tuple[RunCheckpoint | None, l
     for step, name in reversed(_step_entries(root)):
         directory = root / name
         if not (directory / MANIFEST).is_file():
+            if isinstance(root, ObjectPath):
+                # on object storage shard files go straight under step-<k>/: without a manifest
+                # they are an attempt that never committed, which the next writer removes
+                continue
             reason = f"{directory}: no {MANIFEST}, so not a committed checkpoint (its manifest was deleted or never written)"
             damaged.append((step, reason))
             continue

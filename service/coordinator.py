@@ -63,7 +63,7 @@ from shardstep.checkpoints.storage import ObjectPath
 from shardstep.service import run_dir as run_files
 from shardstep.service.actors import ActorGroup, StartPlan, choose_transport
 from shardstep.service.backend import make_backend
-from shardstep.service.errors import ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
+from shardstep.service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
 from shardstep.service.finetune import InitPlan, open_init_source, plan_init
 from shardstep.service.job_code import shipped_modules, use_job_code
 from shardstep.service.pipeline import StepPipeline
@@ -370,6 +370,10 @@ class Coordinator:
                     # object store that stopped answering) fails the run; at the start it is the
                     # run directory's content, which the user must look at (exit 2)
                     following = Failed(error if isinstance(state, Preparing) else self._storage_failure(error))
+                except ActorCallError as error:
+                    # a shard's own write of its checkpoint file failed the same way
+                    storage = not isinstance(state, Preparing) and _checkpoint_cause(error) is not None
+                    following = Failed(self._storage_failure(error) if storage else error)
                 except Exception as error:
                     following = Failed(error)
                 self._move(following)
@@ -939,3 +943,15 @@ class Coordinator:
         if self.actors is not None:
             self.actors.stop()
             self.actors = None
+
+
+def _checkpoint_cause(error: BaseException | None) -> CheckpointError | None:
+    """The CheckpointError an actor's failure came from (inline: its cause; on Ray: the
+    cause of Ray's task error), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, CheckpointError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None

@@ -348,3 +348,17 @@ def test_an_aws_profile_from_the_shared_files_gives_keys_region_and_endpoint(s3_
     done = subprocess.run([sys.executable, "-c", code, root], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "AWS_PROFILE=no-such-profile: no such profile in the AWS credentials or config file" in done.stderr
+
+
+def test_an_attempt_that_never_committed_is_no_damage(url):
+    """Shard files of step 2 without its manifest (a writer cut off before its commit):
+    newest_intact goes to step 1 and names nothing as damaged; the next writer removes them."""
+    layout = ShardLayout(SPECS, 2)
+    commit_expected(url, 1, layout)
+    with CheckpointStore(url, run_id="run") as store:
+        pending = store.begin(2, layout)
+        write_shard(pending, 0, *expected_shard(layout, 0, 2))
+        store._pending.clear()  # as if this writer died here
+    assert newest_intact(url) == (1, [])
+    with CheckpointStore(url, run_id="run"):
+        assert leftovers(url) == []
