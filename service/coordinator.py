@@ -444,6 +444,9 @@ class Coordinator:
             aside = self.store.set_aside(step, reason)
             self._event(f"warning: step {step} is damaged ({reason}); set aside as {aside.name}, "
                         + (f"resuming from step {intact}" if intact is not None else "starting from the beginning"))
+        # a writer killed after a commit but before its retention ran left a step too many:
+        # retention runs now (the newest committed step, this run's start, is always kept)
+        self.store.prune()
         return Starting()
 
     def _plan_init(self) -> None:
