@@ -49,7 +49,6 @@ from shardstep.checkpoints.run import (
     RunCheckpoint,
     _check_step,
     build_manifest,
-    committed_steps,
     shard_file_name,
     step_directory,
 )
@@ -153,7 +152,8 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # a renewal in flight ends within the client's retry bound; never wait past it
+            self._thread.join(timeout=60)
             self._thread = None
         if self._lost is not None:
             return
@@ -311,17 +311,9 @@ class ObjectCheckpointStore(CheckpointStore):
         directory.delete([key for key in objects if key != MANIFEST])
         return aside
 
-    def prune(self) -> list[int]:
-        """Apply the retention policy: each deleted step loses its manifest first (it is no
-        longer committed), then its shard files."""
-        self._check_open()
-        if self.retention is None:
-            return []
-        steps = committed_steps(self.root)
-        kept = self.retention.keep({step: self._metrics_of(step) for step in steps})
-        deleted = [step for step in steps if step not in kept]
-        for step in deleted:
-            directory = step_directory(self.root, step)
-            directory.delete([MANIFEST])
-            directory.delete(list(directory.walk()))
-        return deleted
+    def _delete_step(self, step: int) -> None:
+        """Retention's delete: the manifest first (the step is no longer committed), then its
+        shard files (a cut delete leaves a leftover the next writer removes)."""
+        directory = step_directory(self.root, step)
+        directory.delete([MANIFEST])
+        directory.delete(list(directory.walk()))

@@ -431,12 +431,17 @@ class CheckpointStore:
         kept = self.retention.keep({step: self._metrics_of(step) for step in steps})
         deleted = [step for step in steps if step not in kept]
         for step in deleted:
-            doomed = step_directory(self.root, step)
-            hidden = doomed.with_name(f"{doomed.name}.deleting-{secrets.token_hex(6)}")
-            os.rename(doomed, hidden)
-            _fsync_directory(self.root)
-            shutil.rmtree(hidden)
+            self._delete_step(step)
         return deleted
+
+    def _delete_step(self, step: int) -> None:
+        """Delete a committed step: renamed out of sight first, so a crash mid-delete leaves a
+        leftover, never half a checkpoint."""
+        doomed = step_directory(self.root, step)
+        hidden = doomed.with_name(f"{doomed.name}.deleting-{secrets.token_hex(6)}")
+        os.rename(doomed, hidden)
+        _fsync_directory(self.root)
+        shutil.rmtree(hidden)
 
     def latest(self) -> int | None:
         return latest_step(self.root)
