@@ -66,6 +66,7 @@ from shardstep.service.backend import make_backend
 from shardstep.service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
 from shardstep.service.finetune import InitPlan, open_init_source, plan_init
 from shardstep.service.job_code import shipped_modules, use_job_code
+from shardstep.service.jobspec import prepare_task
 from shardstep.service.pipeline import StepPipeline
 from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, plain
 from shardstep.service.sharded_lbfgs import ShardedSpace
@@ -299,6 +300,8 @@ class Coordinator:
         self.spec = spec
         use_job_code(getattr(spec, "code_dir", None))
         self.task = task if task is not None else make_task(spec.task, **dict(spec.task_args))
+        # its data read and checked once, here: the actors get it with the task
+        prepare_task(self.task, spec.task)
         self.on_step = on_step
         self.on_event = on_event
         self.run_dir = run_files.run_location(spec.run_dir)

@@ -72,7 +72,8 @@ from shardstep.workers.optim.registry import NAMES as OPTIMIZER_NAMES
 from shardstep.workers.optim.registry import optimizer_class
 from shardstep.workers.optim.registry import rule as optimizer_rule
 from shardstep.workers.tasks import TASK_NAMES, make_task, task_class
-from shardstep.workers.tasks.base import ParamGroupRule, Task
+from shardstep.workers.tasks.base import ParamGroupRule, Task, TaskArgumentError
+from shardstep.workers.tasks.data_files import DataError
 from shardstep.workers.training import (
     COMPOSITE_SCHEDULERS,
     SCHEDULER_INTERVALS,
@@ -187,9 +188,12 @@ SETTING_TABLES: dict[str, dict[str, str]] = {
     table: {key.partition(".")[2]: name for name, key in FIELD_KEYS.items() if key.startswith(f"{table}.")}
     for table in ("training", "resources", "checkpoint", "early_stopping")
 }
-TOP_LEVEL_KEYS = ("run_dir", "task", "optimizer", "param_groups", "schedulers", "training", "resources", "checkpoint",
-                  "early_stopping",
-                  "frozen", "init")
+TOP_LEVEL_KEYS = ("run_dir", "task", "data", "model", "optimizer", "param_groups", "schedulers", "training",
+                  "resources", "checkpoint", "early_stopping", "frozen", "init")
+# the task a job's [data] and [model] tables describe (shardstep.workers.tasks.supervised),
+# and the keys of [data] that name files (relative to the job file, or URLs)
+DATA_TASK = "supervised"
+DATA_PATH_KEYS = ("train", "validation")
 NAMED_TABLE_KEYS = ("name", "args")
 SCHEDULER_KEYS = ("name", "interval", "monitor", "args")
 INIT_KEYS = ("from", "step", "optimizer_state", "skip")
@@ -822,6 +826,14 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
                            f"'package.module:Class'; got {_got(task)}")
     out["task"] = task
     out["task_args"] = _check_args(key["task_args"], spec.task_args)
+    if task == DATA_TASK and isinstance(out["task_args"].get("data"), Mapping):
+        for name in DATA_PATH_KEYS:  # a job file's are resolved against its directory
+            value = out["task_args"]["data"].get(name)
+            if isinstance(value, str) and value and _object_url(f"data.{name}", value) is None:
+                _check_path_text(f"data.{name}", value)
+                if not os.path.isabs(value):
+                    raise JobSpecError(f"data.{name} must be an absolute path or a URL here (a job file's relative "
+                                       f"path is resolved against the file's directory); got {_shown(value)}")
     out["optimizer"] = _optimizer_name(key["optimizer"], spec.optimizer)
     out["optimizer_args"] = _check_args(key["optimizer_args"], spec.optimizer_args)
     infinite = INFINITE_HYPERPARAMETERS.get(out["optimizer"], ())
@@ -977,6 +989,7 @@ def _check_build(spec: JobSpec) -> None:
     the key that caused a failure."""
     use_job_code(spec.code_dir)  # what the job names may lie beside its file
     task = _build_task(spec)
+    prepare_task(task, spec.task)
     dtypes = {param.name: np.dtype(param.dtype) for param in _param_specs(task, spec)}
     metrics = _metric_names(task, spec)
 
@@ -1140,11 +1153,24 @@ def _build_task(spec: JobSpec) -> Task:
         raise JobSpecError(f"{FIELD_KEYS['task']}: {_message(error)}{_suggest(spec.task, TASK_NAMES)}") from error
     try:
         return make_task(spec.task, **spec.task_args)
+    except TaskArgumentError as error:  # its message names the job-file key
+        raise JobSpecError(_clip(str(error))) from error
     except (TypeError, ValueError) as error:
         raise JobSpecError(f"{FIELD_KEYS['task_args']}: {_message(error)}") from error
     except Exception as error:  # a task of the user's may fail any way; name it and its key
         raise JobSpecError(f"{FIELD_KEYS['task_args']}: building task {spec.task!r} failed: "
                            f"{_message(error)}") from error
+
+
+def prepare_task(task: Task, name: str) -> None:
+    """``task.prepare()`` (its data read and checked), every failure a JobSpecError."""
+    try:
+        task.prepare()
+    except (DataError, TaskArgumentError) as error:  # the message names the key, file and column
+        raise JobSpecError(_clip(str(error))) from error
+    except Exception as error:
+        raise JobSpecError(f"task {name!r}: {type(task).__name__}.prepare() (reading its data) failed: "
+                           f"{_clip(f'{type(error).__name__}: {error}')}") from error
 
 
 def _param_specs(task: Task, spec: JobSpec) -> tuple[ParamSpec, ...]:
@@ -1373,9 +1399,29 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
         fields["code_dir"] = os.path.abspath(base)
         use_job_code(fields["code_dir"])
 
+    described = [table for table in ("data", "model") if table in document]
+    if described:
+        if "task" in document:
+            raise JobSpecError(f"[{described[0]}] describes the task itself (the {DATA_TASK!r} task of [data] and "
+                               f"[model]); a job gives either [task] or [data] with [model], not both")
+        missing = next((table for table in ("data", "model") if table not in document), None)
+        if missing is not None:
+            raise JobSpecError(f"[{described[0]}] needs [{missing}] too: data + model make the task (or name a task "
+                               f"with [task] instead)")
+        data = dict(_table("data", document["data"], "[data]"))
+        for key in DATA_PATH_KEYS:
+            value = data.get(key)
+            if isinstance(value, str) and value:
+                _check_location_text(f"data.{key}", value)
+                data[key] = _resolve_location(f"data.{key}", value, base)
+        fields["task"] = DATA_TASK
+        fields["task_args"] = {"data": data, "model": dict(_table("model", document["model"], "[model]"))}
     for table in ("task", "optimizer"):
+        if table == "task" and described:
+            continue
         if table not in document:
-            raise JobSpecError(f"[{table}] is required, with at least {table}.name")
+            raise JobSpecError(f"[{table}] is required, with at least {table}.name"
+                               + (" (or describe the task with [data] and [model])" if table == "task" else ""))
         section = _table(table, document[table], f"[{table}]")
         _check_keys(table, section, NAMED_TABLE_KEYS)
         if "name" not in section:
@@ -1385,7 +1431,7 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
         fields[table] = section["name"]
         fields[f"{table}_args"] = section.get("args", {})
         hints[f"{table}.args"] = _misplaced_in(f"{table}.args", fields[f"{table}_args"])
-    if base_dir is not None:
+    if base_dir is not None and not described:
         fields["task_args"] = _task_paths_resolved(fields["task"], fields["task_args"], base)
 
     if "param_groups" in document:

@@ -347,7 +347,7 @@ def test_a_metric_of_the_task_may_be_monitored_and_kept(tmp_path):
 
 BAD_INPUTS = [
     ("unknown top-level key", {**BASE, "trainig": {"steps": 3}},
-     ["unknown key trainig (did you mean 'training'?)", "allowed at the top level: run_dir, task, optimizer"]),
+     ["unknown key trainig (did you mean 'training'?)", "allowed at the top level: run_dir, task, data, model, optimizer"]),
     ("unknown training key", with_("training", step=3),
      ["unknown key training.step (did you mean 'steps'?)", "allowed in [training]: steps, epochs, batch_size"]),
     ("unknown scheduler key", edited(schedulers=[{"name": "StepLR", "arg": {"step_size": 2}}]),
@@ -414,7 +414,8 @@ BAD_INPUTS = [
     ("run_dir missing", edited(run_dir=None), ["run_dir is required"]),
     ("task missing", edited(task=None), ["[task] is required"]),
     ("task name missing", edited(task={"args": {"rows": 8}}),
-     ["task.name is required: a built-in task (digits, digits-triplet, ratings, least-squares, synthetic-mlp)"]),
+     ["task.name is required: a built-in task (digits, digits-triplet, ratings, least-squares, synthetic-mlp, "
+      "supervised)"]),
     ("unknown task", edited(task={"name": "digit"}),
      ["task.name: unknown task 'digit'; allowed: digits, digits-triplet", "(did you mean 'digits'?)"]),
     ("unknown task argument", edited(task={"name": "digits", "args": {"hiden": 8}}),
@@ -668,10 +669,12 @@ def test_constructing_a_spec_checks_its_values():
 
 def test_every_example_job_parses():
     paths = sorted(EXAMPLES.glob("*.toml"))
-    assert sorted(path.stem for path in paths) == sorted(TASK_NAMES)
+    # one job per built-in task, and the jobs of [data] + [model] (the supervised task)
+    data_jobs = ["digits-csv", "sensors-parquet"]
+    assert sorted(path.stem for path in paths) == sorted([n for n in TASK_NAMES if n != "supervised"] + data_jobs)
     for path in paths:
         spec = load_job(path)
-        assert spec.task == path.stem
+        assert spec.task == ("supervised" if path.stem in data_jobs else path.stem)
         assert spec.run_dir == str(ROOT / "runs" / path.stem)
         assert (spec.shards, spec.workers) == (2, 2)
         assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec

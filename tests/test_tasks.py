@@ -30,6 +30,13 @@ SMALL = {
     "least-squares": {"rows": 90, "cols": 6},
     "synthetic-mlp": {"params": 5000, "depth": 2, "inputs": 12, "examples": 150, "eval_examples": 40,
                       "dtype": "float64"},
+    # the task of a job's [data] and [model]: a committed CSV of 90 rows, class names as labels
+    "supervised": {"data": {"train": str(ROOT / "tests" / "fixtures" / "data" / "blobs.csv"), "label": "colour",
+                            "validation": 0.2, "dtype": "float64"},
+                   "model": {"layers": [{"name": "Linear", "args": {"in_features": 4, "out_features": 8}},
+                                        {"name": "Tanh"},
+                                        {"name": "Linear", "args": {"in_features": 8, "out_features": 3}}],
+                             "loss": "CrossEntropyLoss"}},
 }
 
 
@@ -77,7 +84,7 @@ class Quadratic(Task):
 
 
 def test_registry_builds_every_builtin_task_by_name():
-    assert TASK_NAMES == ("digits", "digits-triplet", "ratings", "least-squares", "synthetic-mlp")
+    assert TASK_NAMES == ("digits", "digits-triplet", "ratings", "least-squares", "synthetic-mlp", "supervised")
     for name in TASK_NAMES:
         task = small(name)
         assert isinstance(task, Task) and task.name == name
@@ -90,7 +97,8 @@ def test_a_user_task_is_built_from_a_module_reference():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("mnist", "unknown task 'mnist'; allowed: digits, digits-triplet, ratings, least-squares, synthetic-mlp"),
+    ("mnist", "unknown task 'mnist'; allowed: digits, digits-triplet, ratings, least-squares, synthetic-mlp, "
+              "supervised"),
     ("tests.no_such_module:Task", "cannot import module 'tests.no_such_module'"),
     ("tests.test_tasks:small", "'small' in 'tests.test_tasks' is not a Task subclass"),
 ])
@@ -281,7 +289,13 @@ def test_tasks_pickle_small_and_compute_the_same_after_a_round_trip(name):
     batch = task.batch(0, 0, 0, 16)
     loss, grads = task.loss_and_grad(params, batch)
     blob = pickle.dumps(task)
-    assert len(blob) < 2000  # data and model are rebuilt, not shipped
+    if name == "supervised":  # a job's own data travels with the task (no node needs the file), the model does not
+        arrays = task._data()
+        data_bytes = sum(a.nbytes for a in (arrays.train_inputs, arrays.train_targets, arrays.valid_inputs,
+                                            arrays.valid_targets))
+        assert data_bytes < len(blob) < data_bytes + 3000
+    else:
+        assert len(blob) < 2000  # data and model are rebuilt, not shipped
     copy = pickle.loads(blob)
     loss_copy, grads_copy = copy.loss_and_grad(params, batch)
     assert loss_copy == loss
@@ -467,6 +481,10 @@ def _torch_loss(torch, name, task, params, batch):
     elif name == "digits-triplet":
         embed = [mlp(data[k], 2) for k in ("anchor", "positive", "negative")]
         total = functional.triplet_margin_loss(*embed, margin=task.margin, p=2.0, reduction="sum")
+    elif name == "supervised":  # Linear, Tanh, Linear
+        hidden = torch.tanh(data["inputs"] @ tensors["0.weight"].T + tensors["0.bias"])
+        logits = hidden @ tensors["2.weight"].T + tensors["2.bias"]
+        total = functional.cross_entropy(logits, data["targets"], reduction="sum")
     elif name == "ratings":
         users, items = data["users"], data["items"]
         prediction = ((tensors["user.weight"][users] * tensors["item.weight"][items]).sum(dim=1)

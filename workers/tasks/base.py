@@ -136,6 +136,11 @@ def assign_groups(names: Sequence[str], rules: Sequence[ParamGroupRule]) -> list
 # argument checks shared by tasks and loops
 
 
+class TaskArgumentError(ValueError):
+    """A task argument refused with a message that already names its job-file key
+    (``data.train``, ``model.layers[0].args``): the job check shows it as it is."""
+
+
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     """``value`` as an int in [minimum, maximum]; bool and non-integral values are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -308,6 +313,12 @@ class Task(ABC):
         """Metrics of ``params`` on the task's held-out data."""
 
     # -- provided --------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Read and check what the task reads from storage (its data files), once, in the
+        process that checks or starts the job, so a bad file fails there, before any actor
+        starts. A task that keeps what it read in its own attributes (not in :meth:`cached`)
+        ships it to the actors with itself. This default does nothing."""
 
     def param_specs(self) -> tuple[ParamSpec, ...]:
         """Name, shape and dtype of every parameter :meth:`init_params` gives, in its order.

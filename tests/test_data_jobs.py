@@ -1,0 +1,386 @@
+"""Jobs that bring their own data and model: ``[data]`` (NPZ, CSV, Parquet files) and
+``[model]`` (a layer list and a loss) make the ``supervised`` task with no Python.
+
+The same numbers in each format give the same arrays, batches and training, bit for bit; the
+shipped CSV job (examples/jobs/digits-csv.toml) trains like the built-in digits task it
+mirrors, on Ray as inline (the actors get the data with the task: no node reads the files);
+a validation fraction is a fixed, seeded split; class names become indices in a stated
+order; and bad data or a bad model is refused before anything starts, with one line naming
+the key, the file and the column, exit code 2 and nothing written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardstep.service.cli import main
+from shardstep.service.run_dir import METRICS_FILE
+from shardstep.workers.tasks import make_task
+from shardstep.workers.training import Trainer
+from tests.runs import assert_same, final_params
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = ("npz", "csv", "parquet")
+LAYERS = [{"name": "Linear", "args": {"in_features": 5, "out_features": 12}}, {"name": "GELU"},
+          {"name": "Linear", "args": {"in_features": 12, "out_features": 3}}]
+
+
+def dataset(rows: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 features (5 columns) and int64 classes 0..2."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, rows)
+    features = (rng.standard_normal((rows, 5)) + labels[:, None]).astype(np.float32)
+    return features, labels.astype(np.int64)
+
+
+def write(folder: Path, kind: str, features: np.ndarray, labels, name: str = "data") -> Path:
+    """``features`` and ``labels`` as one file: NPZ arrays ``x`` and ``y``, or columns
+    ``f0`` .. ``f4`` and ``label`` (each float written exactly: its shortest repr)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.{kind}"
+    columns = [f"f{i}" for i in range(features.shape[1])]
+    if kind == "npz":
+        np.savez(path, x=features, y=np.asarray(labels))
+    elif kind == "csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow([*columns, "label"])
+            for row, label in zip(features, labels):
+                writer.writerow([repr(float(value)) for value in row] + [label])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = {column: features[:, i] for i, column in enumerate(columns)} | {"label": np.asarray(labels)}
+        pq.write_table(pa.table(table), path)
+    return path
+
+
+def data_args(path: Path, **extra) -> dict:
+    keys = {"features": "x", "label": "y"} if path.suffix == ".npz" else {"label": "label"}
+    return {"train": str(path), **keys, **extra}
+
+
+def task_of(path: Path, layers=LAYERS, loss="CrossEntropyLoss", **extra):
+    return make_task("supervised", data=data_args(path, **extra), model={"layers": layers, "loss": loss})
+
+
+# ---------------------------------------------------------------------------------------
+# formats, batches, splits
+
+
+def test_each_format_gives_the_same_arrays_batches_and_training(tmp_path):
+    features, labels = dataset()
+    tasks = {kind: task_of(write(tmp_path, kind, features, labels)) for kind in FORMATS}
+    for kind, task in tasks.items():
+        inputs, targets = task.training_arrays()
+        assert inputs.dtype == np.float32 and targets.dtype == np.int64
+        assert np.array_equal(inputs, features) and np.array_equal(targets, labels), kind
+    reference = tasks["npz"]
+    for kind, task in tasks.items():
+        for world_size in (1, 2, 3):
+            for rank in range(world_size):
+                ours = list(task.batches(7, 1, 32, rank, world_size))
+                theirs = list(reference.batches(7, 1, 32, rank, world_size))
+                for a, b in zip(ours, theirs, strict=True):
+                    assert np.array_equal(a.examples, b.examples)
+                    for key in a.data:
+                        assert a.data[key].tobytes() == b.data[key].tobytes(), (kind, world_size, rank, key)
+    trained = {kind: Trainer(task, seed=3, batch_size=32, optimizer="adam", optimizer_kwargs={"lr": 0.01},
+                             world_size=2).run(steps=12).params for kind, task in tasks.items()}
+    for kind in FORMATS:
+        assert_same(trained[kind], trained["npz"], f"{kind}: ")
+
+
+def test_a_validation_fraction_is_a_seeded_split_of_the_training_rows(tmp_path):
+    features, labels = dataset(rows=101)
+    path = write(tmp_path, "npz", features, labels)
+    split = task_of(path, validation=0.25)._data()
+    again = task_of(path, validation=0.25)._data()
+    other = task_of(path, validation=0.25, split_seed=1)._data()
+    assert split.valid_inputs.shape == (25, 5) and split.train_inputs.shape == (76, 5)
+    assert split.validated_on == "validation"
+    rows = {row.tobytes(): i for i, row in enumerate(features)}
+    held = sorted(rows[row.tobytes()] for row in split.valid_inputs)
+    kept = [rows[row.tobytes()] for row in split.train_inputs]
+    assert kept == sorted(kept) and sorted(held + kept) == list(range(101))  # disjoint, file order kept
+    expected = np.sort(np.random.default_rng([0, 0, 4]).permutation(101)[:25])  # the documented rule
+    assert held == expected.tolist()
+    assert np.array_equal(again.valid_inputs, split.valid_inputs)
+    assert not np.array_equal(other.valid_inputs, split.valid_inputs)
+    # without validation data, evaluation reports on the training rows
+    assert task_of(path)._data().validated_on == "training"
+
+
+def test_class_names_become_indices_in_sorted_or_stated_order(tmp_path):
+    features, labels = dataset(rows=30)
+    names = np.array(["cat", "ant", "bee"])[labels]
+    path = write(tmp_path, "csv", features, names.tolist())
+    assert np.array_equal(task_of(path).training_arrays()[1], np.array([2, 0, 1])[labels])  # ant 0, bee 1, cat 2
+    stated = task_of(path, classes=["cat", "ant", "bee"]).training_arrays()[1]
+    assert np.array_equal(stated, labels)
+
+
+def test_regression_and_binary_targets_take_the_outputs_shape_and_report_rmse_or_accuracy(tmp_path):
+    features, labels = dataset(rows=60)
+    values = features[:, :2].sum(axis=1)
+    path = write(tmp_path, "parquet", features, values)
+    layers = [{"name": "Linear", "args": {"in_features": 5, "out_features": 1}}]
+    task = task_of(path, layers=layers, loss="MSELoss", validation=0.5)
+    assert task.training_arrays()[1].shape == (30, 1)
+    metrics = task.evaluate(task.init_params(0))
+    assert list(metrics) == ["loss", "rmse"]
+    assert metrics["rmse"] == pytest.approx(np.sqrt(metrics["loss"]), rel=1e-5)  # MSE's mean is RMSE squared
+    binary = task_of(write(tmp_path / "b", "csv", features, (labels > 0).astype(int)), layers=layers,
+                     loss="BCEWithLogitsLoss")
+    assert binary.training_arrays()[1].dtype == np.float32
+    assert list(binary.evaluate(binary.init_params(0))) == ["accuracy", "loss"]
+
+
+# ---------------------------------------------------------------------------------------
+# the shipped examples through the command line
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardstep.service.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+
+
+def evaluations(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    return [record["eval"] for record in records if "eval" in record]
+
+
+def test_the_csv_job_trains_bit_for_bit_like_the_builtin_digits_on_ray_and_inline(tmp_path, ray_address):
+    builtin = tmp_path / "builtin"
+    assert cli("run", "examples/jobs/digits.toml", "--run-dir", str(builtin), "--backend", "inline",
+               "--quiet").returncode == 0
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    for backend in ("inline", "ray"):
+        run_dir = tmp_path / backend
+        out = cli("run", "examples/jobs/digits-csv.toml", "--run-dir", str(run_dir), "--backend", backend,
+                  "--quiet", env=env)
+        assert out.returncode == 0, out.stderr
+        assert_same(final_params(run_dir), final_params(builtin), f"{backend}: ")
+        assert evaluations(run_dir) == evaluations(builtin)
+        saved = json.loads((run_dir / "job.json").read_text())["job"]
+        assert saved["task"] == "supervised"
+        assert saved["task_args"]["data"]["train"] == str(ROOT / "examples" / "data" / "digits-train.csv")
+
+
+def test_the_parquet_regression_example_learns(tmp_path):
+    out = cli("run", "examples/jobs/sensors-parquet.toml", "--run-dir", str(tmp_path / "run"), "--backend",
+              "inline", "--quiet")
+    assert out.returncode == 0, out.stderr
+    history = evaluations(tmp_path / "run")
+    # the target's spread is about 1.6; what is left is mostly the 0.1 noise and the x1 x2 term
+    assert history[0]["rmse"] > 1.0 and history[-1]["rmse"] < 0.4, history
+
+
+def test_data_paths_are_relative_to_the_job_file_and_the_data_travels_with_the_task(tmp_path, ray_address):
+    """The job file in its own folder, run from elsewhere; on Ray the file is gone before the
+    actors start (they get the arrays with the task, never the path)."""
+    features, labels = dataset()
+    folder = tmp_path / "project"
+    write(folder / "data", "csv", features, labels)
+    (folder / "job.toml").write_text(JOB.format(run_dir="runs/one", train="data/data.csv", backend="ray"))
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    code = subprocess.run([sys.executable, "-c", MOVES_DATA_THEN_RUNS, str(folder / "job.toml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert code.returncode == 0, code.stderr
+    reference = Trainer(task_of(write(tmp_path / "again", "csv", features, labels)), seed=0, batch_size=32,
+                        optimizer="sgd", optimizer_kwargs={"lr": 0.1}, world_size=2).run(steps=6).params
+    assert_same(final_params(folder / "runs" / "one"), reference)
+
+
+# the coordinator reads the data when it is built; the file is removed before it starts the actors
+MOVES_DATA_THEN_RUNS = """
+import os, sys
+from shardstep.service.coordinator import Coordinator
+from shardstep.service.jobspec import load_job
+spec = load_job(sys.argv[1])
+coordinator = Coordinator(spec)
+os.rename(spec.task_args["data"]["train"], spec.task_args["data"]["train"] + ".moved")
+coordinator.run()
+"""
+
+JOB = """\
+run_dir = "{run_dir}"
+
+[data]
+train = "{train}"
+label = "label"
+
+[model]
+loss = "CrossEntropyLoss"
+layers = [{{ name = "Linear", args = {{ in_features = 5, out_features = 12 }} }}, {{ name = "GELU" }},
+          {{ name = "Linear", args = {{ in_features = 12, out_features = 3 }} }}]
+
+[optimizer]
+name = "sgd"
+[optimizer.args]
+lr = 0.1
+
+[training]
+steps = 6
+batch_size = 32
+
+[resources]
+shards = 2
+workers = 2
+backend = "{backend}"
+"""
+MODEL_TABLE = JOB[JOB.index("[model]"):JOB.index("[optimizer]")].replace("{{", "{").replace("}}", "}")
+
+# ---------------------------------------------------------------------------------------
+# bad data and bad models: one line, exit 2, nothing written
+
+
+def _csv(text: str):
+    def make(folder: Path) -> Path:
+        path = folder / "data.csv"
+        path.write_text(text)
+        return path
+    return make
+
+
+def _array_file(kind: str, features=None, labels=None):
+    def make(folder: Path) -> Path:
+        base_features, base_labels = dataset(rows=20)
+        return write(folder, kind, base_features if features is None else features,
+                     base_labels if labels is None else labels)
+    return make
+
+
+GOOD_CSV = "f0,f1,f2,f3,f4,label\n" + "".join(f"{i},0.5,1,2,3,{i % 3}\n" for i in range(10))
+WITH_NAN = np.ones((20, 5), np.float32)
+WITH_NAN[7, 2] = np.nan
+WITH_INF = np.ones((20, 5), np.float32)
+WITH_INF[3, 1] = np.inf
+
+# (id, data file maker, edits of the job text (old -> new), fragments of the message)
+CASES = [
+    ("missing file", None, {'train = "data.csv"': 'train = "nowhere.csv"'}, ["data.train: data file not found:",
+                                                                           "nowhere.csv"]),
+    ("no such label column", _csv(GOOD_CSV), {'label = "label"': 'label = "class"'},
+     ["data.train (", "data.csv): no label column 'class'; its columns: 'f0', 'f1'"]),
+    ("no such feature column", _csv(GOOD_CSV), {'label = "label"': 'label = "label"\nfeatures = ["f0", "g1"]'},
+     ["data.csv): no feature column 'g1'"]),
+    ("a word among the numbers", _csv(GOOD_CSV.replace("3,0.5,1", "3,abc,1")), {},
+     ["data.csv): column 'f1' holds 'abc' at row 4; feature columns hold numbers"]),
+    ("an empty cell", _csv(GOOD_CSV.replace("5,0.5,1,2", "5,0.5,,2")), {},
+     ["data.csv): column 'f2' holds an empty cell at row 6"]),
+    ("NaN in a CSV", _csv(GOOD_CSV.replace("2,0.5,1,2,3", "2,0.5,1,nan,3")), {},
+     ["data.csv): 'f3' holds nan at row 3; data must be finite numbers"]),
+    ("a short row", _csv(GOOD_CSV.replace("4,0.5,1,2,3,1\n", "4,0.5,1,2\n")), {},
+     ["data.csv): line 6 has 4 cells; the header has 6"]),
+    ("NaN in an NPZ array", _array_file("npz", features=WITH_NAN), {'train = "data.csv"': 'train = "data.npz"',
+                                                                     'label = "label"': 'label = "y"\nfeatures = "x"'},
+     ["data.npz): 'x' holds nan at row 8"]),
+    ("infinity in Parquet", _array_file("parquet", features=WITH_INF), {'train = "data.csv"': 'train = "data.parquet"'},
+     ["data.parquet): 'f1' holds inf at row 4"]),
+    ("a null Parquet cell", None, {'train = "data.csv"': 'train = "data.parquet"'},
+     ["data.parquet): column 'f0' has an empty (null) cell at row 2"]),
+    ("features wider than the model", _csv(GOOD_CSV.replace("f4,label", "f4,f5,label").replace(",3,", ",3,9,")),
+     {}, ["data.csv): (6,) features per example, but model.layers' first Linear takes in_features = 5"]),
+    ("a class beyond the outputs", _csv(GOOD_CSV.replace("9,0.5,1,2,3,0", "9,0.5,1,2,3,3")), {},
+     ["data.csv): label 'label' holds class 3 at row 10; the model's 3 outputs (last Linear out_features) "
+      "allow 0..2"]),
+    ("more class names than outputs", _csv(GOOD_CSV.replace(",0\n", ",zero\n").replace(",1\n", ",one\n")
+                                           .replace(",2\n", ",two\n").replace("9,0.5,1,2,3,zero", "9,0.5,1,2,3,four")),
+     {}, ["4 classes (['four', 'one', 'two', 'zero']), but model.layers' last Linear has out_features = 3"]),
+    ("an NPZ without the array", _array_file("npz"), {'train = "data.csv"': 'train = "data.npz"',
+                                                      'label = "label"': 'label = "labels"\nfeatures = "x"'},
+     ["data.npz): no array 'labels'; its arrays: 'x', 'y'"]),
+    ("a file of unknown format", _csv(GOOD_CSV), {'train = "data.csv"': 'train = "data.txt"'},
+     ["data.train = '", "data.txt': cannot tell the format from the suffix '.txt'"]),
+    ("validation with other columns", _csv(GOOD_CSV),
+     {'label = "label"': 'label = "label"\nvalidation = "other.csv"'}, ["data.validation (", "no label column"]),
+    ("a validation fraction of 1.5", _csv(GOOD_CSV), {'label = "label"': 'label = "label"\nvalidation = 1.5'},
+     ["data.validation as a fraction of the training rows must be in (0, 1); got 1.5"]),
+    ("a binary target beyond 1", _csv(GOOD_CSV),
+     {'"CrossEntropyLoss"': '"BCEWithLogitsLoss"', "out_features = 3": "out_features = 1"},
+     ["data.csv): BCEWithLogitsLoss takes targets in [0, 1]; row 3 holds [2.0]"]),
+    ("an unknown data key", _csv(GOOD_CSV), {'label = "label"': 'label = "label"\nshuffle = true'},
+     ["data has unknown key 'shuffle'; allowed: train, validation, features, label"]),
+    ("an unknown layer", _csv(GOOD_CSV), {'{ name = "GELU" }': '{ name = "Conv2d" }'},
+     ["model.layers[1].name must be one of Linear, ReLU, Tanh, GELU, LogSoftmax, Softmax; got 'Conv2d'"]),
+    ("widths that do not chain", _csv(GOOD_CSV), {"in_features = 12": "in_features = 13"},
+     ["model.layers[2].args.in_features must be 12, the out_features of the Linear layer before it; got 13"]),
+    ("an unknown layer argument", _csv(GOOD_CSV), {"out_features = 12 }": "out_features = 12, bais = false }"},
+     ["model.layers[0].args: Linear has no argument 'bais'; allowed: in_features, out_features, bias"]),
+    ("a loss reduction", _csv(GOOD_CSV), {'loss = "CrossEntropyLoss"':
+                                          'loss = { name = "CrossEntropyLoss", args = { reduction = "mean" } }'},
+     ["model.loss.args.reduction is not set in the job: it is 'sum' (the engine divides by the global batch size)"]),
+    ("an unknown loss", _csv(GOOD_CSV), {'"CrossEntropyLoss"': '"FocalLoss"'},
+     ["model.loss.name must be one of CrossEntropyLoss, NLLLoss, MSELoss"]),
+    ("a bad loss argument", _csv(GOOD_CSV),
+     {'loss = "CrossEntropyLoss"': 'loss = { name = "CrossEntropyLoss", args = { label_smoothing = 2.0 } }'},
+     ["model: CrossEntropyLoss: label_smoothing must be in [0, 1]; got 2.0"]),
+    ("data without a model", _csv(GOOD_CSV), {"MODEL": ""}, ["[data] needs [model] too"]),
+    ("a task as well", _csv(GOOD_CSV), {"[optimizer]": '[task]\nname = "digits"\n\n[optimizer]'},
+     ["a job gives either [task] or [data] with [model], not both"]),
+    ("a non-UTF-8 CSV", lambda folder: (folder / "data.csv").write_bytes(b"f0,label\n\xff,1\n") and folder / "data.csv",
+     {}, ["data.csv): a CSV file must be UTF-8 text; byte 9 is not"]),
+]
+
+
+def _null_parquet(folder: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {f"f{i}": pa.array([1.0, None, 2.0] if i == 0 else [1.0, 1.5, 2.0]) for i in range(5)}
+    path = folder / "data.parquet"
+    pq.write_table(pa.table(columns | {"label": pa.array([0, 1, 2])}), path)
+    return path
+
+
+def test_the_table_of_bad_inputs_is_large():
+    assert len(CASES) >= 15 and len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case, make, edits, fragments", CASES, ids=[case[0] for case in CASES])
+def test_bad_data_or_model_is_refused_before_anything_starts(tmp_path, capsys, case, make, edits, fragments):
+    project = tmp_path / "project"
+    project.mkdir()
+    if case == "a null Parquet cell":
+        make = _null_parquet
+    if make is not None:
+        make(project)
+    if case == "validation with other columns":
+        (project / "other.csv").write_text(GOOD_CSV.replace("label", "target"))
+    text = JOB.format(run_dir="runs/bad", train="data.csv", backend="inline")
+    for old, new in edits.items():
+        old = MODEL_TABLE if old == "MODEL" else old
+        assert old in text, old
+        text = text.replace(old, new)
+    (project / "job.toml").write_text(text)
+    before = sorted(tmp_path.rglob("*"))
+
+    code = main(["run", str(project / "job.toml")])
+
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"shardstep run: error: {project / 'job.toml'}: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not (project / "runs").exists()
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_good_base_job_of_the_bad_inputs_table_runs(tmp_path):
+    """Each case fails for its own edit: the job it edits trains."""
+    (tmp_path / "data.csv").write_text(GOOD_CSV)
+    (tmp_path / "job.toml").write_text(JOB.format(run_dir="runs/good", train="data.csv", backend="inline"))
+    assert main(["run", str(tmp_path / "job.toml"), "--quiet"]) == 0
+    assert re.search(r"step-0*6$", str(sorted((tmp_path / "runs" / "good" / "checkpoints").iterdir())[-1]))
