@@ -230,6 +230,16 @@ class Retention:
             kept.update(step for _, _, step in sorted(ranked)[:self.keep_best])
         return kept
 
+    def best(self, checkpoints: Mapping[int, Mapping[str, float]]) -> int | None:
+        """The best step among ``{step: metrics}`` by ``metric`` (the newer of equals), or None
+        when none has it (or the policy names no metric)."""
+        if self.metric is None:
+            return None
+        sign = 1 if self.mode == "min" else -1
+        ranked = sorted((sign * float(metrics[self.metric]), -step, step) for step, metrics in checkpoints.items()
+                        if self.metric in metrics and not math.isnan(float(metrics[self.metric])))
+        return ranked[0][2] if ranked else None
+
 
 # ---------------------------------------------------------------------------------------
 # the writer's store
@@ -700,6 +710,21 @@ def latest_step(root: str | os.PathLike) -> int | None:
     """The newest committed step, or None."""
     steps = committed_steps(root)
     return steps[-1] if steps else None
+
+
+def best_step(root: str | os.PathLike, metric: str, mode: str = "min") -> int | None:
+    """The committed step whose manifest's ``metric`` is best (``mode`` "min" or "max"; the
+    newer of equals), or None when no manifest has it. A manifest that no longer reads never
+    ranks (as in :meth:`Retention.keep`)."""
+    root = location(root)
+    metrics = {}
+    for step in committed_steps(root):
+        try:
+            with RunCheckpoint(step_directory(root, step)) as checkpoint:
+                metrics[step] = checkpoint.metrics
+        except CorruptCheckpointError:
+            continue
+    return Retention(keep_best=1, metric=metric, mode=mode).best(metrics)
 
 
 def newest_intact(root: str | os.PathLike) -> tuple[int | None, list[tuple[int, str]]]:

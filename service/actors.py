@@ -158,7 +158,7 @@ def _actor_specs(spec: Any, plan: StartPlan, regions: Any, threads: bool) -> lis
         if plan.checkpoint is not None:
             kwargs["checkpoint"] = plan.checkpoint
         else:
-            kwargs.update(init={"task": plan.task, "seed": plan.seed}, source=source)
+            kwargs.update(init={"task": plan.task.without_data(), "seed": plan.seed}, source=source)
         specs.append(ActorSpec(ShardActor, (shard, layout, plan.optimizer, plan.groups, None), kwargs,
                                shard_placement, f"shard {shard}"))
     for rank in range(plan.workers):

@@ -143,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write consolidated parameters and a torch-layout optimizer state_dict")
     export.add_argument("run_dir", help="the run directory")
     export.add_argument("--out", required=True, help="the file to write")
-    export.add_argument("--step", type=_non_negative, help="the checkpoint step (default: the latest)")
+    export.add_argument("--step", type=_non_negative, help="the checkpoint step (default: the latest, or the best when "
+                        "the job sets checkpoint.load_best)")
     export.set_defaults(handler=_export)
     _cluster_commands(commands)
     return parser
@@ -276,6 +277,10 @@ def _train(spec: Any, quiet: bool) -> int:
           f"checkpoints at steps {result.checkpoint_steps[-5:]} in {run_dir / CHECKPOINT_DIR}"
           + (f"; recovered from {result.failures} failure(s)" if result.failures else "")
           + (f"; {result.stopped_early}" if result.stopped_early else ""), flush=True)
+    if result.best_step is not None:
+        best = "  ".join(f"{k} {v:.6g}" for k, v in (result.best_metrics or {}).items() if math.isfinite(v))
+        print(f"result: the best checkpoint, step {result.best_step} by {spec.keep_metric} ({spec.keep_mode}): {best}; "
+              f"export and init.from take it", flush=True)
     return 0
 
 
@@ -408,6 +413,16 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result_step(run_dir: Any) -> int | None:
+    """The best step of a run whose job sets checkpoint.load_best (None: the newest)."""
+    from shardstep.service.run_dir import RunDirectoryError, result_step
+
+    try:
+        return result_step(run_dir)
+    except RunDirectoryError:
+        return None  # no readable job.json: the newest intact step, as for any directory
+
+
 def _export(args: argparse.Namespace) -> int:
     from shardstep.checkpoints.storage import ObjectPath, location
 
@@ -424,12 +439,14 @@ def _export(args: argparse.Namespace) -> int:
                   f"the newest intact one", file=sys.stderr)
         return checkpoint.step
 
+    chosen = args.step if args.step is not None else _result_step(run_dir)
     try:
-        step = _reading(run_dir, args.step, export)
+        step = _reading(run_dir, chosen, export)
     except OSError as error:
         raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
     size = out.size() if isinstance(out, ObjectPath) else out.stat().st_size
-    print(f"wrote {out} ({size:,} bytes): parameters and optimizer state_dict of step {step}; "
+    best = " (the run's best checkpoint: its job sets checkpoint.load_best)" if args.step is None and chosen else ""
+    print(f"wrote {out} ({size:,} bytes): parameters and optimizer state_dict of step {step}{best}; "
           f"load with checkpoints.load({str(out)!r})")
     return 0
 

@@ -54,6 +54,7 @@ from shardstep.checkpoints import (
     CheckpointError,
     CheckpointStore,
     ShardLayout,
+    best_step,
     committed_steps,
     latest_step,
     open_checkpoint,
@@ -267,11 +268,16 @@ class RunResult:
     cluster: str = "inline"
     # why early stopping ended training before steps/epochs, or None
     stopped_early: str | None = None
+    # with checkpoint.load_best: the best checkpoint's step and metrics, the run's result
+    best_step: int | None = None
+    best_metrics: dict[str, float] | None = None
 
     @functools.cached_property
     def params(self) -> dict[str, np.ndarray]:
-        """The parameters of the final checkpoint (step :attr:`steps`), by name."""
-        with open_checkpoint(self.run_dir / CHECKPOINT_DIR, self.steps) as checkpoint:
+        """The parameters of the run's result, by name: the best checkpoint's with
+        ``checkpoint.load_best``, else the final one's (step :attr:`steps`)."""
+        step = self.steps if self.best_step is None else self.best_step
+        with open_checkpoint(self.run_dir / CHECKPOINT_DIR, step) as checkpoint:
             return checkpoint.export()[0]
 
 
@@ -934,11 +940,19 @@ class Coordinator:
         self._finish_saves()
         if progress.last_checkpoint != progress.step:
             self._checkpoint(wait=True)
+        best = best_metrics = None
+        if self.spec.load_best:  # retention's keep_best has kept it
+            root = self.run_dir / CHECKPOINT_DIR
+            best = best_step(root, self.spec.keep_metric, self.spec.keep_mode)
+            if best is not None:
+                with open_checkpoint(root, best) as checkpoint:
+                    best_metrics = dict(checkpoint.metrics)
         return Done(RunResult(
             history=self.history, evaluations=self.evaluations, metrics=metrics, steps=progress.step,
             epoch=progress.epoch, batch=progress.batch, failures=self.failures, run_dir=self.run_dir,
             checkpoint_steps=committed_steps(self.run_dir / CHECKPOINT_DIR), init=self.init_record,
-            transport=self.transport, cluster=self.backend.description, stopped_early=progress.stopped_early))
+            transport=self.transport, cluster=self.backend.description, stopped_early=progress.stopped_early,
+            best_step=best, best_metrics=best_metrics))
 
     # -- actors ----------------------------------------------------------------------------------
 

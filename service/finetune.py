@@ -62,6 +62,15 @@ def _verified(checkpoint: RunCheckpoint) -> None:
         raise
 
 
+def _best_of(run_dir: Any) -> int | None:
+    from shardstep.service.run_dir import RunDirectoryError, result_step
+
+    try:
+        return result_step(run_dir)
+    except RunDirectoryError:
+        return None
+
+
 def open_init_source(init: Any, warn: Callable[[str], Any] | None = None) -> RunCheckpoint:
     """The committed checkpoint ``init.from`` names: a ``step-<k>`` directory, or step
     ``init.step`` (default: the newest) of a run directory or of its checkpoints directory.
@@ -85,6 +94,11 @@ def open_init_source(init: Any, warn: Callable[[str], Any] | None = None) -> Run
         if latest_step(root) is None:
             raise ValueError(f"init.from: {path} holds no committed checkpoint (expected a run directory, its "
                              f"{CHECKPOINT_DIR} directory or a step-<k> checkpoint directory)")
+        best = None if init.step is not None or root == path else _best_of(path)
+        if best is not None:  # the source's job made its best checkpoint its result
+            checkpoint = open_checkpoint(root, best)
+            _verified(checkpoint)
+            return checkpoint
         if init.step is None:
             # the newest intact step; a damaged newer one is named (the source is not ours to set aside)
             checkpoint, damaged = open_intact(root)  # something is committed: never None here

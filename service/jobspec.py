@@ -173,6 +173,7 @@ FIELD_KEYS: dict[str, str] = {
     "keep_best": "checkpoint.keep_best",
     "keep_metric": "checkpoint.metric",
     "keep_mode": "checkpoint.mode",
+    "load_best": "checkpoint.load_best",
     "stop_metric": "early_stopping.metric",
     "stop_patience": "early_stopping.patience",
     "stop_min_delta": "early_stopping.min_delta",
@@ -677,6 +678,8 @@ class JobSpec:
     keep_best: int | None = None
     keep_metric: str | None = None
     keep_mode: str = "min"
+    # the run's result is its best checkpoint by keep_metric, not its last (docs/jobs.md)
+    load_best: bool = False
     stop_metric: str | None = None
     stop_patience: int = 3
     stop_min_delta: float = 0.0
@@ -919,6 +922,10 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     if (out["keep_best"] is None) != (out["keep_metric"] is None):
         raise JobSpecError(f"{key['keep_best']} and {key['keep_metric']} go together (keep the best N checkpoints "
                            f"by that metric); got keep_best = {out['keep_best']!r}, metric = {out['keep_metric']!r}")
+    out["load_best"] = _check_bool(key["load_best"], spec.load_best)
+    if out["load_best"] and out["keep_best"] is None:
+        raise JobSpecError(f"{key['load_best']} = true makes the best checkpoint the run's result, so it needs "
+                           f"{key['keep_best']} and {key['keep_metric']} (which keep it and say what best is)")
     if out["keep_best"] is None and out["keep_mode"] != "min":
         raise JobSpecError(f"{key['keep_mode']} applies to keep_best; got mode = {out['keep_mode']!r} without "
                            f"keep_best and metric")

@@ -144,6 +144,18 @@ def saved_job(run_dir: Path) -> dict[str, Any] | None:
     return saved
 
 
+def result_step(run_dir: Path | ObjectPath) -> int | None:
+    """The step that is a run's result when its job set ``checkpoint.load_best``: its best
+    committed checkpoint by the job's metric; None otherwise (a reader then takes the newest)."""
+    from shardstep.checkpoints import best_step
+
+    saved = saved_job(run_dir)
+    job = saved["job"] if saved is not None else {}
+    if not job.get("load_best") or not isinstance(job.get("keep_metric"), str):
+        return None
+    return best_step(run_dir / CHECKPOINT_DIR, job["keep_metric"], job.get("keep_mode", "min"))
+
+
 def quoted(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= _QUOTED else text[:_QUOTED - 3] + "..."

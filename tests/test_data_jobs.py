@@ -202,6 +202,19 @@ def test_data_paths_are_relative_to_the_job_file_and_the_data_travels_with_the_t
     assert_same(final_params(folder / "runs" / "one"), reference)
 
 
+def test_the_shards_get_the_task_without_its_data(tmp_path):
+    import pickle
+
+    features, labels = dataset(rows=2000)
+    task = task_of(write(tmp_path, "npz", features, labels))
+    task.prepare()
+    bare = task.without_data()
+    assert len(pickle.dumps(task)) > features.nbytes > 20 * len(pickle.dumps(bare))
+    assert_same(bare.init_params(4), task.init_params(4))
+    assert bare.param_specs() == task.param_specs()
+    assert task._arrays is not None  # the original keeps its data
+
+
 # the coordinator reads the data when it is built; the file is removed before it starts the actors
 MOVES_DATA_THEN_RUNS = """
 import os, sys

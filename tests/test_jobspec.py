@@ -217,6 +217,7 @@ keep_every = 50
 keep_best = 1
 metric = "accuracy"
 mode = "max"
+load_best = true
 
 [early_stopping]
 metric = "accuracy"
@@ -246,8 +247,8 @@ def test_a_complete_file_sets_every_field(tmp_path):
         shard_cpus=0.5, transport="object_store", start_timeout=120.0, placement="spread",
         shard_resources={"big_memory": 1.0}, worker_resources={"accelerator": 0.5},
         shard_labels={"zone": "us-east-1a"}, worker_labels={"ray.io/market-type": "!in(spot)"}, checkpoint_every=25, checkpoint_async=False, keep_last=2, keep_every=50, keep_best=1,
-        keep_metric="accuracy", keep_mode="max", stop_metric="accuracy", stop_patience=4, stop_min_delta=0.01,
-        stop_mode="max", run_dir=str(tmp_path / "runs" / "full"),
+        keep_metric="accuracy", keep_mode="max", load_best=True, stop_metric="accuracy", stop_patience=4,
+        stop_min_delta=0.01, stop_mode="max", run_dir=str(tmp_path / "runs" / "full"),
         frozen=("0.*",),
         init=InitSpec(str(tmp_path / "runs" / "base"), step=50, optimizer_state=True, skip=("4.*",)),
         code_dir=str(tmp_path),

@@ -320,6 +320,11 @@ class Task(ABC):
         starts. A task that keeps what it read in its own attributes (not in :meth:`cached`)
         ships it to the actors with itself. This default does nothing."""
 
+    def without_data(self) -> Task:
+        """The task for a process that only initializes parameters (a shard): itself, or a copy
+        that leaves behind the data :meth:`prepare` read, which such a process never uses."""
+        return self
+
     def param_specs(self) -> tuple[ParamSpec, ...]:
         """Name, shape and dtype of every parameter :meth:`init_params` gives, in its order.
 

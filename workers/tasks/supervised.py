@@ -29,6 +29,7 @@ it then travels with the task to every actor, so no node needs the files.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -248,6 +249,12 @@ class SupervisedTask(ModelTask):
 
     def __getstate__(self) -> dict[str, Any]:
         return super().__getstate__()  # keeps _arrays: the data travels with the task
+
+    def without_data(self) -> SupervisedTask:
+        bare = copy.copy(self)
+        bare.__dict__.pop("_cache", None)
+        bare._arrays = None  # init_params builds the model from the layer list alone
+        return bare
 
     @property
     def train_size(self) -> int:
