@@ -443,8 +443,19 @@ def _check_paths_travel(job_file: Path) -> None:
     """Refuse a relative path the cluster would resolve somewhere else than this machine
     (a URL means the same everywhere)."""
     from shardstep.checkpoints.storage import is_url
+    from shardstep.service.jobspec import DATA_PATH_KEYS
 
     document = tomllib.loads(job_file.read_text(encoding="utf-8"))  # load_job has checked it
+    job_directory = job_file.resolve().parent
+    data = document.get("data", {})
+    for key in DATA_PATH_KEYS:  # a data file travels in the job's directory, or is named by a URL
+        value = data.get(key)
+        if not isinstance(value, str) or is_url(value) or os.path.isabs(os.path.expanduser(value)):
+            continue
+        if _relative_to(Path(os.path.normpath(job_directory / value)), job_directory) is None:
+            raise ClusterError(f"{job_file}: data.{key} = {value!r} is outside the job file's directory, which is "
+                               f"what travels to the cluster; keep the file beside the job file, or name it by a "
+                               f"URL (s3://...) or an absolute path on the head node")
     for table, key in PATH_KEYS:
         value = document.get(table, {}).get(key)
         if isinstance(value, str) and not os.path.isabs(value) and not is_url(value):

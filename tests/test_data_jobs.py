@@ -215,6 +215,26 @@ def test_the_shards_get_the_task_without_its_data(tmp_path):
     assert task._arrays is not None  # the original keeps its data
 
 
+def test_data_from_object_storage_trains_like_the_same_file_on_disk(tmp_path, s3_server):
+    import uuid
+
+    from shardstep.checkpoints.storage import ObjectPath, put_object
+    from tests.objectstore import BUCKET
+
+    features, labels = dataset()
+    local = write(tmp_path, "parquet", features, labels)
+    url = ObjectPath(f"s3://{BUCKET}/data/{uuid.uuid4().hex}/train.parquet")
+    put_object(url, [local.read_bytes()])
+    (tmp_path / "job.toml").write_text(JOB.format(run_dir="runs/s3", train=str(url), backend="inline"))
+    assert main(["run", str(tmp_path / "job.toml"), "--quiet"]) == 0
+    reference = Trainer(task_of(local), seed=0, batch_size=32, optimizer="sgd", optimizer_kwargs={"lr": 0.1},
+                        world_size=2).run(steps=6).params
+    assert_same(final_params(tmp_path / "runs" / "s3"), reference)
+    (tmp_path / "gone.toml").write_text(JOB.format(run_dir="runs/gone", train=f"{url}.missing", backend="inline"))
+    assert main(["run", str(tmp_path / "gone.toml")]) == 2
+    assert not (tmp_path / "runs" / "gone").exists()
+
+
 # the coordinator reads the data when it is built; the file is removed before it starts the actors
 MOVES_DATA_THEN_RUNS = """
 import os, sys

@@ -403,6 +403,35 @@ def test_submit_a_job_with_its_own_task_code_and_follow_it(head, tmp_path):
     assert_same(final_params(run_dir), digits_reference(30))
 
 
+def test_a_job_on_its_own_data_beside_the_job_file_trains_on_the_cluster(head, tmp_path):
+    """[data] + [model] with the CSV in the job's folder: the file travels with the job (the
+    local copy is moved away once submitted) and the result equals the local loop's; a data
+    file outside the job's folder, which would not travel, is refused before submitting."""
+    from shardstep.workers.training import Trainer
+    from tests.test_data_jobs import JOB, dataset, task_of, write
+
+    features, labels = dataset()
+    folder = tmp_path / "job"
+    data = write(folder / "data", "csv", features, labels)
+    run_dir = tmp_path / "run"
+    (folder / "job.toml").write_text(JOB.format(run_dir=run_dir, train="data/data.csv", backend="ray"))
+    job_id = submitted_id(shardstep("submit", str(folder / "job.toml"), "--address", head.url, "--no-wait",
+                                    env=head.env))
+    kept = data.rename(tmp_path / "kept.csv")
+    followed = shardstep("jobs", "logs", job_id, "--follow", "--address", head.url, env=head.env)
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert "done: 6 steps" in followed.stdout and status_of(head, job_id) == "SUCCEEDED"
+    reference = Trainer(task_of(kept), seed=0, batch_size=32, optimizer="sgd", optimizer_kwargs={"lr": 0.1},
+                        world_size=2).run(steps=6).params
+    assert_same(final_params(run_dir), reference)
+
+    (folder / "outside.toml").write_text(JOB.format(run_dir=tmp_path / "run2", train="../kept.csv", backend="ray"))
+    refused = shardstep("submit", str(folder / "outside.toml"), "--address", head.url, env=head.env)
+    assert refused.returncode == 2
+    assert "data.train = '../kept.csv' is outside the job file's directory" in one_error(refused, "shardstep submit")
+    assert not (tmp_path / "run2").exists()
+
+
 def test_stop_then_resubmit_resumes_from_the_stopped_jobs_checkpoint(head, tmp_path):
     """`jobs stop` ends a running job; submitting the same job again continues from the
     checkpoint it left, and the result equals an uninterrupted run bit for bit."""
