@@ -8,8 +8,8 @@ above the same driver idle, against the model's bytes.
 
 One process per measurement: a private local Ray instance on loopback (2 CPUs), the
 synthetic-mlp task (float32) with Adam, 2 shards and 2 workers, 2 steps, a checkpoint at
-the end. "Idle" is this process with Ray started, every module imported and the job
-checked, just before the run; a thread samples /proc/self/status every 2 ms during the run.
+the end. "Idle" is this process with Ray started, every module imported (Ray's serialization
+context too) and the job checked, just before the run; a thread samples /proc/self/status every 2 ms during the run.
 Prints one JSON line: peak above idle (bytes), model bytes, their ratio, VmHWM, seconds.
 """
 
@@ -74,6 +74,9 @@ def measure(params: int, transport: str, steps: int = 2) -> dict:
                            transport=transport, run_dir=os.path.join(directory, "run"))
             coordinator = Coordinator(spec)
             model_bytes = 4 * coordinator.task.num_params
+            # Ray builds its serialization context on first use, importing pyarrow when it is
+            # installed (about 8 MB): the driver's own, part of idle, not the model's
+            ray.get(ray.put(0))
             gc.collect()
             idle = private_kib()
             sampler = PeakSampler()

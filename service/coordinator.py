@@ -67,7 +67,7 @@ from shardstep.service.backend import make_backend
 from shardstep.service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
 from shardstep.service.finetune import InitPlan, open_init_source, plan_init
 from shardstep.service.job_code import shipped_modules, use_job_code
-from shardstep.service.jobspec import prepare_task
+from shardstep.service.jobspec import prepare_task, serve_task
 from shardstep.service.pipeline import StepPipeline
 from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, plain
 from shardstep.service.sharded_lbfgs import ShardedSpace
@@ -402,6 +402,10 @@ class Coordinator:
                     pass  # a checkpoints directory that cannot be listed: the next store cleans it
                 self.store.close()
             if self.backend is not None:
+                try:
+                    self.task.stop_serving()  # the row servers of [data] ray_data, if any
+                except Exception as error:  # a cluster already gone: its actors went with it
+                    self._event(f"warning: stopping the task's data servers: {first_line(error)}")
                 self.backend.shutdown()
             if self.directory is not None:
                 try:
@@ -432,16 +436,18 @@ class Coordinator:
         # the checkpoint to start from, verified before anything is written or started: the
         # newest intact one (damaged newer ones are set aside once the directory is held)
         start, damaged = run_files.starting_checkpoint(self.run_dir)
-        intact = trained = None
+        intact = trained = extra = None
         if start is not None:
-            with start:  # and a checkpoint whose position this job cannot continue
-                intact, trained = start.step, run_files.position(start)
-                self._checked_record(start.step, start.extra)
+            with start:
+                intact, trained, extra = start.step, run_files.position(start), start.extra
         run_files.check_saved_job(self.run_dir, job, trained)  # a different job is refused before Ray starts
         # Ray first: a job the cluster cannot run (shared memory across nodes) is refused
         # before the run directory is touched
         self.backend = make_backend(spec.backend, spec.address, code=shipped_modules(spec))
         choose_transport(spec, self.backend, first=True)
+        serve_task(self.task, spec.task)  # Ray Data's row servers: bad data is refused before anything is written
+        if start is not None:  # a checkpoint whose position this job cannot continue (the data's size is known now)
+            self._checked_record(intact, extra)
         self.directory = run_files.open_run_dir(self.run_dir, job, self.init_record, trained)
         self.run_id = self.directory.run_id
         if self.directory.changes and trained is not None:

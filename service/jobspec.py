@@ -877,6 +877,10 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     out["shards"] = _check_int(key["shards"], spec.shards, 1)
     out["workers"] = _check_int(key["workers"], spec.workers, 1)
     out["backend"] = _check_choice(key["backend"], spec.backend, BACKENDS)
+    if (task == DATA_TASK and isinstance(out["task_args"].get("data"), Mapping)
+            and out["task_args"]["data"].get("ray_data") is True and out["backend"] != "ray"):
+        raise JobSpecError(f"data.ray_data = true reads the data with Ray Data on the cluster, which needs "
+                           f"{key['backend']} = 'ray'; got backend {out['backend']!r}")
     out["address"] = _check_text(key["address"], spec.address, "a Ray cluster address such as 'ray://head:10001' "
                                  "or 'auto'", optional=True)
     if out["address"] is not None and out["backend"] != "ray":
@@ -1180,6 +1184,14 @@ def prepare_task(task: Task, name: str) -> None:
                            f"{_clip(f'{type(error).__name__}: {error}')}") from error
 
 
+def serve_task(task: Task, name: str) -> None:
+    """``task.serve()`` once Ray is up (Ray Data's row servers), a bad file a JobSpecError."""
+    try:
+        task.serve()
+    except (DataError, TaskArgumentError) as error:
+        raise JobSpecError(_clip(str(error))) from error
+
+
 def _param_specs(task: Task, spec: JobSpec) -> tuple[ParamSpec, ...]:
     """The task's parameters by name, shape and dtype (``task.param_specs()``: the model
     itself is built by the shards, never here, unless the task does not know its shapes)."""
@@ -1208,6 +1220,9 @@ def _metric_names(task: Task, spec: JobSpec) -> frozenset[str]:
     if all(name == TRAINING_LOSS for name in named) and spec.stop_metric is None:
         return frozenset()
     owner = type(task).__name__
+    known = task.metric_names()
+    if known is not None:
+        return frozenset(known)
     try:
         metrics = task.evaluate(task.init_params(spec.seed))
     except Exception as error:

@@ -15,8 +15,10 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -417,3 +419,112 @@ def test_a_good_base_job_of_the_bad_inputs_table_runs(tmp_path):
     (tmp_path / "job.toml").write_text(JOB.format(run_dir="runs/good", train="data.csv", backend="inline"))
     assert main(["run", str(tmp_path / "job.toml"), "--quiet"]) == 0
     assert re.search(r"step-0*6$", str(sorted((tmp_path / "runs" / "good" / "checkpoints").iterdir())[-1]))
+
+
+# ---------------------------------------------------------------------------------------
+# Ray Data: row servers, each worker fetching only its own rows
+
+
+def parquet_parts(folder: Path, features: np.ndarray, labels: np.ndarray, cuts=(0, 40, 100, 150)) -> Path:
+    """The rows as several Parquet files in one directory (Ray Data reads them in name
+    order, one block or more each), and the same rows as one file, ``all.parquet``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def table(rows: slice):
+        return pa.table({**{f"f{i}": features[rows, i] for i in range(features.shape[1])}, "label": labels[rows]})
+
+    (folder / "parts").mkdir(parents=True)
+    for index, (start, stop) in enumerate(zip(cuts, cuts[1:])):
+        pq.write_table(table(slice(start, stop)), folder / "parts" / f"part-{index}.parquet")
+    pq.write_table(table(slice(None)), folder / "all.parquet")
+    return folder / "parts"
+
+
+def test_row_servers_hand_each_rank_its_own_rows_and_reload_after_a_restart(tmp_path, ray_address):
+    import ray
+
+    features, labels = dataset()
+    parts = parquet_parts(tmp_path, features, labels)
+    served = task_of(parts, ray_data=True, row_servers=2, format="parquet", validation=0.2)
+    served.prepare()
+    served.serve()
+    local = task_of(tmp_path / "all.parquet", validation=0.2)
+    assert served.train_size == local.train_size == 120
+    servers = served._rows.servers
+    assert sorted(ray.get([server.counts.remote() for server in servers])) == [(75, 0), (75, 0)]
+    for world_size in (1, 2):
+        for index in range(local.num_batches(32)):
+            for rank in range(world_size):
+                ours, theirs = served.batch(3, 0, index, 32, rank, world_size), local.batch(3, 0, index, 32, rank,
+                                                                                             world_size)
+                for key in theirs.data:
+                    assert ours.data[key].tobytes() == theirs.data[key].tobytes()
+    # each rank asked only for its own rows: an epoch served each training row once per world size
+    assert sum(ray.get([server.counts.remote() for server in servers])[i][1] for i in range(2)) == 2 * 120
+    assert served.evaluate(served.init_params(0)) == local.evaluate(local.init_params(0))
+
+    ray.kill(servers[0], no_restart=False)  # as when its node is lost: Ray restarts it, empty
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(servers[0].counts.remote(), timeout=10)[0] == 0:
+                break
+        except ray.exceptions.RayActorError:
+            time.sleep(0.2)
+    again = served.batch(3, 1, 0, 150, 0, 1)  # every training row: part of it on the restarted server
+    assert again.data["inputs"].tobytes() == local.batch(3, 1, 0, 150, 0, 1).data["inputs"].tobytes()
+
+    served.stop_serving()  # what the coordinator does at the end of a run
+    for server in servers:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(server.counts.remote(), timeout=60)
+
+
+def test_a_ray_data_job_trains_bit_for_bit_like_the_same_file_and_resumes_mid_epoch(tmp_path, ray_address):
+    features, labels = dataset()
+    parts = parquet_parts(tmp_path, features, labels)
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    runs = {}
+    for name, train, extra in (("file", "all.parquet", ""),
+                               ("ray", "parts", 'ray_data = true\nrow_servers = 2\nformat = "parquet"\n')):
+        text = JOB.format(run_dir=f"runs/{name}", train=train, backend="ray")
+        text = text.replace('label = "label"\n', f'label = "label"\nvalidation = 0.2\n{extra}')
+        text = text.replace("steps = 6", "steps = 10\neval_every = 5") + "\n[checkpoint]\nevery = 5\n"
+        (tmp_path / f"{name}.toml").write_text(text)
+        out = cli("run", str(tmp_path / f"{name}.toml"), "--quiet", env=env)
+        assert out.returncode == 0, out.stderr
+        assert "Progress" not in out.stderr and "RowServer" not in out.stderr, out.stderr  # Ray Data kept quiet
+        runs[name] = tmp_path / "runs" / name
+    assert_same(final_params(runs["ray"]), final_params(runs["file"]))
+    assert evaluations(runs["ray"]) == evaluations(runs["file"])
+    assert parts.exists()
+    # 120 training rows in batches of 32: step 5 is inside the second epoch
+    shutil.rmtree(runs["ray"] / "checkpoints" / "step-0000000010")
+    resumed = cli("resume", str(runs["ray"]), "--quiet", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(final_params(runs["ray"]), final_params(runs["file"]))
+
+
+def test_ray_data_bad_input_is_refused_before_anything_is_written(tmp_path, capsys, ray_address):
+    features, labels = dataset()
+    features[117, 3] = np.nan  # in the third file, row 18 of it; row 118 of the data set
+    parts = parquet_parts(tmp_path, features, labels)
+    cases = {
+        "nan": (str(parts), 'ray_data = true\nformat = "parquet"', "'f3' holds nan at row 118"),
+        "column": (str(parts), 'ray_data = true\nformat = "parquet"\nfeatures = ["f0", "g1"]',
+                   "no feature column 'g1'"),
+        "inline": (str(parts), 'ray_data = true\nformat = "parquet"', "data.ray_data = true reads the data with Ray "
+                                                                     "Data on the cluster, which needs "
+                                                                     "resources.backend = 'ray'"),
+        "directory without format": (str(parts), "ray_data = true", "data.format must be given ('parquet' or 'csv')"),
+    }
+    for name, (train, extra, fragment) in cases.items():
+        backend = "inline" if name == "inline" else "ray"
+        text = JOB.format(run_dir=f"runs/{name}", train=train, backend=backend)
+        (tmp_path / f"{name}.toml").write_text(text.replace('label = "label"\n', f'label = "label"\n{extra}\n')
+                                               .replace('backend = "ray"', f'backend = "ray"\naddress = "{ray_address}"'))
+        code = main(["run", str(tmp_path / f"{name}.toml")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and fragment in err, (name, err)
+        assert not (tmp_path / "runs" / name).exists(), name

@@ -27,7 +27,7 @@ from shardstep.workers.optim import RowSparseGrad
 from shardstep.workers.runtime import limit_threads, node_id
 from shardstep.workers.shard import unpack
 from shardstep.workers.shared_memory import SharedGrad, SharedTransport, whole
-from shardstep.workers.tasks.base import Task, accumulated_loss_and_grad, epoch_order
+from shardstep.workers.tasks.base import Task, accumulated_loss_and_grad, epoch_order, shard_positions
 
 
 class GradientWorker:
@@ -48,7 +48,7 @@ class GradientWorker:
         self.layout = layout
         # frozen parameters are never updated: their gradients are not sent
         self.frozen = frozenset(frozen)
-        self._order: tuple[int, np.ndarray] | None = None
+        self._orders: dict[int, np.ndarray] = {}
         self.shared_params: dict[str, np.ndarray] | None = None
         self.grad_region: dict[str, np.ndarray] | None = None
         if shared is not None:
@@ -84,11 +84,22 @@ class GradientWorker:
     # -- internals ------------------------------------------------------------------------------
 
     def _batch(self, epoch: int, index: int):
-        # the epoch's order is one permutation of the training set: computed once per epoch
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.seed, epoch, self.task.train_size))
-        return self.task._shard(self.seed, epoch, index, self.batch_size, self.rank, self.world_size,
-                                self._order[1])
+        batch = self.task._shard(self.seed, epoch, index, self.batch_size, self.rank, self.world_size,
+                                 self._epoch_order(epoch))
+        if self.task.prefetches:  # the next batch's rows travel while this one computes
+            following = (epoch, index + 1) if index + 1 < self.task.num_batches(self.batch_size) else (epoch + 1, 0)
+            positions = shard_positions(self._epoch_order(following[0]), following[1], self.batch_size, self.rank,
+                                        self.world_size)
+            self.task.prefetch(self.seed, following[0], positions)
+        return batch
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        # one permutation of the training set per epoch, computed once (the current epoch's
+        # and, when prefetching across the end of an epoch, the next one's)
+        if epoch not in self._orders:
+            self._orders = {key: value for key, value in self._orders.items() if key >= epoch - 1}
+            self._orders[epoch] = epoch_order(self.seed, epoch, self.task.train_size)
+        return self._orders[epoch]
 
     def split(self, grads: Any) -> list[dict[str, Any]]:
         """One dict per shard: its range of every gradient."""

@@ -207,6 +207,14 @@ def shard_bounds(global_size: int, rank: int, world_size: int) -> tuple[int, int
     return global_size * rank // world_size, global_size * (rank + 1) // world_size
 
 
+def shard_positions(order: np.ndarray, index: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """The training positions of rank ``rank``'s shard of global batch ``index`` of the epoch
+    whose order is ``order`` (the sharding rule)."""
+    members = order[index * batch_size:(index + 1) * batch_size]
+    start, stop = shard_bounds(members.size, rank, world_size)
+    return members[start:stop]
+
+
 def micro_batches(batch: Batch, parts: int) -> list[Batch]:
     """``batch`` cut into ``parts`` consecutive pieces (the sharding rule's split: sizes differ
     by at most one), each with the whole global batch's ``global_size``, so their summable
@@ -320,6 +328,27 @@ class Task(ABC):
         starts. A task that keeps what it read in its own attributes (not in :meth:`cached`)
         ships it to the actors with itself. This default does nothing."""
 
+    def serve(self) -> None:
+        """Start what serves the task's data on the running Ray cluster, once, in the process
+        that starts the run, before any shard or worker (Ray Data's row servers for
+        ``[data] ray_data``). This default does nothing."""
+
+    def stop_serving(self) -> None:
+        """Stop what :meth:`serve` started (the run is over). This default does nothing."""
+
+    #: whether :meth:`prefetch` does something: a gradient worker then names the positions of
+    #: its next batch before it computes the current one
+    prefetches: bool = False
+
+    def prefetch(self, seed: int, epoch: int, positions: np.ndarray) -> None:
+        """The positions :meth:`examples` will be asked for next: a task that fetches its data
+        from elsewhere starts fetching them. This default does nothing."""
+
+    def metric_names(self) -> tuple[str, ...] | None:
+        """The keys :meth:`evaluate` returns, when the task knows them without evaluating
+        (the job check then need not evaluate); None: not known."""
+        return None
+
     def without_data(self) -> Task:
         """The task for a process that only initializes parameters (a shard): itself, or a copy
         that leaves behind the data :meth:`prepare` read, which such a process never uses."""
@@ -366,8 +395,7 @@ class Task(ABC):
     def _shard(self, seed: int, epoch: int, index: int, batch_size: int, rank: int,
                world_size: int, order: np.ndarray) -> Batch:
         members = order[index * batch_size:(index + 1) * batch_size]
-        start, stop = shard_bounds(members.size, rank, world_size)
-        positions = members[start:stop]
+        positions = shard_positions(order, index, batch_size, rank, world_size)
         data = self.examples(seed, epoch, positions)
         if not isinstance(data, Mapping):
             raise TypeError(f"{type(self).__name__}.examples must return a dict of arrays; got {type(data).__name__}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,11 +95,19 @@ def read_columns(location: str, *, features: str | Sequence[str] | None, label: 
     data = read_bytes(location, key)
     if kind == "npz":
         return _read_npz(data, features, label, where)
-    label_names = (label,) if isinstance(label, str) else tuple(label)
     if kind == "csv":
         header, columns = _read_csv(data, where)
     else:
         header, columns = _read_parquet(data, where)
+    return select_columns(header, columns, features=features, label=label, where=where)
+
+
+def select_columns(header: Sequence[str], columns: Mapping[str, Any], *, features: str | Sequence[str] | None,
+                   label: str | Sequence[str], where: str, first_row: int = 1) -> Columns:
+    """The feature and label arrays of a table's ``columns`` (name -> cells or array, in
+    ``header`` order), each cell checked; ``first_row`` numbers the table's first row in
+    messages (a part of a larger table starts further on)."""
+    label_names = (label,) if isinstance(label, str) else tuple(label)
     for name in label_names:
         if name not in header:
             raise DataError(f"{where}: no label column {name!r}; its columns: {_listed(header)}")
@@ -116,10 +124,44 @@ def read_columns(location: str, *, features: str | Sequence[str] | None, label: 
                 raise DataError(f"{where}: column {name!r} is both a feature and a label")
     if not columns or len(columns[header[0]]) == 0:
         raise DataError(f"{where}: the file holds no rows")
-    inputs = np.stack([_numbers(columns[name], name, where) for name in feature_names], axis=1)
-    targets = [_labels(columns[name], name, where) for name in label_names]
+    inputs = np.stack([_numbers(columns[name], name, where, first_row) for name in feature_names], axis=1)
+    targets = [_labels(columns[name], name, where, first_row) for name in label_names]
     labels = targets[0] if isinstance(label, str) else np.stack(targets, axis=1)
     return Columns(inputs, labels, feature_names, label_names)
+
+
+def check_schema(location: str, kind: str, *, features: str | Sequence[str] | None, label: str | Sequence[str],
+                 key: str) -> None:
+    """The columns of a Parquet or CSV file, directory or glob, checked without reading its
+    rows (Ray Data reads those on the cluster): the labels and features exist, and no
+    feature column is of a type that cannot hold numbers."""
+    try:
+        import pyarrow as pa
+        import pyarrow.dataset as arrow_dataset
+    except ImportError:
+        raise DataError(f"{key}: Ray Data's readers need pyarrow: pip install 'shardstep[parquet]'") from None
+    where = f"{key} ({location})"
+    try:
+        schema = arrow_dataset.dataset(location, format=kind).schema
+    except FileNotFoundError:
+        raise DataError(f"{key}: data not found: {location}") from None
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise DataError(f"{where}: cannot read its columns: {str(error).strip().splitlines()[0]}") from error
+    header = list(schema.names)
+    label_names = (label,) if isinstance(label, str) else tuple(label)
+    for name in label_names:
+        if name not in header:
+            raise DataError(f"{where}: no label column {name!r}; its columns: {_listed(header)}")
+    feature_names = ([name for name in header if name not in label_names] if features is None
+                     else [features] if isinstance(features, str) else list(features))
+    for name in feature_names:
+        if name not in header:
+            raise DataError(f"{where}: no feature column {name!r}; its columns: {_listed(header)}")
+        kind_of = schema.field(name).type
+        if not (pa.types.is_integer(kind_of) or pa.types.is_floating(kind_of) or pa.types.is_boolean(kind_of)):
+            raise DataError(f"{where}: feature column {name!r} is of type {kind_of}; feature columns hold numbers")
+    if not feature_names:
+        raise DataError(f"{where}: no feature columns besides the labels {list(label_names)}")
 
 
 def _listed(names: Sequence[str], limit: int = 12) -> str:
@@ -162,14 +204,14 @@ def _read_npz(data: bytes, features: Any, label: Any, where: str) -> Columns:
     return Columns(inputs, labels, (features,), (label,))
 
 
-def _finite(array: np.ndarray, name: str, where: str) -> None:
+def _finite(array: np.ndarray, name: str, where: str, first_row: int = 1) -> None:
     if array.dtype.kind != "f":
         return
     bad = ~np.isfinite(array)
     if bad.any():
-        row = int(np.argwhere(bad)[0][0]) + 1
-        value = array.reshape(array.shape[0], -1)[row - 1][bad.reshape(array.shape[0], -1)[row - 1]][0]
-        raise DataError(f"{where}: {name!r} holds {value} at row {row}; data must be finite numbers")
+        row = int(np.argwhere(bad)[0][0])
+        value = array.reshape(array.shape[0], -1)[row][bad.reshape(array.shape[0], -1)[row]][0]
+        raise DataError(f"{where}: {name!r} holds {value} at row {row + first_row}; data must be finite numbers")
 
 
 def _read_csv(data: bytes, where: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -215,12 +257,20 @@ def _read_parquet(data: bytes, where: str) -> tuple[list[str], dict[str, Any]]:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{where}: not a readable Parquet file: {error}") from error
+    return table_columns(table, where)
+
+
+def table_columns(table: Any, where: str, first_row: int = 1) -> tuple[list[str], dict[str, Any]]:
+    """The header and the columns (numpy arrays) of a pyarrow Table; a null cell, a list or
+    a struct column is refused."""
+    import pyarrow as pa
+
     header = list(table.column_names)
     columns = {}
     for name in header:
         column = table.column(name)
         if column.null_count:
-            row = next(i for i, value in enumerate(column.is_null().to_pylist()) if value) + 1
+            row = next(i for i, value in enumerate(column.is_null().to_pylist()) if value) + first_row
             raise DataError(f"{where}: column {name!r} has an empty (null) cell at row {row}")
         if pa.types.is_nested(column.type):
             raise DataError(f"{where}: column {name!r} is of type {column.type}; data columns hold single numbers "
@@ -229,7 +279,7 @@ def _read_parquet(data: bytes, where: str) -> tuple[list[str], dict[str, Any]]:
     return header, columns
 
 
-def _numbers(cells: Any, name: str, where: str) -> np.ndarray:
+def _numbers(cells: Any, name: str, where: str, first_row: int = 1) -> np.ndarray:
     """A feature column as float64 (or its own float dtype), every cell a finite number."""
     if isinstance(cells, np.ndarray) and cells.dtype.kind in "biuf":
         values = cells if cells.dtype.kind == "f" else cells.astype(np.float64)
@@ -237,24 +287,24 @@ def _numbers(cells: Any, name: str, where: str) -> np.ndarray:
         try:
             values = np.array(cells, dtype=np.float64)
         except ValueError:
-            row, cell = next((i + 1, c) for i, c in enumerate(cells) if not _is_number(c))
+            row, cell = next((i + first_row, c) for i, c in enumerate(cells) if not _is_number(c))
             shown = "an empty cell" if cell in ("", None) else f"{cell!r}"
             raise DataError(f"{where}: column {name!r} holds {shown} at row {row}; feature columns hold "
                             f"numbers") from None
-    _finite(values, name, where)
+    _finite(values, name, where, first_row)
     return values
 
 
-def _labels(cells: Any, name: str, where: str) -> np.ndarray:
+def _labels(cells: Any, name: str, where: str, first_row: int = 1) -> np.ndarray:
     """A label column: int64 when every cell is an integer, float64 when every cell is a
     number, else the cells as strings (class names)."""
     if isinstance(cells, np.ndarray) and cells.dtype.kind in "biu":
         return cells.astype(np.int64)
     if isinstance(cells, np.ndarray) and cells.dtype.kind == "f":
-        _finite(cells, name, where)
+        _finite(cells, name, where, first_row)
         return cells
     cells = [str(cell) for cell in cells]
-    empty = next((i + 1 for i, cell in enumerate(cells) if cell == ""), None)
+    empty = next((i + first_row for i, cell in enumerate(cells) if cell == ""), None)
     if empty is not None:
         raise DataError(f"{where}: column {name!r} has an empty cell at row {empty}")
     try:
@@ -263,7 +313,7 @@ def _labels(cells: Any, name: str, where: str) -> np.ndarray:
         pass
     if all(_is_number(cell) for cell in cells):
         values = np.array(cells, dtype=np.float64)
-        _finite(values, name, where)
+        _finite(values, name, where, first_row)
         return values
     return np.array(cells, dtype=str)
 

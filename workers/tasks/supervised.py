@@ -41,10 +41,11 @@ from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import Module
 from shardstep.workers.nn.spec import ModelSpec, SpecError
 from shardstep.workers.tasks.base import TaskArgumentError, check_dtype
-from shardstep.workers.tasks.data_files import FORMATS, DataError, read_columns
+from shardstep.workers.tasks.data_files import FORMATS, DataError, check_schema, file_format, read_columns
 from shardstep.workers.tasks.models import ModelTask
 
-DATA_KEYS = ("train", "validation", "features", "label", "dtype", "split_seed", "classes", "format")
+DATA_KEYS = ("train", "validation", "features", "label", "dtype", "split_seed", "classes", "format", "ray_data",
+             "row_servers")
 MODEL_KEYS = ("layers", "loss")
 # the entropy word of the validation split's generator (see base.SHUFFLE_STREAM, models.INIT_STREAM)
 SPLIT_STREAM = 4
@@ -59,6 +60,18 @@ class SupervisedData:
     valid_inputs: np.ndarray
     valid_targets: np.ndarray
     validated_on: str  # "validation" or "training" (no validation data given)
+
+
+def _ray_format(location: str) -> str:
+    """The Ray Data reader of a location: its suffix, or data.format for a directory."""
+    try:
+        kind = file_format(location, None, "data.train")
+    except DataError:
+        raise TaskArgumentError(f"data.format must be given ('parquet' or 'csv') when Ray Data reads {location!r}, "
+                                f"which has no .parquet or .csv suffix") from None
+    if kind == "npz":
+        raise TaskArgumentError(f"data.ray_data reads Parquet or CSV; {location!r} is an NPZ file")
+    return kind
 
 
 def _names(path: str, value: Any, *, optional: bool) -> str | tuple[str, ...] | None:
@@ -130,6 +143,23 @@ class SupervisedTask(ModelTask):
         self.format = data.get("format")
         if self.format is not None and self.format not in FORMATS:
             raise TaskArgumentError(f"data.format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        self.ray_data = data.get("ray_data", False)
+        if not isinstance(self.ray_data, bool):
+            raise TaskArgumentError(f"data.ray_data must be true or false; got {self.ray_data!r}")
+        row_servers = data.get("row_servers", 1)
+        if isinstance(row_servers, bool) or not isinstance(row_servers, numbers.Integral) or row_servers < 1:
+            raise TaskArgumentError(f"data.row_servers must be an integer >= 1; got {row_servers!r}")
+        if "row_servers" in data and not self.ray_data:
+            raise TaskArgumentError("data.row_servers is the number of actors that serve the rows Ray Data reads; "
+                                    "it needs data.ray_data = true")
+        self.row_servers = int(row_servers)
+        if self.ray_data:
+            if self.format == "npz":
+                raise TaskArgumentError("data.ray_data reads Parquet or CSV; data.format is 'npz'")
+            self.reader_format = self.format or _ray_format(self.train)
+            if isinstance(self.validation, str) and (self.format or _ray_format(self.validation)) != self.reader_format:
+                raise TaskArgumentError(f"data.validation ({self.validation}) must be in the format of data.train "
+                                        f"({self.reader_format}) when Ray Data reads them")
         try:
             self.model = ModelSpec.parse(model.get("layers"), model.get("loss"))
         except SpecError as error:
@@ -141,13 +171,84 @@ class SupervisedTask(ModelTask):
             raise TaskArgumentError(f"data.label must be one column for {self.model.loss[0]} (the class of each "
                                     f"example); got {list(self.label)}")
         self._arrays: SupervisedData | None = None
+        # with ray_data: the row servers' client and the training and validation row ids
+        self._rows: Any = None
+        self._train_ids: np.ndarray | None = None
+        self._valid_ids: np.ndarray | None = None
+        self._sizes: dict[str, int] | None = None
+        self.prefetches = self.ray_data
 
     # -- data ------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Read and check the data (once; it then travels with the task when pickled)."""
+        """Read and check the data (once; it then travels with the task when pickled). With
+        ray_data, only the columns are checked here (the files may be larger than this
+        machine); :meth:`serve` reads them on the cluster."""
+        if self.ray_data:
+            for key in ("data.train", "data.validation"):
+                location = getattr(self, key.partition(".")[2])
+                if isinstance(location, str):
+                    check_schema(location, self.reader_format, features=self.features, label=self.label, key=key)
+            return
         if self._arrays is None:
             self._arrays = self._load()
+
+    def serve(self) -> None:
+        """With ray_data: read the files with Ray Data into row servers (Ray is up) and
+        derive the training and validation row ids; a bad cell fails here, before any shard
+        or worker starts."""
+        if not self.ray_data or self._rows is not None:
+            return
+        from shardstep.workers.tasks.ray_rows import serve_rows
+
+        sources = [("data.train", self.train)]
+        if isinstance(self.validation, str):
+            sources.append(("data.validation", self.validation))
+        served = serve_rows(self, sources, self.reader_format, self.row_servers)
+        self.cached("served", lambda: served)  # the blocks stay referenced here, never pickled
+        self._rows, self._sizes = served.client, served.sizes
+        count = served.sizes["data.train"]
+        if isinstance(self.validation, float):
+            held = self._held_out(count)
+            self._train_ids, self._valid_ids = np.flatnonzero(~held), np.flatnonzero(held)
+        elif isinstance(self.validation, str):
+            self._valid_ids = np.arange(count, count + served.sizes["data.validation"])
+        else:
+            self._valid_ids = np.arange(count)
+
+    def stop_serving(self) -> None:
+        """End the row servers and let go of the blocks (a later run serves again)."""
+        if self._rows is None:
+            return
+        import ray
+
+        for server in self._rows.servers:
+            ray.kill(server, no_restart=True)
+        self.__dict__.get("_cache", {}).pop("served", None)
+        self.__dict__.get("_cache", {}).pop("validation", None)
+        self._rows = self._train_ids = self._valid_ids = self._sizes = None
+
+    def _held_out(self, count: int) -> np.ndarray:
+        """The rows a validation fraction holds out, as a mask over ``count`` rows."""
+        held_count = round(self.validation * count)
+        if not 0 < held_count < count:
+            raise DataError(f"data.validation = {self.validation} of data.train's {count} rows holds out "
+                            f"{held_count}; it must leave at least one row on each side")
+        order = np.random.default_rng([self.split_seed, 0, SPLIT_STREAM]).permutation(count)
+        held = np.zeros(count, bool)
+        held[order[:held_count]] = True
+        return held
+
+    def _remote(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._rows is None:
+            raise RuntimeError("data.ray_data: the rows are served on the Ray cluster by the coordinator "
+                               "(backend 'ray'); this task was not served")
+        classes = self.model.loss_kind == "classes"
+        return self._rows.fetch(ids, self.model.in_features, self.dtype, () if classes else (self.model.out_features,),
+                                np.int64 if classes else self.dtype)
+
+    def _ids(self, positions: np.ndarray) -> np.ndarray:
+        return positions if self._train_ids is None else self._train_ids[positions]
 
     def _data(self) -> SupervisedData:
         self.prepare()
@@ -171,14 +272,7 @@ class SupervisedTask(ModelTask):
             return SupervisedData(train_inputs, train_targets, self._inputs(held.features, "data.validation"),
                                   self._targets(held.labels, classes, "data.validation"), "validation")
         if isinstance(self.validation, float):
-            count = train_inputs.shape[0]
-            held_count = round(self.validation * count)
-            if not 0 < held_count < count:
-                raise DataError(f"data.validation = {self.validation} of data.train's {count} rows holds out "
-                                f"{held_count}; it must leave at least one row on each side")
-            order = np.random.default_rng([self.split_seed, 0, SPLIT_STREAM]).permutation(count)
-            held = np.zeros(count, bool)
-            held[order[:held_count]] = True
+            held = self._held_out(train_inputs.shape[0])
             return SupervisedData(train_inputs[~held], train_targets[~held], train_inputs[held], train_targets[held],
                                   "validation")
         return SupervisedData(train_inputs, train_targets, train_inputs, train_targets, "training")
@@ -254,11 +348,35 @@ class SupervisedTask(ModelTask):
         bare = copy.copy(self)
         bare.__dict__.pop("_cache", None)
         bare._arrays = None  # init_params builds the model from the layer list alone
+        bare._train_ids = bare._valid_ids = None
         return bare
 
     @property
     def train_size(self) -> int:
+        if self.ray_data:
+            if self._sizes is None:
+                raise RuntimeError("data.ray_data: the number of training rows is known once the rows are served")
+            return int(self._sizes["data.train"] if self._train_ids is None else self._train_ids.size)
         return int(self._data().train_inputs.shape[0])
+
+    def examples(self, seed: int, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.ray_data:
+            return super().examples(seed, epoch, positions)
+        inputs, targets = self._remote(self._ids(positions))
+        return {self.input_key: inputs, self.target_key: targets}
+
+    def prefetch(self, seed: int, epoch: int, positions: np.ndarray) -> None:
+        if self.ray_data and self._rows is not None:
+            self._rows.prefetch(np.asarray(self._ids(positions), np.int64))
+
+    def _validation(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.ray_data:
+            data = self._data()
+            return data.valid_inputs, data.valid_targets
+        return self.cached("validation", lambda: self._remote(self._valid_ids))
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("loss", "rmse") if self.model.loss_kind == "values" else ("accuracy", "loss")
 
     def module_specs(self) -> tuple[ParamSpec, ...]:
         return self.model.param_specs(self.dtype)
@@ -274,13 +392,13 @@ class SupervisedTask(ModelTask):
         return data.train_inputs, data.train_targets
 
     def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
-        data = self._data()
-        outputs = self.forward(params, data.valid_inputs)
-        loss = self.model.criterion("mean")(outputs, data.valid_targets)
+        inputs, targets = self._validation()
+        outputs = self.forward(params, inputs)
+        loss = self.model.criterion("mean")(outputs, targets)
         kind = self.model.loss_kind
         if kind == "classes":
-            return {"accuracy": float(np.mean(outputs.argmax(axis=1) == data.valid_targets)), "loss": float(loss)}
+            return {"accuracy": float(np.mean(outputs.argmax(axis=1) == targets)), "loss": float(loss)}
         if kind == "binary":
-            return {"accuracy": float(np.mean((outputs > 0) == (data.valid_targets > 0.5))), "loss": float(loss)}
-        error = outputs.astype(np.float64) - data.valid_targets
+            return {"accuracy": float(np.mean((outputs > 0) == (targets > 0.5))), "loss": float(loss)}
+        error = outputs.astype(np.float64) - targets
         return {"loss": float(loss), "rmse": float(np.sqrt(np.mean(error * error)))}
