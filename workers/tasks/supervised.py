@@ -17,14 +17,17 @@ labels are: class indices for CrossEntropyLoss and NLLLoss (integers 0..C-1 or c
 C the last layer's out_features), values of the output's shape for the regression losses,
 0/1 values for BCEWithLogitsLoss. Parameters are initialized as
 :class:`~shardstep.workers.tasks.models.ModelTask` does, so a job that describes a built-in
-task's model and data (digits: examples/jobs/digits-data.toml) trains bit for bit the same.
+task's model and data (digits: examples/jobs/digits-csv.toml) trains bit for bit the same.
 
 Metrics, on the validation data (or on the training data when the job names none):
 ``loss`` (the criterion's mean) and, for classification, ``accuracy``; for regression,
 ``rmse``.
 
 The data is read and checked once, by :meth:`prepare`, in the process that starts the run;
-it then travels with the task to every actor, so no node needs the files.
+it then travels with the task to every gradient worker, so no other node needs the files.
+With ``ray_data`` (:mod:`shardstep.workers.tasks.ray_rows`), :meth:`prepare` checks only the
+columns, :meth:`serve` has Ray Data read the files into row servers once Ray is up, and
+:meth:`examples` fetches a worker's rows from them (:meth:`prefetch`: one batch ahead).
 """
 
 from __future__ import annotations
