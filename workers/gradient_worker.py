@@ -49,6 +49,9 @@ class GradientWorker:
         # frozen parameters are never updated: their gradients are not sent
         self.frozen = frozenset(frozen)
         self._orders: dict[int, np.ndarray] = {}
+        # the batches named to task.prefetch: [from, until) in (epoch, index) order
+        self._named_from: tuple[int, int] | None = None
+        self._named_until: tuple[int, int] | None = None
         self.shared_params: dict[str, np.ndarray] | None = None
         self.grad_region: dict[str, np.ndarray] | None = None
         if shared is not None:
@@ -84,20 +87,36 @@ class GradientWorker:
     # -- internals ------------------------------------------------------------------------------
 
     def _batch(self, epoch: int, index: int):
+        self._orders = {key: value for key, value in self._orders.items() if key >= epoch}
         batch = self.task._shard(self.seed, epoch, index, self.batch_size, self.rank, self.world_size,
                                  self._epoch_order(epoch))
-        if self.task.prefetches:  # the next batch's rows travel while this one computes
-            following = (epoch, index + 1) if index + 1 < self.task.num_batches(self.batch_size) else (epoch + 1, 0)
-            positions = shard_positions(self._epoch_order(following[0]), following[1], self.batch_size, self.rank,
-                                        self.world_size)
-            self.task.prefetch(self.seed, following[0], positions)
+        if self.task.prefetches:
+            self._prefetch_after(epoch, index)
         return batch
 
+    def _prefetch_after(self, epoch: int, index: int) -> None:
+        """Name the coming batches to the task when the next one is not named yet: their rows
+        travel while this batch computes (a window of ``task.prefetch_batches`` at a time)."""
+        count = self.task.num_batches(self.batch_size)
+
+        def advance(at: tuple[int, int]) -> tuple[int, int]:
+            return (at[0], at[1] + 1) if at[1] + 1 < count else (at[0] + 1, 0)
+
+        following = advance((epoch, index))
+        if self._named_until is not None and following < self._named_until and following >= self._named_from:
+            return
+        coming, at = [], following
+        for _ in range(self.task.prefetch_batches):
+            coming.append((at[0], shard_positions(self._epoch_order(at[0]), at[1], self.batch_size, self.rank,
+                                                  self.world_size)))
+            at = advance(at)
+        self._named_from, self._named_until = following, at
+        self.task.prefetch(self.seed, coming)
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        # one permutation of the training set per epoch, computed once (the current epoch's
-        # and, when prefetching across the end of an epoch, the next one's)
+        # one permutation of the training set per epoch, computed once: the current epoch's
+        # and those a prefetch window reaches into (_batch lets go of the past ones)
         if epoch not in self._orders:
-            self._orders = {key: value for key, value in self._orders.items() if key >= epoch - 1}
             self._orders[epoch] = epoch_order(self.seed, epoch, self.task.train_size)
         return self._orders[epoch]
 

@@ -337,12 +337,15 @@ class Task(ABC):
         """Stop what :meth:`serve` started (the run is over). This default does nothing."""
 
     #: whether :meth:`prefetch` does something: a gradient worker then names the positions of
-    #: its next batch before it computes the current one
+    #: its coming batches a step before it needs them
     prefetches: bool = False
+    #: how many coming batches a gradient worker names to :meth:`prefetch` at a time
+    prefetch_batches: int = 16
 
-    def prefetch(self, seed: int, epoch: int, positions: np.ndarray) -> None:
-        """The positions :meth:`examples` will be asked for next: a task that fetches its data
-        from elsewhere starts fetching them. This default does nothing."""
+    def prefetch(self, seed: int, batches: Sequence[tuple[int, np.ndarray]]) -> None:
+        """The ``(epoch, positions)`` that :meth:`examples` will be asked for next, in order:
+        a task that fetches its data from elsewhere starts fetching them. This default does
+        nothing."""
 
     def metric_names(self) -> tuple[str, ...] | None:
         """The keys :meth:`evaluate` returns, when the task knows them without evaluating

@@ -6,8 +6,9 @@ take a contiguous run of the blocks, check them and keep them as arrays: every s
 its part, and no process holds the whole. A gradient worker asks the servers only for the
 rows of its own shard of each global batch, by position, so the global batch order is the
 sharding rule's permutation of (seed, epoch), the same as for the same data in one file. It
-asks for the next batch's rows before it computes the current one (:meth:`RemoteRows.prefetch`),
-so the transfer overlaps the step.
+asks for the rows of its next ``PREFETCH_BATCHES`` batches at once, one request per server,
+a step before it needs the first of them (:meth:`RemoteRows.prefetch`): the transfer overlaps
+the steps, and Ray's cost per call falls on one step in many.
 
     served = serve_rows(task, locations, row_servers=2)   # in the coordinator, Ray up
     rows = served.client                                   # pickles into the task
@@ -30,6 +31,8 @@ from shardstep.workers.tasks.data_files import DataError, select_columns, table_
 
 # Ray restarts a lost server this many times (each restart reloads its part)
 SERVER_RESTARTS = 8
+# batches a gradient worker asks for in one request per server
+PREFETCH_BATCHES = 16
 
 
 class RowServer:
@@ -100,7 +103,9 @@ class RemoteRows:
     servers: list[Any]
     parts: list[list[tuple[str, int, Any, int, int]]]
     starts: np.ndarray  # global id of each server's first row, ascending; then the total
-    _pending: dict[bytes, list[Any]] = field(default_factory=dict, repr=False)
+    # prefetched batches: their ids' bytes -> (the window they were asked for in, where their
+    # rows start in it, how many); a window is one request per server for several batches
+    _pending: dict[bytes, tuple[dict[str, Any], int, int]] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"servers": self.servers, "parts": self.parts, "starts": self.starts, "_pending": {}}
@@ -118,21 +123,44 @@ class RemoteRows:
             requests.append((int(server), where, local, self.servers[server].rows.remote(local)))
         return requests
 
-    def prefetch(self, ids: np.ndarray) -> None:
-        """Ask for ``ids`` now; a :meth:`fetch` of the same ids takes what arrived. Only the
-        latest prefetch is kept (a worker prefetches one batch ahead)."""
-        key = ids.tobytes()
-        if key not in self._pending:
-            self._pending = {key: self._requests(ids)}
+    def prefetch(self, batches: Sequence[np.ndarray]) -> None:
+        """Ask now for the rows of several coming batches (ids each), in one request per
+        server; a :meth:`fetch` of one of them takes its rows from what arrived. One request
+        per server for many batches keeps Ray's cost per call off most steps."""
+        batches = [np.asarray(ids, np.int64) for ids in batches if ids.tobytes() not in self._pending]
+        if not batches:
+            return
+        window: dict[str, Any] = {"requests": self._requests(np.concatenate(batches)), "rows": None,
+                                  "left": len(batches)}
+        offset = 0
+        for ids in batches:
+            self._pending[ids.tobytes()] = (window, offset, ids.size)
+            offset += ids.size
 
     def fetch(self, ids: np.ndarray, width: int, dtype: Any, target_shape: tuple[int, ...],
               target_dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, np.int64)
+        shape = ((width,), target_shape, dtype, target_dtype)
+        found = self._pending.pop(ids.tobytes(), None)
+        if found is None:
+            return self._gathered(self._requests(ids), ids.size, shape)
+        window, offset, count = found
+        if window["rows"] is None:
+            total = sum(where.size for _, where, _, _ in window["requests"])
+            window["rows"] = self._gathered(window["requests"], total, shape)
+        window["left"] -= 1
+        inputs, targets = window["rows"]
+        if window["left"] == 0:
+            window["rows"] = None  # every batch of the window taken: let go of its rows
+        return inputs[offset:offset + count], targets[offset:offset + count]
+
+    def _gathered(self, requests: list[tuple[int, np.ndarray, np.ndarray, Any]], count: int,
+                  shape: tuple) -> tuple[np.ndarray, np.ndarray]:
         import ray
 
-        ids = np.asarray(ids, np.int64)
-        requests = self._pending.pop(ids.tobytes(), None) or self._requests(ids)
-        inputs = np.empty((ids.size, width), dtype)
-        targets = np.empty((ids.size, *target_shape), target_dtype)
+        (width, target_shape, dtype, target_dtype) = shape
+        inputs = np.empty((count, *width), dtype)
+        targets = np.empty((count, *target_shape), target_dtype)
         results = ray.get([request[3] for request in requests])
         for (server, where, local, _), result in zip(requests, results):
             if result is None:  # a restarted server: load its part again, then ask again

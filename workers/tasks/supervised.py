@@ -368,9 +368,9 @@ class SupervisedTask(ModelTask):
         inputs, targets = self._remote(self._ids(positions))
         return {self.input_key: inputs, self.target_key: targets}
 
-    def prefetch(self, seed: int, epoch: int, positions: np.ndarray) -> None:
+    def prefetch(self, seed: int, batches: Sequence[tuple[int, np.ndarray]]) -> None:
         if self.ray_data and self._rows is not None:
-            self._rows.prefetch(np.asarray(self._ids(positions), np.int64))
+            self._rows.prefetch([np.asarray(self._ids(positions), np.int64) for _, positions in batches])
 
     def _validation(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.ray_data:
