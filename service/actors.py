@@ -150,7 +150,7 @@ def _actor_specs(spec: Any, plan: StartPlan, regions: Any, threads: bool) -> lis
     source = None
     if plan.init is not None:
         source = {"checkpoint": plan.init.checkpoint, "params": list(plan.init.loaded),
-                  "state": list(plan.init.state)}
+                  "state": list(plan.init.state), "model_file": plan.init.model_file}
     visible = {"run_dir": plan.run_dir, "run_id": plan.run_id}
     specs = []
     for shard in range(spec.shards):

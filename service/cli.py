@@ -143,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write consolidated parameters and a torch-layout optimizer state_dict")
     export.add_argument("run_dir", help="the run directory")
     export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--format", choices=("native", "torch", "safetensors"),
+                        help="native (checkpoints.load), torch (torch.load, weights_only) or safetensors "
+                             "(parameters only); default: from the suffix (.pt/.pth torch, .safetensors "
+                             "safetensors), else native")
     export.add_argument("--step", type=_non_negative, help="the checkpoint step (default: the latest, or the best when "
                         "the job sets checkpoint.load_best)")
     export.set_defaults(handler=_export)
@@ -430,24 +434,35 @@ def _export(args: argparse.Namespace) -> int:
     out = location(args.out)
     if not isinstance(out, ObjectPath) and out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name")
-    from shardstep.service.export import export_checkpoint
+    from shardstep.checkpoints.torch_files import TorchMissingError, require_torch
+    from shardstep.service.export import TORCH_EXPORT, export_checkpoint, format_for
 
     def export(checkpoint: Any, damaged: list[tuple[int, str]]) -> int:
-        export_checkpoint(checkpoint, out)
+        export_checkpoint(checkpoint, out, format_for(str(out), args.format))
         for step, reason in damaged:
             print(f"shardstep export: warning: step {step} is damaged ({reason}); exported step {checkpoint.step}, "
                   f"the newest intact one", file=sys.stderr)
         return checkpoint.step
 
     chosen = args.step if args.step is not None else _result_step(run_dir)
+    kind = format_for(str(out), args.format)
+    if kind == "torch":
+        try:
+            require_torch(TORCH_EXPORT)
+        except TorchMissingError as error:
+            raise UsageError(str(error)) from None
     try:
         step = _reading(run_dir, chosen, export)
     except OSError as error:
         raise UsageError(f"cannot write {out}: {error.strerror or error}") from None
     size = out.size() if isinstance(out, ObjectPath) else out.stat().st_size
     best = " (the run's best checkpoint: its job sets checkpoint.load_best)" if args.step is None and chosen else ""
-    print(f"wrote {out} ({size:,} bytes): parameters and optimizer state_dict of step {step}{best}; "
-          f"load with checkpoints.load({str(out)!r})")
+    what, how = {
+        "native": ("parameters and optimizer state_dict", f"checkpoints.load({str(out)!r})"),
+        "torch": ("parameters and optimizer state_dict, torch format", f"torch.load({str(out)!r}, weights_only=True)"),
+        "safetensors": ("parameters, safetensors format", f"safetensors.numpy.load_file({str(out)!r})"),
+    }[kind]
+    print(f"wrote {out} ({size:,} bytes): {what} of step {step}{best}; load with {how}")
     return 0
 
 

@@ -19,8 +19,9 @@ import numpy as np
 
 from shardstep.checkpoints import CheckpointError, RunCheckpoint, latest_step, open_checkpoint, open_intact
 from shardstep.checkpoints.layout import ParamSpec
+from shardstep.checkpoints.model_files import ModelFile, open_model_file
 from shardstep.checkpoints.run import MANIFEST
-from shardstep.checkpoints.storage import location
+from shardstep.checkpoints.storage import ObjectPath, location
 from shardstep.workers.optim import optimizer_class
 
 # the checkpoints directory inside a run directory
@@ -39,12 +40,14 @@ class InitPlan:
 
     checkpoint: str
     run_id: str
-    step: int
+    step: int | None  # None: a model file (no run, no step)
     loaded: tuple[str, ...]
     new: tuple[str, ...]
     skipped: tuple[str, ...]
     state: tuple[str, ...]
     optimizer_state: bool
+    # the source is a model file (.safetensors, .pt, an export), not a run checkpoint
+    model_file: bool = False
 
     def record(self) -> dict[str, Any]:
         """The plan as plain values: ``init.json``, the checkpoints' ``extra["init"]``,
@@ -73,11 +76,17 @@ def _best_of(run_dir: Any) -> int | None:
 
 def open_init_source(init: Any, warn: Callable[[str], Any] | None = None) -> RunCheckpoint:
     """The committed checkpoint ``init.from`` names: a ``step-<k>`` directory, or step
-    ``init.step`` (default: the newest) of a run directory or of its checkpoints directory.
+    ``init.step`` (default: the newest) of a run directory or of its checkpoints directory;
+    or the model file it names (:mod:`shardstep.checkpoints.model_files`).
     Anything else is a ValueError naming the path. The checkpoint is verified (every chunk);
     without ``init.step`` it is the newest intact one, and ``warn`` hears of damaged newer ones."""
     path = location(init.source)
     try:
+        if not isinstance(path, ObjectPath) and path.is_file():  # a model file: .safetensors, .pt, an export
+            if init.step is not None:
+                raise ValueError(f"init.step is {init.step}, but init.from is a model file ({path}), which has no "
+                                 f"steps; leave init.step out")
+            return open_model_file(path)
         if (path / MANIFEST).is_file():
             checkpoint = RunCheckpoint(path)
             if init.step is not None and init.step != checkpoint.step:
@@ -123,7 +132,7 @@ def plan_init(source: RunCheckpoint, spec: Any, model: Mapping[str, ParamSpec],
     the job's optimizer and give, for every trainable loaded parameter that has state, the
     keys the job's hyperparameters need (``groups``: name -> its param group)."""
     init = spec.init
-    where = f"{source.directory} (step {source.step})"
+    where = str(source.directory) if source.step is None else f"{source.directory} (step {source.step})"
     specs = {param.name: param for param in source.layout.params}
     for index, pattern in enumerate(init.skip):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in specs):
@@ -148,11 +157,15 @@ def plan_init(source: RunCheckpoint, spec: Any, model: Mapping[str, ParamSpec],
         raise ValueError(f"cannot start from {where}: it gives none of the model's parameters "
                          f"({', '.join(model)}); its parameters: {', '.join(specs)}")
     state: list[str] = []
+    if init.optimizer_state and isinstance(source, ModelFile):
+        raise ValueError(f"init.optimizer_state = true, but {where} is a model file, which holds parameters only; "
+                         f"start from a run checkpoint, or set optimizer_state = false")
     if init.optimizer_state:
         state = _carried_state(source, spec, loaded, model, groups, where)
     return InitPlan(checkpoint=str(source.directory), run_id=source.run_id, step=source.step, loaded=tuple(loaded),
                     new=tuple(name for name in model if name not in loaded), skipped=tuple(skipped),
-                    state=tuple(state), optimizer_state=init.optimizer_state)
+                    state=tuple(state), optimizer_state=init.optimizer_state,
+                    model_file=isinstance(source, ModelFile))
 
 
 def _carried_state(source: RunCheckpoint, spec: Any, loaded: list[str], model: Mapping[str, ParamSpec],

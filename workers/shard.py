@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from shardstep.checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, ShardLayout, write_shard
+from shardstep.checkpoints.model_files import ModelFile
 from shardstep.workers.optim import Parameter, RowSparseGrad, optimizer_class
 from shardstep.workers.optim.algorithms.lbfgs import LocalSlices
 from shardstep.workers.runtime import check_run_dir_visible, limit_threads, node_id
@@ -116,8 +117,9 @@ class ShardActor:
     init: ``{"task": task, "seed": seed}``: a fresh start, where the shard takes its rows of
     ``task.init_params(seed)`` itself (the coordinator never builds the model).
     source: a fine-tuning run's first start, ``{"checkpoint": directory, "params": [names],
-    "state": [names]}``: those parameters (and those parameters' optimizer state) are read
-    from another run's checkpoint, ``params`` or ``init`` give the rest.
+    "state": [names], "model_file": bool}``: those parameters (and those parameters'
+    optimizer state) are read from another run's checkpoint, or from a model file
+    (``model_file``: parameters only), ``params`` or ``init`` give the rest.
     shared: the run's shared-memory regions; the slices then live in the parameter region.
     run_dir: ``{"run_dir": path, "run_id": id}``: the run directory this shard writes its
     checkpoint files into, checked to be the coordinator's (storage every node shares).
@@ -140,7 +142,12 @@ class ShardActor:
             with RunCheckpoint(checkpoint) as committed:
                 loaded = committed.load_shard(shard, layout.num_shards)
             params, state = loaded["params"], loaded["state"]
-        if source is not None:
+        if source is not None and source.get("model_file"):
+            # a model file: this shard's range of each kept parameter, read from the file alone
+            with ModelFile(source["checkpoint"]) as weights:
+                read = {name: weights.read(name, *layout.slice(name, shard)) for name in source["params"]}
+            params, state = {**(params or {}), **read}, {}
+        elif source is not None:
             # a parameter's rows depend only on its shape and the shard count, so the source's
             # slices of a kept parameter are this run's, whatever else differs between the models
             with RunCheckpoint(source["checkpoint"]) as committed:
