@@ -1,6 +1,7 @@
-"""torch's file format, the one place shardstep imports torch (the ``torch`` extra), and only
-when a torch file is written or read: ``shardstep export --format torch`` and ``[init] from``
-a ``.pt`` file. Nothing else in shardstep imports torch (tests/test_repository.py checks).
+"""torch's file format (the ``torch`` extra): torch is imported here only when a torch file is
+written or read, ``shardstep export --format torch`` and ``[init] from`` a ``.pt`` file. The
+one other module that imports torch is :mod:`shardstep.workers.tasks.torch_model`, for a torch
+module as a job's model (tests/test_repository.py checks that nothing else does).
 """
 
 from __future__ import annotations

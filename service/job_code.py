@@ -39,8 +39,11 @@ def _references(value: Any) -> list[str]:
 
 
 def named_modules(spec: Any) -> list[str]:
-    """The top-level modules of the code a job names: its task and its schedule functions."""
-    names = _references(spec.task) + [name for s in spec.schedulers for name in _references(s.args)]
+    """The top-level modules of the code a job names: its task, its model's torch module
+    (``[model] module``) and its schedule functions."""
+    model = spec.task_args.get("model") if isinstance(spec.task_args, dict) else None
+    names = (_references(spec.task) + [name for s in spec.schedulers for name in _references(s.args)]
+             + (_references(model.get("module")) if isinstance(model, dict) else []))
     return sorted({name.partition(":")[0].split(".")[0] for name in names})
 
 

@@ -46,6 +46,7 @@ from shardstep.workers.nn.spec import ModelSpec, SpecError
 from shardstep.workers.tasks.base import TaskArgumentError, check_dtype
 from shardstep.workers.tasks.data_files import FORMATS, DataError, check_schema, file_format, read_columns
 from shardstep.workers.tasks.models import ModelTask
+from shardstep.workers.tasks.torch_model import TORCH_MODEL_KEYS, TorchModelSpec
 
 DATA_KEYS = ("train", "validation", "features", "label", "dtype", "split_seed", "classes", "format", "ray_data",
              "row_servers")
@@ -102,7 +103,8 @@ class SupervisedTask(ModelTask):
             raise TaskArgumentError(f"data must be a table ([data]) of {', '.join(DATA_KEYS)}; got {data!r}")
         if not isinstance(model, Mapping):
             raise TaskArgumentError(f"model must be a table ([model]) of {', '.join(MODEL_KEYS)}; got {model!r}")
-        for table, keys, given in (("data", DATA_KEYS, data), ("model", MODEL_KEYS, model)):
+        for table, keys, given in (("data", DATA_KEYS, data),
+                                   ("model", TORCH_MODEL_KEYS if "module" in model else MODEL_KEYS, model)):
             unknown = [key for key in given if key not in keys]
             if unknown:
                 raise TaskArgumentError(f"{table} has unknown key {unknown[0]!r}; allowed: {', '.join(keys)}")
@@ -164,9 +166,12 @@ class SupervisedTask(ModelTask):
                 raise TaskArgumentError(f"data.validation ({self.validation}) must be in the format of data.train "
                                         f"({self.reader_format}) when Ray Data reads them")
         try:
-            self.model = ModelSpec.parse(model.get("layers"), model.get("loss"))
+            # a layer list in numpy, or a torch module (workers/tasks/torch_model.py)
+            self.model = (TorchModelSpec(model) if "module" in model
+                          else ModelSpec.parse(model.get("layers"), model.get("loss")))
         except SpecError as error:
             raise TaskArgumentError(str(error)) from error
+        self.torch = isinstance(self.model, TorchModelSpec)
         if self.classes is not None and self.model.loss_kind != "classes":
             raise TaskArgumentError(f"data.classes names classes, but model.loss {self.model.loss[0]} is not a "
                                     f"classification loss")
@@ -283,8 +288,10 @@ class SupervisedTask(ModelTask):
     def _inputs(self, features: np.ndarray, key: str) -> np.ndarray:
         width = self.model.in_features
         if features.shape[1:] != (width,):
+            takes = (f"model.input_shape {list(self.model.input_shape)} takes {width}" if self.torch
+                     else f"model.layers' first Linear takes in_features = {width}")
             raise DataError(f"{key} ({getattr(self, key.partition('.')[2])}): {features.shape[1:]} features per "
-                            f"example, but model.layers' first Linear takes in_features = {width}")
+                            f"example, but {takes}")
         inputs = features.astype(self.dtype)
         if not np.isfinite(inputs).all():  # finite in float64, too large for float32
             row = int(np.argwhere(~np.isfinite(inputs))[0][0]) + 1
@@ -389,6 +396,22 @@ class SupervisedTask(ModelTask):
 
     def make_criterion(self):
         return self.model.criterion("sum")
+
+    def init_params(self, seed: int) -> dict[str, np.ndarray]:
+        if self.torch:
+            return self.model.init_params(seed, self.dtype)
+        return super().init_params(seed)
+
+    def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Any):
+        if self.torch:
+            return self.model.loss_and_grad(params, batch.data[self.input_key], batch.data[self.target_key],
+                                            batch.global_size, self.dtype)
+        return super().loss_and_grad(params, batch)
+
+    def forward(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+        if self.torch:
+            return self.model.forward(params, inputs, self.dtype)
+        return super().forward(params, inputs)
 
     def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         data = self._data()
