@@ -176,6 +176,18 @@ def test_the_torch_export_loads_weights_only_and_continues_in_torch_like_shardst
 
 
 @pytest.mark.torch_live
+def test_the_safetensors_export_loads_into_torch(tmp_path, capsys):
+    torch = require_torch()
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    assert run(tmp_path, capsys, "run", steps=3)[0] == 0
+    export(tmp_path / "run", tmp_path / "model.safetensors", capsys)
+    model = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10))
+    model.load_state_dict(safetensors_torch.load_file(str(tmp_path / "model.safetensors")))
+    assert_same({name: tensor.detach().numpy() for name, tensor in model.state_dict().items()},
+                final_params(tmp_path / "run"))
+
+
+@pytest.mark.torch_live
 def test_fine_tuning_from_torch_files(tmp_path, capsys):
     torch = require_torch()
     assert run(tmp_path, capsys, "base")[0] == 0

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+_THREAD_BUDGET: list[int] = []
+
 
 def limit_threads(threads: int) -> None:
     """Let numba's parallel kernels use at most ``threads`` threads in this process (an actor
-    given one CPU must not spin a thread team over the cores its neighbours compute on)."""
+    given one CPU must not spin a thread team over the cores its neighbours compute on); a
+    torch module built later in the process takes the same budget (:func:`thread_budget`)."""
     import numba
 
-    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    budget = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(budget)
+    _THREAD_BUDGET[:] = [budget]
+
+
+def thread_budget() -> int | None:
+    """The threads :func:`limit_threads` allowed this process, or None when it was not called."""
+    return _THREAD_BUDGET[0] if _THREAD_BUDGET else None
 
 
 def node_id() -> str | None:

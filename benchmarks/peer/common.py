@@ -36,6 +36,19 @@ TASK_ARGS = {"params": NUM_PARAMS, "depth": len(HIDDEN), "inputs": INPUTS, "clas
 RESULT_PREFIX = "RESULT "
 
 
+def torch_mlp():
+    """The comparison's MLP as a torch module: [model] module for shardstep's torch adapter."""
+    import torch
+
+    sizes = (INPUTS, *HIDDEN, CLASSES)
+    layers: list[Any] = []
+    for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        if index:
+            layers.append(torch.nn.ReLU())
+        layers.append(torch.nn.Linear(fan_in, fan_out))
+    return torch.nn.Sequential(*layers)
+
+
 def make_task():
     """shardstep's ``synthetic-mlp`` task of exactly this model (checked)."""
     from shardstep.workers.tasks import make_task as build

@@ -118,7 +118,13 @@ EXTRA = {
                       "shardstep, ray, 1 shard, 1 worker (no checkpoints)"),
     "inline": ("shardstep_run.py", ["--backend", "inline", "--shards", "2", "--workers", "2"],
                "shardstep, inline, 2 shards, 2 workers (no checkpoints)"),
+    "torch-module": ("shardstep_run.py", ["--backend", "ray", "--shards", "2", "--workers", "2", "--torch-module"],
+                     "shardstep with the model as a torch module ([model] module), ray, 2 shards, 2 workers "
+                     "(no checkpoints; torch's initialization)"),
 }
+# the torch adapter's targets: against the peer, and against one torch process
+TARGET_TORCH_MODULE_PEER = 0.5
+TARGET_TORCH_MODULE_SINGLE = 1.1
 SHARDSTEP_MAIN = ("shardstep", "shardstep-2x1")
 
 
@@ -223,6 +229,16 @@ def render(rows: dict[str, dict], torch_rows: list[dict], header: dict) -> str:
         f"| peak memory (PSS) <= {TARGET_MEMORY_RATIO}x the peer's | {_gib(a['peak_pss'])} GiB ({memory[0]:.2f}x) | "
         f"{_gib(b['peak_pss'])} GiB ({memory[1]:.2f}x) | {_gib(peer['peak_pss'])} GiB | "
         f"{_verdict(memory[0], TARGET_MEMORY_RATIO)} | {_verdict(memory[1], TARGET_MEMORY_RATIO)} |",
+        f"| torch module ([model] module) ms/step <= {TARGET_TORCH_MODULE_PEER}x the peer's | "
+        f"{_ms(rows['torch-module']['median'])} ({rows['torch-module']['median'] / peer['median']:.2f}x) | - | "
+        f"{_ms(peer['median'])} | {_verdict(rows['torch-module']['median'] / peer['median'], TARGET_TORCH_MODULE_PEER)}"
+        f" | - |",
+        f"| torch module ms/step <= {TARGET_TORCH_MODULE_SINGLE}x one torch process (Adam foreach; fused) | "
+        f"{_ms(rows['torch-module']['median'])} ({rows['torch-module']['median'] / torch_rows[0]['median']:.2f}x; "
+        f"{rows['torch-module']['median'] / torch_rows[-1]['median']:.2f}x) | - | "
+        f"{_ms(torch_rows[0]['median'])}; {_ms(torch_rows[-1]['median'])} | "
+        f"{_verdict(rows['torch-module']['median'] / torch_rows[0]['median'], TARGET_TORCH_MODULE_SINGLE)}; "
+        f"{_verdict(rows['torch-module']['median'] / torch_rows[-1]['median'], TARGET_TORCH_MODULE_SINGLE)} | - |",
         "",
         "How each figure is taken. Launch: from `Coordinator.run()` (which starts Ray) / from `ray.init` before "
         "`TorchTrainer.fit()` to the end of step 1, in a fresh process. Blocking per checkpoint (median over the "

@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.peer.common import (  # noqa: E402
     GLOBAL_BATCH,
+    INPUTS,
     LR,
+    ROOT,
     SEED,
     TASK_ARGS,
     TIMED,
@@ -59,19 +61,34 @@ def main() -> int:
     parser.add_argument("--transport", choices=("auto", "shared_memory", "object_store"), default="auto")
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--timed", type=int, default=TIMED)
+    parser.add_argument("--torch-module", action="store_true",
+                        help="the model as a torch module ([model] module: common.torch_mlp) on the task's data")
     args = parser.parse_args()
+
+    import numpy as np
 
     from shardstep.service.coordinator import Coordinator
     from shardstep.service.jobspec import JobSpec
 
     task = make_task()
     steps = WARMUP + args.timed
-    with tempfile.TemporaryDirectory(prefix="shardstep-peer-") as run_dir:
-        spec = JobSpec(task="synthetic-mlp", task_args=dict(TASK_ARGS), optimizer="adam", optimizer_args={"lr": LR},
+    with tempfile.TemporaryDirectory(prefix="shardstep-peer-") as scratch:
+        run_dir = os.path.join(scratch, "run")
+        task_name, task_args, code_dir = "synthetic-mlp", dict(TASK_ARGS), None
+        if args.torch_module:
+            # the same examples in a file; the module is torch's, initialized by torch
+            inputs, labels = task.training_arrays()
+            np.savez(os.path.join(scratch, "data.npz"), x=inputs, y=labels)
+            task_name, code_dir = "supervised", str(ROOT)
+            task_args = {"data": {"train": os.path.join(scratch, "data.npz"), "features": "x", "label": "y"},
+                         "model": {"module": "benchmarks.peer.common:torch_mlp", "input_shape": [INPUTS],
+                                   "loss": "CrossEntropyLoss"}}
+            task = None
+        spec = JobSpec(task=task_name, task_args=task_args, optimizer="adam", optimizer_args={"lr": LR},
                        param_groups=None, schedulers=(), steps=steps, epochs=None, batch_size=GLOBAL_BATCH,
                        seed=SEED, shards=args.shards, workers=args.workers, backend=args.backend,
                        worker_cpus=args.worker_cpus, transport=args.transport,
-                       checkpoint_every=args.checkpoint_every, run_dir=run_dir)
+                       checkpoint_every=args.checkpoint_every, run_dir=run_dir, code_dir=code_dir)
         marks: dict[str, float] = {}
         checkpoint_seconds: list[float] = []
         addresses: list[str] = []
@@ -108,7 +125,7 @@ def main() -> int:
         after_checkpoint = [r["seconds"] - median for r in history[WARMUP:]
                             if args.checkpoint_every and (r["step"] - 1) % args.checkpoint_every == 0 and r["step"] > 1]
         emit({
-            "system": "shardstep", "backend": args.backend, "shards": args.shards, "workers": args.workers,
+            "system": "shardstep", "torch_module": args.torch_module, "backend": args.backend, "shards": args.shards, "workers": args.workers,
             "worker_cpus": args.worker_cpus, "transport": result.transport,
             "steps": steps, "timed": len(seconds), "median": median, "p90": p90, "seconds": seconds,
             "launch": marks["first_step"] - marks["run"], "total": marks["finished"] - marks["run"],

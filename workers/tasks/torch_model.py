@@ -24,17 +24,19 @@ only here, when a job names a module (the ``torch`` extra).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn.spec import LOSSES, SpecError, _entry
+from shardstep.workers.runtime import thread_budget
 
 TORCH_MODEL_KEYS = ("module", "args", "input_shape", "device", "loss")
 TORCH_DTYPES = {"float32": "float32", "float64": "float64"}
@@ -201,8 +203,27 @@ class TorchModelSpec:
         torch = _torch()
         return torch.from_numpy(np.ascontiguousarray(inputs)).reshape(-1, *self.input_shape).to(self.device)
 
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """torch's thread team for one computation: the actor's CPU budget, else one thread
+        (the inline backend: as a Ray worker of one CPU has), the caller's setting restored.
+        torch's reductions depend on the thread count, so this keeps the numbers the same on
+        every backend."""
+        torch = _torch()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(thread_budget() or 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
     def loss_and_grad(self, params: Mapping[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray,
                       global_size: int, dtype: Any) -> tuple[float, dict[str, np.ndarray]]:
+        with self._threads():
+            return self._loss_and_grad(params, inputs, targets, global_size, dtype)
+
+    def _loss_and_grad(self, params: Mapping[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray,
+                       global_size: int, dtype: Any) -> tuple[float, dict[str, np.ndarray]]:
         torch = _torch()
         module = self._bound(dtype, params)
         module.train()
@@ -223,5 +244,5 @@ class TorchModelSpec:
         torch = _torch()
         module = self._bound(dtype, params)
         module.eval()
-        with torch.no_grad():
+        with self._threads(), torch.no_grad():
             return module(self._inputs(inputs)).cpu().numpy()
