@@ -671,7 +671,7 @@ def test_constructing_a_spec_checks_its_values():
 def test_every_example_job_parses():
     paths = sorted(EXAMPLES.glob("*.toml"))
     # one job per built-in task, and the jobs of [data] + [model] (the supervised task)
-    data_jobs = ["digits-csv", "sensors-parquet"]
+    data_jobs = ["digits-cnn", "digits-csv", "sensors-parquet"]
     assert sorted(path.stem for path in paths) == sorted([n for n in TASK_NAMES if n != "supervised"] + data_jobs)
     for path in paths:
         spec = load_job(path)

@@ -15,10 +15,14 @@ from __future__ import annotations
 from shardstep.workers.nn import functional
 from shardstep.workers.nn.layers import (
     GELU,
+    AvgPool2d,
+    Conv2d,
     Dropout,
     Embedding,
+    Flatten,
     Linear,
     LogSoftmax,
+    MaxPool2d,
     ReLU,
     Sequential,
     Softmax,
@@ -44,6 +48,7 @@ from shardstep.workers.nn.module import Module, accumulate_grad
 __all__ = [
     "functional", "Module", "accumulate_grad",
     "Linear", "Embedding", "ReLU", "Tanh", "GELU", "Dropout", "LogSoftmax", "Softmax", "Sequential",
+    "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten",
     "Loss", "NLLLoss", "CrossEntropyLoss", "TripletMarginLoss", "MSELoss", "L1Loss", "SmoothL1Loss",
     "HuberLoss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss", "MarginRankingLoss", "CosineEmbeddingLoss",
 ]

@@ -918,3 +918,123 @@ def cosine_embedding_loss_backward(saved: CosineEmbeddingSaved, grad_output=1.0)
         d_input1 = scale * (saved.input2 / denominator - cosine * saved.input1 / saved.squared1[..., None])
         d_input2 = scale * (saved.input1 / denominator - cosine * saved.input2 / saved.squared2[..., None])
     return np.asarray(d_input1, dtype=saved.dtype), np.asarray(d_input2, dtype=saved.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# 2-d convolution and pooling over (N, C, H, W): windows as strided views (im2col)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """torch's output length: floor((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+             out: tuple[int, int]) -> np.ndarray:
+    """A read-only view (N, C, H_out, W_out, kH, kW) of the windows of a padded x."""
+    n, c = x.shape[:2]
+    sn, sc, sh, sw = x.strides
+    return np.lib.stride_tricks.as_strided(
+        x, (n, c, out[0], out[1], kernel[0], kernel[1]),
+        (sn, sc, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1]), writeable=False)
+
+
+def _padded(x: np.ndarray, padding: tuple[int, int], value: float = 0.0) -> np.ndarray:
+    if padding == (0, 0):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (padding[0], padding[0]), (padding[1], padding[1])), constant_values=value)
+
+
+def _scatter_windows(grad_windows: np.ndarray, shape: tuple[int, ...], stride: tuple[int, int],
+                     dilation: tuple[int, int], padding: tuple[int, int]) -> np.ndarray:
+    """The adjoint of :func:`_windows` (then of the padding): add every window element's
+    gradient (N, C, H_out, W_out, kH, kW) back to its input position."""
+    n, c, h, w = shape
+    h_out, w_out, k_h, k_w = grad_windows.shape[2:]
+    padded = np.zeros((n, c, h + 2 * padding[0], w + 2 * padding[1]), grad_windows.dtype)
+    for i in range(k_h):
+        rows = slice(i * dilation[0], i * dilation[0] + stride[0] * (h_out - 1) + 1, stride[0])
+        for j in range(k_w):
+            cols = slice(j * dilation[1], j * dilation[1] + stride[1] * (w_out - 1) + 1, stride[1])
+            padded[:, :, rows, cols] += grad_windows[:, :, :, :, i, j]
+    return padded[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + w]
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: tuple[int, int],
+           padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch's conv2d (cross-correlation) as one matmul per group over the im2col matrix;
+    returns (output (N, O, H_out, W_out), the columns (G, N H_out W_out, C/G kH kW), kept for
+    the backward pass)."""
+    n, c, h, w = x.shape
+    out_channels, per_group, k_h, k_w = weight.shape
+    out = (conv_output_size(h, k_h, stride[0], padding[0], dilation[0]),
+           conv_output_size(w, k_w, stride[1], padding[1], dilation[1]))
+    windows = _windows(_padded(x, padding), (k_h, k_w), stride, dilation, out)
+    windows = windows.reshape(n, groups, per_group, out[0], out[1], k_h, k_w)
+    columns = windows.transpose(1, 0, 3, 4, 2, 5, 6).reshape(groups, n * out[0] * out[1], per_group * k_h * k_w)
+    kernels = weight.reshape(groups, out_channels // groups, per_group * k_h * k_w)
+    result = columns @ kernels.transpose(0, 2, 1)  # (G, N H_out W_out, O/G)
+    result = result.reshape(groups, n, out[0], out[1], out_channels // groups).transpose(1, 0, 4, 2, 3)
+    result = result.reshape(n, out_channels, out[0], out[1])
+    if bias is not None:
+        result = result + bias.reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(result), columns
+
+
+def conv2d_backward(grad: np.ndarray, columns: np.ndarray, x_shape: tuple[int, ...], weight: np.ndarray,
+                    with_bias: bool, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                    groups: int, need_input_grad: bool = True):
+    """(d_input or None, d_weight, d_bias or None) for :func:`conv2d`."""
+    n, out_channels, h_out, w_out = grad.shape
+    _, per_group, k_h, k_w = weight.shape
+    rows = grad.reshape(n, groups, out_channels // groups, h_out, w_out).transpose(1, 0, 3, 4, 2)
+    rows = rows.reshape(groups, n * h_out * w_out, out_channels // groups)
+    d_weight = (rows.transpose(0, 2, 1) @ columns).reshape(weight.shape)
+    d_bias = grad.sum(axis=(0, 2, 3)) if with_bias else None
+    d_input = None
+    if need_input_grad:
+        kernels = weight.reshape(groups, out_channels // groups, per_group * k_h * k_w)
+        d_columns = (rows @ kernels).reshape(groups, n, h_out, w_out, per_group, k_h, k_w)
+        d_windows = d_columns.transpose(1, 0, 4, 2, 3, 5, 6).reshape(n, groups * per_group, h_out, w_out, k_h, k_w)
+        d_input = _scatter_windows(d_windows, x_shape, stride, dilation, padding)
+    return d_input, d_weight, d_bias
+
+
+def max_pool2d(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+               dilation: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """torch's max_pool2d (padding with -inf); returns (output, the flat index in each window
+    of the maximum taken: the first of equal maxima, a NaN taken over any number)."""
+    out = (conv_output_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0]),
+           conv_output_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1]))
+    windows = _windows(_padded(x, padding, -np.inf), kernel, stride, dilation, out)
+    flat = windows.reshape(*windows.shape[:4], kernel[0] * kernel[1])
+    chosen = flat.argmax(axis=-1)  # argmax takes the first maximum, and a NaN first of all
+    return np.take_along_axis(flat, chosen[..., None], axis=-1)[..., 0], chosen
+
+
+def max_pool2d_backward(grad: np.ndarray, chosen: np.ndarray, x_shape: tuple[int, ...], kernel: tuple[int, int],
+                        stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> np.ndarray:
+    places = np.arange(kernel[0] * kernel[1]).reshape(kernel)
+    d_windows = np.where(chosen[..., None, None] == places, grad[..., None, None], np.zeros((), grad.dtype))
+    return _scatter_windows(d_windows, x_shape, stride, dilation, padding)
+
+
+def avg_pool2d(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+               count_include_pad: bool) -> tuple[np.ndarray, np.ndarray]:
+    """torch's avg_pool2d; returns (output, the divisor of each output position)."""
+    out = (conv_output_size(x.shape[2], kernel[0], stride[0], padding[0], 1),
+           conv_output_size(x.shape[3], kernel[1], stride[1], padding[1], 1))
+    windows = _windows(_padded(x, padding), kernel, stride, (1, 1), out)
+    if count_include_pad:
+        divisor = np.full(out, kernel[0] * kernel[1], x.dtype)
+    else:
+        ones = _padded(np.ones((1, 1, *x.shape[2:]), x.dtype), padding)
+        divisor = _windows(ones, kernel, stride, (1, 1), out).sum(axis=(-2, -1))[0, 0]
+    return windows.sum(axis=(-2, -1)) / divisor, divisor
+
+
+def avg_pool2d_backward(grad: np.ndarray, divisor: np.ndarray, x_shape: tuple[int, ...], kernel: tuple[int, int],
+                        stride: tuple[int, int], padding: tuple[int, int]) -> np.ndarray:
+    share = (grad / divisor)[..., None, None]
+    d_windows = np.broadcast_to(share, (*grad.shape, kernel[0], kernel[1]))
+    return _scatter_windows(d_windows, x_shape, stride, (1, 1), padding)

@@ -87,6 +87,184 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _pair(owner: str, name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints (torch's ``_pair``), each >= ``minimum``."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(values) != 2:
+        raise ValueError(f"{owner}: {name} must be an int or a pair of ints; got {value!r}")
+    pair = tuple(integer(owner, name, item) for item in values)
+    if min(pair) < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}; got {value!r}")
+    return pair
+
+
+def _image(owner: str, x, channels: int | None = None) -> np.ndarray:
+    x = float_array(owner, "input", x)
+    if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
+        wanted = "(N, C, H, W)" if channels is None else f"(N, C={channels}, H, W)"
+        raise ValueError(f"{owner}: input must have shape {wanted}; got {x.shape}")
+    return x
+
+
+class Conv2d(Module):
+    """torch.nn.Conv2d: cross-correlation over (N, C, H, W) with stride, zero padding,
+    dilation and groups; weight (out_channels, in_channels / groups, kH, kW) and bias drawn
+    like torch's (U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels / groups * kH * kW).
+    Computed as one matmul per group over the im2col matrix."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, dtype=np.float32, rng=None):
+        super().__init__()
+        owner = "Conv2d"
+        self.in_channels = _size(owner, "in_channels", in_channels)
+        self.out_channels = _size(owner, "out_channels", out_channels)
+        self.kernel_size = _pair(owner, "kernel_size", kernel_size, 1)
+        self.stride = _pair(owner, "stride", stride, 1)
+        self.padding = _pair(owner, "padding", padding, 0)
+        self.dilation = _pair(owner, "dilation", dilation, 1)
+        self.groups = integer(owner, "groups", groups)
+        if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"{owner}: groups must be >= 1 and divide in_channels ({self.in_channels}) and "
+                             f"out_channels ({self.out_channels}); got {groups}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"{owner}: bias must be a bool; got {bias!r}")
+        dtype = float_dtype(dtype, owner)
+        generator = as_generator(rng, owner)
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        self.weight = Parameter(generator.uniform(-bound, bound, shape).astype(dtype), name="weight")
+        self.bias = (Parameter(generator.uniform(-bound, bound, self.out_channels).astype(dtype), name="bias")
+                     if bias else None)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C, H, W) of one example out for ``shape`` (C, H, W) in."""
+        return (self.out_channels, *(F.conv_output_size(size, k, s, p, d) for size, k, s, p, d in
+                                     zip(shape[1:], self.kernel_size, self.stride, self.padding, self.dilation)))
+
+    def forward(self, x) -> np.ndarray:
+        x = _image("Conv2d", x, self.in_channels)
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"Conv2d: input dtype {x.dtype} must match the layer's dtype {self.weight.dtype}")
+        if min(self.output_shape(x.shape[1:])[1:]) < 1:
+            raise ValueError(f"Conv2d: input of spatial size {x.shape[2:]} is smaller than the kernel "
+                             f"{self.kernel_size} (dilation {self.dilation}, padding {self.padding})")
+        output, columns = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, self.stride,
+                                   self.padding, self.dilation, self.groups)
+        self._cache = (columns, x.shape)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        columns, shape = self._cached()
+        out_shape = (shape[0], *self.output_shape(shape[1:]))
+        grad = _grad_like("Conv2d", grad_output, out_shape, self.weight.dtype)
+        d_input, d_weight, d_bias = F.conv2d_backward(grad, columns, shape, self.weight.data, self.bias is not None,
+                                                      self.stride, self.padding, self.dilation, self.groups,
+                                                      need_input_grad)
+        accumulate_grad(self.weight, d_weight)
+        if self.bias is not None:
+            accumulate_grad(self.bias, d_bias)
+        return d_input
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+
+
+class _Pool2d(Module):
+    def __init__(self, owner: str, kernel_size, stride, padding, dilation=1):
+        super().__init__()
+        self.kernel_size = _pair(owner, "kernel_size", kernel_size, 1)
+        self.stride = self.kernel_size if stride is None else _pair(owner, "stride", stride, 1)
+        self.padding = _pair(owner, "padding", padding, 0)
+        self.dilation = _pair(owner, "dilation", dilation, 1)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"{owner}: padding must be at most half the kernel size; got padding {self.padding}, "
+                             f"kernel_size {self.kernel_size}")
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], *(F.conv_output_size(size, k, s, p, d) for size, k, s, p, d in
+                            zip(shape[1:], self.kernel_size, self.stride, self.padding, self.dilation)))
+
+    def _input(self, x) -> np.ndarray:
+        x = _image(type(self).__name__, x)
+        if min(self.output_shape(x.shape[1:])[1:]) < 1:
+            raise ValueError(f"{type(self).__name__}: input of spatial size {x.shape[2:]} is smaller than the "
+                             f"kernel {self.kernel_size}")
+        return x
+
+
+class MaxPool2d(_Pool2d):
+    """torch.nn.MaxPool2d (ceil_mode=False): the maximum of each window; the gradient goes to
+    the first maximum of each window, as torch's CPU kernel chooses it."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
+        super().__init__("MaxPool2d", kernel_size, stride, padding, dilation)
+
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        output, chosen = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        self._cache = (chosen, x.shape, x.dtype)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        chosen, shape, dtype = self._cached()
+        grad = _grad_like("MaxPool2d", grad_output, chosen.shape, dtype)
+        if not need_input_grad:
+            return None
+        return F.max_pool2d_backward(grad, chosen, shape, self.kernel_size, self.stride, self.padding, self.dilation)
+
+
+class AvgPool2d(_Pool2d):
+    """torch.nn.AvgPool2d (ceil_mode=False, no divisor_override): the mean of each window,
+    zero padding counted in the divisor unless ``count_include_pad=False``."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad: bool = True):
+        super().__init__("AvgPool2d", kernel_size, stride, padding)
+        if not isinstance(count_include_pad, bool):
+            raise TypeError(f"AvgPool2d: count_include_pad must be a bool; got {count_include_pad!r}")
+        self.count_include_pad = count_include_pad
+
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        output, divisor = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.count_include_pad)
+        self._cache = (divisor, x.shape, output.shape, x.dtype)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        divisor, shape, out_shape, dtype = self._cached()
+        grad = _grad_like("AvgPool2d", grad_output, out_shape, dtype)
+        if not need_input_grad:
+            return None
+        return F.avg_pool2d_backward(grad, divisor, shape, self.kernel_size, self.stride, self.padding)
+
+
+class Flatten(Module):
+    """torch.nn.Flatten: dimensions ``start_dim`` .. ``end_dim`` as one."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim = integer("Flatten", "start_dim", start_dim)
+        self.end_dim = integer("Flatten", "end_dim", end_dim)
+
+    def forward(self, x) -> np.ndarray:
+        x = float_array("Flatten", "input", x)
+        start, end = self.start_dim % max(x.ndim, 1), self.end_dim % max(x.ndim, 1)
+        if x.ndim == 0 or start > end:
+            raise ValueError(f"Flatten: start_dim {self.start_dim} must not come after end_dim {self.end_dim} for "
+                             f"an input of shape {x.shape}")
+        self._cache = x.shape
+        return x.reshape(*x.shape[:start], -1, *x.shape[end + 1:])
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        shape = self._cached()
+        grad = np.asarray(grad_output)
+        if grad.size != math.prod(shape):
+            raise ValueError(f"Flatten.backward: grad_output of shape {grad.shape} does not match the input's "
+                             f"{shape}")
+        return grad.reshape(shape) if need_input_grad else None
+
+
 class Embedding(Module):
     """A lookup table: integer indices of any shape -> (*indices.shape, embedding_dim).
 

@@ -17,6 +17,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,19 @@ from typing import Any
 import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
-from shardstep.workers.nn.layers import GELU, Linear, LogSoftmax, ReLU, Sequential, Softmax, Tanh
+from shardstep.workers.nn.layers import (
+    GELU,
+    AvgPool2d,
+    Conv2d,
+    Flatten,
+    Linear,
+    LogSoftmax,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    Softmax,
+    Tanh,
+)
 from shardstep.workers.nn.losses import (
     BCEWithLogitsLoss,
     CrossEntropyLoss,
@@ -37,9 +50,13 @@ from shardstep.workers.nn.losses import (
     SmoothL1Loss,
 )
 
-# layer name -> class; Linear is the one with parameters (its in/out widths chain the list)
-LAYERS: dict[str, type] = {"Linear": Linear, "ReLU": ReLU, "Tanh": Tanh, "GELU": GELU, "LogSoftmax": LogSoftmax,
-                           "Softmax": Softmax}
+# layer name -> class; Linear and Conv2d have parameters, and every layer's input shape must
+# be what the layers before it give (checked from model.input_shape, one example's shape)
+LAYERS: dict[str, type] = {"Linear": Linear, "Conv2d": Conv2d, "ReLU": ReLU, "Tanh": Tanh, "GELU": GELU,
+                           "LogSoftmax": LogSoftmax, "Softmax": Softmax, "MaxPool2d": MaxPool2d,
+                           "AvgPool2d": AvgPool2d, "Flatten": Flatten}
+PARAMETRIC = ("Linear", "Conv2d")
+IMAGE_LAYERS = ("Conv2d", "MaxPool2d", "AvgPool2d")
 # loss name -> (class, kind): "classes" losses take class indices, "values" losses take
 # float targets of the output's shape, "binary" losses take 0/1 targets of the output's shape
 LOSSES: dict[str, tuple[type[Loss], str]] = {
@@ -96,52 +113,69 @@ def _entry(path: str, value: Any, registry: Mapping[str, Any], what: str) -> tup
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A checked layer list and loss (see the module docstring)."""
+    """A checked layer list and loss (see the module docstring). ``input_shape``: one
+    example's shape (a row of features is reshaped to it); by default the first Linear
+    layer's ``(in_features,)``."""
 
     layers: tuple[tuple[str, Mapping[str, Any]], ...]
     loss: tuple[str, Mapping[str, Any]]
+    input_shape: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
 
     @classmethod
-    def parse(cls, layers: Any, loss: Any, path: str = "model") -> ModelSpec:
+    def parse(cls, layers: Any, loss: Any, input_shape: Any = None, path: str = "model") -> ModelSpec:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise SpecError(f"{path}.layers must be a non-empty list of layers ({{name = 'Linear', args = {{...}}}}); "
                             f"got {_shown(layers)}")
         checked = tuple(_entry(f"{path}.layers[{i}]", layer, LAYERS, "layer") for i, layer in enumerate(layers))
-        width = None
         for index, (name, args) in enumerate(checked):
-            if name != "Linear":
-                continue
-            for key in ("in_features", "out_features"):
+            keys = {"Linear": ("in_features", "out_features"), "Conv2d": ("in_channels", "out_channels")}.get(name, ())
+            for key in keys:
                 value = args[key]
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                     raise SpecError(f"{path}.layers[{index}].args.{key} must be an integer >= 1; got {_shown(value)}")
             if "bias" in args and not isinstance(args["bias"], bool):
                 raise SpecError(f"{path}.layers[{index}].args.bias must be true or false; got {_shown(args['bias'])}")
-            if width is not None and args["in_features"] != width:
-                raise SpecError(f"{path}.layers[{index}].args.in_features must be {width}, the out_features of the "
-                                f"Linear layer before it; got {args['in_features']}")
-            width = args["out_features"]
-        if width is None:
-            raise SpecError(f"{path}.layers has no Linear layer, so nothing to train; got "
+        if not any(name in PARAMETRIC for name, _ in checked):
+            raise SpecError(f"{path}.layers has no Linear or Conv2d layer, so nothing to train; got "
                             f"{', '.join(name for name, _ in checked)}")
+        if input_shape is None:
+            first, args = next((name, args) for name, args in checked if name in PARAMETRIC)
+            if first != "Linear":
+                raise SpecError(f"{path}.input_shape is required when the first layer with parameters is {first}: "
+                                f"one example's shape, such as [1, 8, 8]")
+            input_shape = [args["in_features"]]
+        if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape
+                or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+                           for d in input_shape)):
+            raise SpecError(f"{path}.input_shape must be a list of positive integers (one example's shape); got "
+                            f"{_shown(input_shape)}")
         if loss is None:
             raise SpecError(f"{path}.loss is required: one of {', '.join(LOSSES)}")
         loss_entry = _entry(f"{path}.loss", loss, LOSSES, "loss")
-        spec = cls(checked, loss_entry)
         try:  # the arguments' values: the classes' own checks, on a throwaway build
-            spec.build(np.float64, np.random.default_rng(0))
-            spec.criterion()
+            modules = [LAYERS[name](**args) if name not in PARAMETRIC else
+                       LAYERS[name](**args, dtype=np.float64, rng=np.random.default_rng(0)) for name, args in checked]
+            LOSSES[loss_entry[0]][0](**loss_entry[1], reduction="sum")
         except (TypeError, ValueError) as error:
             raise SpecError(f"{path}: {error}") from error
-        return spec
+        shape = tuple(int(d) for d in input_shape)
+        start = shape
+        for index, ((name, args), module) in enumerate(zip(checked, modules)):
+            shape = _layer_output(f"{path}.layers[{index}]", name, args, module, shape)
+        if len(shape) != 1:
+            raise SpecError(f"{path}.layers end in outputs of shape {list(shape)} per example; the loss takes one "
+                            f"vector per example (end with Flatten and a Linear layer)")
+        return cls(checked, loss_entry, start, shape)
 
     @property
     def in_features(self) -> int:
-        return next(args["in_features"] for name, args in self.layers if name == "Linear")
+        """Numbers per example in (a row of features)."""
+        return math.prod(self.input_shape)
 
     @property
     def out_features(self) -> int:
-        return [args["out_features"] for name, args in self.layers if name == "Linear"][-1]
+        return self.output_shape[0]
 
     @property
     def loss_kind(self) -> str:
@@ -152,8 +186,8 @@ class ModelSpec:
         torch's ``nn.Sequential`` of the same layers does from its generator)."""
         modules = []
         for name, args in self.layers:
-            if name == "Linear":
-                modules.append(Linear(**args, dtype=dtype, rng=rng))
+            if name in PARAMETRIC:
+                modules.append(LAYERS[name](**args, dtype=dtype, rng=rng))
             else:
                 modules.append(LAYERS[name](**args))
         return Sequential(*modules)
@@ -163,11 +197,18 @@ class ModelSpec:
         kind = np.dtype(dtype).name
         specs = []
         for index, (name, args) in enumerate(self.layers):
-            if name != "Linear":
+            if name == "Linear":
+                weight, out = (args["out_features"], args["in_features"]), args["out_features"]
+            elif name == "Conv2d":
+                kernel = args["kernel_size"]
+                kernel = tuple(kernel) if isinstance(kernel, (list, tuple)) else (kernel, kernel)
+                weight = (args["out_channels"], args["in_channels"] // args.get("groups", 1), *kernel)
+                out = args["out_channels"]
+            else:
                 continue
-            specs.append(ParamSpec(f"{index}.weight", (args["out_features"], args["in_features"]), kind))
+            specs.append(ParamSpec(f"{index}.weight", weight, kind))
             if args.get("bias", True):
-                specs.append(ParamSpec(f"{index}.bias", (args["out_features"],), kind))
+                specs.append(ParamSpec(f"{index}.bias", (out,), kind))
         return tuple(specs)
 
     def criterion(self, reduction: str = "sum") -> Loss:
@@ -176,4 +217,34 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [{"name": name, "args": dict(args)} for name, args in self.layers],
-                "loss": {"name": self.loss[0], "args": dict(self.loss[1])}}
+                "loss": {"name": self.loss[0], "args": dict(self.loss[1])}, "input_shape": list(self.input_shape)}
+
+
+def _layer_output(path: str, name: str, args: Mapping[str, Any], module: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One example's shape after layer ``name``, given its shape before; a layer that cannot
+    take that shape is a SpecError naming it."""
+    if name == "Linear":
+        if shape[-1] != args["in_features"]:
+            raise SpecError(f"{path}.args.in_features must be {shape[-1]}, the size the layers before it give "
+                            f"(shape {list(shape)} per example); got {args['in_features']}")
+        return (*shape[:-1], args["out_features"])
+    if name in IMAGE_LAYERS:
+        if len(shape) != 3:
+            raise SpecError(f"{path}: {name} takes images (channels, height, width) per example; the layers before "
+                            f"it give shape {list(shape)} (set model.input_shape, e.g. [1, 8, 8])")
+        if name == "Conv2d" and shape[0] != args["in_channels"]:
+            raise SpecError(f"{path}.args.in_channels must be {shape[0]}, the channels the layers before it give; got "
+                            f"{args['in_channels']}")
+        out = module.output_shape(shape)
+        if min(out[1:]) < 1:
+            raise SpecError(f"{path}: {name} cannot take images of {shape[1]}x{shape[2]} (its kernel and padding "
+                            f"leave nothing)")
+        return tuple(out)
+    if name == "Flatten":
+        full = (1, *shape)  # the batch axis too: start_dim counts it, as torch's does
+        start, end = module.start_dim % len(full), module.end_dim % len(full)
+        if start > end or start == 0:
+            raise SpecError(f"{path}: Flatten must keep the batch axis (start_dim >= 1) and have start_dim <= "
+                            f"end_dim; got start_dim {module.start_dim}, end_dim {module.end_dim}")
+        return (*full[1:start], math.prod(full[start:end + 1]), *full[end + 1:])
+    return shape

@@ -177,7 +177,8 @@ class ModelTask(Task):
         if batch.size == 0:
             return 0.0, model.grads()
         criterion = self.cached("criterion", self.make_criterion)
-        total = criterion(model.module.forward(batch.data[self.input_key]), batch.data[self.target_key])
+        total = criterion(model.module.forward(self.model_input(batch.data[self.input_key])),
+                          batch.data[self.target_key])
         # the data needs no gradient: skip the first layer's input gradient, as torch does
         model.module.backward(criterion.backward(1.0 / batch.global_size), need_input_grad=False)
         return float(total) / batch.global_size, model.grads()
@@ -188,6 +189,11 @@ class ModelTask(Task):
         model.bind(params)
         model.module.eval()
         try:
-            return model.module.forward(inputs)
+            return model.module.forward(self.model_input(inputs))
         finally:
             model.module.train()
+
+    def model_input(self, inputs: np.ndarray) -> np.ndarray:
+        """What the module takes for a batch's ``input_key`` array (default: the array itself;
+        a task whose examples are rows reshapes them here)."""
+        return inputs

@@ -50,7 +50,7 @@ from shardstep.workers.tasks.torch_model import TORCH_MODEL_KEYS, TorchModelSpec
 
 DATA_KEYS = ("train", "validation", "features", "label", "dtype", "split_seed", "classes", "format", "ray_data",
              "row_servers")
-MODEL_KEYS = ("layers", "loss")
+MODEL_KEYS = ("layers", "loss", "input_shape")
 # the entropy word of the validation split's generator (see base.SHUFFLE_STREAM, models.INIT_STREAM)
 SPLIT_STREAM = 4
 
@@ -168,7 +168,7 @@ class SupervisedTask(ModelTask):
         try:
             # a layer list in numpy, or a torch module (workers/tasks/torch_model.py)
             self.model = (TorchModelSpec(model) if "module" in model
-                          else ModelSpec.parse(model.get("layers"), model.get("loss")))
+                          else ModelSpec.parse(model.get("layers"), model.get("loss"), model.get("input_shape")))
         except SpecError as error:
             raise TaskArgumentError(str(error)) from error
         self.torch = isinstance(self.model, TorchModelSpec)
@@ -288,7 +288,8 @@ class SupervisedTask(ModelTask):
     def _inputs(self, features: np.ndarray, key: str) -> np.ndarray:
         width = self.model.in_features
         if features.shape[1:] != (width,):
-            takes = (f"model.input_shape {list(self.model.input_shape)} takes {width}" if self.torch
+            takes = (f"model.input_shape {list(self.model.input_shape)} takes {width}"
+                     if self.torch or len(self.model.input_shape) > 1
                      else f"model.layers' first Linear takes in_features = {width}")
             raise DataError(f"{key} ({getattr(self, key.partition('.')[2])}): {features.shape[1:]} features per "
                             f"example, but {takes}")
@@ -407,6 +408,10 @@ class SupervisedTask(ModelTask):
             return self.model.loss_and_grad(params, batch.data[self.input_key], batch.data[self.target_key],
                                             batch.global_size, self.dtype)
         return super().loss_and_grad(params, batch)
+
+    def model_input(self, inputs: np.ndarray) -> np.ndarray:
+        # rows of features as the examples' shape (images for Conv2d)
+        return inputs.reshape(-1, *self.model.input_shape)
 
     def forward(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
         if self.torch:
