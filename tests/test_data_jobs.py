@@ -132,6 +132,19 @@ def test_class_names_become_indices_in_sorted_or_stated_order(tmp_path):
     assert np.array_equal(stated, labels)
 
 
+def test_a_model_with_layer_norm_declares_what_it_builds_and_learns(tmp_path):
+    features, labels = dataset()
+    layers = [LAYERS[0], {"name": "LayerNorm", "args": {"normalized_shape": 12}}, *LAYERS[1:]]
+    task = task_of(write(tmp_path, "npz", features, labels), layers=layers, validation=0.2)
+    built = task.init_params(0)
+    assert [(s.name, s.shape) for s in task.param_specs()] == [(name, a.shape) for name, a in built.items()]
+    assert np.array_equal(built["1.weight"], np.ones(12, np.float32)) and not built["1.bias"].any()  # torch's init
+    before = task.evaluate(built)["loss"]
+    result = Trainer(task, seed=0, batch_size=32, optimizer="adam", optimizer_kwargs={"lr": 0.01},
+                     world_size=2).run(steps=40)
+    assert result.metrics["loss"] < 0.5 * before, (before, result.metrics)
+
+
 def test_regression_and_binary_targets_take_the_outputs_shape_and_report_rmse_or_accuracy(tmp_path):
     features, labels = dataset(rows=60)
     values = features[:, :2].sum(axis=1)
@@ -349,10 +362,14 @@ CASES = [
      ["data has unknown key 'shuffle'; allowed: train, validation, features, label"]),
     ("an unknown layer", _csv(GOOD_CSV), {'{ name = "GELU" }': '{ name = "Conv3d" }'},
      ["model.layers[1].name must be one of Linear, Conv2d, ReLU, Tanh, GELU, LogSoftmax, Softmax, MaxPool2d, "
-      "AvgPool2d, Flatten; got 'Conv3d'"]),
+      "AvgPool2d, Flatten, LayerNorm; got 'Conv3d'"]),
     ("widths that do not chain", _csv(GOOD_CSV), {"in_features = 12": "in_features = 13"},
      ["model.layers[2].args.in_features must be 12, the size the layers before it give (shape [12] per example); "
       "got 13"]),
+    ("a LayerNorm of the wrong size", _csv(GOOD_CSV),
+     {'{ name = "GELU" }': '{ name = "LayerNorm", args = { normalized_shape = 11 } }'},
+     ["model.layers[1].args.normalized_shape must be the last axes of what the layers before it give (shape [12] "
+      "per example); got [11]"]),
     ("an unknown layer argument", _csv(GOOD_CSV), {"out_features = 12 }": "out_features = 12, bais = false }"},
      ["model.layers[0].args: Linear has no argument 'bais'; allowed: in_features, out_features, bias"]),
     ("a loss reduction", _csv(GOOD_CSV), {'loss = "CrossEntropyLoss"':

@@ -188,5 +188,5 @@ def test_loss_case_ids_cover_every_loss():
                       "CosineEmbeddingLoss"}
     layers = {name for c in LAYER_CASES for name, _ in c.modules}
     assert layers == {"Linear", "Embedding", "ReLU", "Tanh", "GELU", "LogSoftmax", "Softmax", "Conv2d", "MaxPool2d",
-                      "AvgPool2d", "Flatten"}
+                      "AvgPool2d", "Flatten", "LayerNorm"}
     assert isinstance(LOSS_CASES[0], LossCase)

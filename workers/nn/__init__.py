@@ -20,6 +20,7 @@ from shardstep.workers.nn.layers import (
     Dropout,
     Embedding,
     Flatten,
+    LayerNorm,
     Linear,
     LogSoftmax,
     MaxPool2d,
@@ -48,7 +49,7 @@ from shardstep.workers.nn.module import Module, accumulate_grad
 __all__ = [
     "functional", "Module", "accumulate_grad",
     "Linear", "Embedding", "ReLU", "Tanh", "GELU", "Dropout", "LogSoftmax", "Softmax", "Sequential",
-    "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten",
+    "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "LayerNorm",
     "Loss", "NLLLoss", "CrossEntropyLoss", "TripletMarginLoss", "MSELoss", "L1Loss", "SmoothL1Loss",
     "HuberLoss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss", "MarginRankingLoss", "CosineEmbeddingLoss",
 ]

@@ -1038,3 +1038,41 @@ def avg_pool2d_backward(grad: np.ndarray, divisor: np.ndarray, x_shape: tuple[in
     share = (grad / divisor)[..., None, None]
     d_windows = np.broadcast_to(share, (*grad.shape, kernel[0], kernel[1]))
     return _scatter_windows(d_windows, x_shape, stride, (1, 1), padding)
+
+
+# ---------------------------------------------------------------------------------------
+# layer normalization
+
+
+def layer_norm(x: np.ndarray, dims: int, weight: np.ndarray | None, bias: np.ndarray | None,
+               eps: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """torch's layer_norm over the last ``dims`` axes: (x - mean) / sqrt(var + eps) with the
+    biased variance, then ``* weight + bias``; returns (output, (x_hat, 1 / sqrt(var + eps)))."""
+    axes = tuple(range(x.ndim - dims, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    centered = x - mean
+    variance = (centered * centered).mean(axis=axes, keepdims=True)
+    inverse = 1.0 / np.sqrt(variance + x.dtype.type(eps))
+    normalized = centered * inverse
+    output = normalized
+    if weight is not None:
+        output = output * weight
+    if bias is not None:
+        output = output + bias
+    return output, (normalized, inverse)
+
+
+def layer_norm_backward(grad: np.ndarray, saved: tuple[np.ndarray, np.ndarray], dims: int,
+                        weight: np.ndarray | None, with_bias: bool, need_input_grad: bool = True):
+    """(d_input or None, d_weight or None, d_bias or None) for :func:`layer_norm`."""
+    normalized, inverse = saved
+    batch_axes = tuple(range(grad.ndim - dims))
+    d_weight = (grad * normalized).sum(axis=batch_axes) if weight is not None else None
+    d_bias = grad.sum(axis=batch_axes) if with_bias else None
+    d_input = None
+    if need_input_grad:
+        axes = tuple(range(grad.ndim - dims, grad.ndim))
+        d_normalized = grad * weight if weight is not None else grad
+        d_input = inverse * (d_normalized - d_normalized.mean(axis=axes, keepdims=True)
+                             - normalized * (d_normalized * normalized).mean(axis=axes, keepdims=True))
+    return d_input, d_weight, d_bias

@@ -239,6 +239,60 @@ class AvgPool2d(_Pool2d):
         return F.avg_pool2d_backward(grad, divisor, shape, self.kernel_size, self.stride, self.padding)
 
 
+class LayerNorm(Module):
+    """torch.nn.LayerNorm: normalizes over the last ``len(normalized_shape)`` axes with the
+    biased variance; ``weight`` (ones) and ``bias`` (zeros) of ``normalized_shape`` when
+    ``elementwise_affine`` (``bias=False`` leaves the bias out). ``rng`` is accepted like the
+    other layers' and unused: the initialization is constant."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        owner = "LayerNorm"
+        shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else (normalized_shape,)
+        self.normalized_shape = tuple(_size(owner, "normalized_shape", size) for size in shape)
+        if not self.normalized_shape or min(self.normalized_shape) < 1:
+            raise ValueError(f"{owner}: normalized_shape must be positive sizes; got {normalized_shape!r}")
+        self.eps = real(owner, "eps", eps)
+        if self.eps < 0:
+            raise ValueError(f"{owner}: eps must be >= 0; got {eps}")
+        for name, value in (("elementwise_affine", elementwise_affine), ("bias", bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{owner}: {name} must be a bool; got {value!r}")
+        dtype = float_dtype(dtype, owner)
+        as_generator(rng, owner)
+        self.weight = Parameter(np.ones(self.normalized_shape, dtype), name="weight") if elementwise_affine else None
+        self.bias = (Parameter(np.zeros(self.normalized_shape, dtype), name="bias")
+                     if elementwise_affine and bias else None)
+
+    def forward(self, x) -> np.ndarray:
+        x = float_array("LayerNorm", "input", x)
+        dims = len(self.normalized_shape)
+        if x.shape[x.ndim - dims:] != self.normalized_shape or x.ndim < dims:
+            raise ValueError(f"LayerNorm: input must end in normalized_shape {self.normalized_shape}; got {x.shape}")
+        if self.weight is not None and x.dtype != self.weight.dtype:
+            raise TypeError(f"LayerNorm: input dtype {x.dtype} must match the layer's dtype {self.weight.dtype}")
+        output, saved = F.layer_norm(x, dims, None if self.weight is None else self.weight.data,
+                                     None if self.bias is None else self.bias.data, self.eps)
+        self._cache = (saved, x.shape, x.dtype)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        saved, shape, dtype = self._cached()
+        grad = _grad_like("LayerNorm", grad_output, shape, dtype)
+        d_input, d_weight, d_bias = F.layer_norm_backward(grad, saved, len(self.normalized_shape),
+                                                          None if self.weight is None else self.weight.data,
+                                                          self.bias is not None, need_input_grad)
+        if self.weight is not None:
+            accumulate_grad(self.weight, d_weight)
+        if self.bias is not None:
+            accumulate_grad(self.bias, d_bias)
+        return d_input
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
 class Flatten(Module):
     """torch.nn.Flatten: dimensions ``start_dim`` .. ``end_dim`` as one."""
 

@@ -31,6 +31,7 @@ from shardstep.workers.nn.layers import (
     AvgPool2d,
     Conv2d,
     Flatten,
+    LayerNorm,
     Linear,
     LogSoftmax,
     MaxPool2d,
@@ -54,8 +55,10 @@ from shardstep.workers.nn.losses import (
 # be what the layers before it give (checked from model.input_shape, one example's shape)
 LAYERS: dict[str, type] = {"Linear": Linear, "Conv2d": Conv2d, "ReLU": ReLU, "Tanh": Tanh, "GELU": GELU,
                            "LogSoftmax": LogSoftmax, "Softmax": Softmax, "MaxPool2d": MaxPool2d,
-                           "AvgPool2d": AvgPool2d, "Flatten": Flatten}
-PARAMETRIC = ("Linear", "Conv2d")
+                           "AvgPool2d": AvgPool2d, "Flatten": Flatten, "LayerNorm": LayerNorm}
+# the layers built with the run's dtype and generator; a model needs a Linear or a Conv2d
+PARAMETRIC = ("Linear", "Conv2d", "LayerNorm")
+WEIGHTED = ("Linear", "Conv2d")
 IMAGE_LAYERS = ("Conv2d", "MaxPool2d", "AvgPool2d")
 # loss name -> (class, kind): "classes" losses take class indices, "values" losses take
 # float targets of the output's shape, "binary" losses take 0/1 targets of the output's shape
@@ -136,11 +139,11 @@ class ModelSpec:
                     raise SpecError(f"{path}.layers[{index}].args.{key} must be an integer >= 1; got {_shown(value)}")
             if "bias" in args and not isinstance(args["bias"], bool):
                 raise SpecError(f"{path}.layers[{index}].args.bias must be true or false; got {_shown(args['bias'])}")
-        if not any(name in PARAMETRIC for name, _ in checked):
+        if not any(name in WEIGHTED for name, _ in checked):
             raise SpecError(f"{path}.layers has no Linear or Conv2d layer, so nothing to train; got "
                             f"{', '.join(name for name, _ in checked)}")
         if input_shape is None:
-            first, args = next((name, args) for name, args in checked if name in PARAMETRIC)
+            first, args = next((name, args) for name, args in checked if name in WEIGHTED)
             if first != "Linear":
                 raise SpecError(f"{path}.input_shape is required when the first layer with parameters is {first}: "
                                 f"one example's shape, such as [1, 8, 8]")
@@ -199,6 +202,15 @@ class ModelSpec:
         for index, (name, args) in enumerate(self.layers):
             if name == "Linear":
                 weight, out = (args["out_features"], args["in_features"]), args["out_features"]
+            elif name == "LayerNorm":
+                if not args.get("elementwise_affine", True):
+                    continue
+                size = args["normalized_shape"]
+                shape = tuple(size) if isinstance(size, (list, tuple)) else (size,)
+                specs.append(ParamSpec(f"{index}.weight", shape, kind))
+                if args.get("bias", True):
+                    specs.append(ParamSpec(f"{index}.bias", shape, kind))
+                continue
             elif name == "Conv2d":
                 kernel = args["kernel_size"]
                 kernel = tuple(kernel) if isinstance(kernel, (list, tuple)) else (kernel, kernel)
@@ -240,6 +252,12 @@ def _layer_output(path: str, name: str, args: Mapping[str, Any], module: Any, sh
             raise SpecError(f"{path}: {name} cannot take images of {shape[1]}x{shape[2]} (its kernel and padding "
                             f"leave nothing)")
         return tuple(out)
+    if name == "LayerNorm":
+        normalized = module.normalized_shape
+        if shape[len(shape) - len(normalized):] != normalized:
+            raise SpecError(f"{path}.args.normalized_shape must be the last axes of what the layers before it give "
+                            f"(shape {list(shape)} per example); got {list(normalized)}")
+        return shape
     if name == "Flatten":
         full = (1, *shape)  # the batch axis too: start_dim counts it, as torch's does
         start, end = module.start_dim % len(full), module.end_dim % len(full)
