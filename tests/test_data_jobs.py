@@ -103,6 +103,27 @@ def test_each_format_gives_the_same_arrays_batches_and_training(tmp_path):
         assert_same(trained[kind], trained["npz"], f"{kind}: ")
 
 
+def test_a_file_is_read_once_per_process_until_it_changes(tmp_path):
+    """The job check, a re-check after overrides and the coordinator each build the task: the
+    second one takes the arrays the first read, and a rewritten file is read again."""
+    import os
+
+    features, labels = dataset()
+    path = write(tmp_path, "csv", features, labels)
+    first, second = task_of(path), task_of(path)
+    first.prepare()
+    second.prepare()
+    assert second._data() is first._data()
+    other = task_of(path, dtype="float64")  # another argument: its own read
+    other.prepare()
+    assert other._data() is not first._data() and other._data().train_inputs.dtype == np.float64
+    write(tmp_path, "csv", features[::-1], labels[::-1])
+    os.utime(path, ns=(1, 1))  # the rewrite might share the old modification time to the ns
+    again = task_of(path)
+    again.prepare()
+    assert np.array_equal(again.training_arrays()[0], features[::-1])
+
+
 def test_a_validation_fraction_is_a_seeded_split_of_the_training_rows(tmp_path):
     features, labels = dataset(rows=101)
     path = write(tmp_path, "npz", features, labels)

@@ -87,7 +87,8 @@ class GradientWorker:
     # -- internals ------------------------------------------------------------------------------
 
     def _batch(self, epoch: int, index: int):
-        self._orders = {key: value for key, value in self._orders.items() if key >= epoch}
+        if len(self._orders) > 1:  # let go of past epochs' orders
+            self._orders = {key: value for key, value in self._orders.items() if key >= epoch}
         batch = self.task._shard(self.seed, epoch, index, self.batch_size, self.rank, self.world_size,
                                  self._epoch_order(epoch))
         if self.task.prefetches:

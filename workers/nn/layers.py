@@ -44,6 +44,17 @@ def _size(owner: str, name: str, value) -> int:
     return value
 
 
+def _fan_in_parameters(generator: np.random.Generator, fan_in: int, weight_shape: tuple[int, ...], bias: bool,
+                       dtype: np.dtype) -> tuple[Parameter, Parameter | None]:
+    """torch's default weight and bias of Linear and Conv2d: both U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) (kaiming_uniform_(a=sqrt(5)) for the weight), the weight drawn first."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    weight = Parameter(generator.uniform(-bound, bound, weight_shape).astype(dtype), name="weight")
+    if not bias:
+        return weight, None
+    return weight, Parameter(generator.uniform(-bound, bound, weight_shape[0]).astype(dtype), name="bias")
+
+
 class Linear(Module):
     """y = x W^T + b over the last axis; input (*, in_features) -> (*, out_features)."""
 
@@ -55,14 +66,8 @@ class Linear(Module):
         if not isinstance(bias, bool):
             raise TypeError(f"{owner}: bias must be a bool; got {bias!r}")
         dtype = float_dtype(dtype, owner)
-        generator = as_generator(rng, owner)
-        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-        weight = generator.uniform(-bound, bound, (self.out_features, self.in_features))
-        self.weight = Parameter(weight.astype(dtype), name="weight")
-        if bias:
-            self.bias = Parameter(generator.uniform(-bound, bound, self.out_features).astype(dtype), name="bias")
-        else:
-            self.bias = None
+        self.weight, self.bias = _fan_in_parameters(as_generator(rng, owner), self.in_features,
+                                                    (self.out_features, self.in_features), bias, dtype)
 
     def forward(self, x) -> np.ndarray:
         x = float_array("Linear", "input", x)
@@ -129,13 +134,9 @@ class Conv2d(Module):
         if not isinstance(bias, bool):
             raise TypeError(f"{owner}: bias must be a bool; got {bias!r}")
         dtype = float_dtype(dtype, owner)
-        generator = as_generator(rng, owner)
         fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        self.weight = Parameter(generator.uniform(-bound, bound, shape).astype(dtype), name="weight")
-        self.bias = (Parameter(generator.uniform(-bound, bound, self.out_channels).astype(dtype), name="bias")
-                     if bias else None)
+        self.weight, self.bias = _fan_in_parameters(as_generator(rng, owner), fan_in, shape, bias, dtype)
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """(C, H, W) of one example out for ``shape`` (C, H, W) in."""

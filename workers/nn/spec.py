@@ -156,9 +156,8 @@ class ModelSpec:
         if loss is None:
             raise SpecError(f"{path}.loss is required: one of {', '.join(LOSSES)}")
         loss_entry = _entry(f"{path}.loss", loss, LOSSES, "loss")
-        try:  # the arguments' values: the classes' own checks, on a throwaway build
-            modules = [LAYERS[name](**args) if name not in PARAMETRIC else
-                       LAYERS[name](**args, dtype=np.float64, rng=np.random.default_rng(0)) for name, args in checked]
+        try:  # the arguments' values: the classes' own checks, on miniatures (the model is never built here)
+            modules = [_miniature(name, args) for name, args in checked]
             LOSSES[loss_entry[0]][0](**loss_entry[1], reduction="sum")
         except (TypeError, ValueError) as error:
             raise SpecError(f"{path}: {error}") from error
@@ -232,6 +231,24 @@ class ModelSpec:
                 "loss": {"name": self.loss[0], "args": dict(self.loss[1])}, "input_shape": list(self.input_shape)}
 
 
+def _miniature(name: str, args: Mapping[str, Any]) -> Any:
+    """Layer ``name`` with ``args`` checked by its own constructor, but as small as it can be:
+    a Linear of 1 x 1 and a Conv2d of one channel per group carry the same options (bias,
+    kernel, stride, padding, dilation, groups) without the job check allocating the model."""
+    if name == "Linear":
+        return Linear(1, 1, bias=args.get("bias", True), dtype=np.float32, rng=0)
+    if name == "Conv2d":
+        groups = args.get("groups", 1)
+        for key in ("in_channels", "out_channels"):
+            if isinstance(groups, int) and groups >= 1 and args[key] % groups:
+                raise ValueError(f"Conv2d: groups must divide {key} ({args[key]}); got {groups}")
+        options = {key: value for key, value in args.items() if key not in ("in_channels", "out_channels")}
+        return Conv2d(groups, groups, **options, dtype=np.float32, rng=0)
+    if name in PARAMETRIC:
+        return LAYERS[name](**args, dtype=np.float32, rng=0)
+    return LAYERS[name](**args)
+
+
 def _layer_output(path: str, name: str, args: Mapping[str, Any], module: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
     """One example's shape after layer ``name``, given its shape before; a layer that cannot
     take that shape is a SpecError naming it."""
@@ -248,6 +265,8 @@ def _layer_output(path: str, name: str, args: Mapping[str, Any], module: Any, sh
             raise SpecError(f"{path}.args.in_channels must be {shape[0]}, the channels the layers before it give; got "
                             f"{args['in_channels']}")
         out = module.output_shape(shape)
+        if name == "Conv2d":  # the miniature has other channels: the layer's own give the output's
+            out = (args["out_channels"], *out[1:])
         if min(out[1:]) < 1:
             raise SpecError(f"{path}: {name} cannot take images of {shape[1]}x{shape[2]} (its kernel and padding "
                             f"leave nothing)")

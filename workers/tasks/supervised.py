@@ -23,8 +23,10 @@ Metrics, on the validation data (or on the training data when the job names none
 ``loss`` (the criterion's mean) and, for classification, ``accuracy``; for regression,
 ``rmse``.
 
-The data is read and checked once, by :meth:`prepare`, in the process that starts the run;
-it then travels with the task to every gradient worker, so no other node needs the files.
+The data is read and checked once, by :meth:`prepare`, in the process that starts the run (a
+task built again from the same unchanged files takes the arrays already read); it then
+travels with the task to every gradient worker (the pickled ``_arrays``), so no other node
+needs the files.
 With ``ray_data`` (:mod:`shardstep.workers.tasks.ray_rows`), :meth:`prepare` checks only the
 columns, :meth:`serve` has Ray Data read the files into row servers once Ray is up, and
 :meth:`examples` fetches a worker's rows from them (:meth:`prefetch`: one batch ahead).
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
+from shardstep.checkpoints.storage import is_url
 from shardstep.workers.nn import Module
 from shardstep.workers.nn.spec import ModelSpec, SpecError
 from shardstep.workers.tasks.base import TaskArgumentError, check_dtype
@@ -51,6 +55,10 @@ from shardstep.workers.tasks.torch_model import TORCH_MODEL_KEYS, TorchModelSpec
 DATA_KEYS = ("train", "validation", "features", "label", "dtype", "split_seed", "classes", "format", "ray_data",
              "row_servers")
 MODEL_KEYS = ("layers", "loss", "input_shape")
+# the last data a task read in this process, by what it read (SupervisedTask._read_key): the
+# job check, a re-check after command-line overrides and the coordinator each build the task,
+# and the files are read once; the arrays are shared, never written
+_LAST_READ: dict[tuple, SupervisedData] = {}
 # the entropy word of the validation split's generator (see base.SHUFFLE_STREAM, models.INIT_STREAM)
 SPLIT_STREAM = 4
 
@@ -108,6 +116,7 @@ class SupervisedTask(ModelTask):
             unknown = [key for key in given if key not in keys]
             if unknown:
                 raise TaskArgumentError(f"{table} has unknown key {unknown[0]!r}; allowed: {', '.join(keys)}")
+        self._arguments = repr((dict(data), dict(model)))  # what the arrays are a function of, with the files
         if not isinstance(data.get("train"), str) or not data["train"]:
             raise TaskArgumentError(f"data.train is required: the training data file (NPZ, CSV or Parquet; a path "
                                     f"relative to the job file, or a URL); got {data.get('train')!r}")
@@ -199,7 +208,29 @@ class SupervisedTask(ModelTask):
                     check_schema(location, self.reader_format, features=self.features, label=self.label, key=key)
             return
         if self._arrays is None:
+            key = self._read_key()
+            if key is not None and key in _LAST_READ:
+                self._arrays = _LAST_READ[key]
+                return
             self._arrays = self._load()
+            _LAST_READ.clear()
+            if key is not None:
+                _LAST_READ[key] = self._arrays
+
+    def _read_key(self) -> tuple | None:
+        """What the data read from: the local files (path, size, modification time, inode)
+        and the task's arguments (which shape the arrays); None for a URL (not remembered)."""
+        sources = [self.train] + ([self.validation] if isinstance(self.validation, str) else [])
+        files = []
+        for location in sources:
+            if is_url(location):
+                return None
+            try:
+                status = os.stat(location)
+            except OSError:
+                return None  # the read names what is wrong
+            files.append((location, status.st_size, status.st_mtime_ns, status.st_ino))
+        return tuple(files), self._arguments
 
     def serve(self) -> None:
         """With ray_data: read the files with Ray Data into row servers (Ray is up) and
@@ -351,9 +382,6 @@ class SupervisedTask(ModelTask):
         return targets
 
     # -- the task ----------------------------------------------------------------------------
-
-    def __getstate__(self) -> dict[str, Any]:
-        return super().__getstate__()  # keeps _arrays: the data travels with the task
 
     def without_data(self) -> SupervisedTask:
         bare = copy.copy(self)
