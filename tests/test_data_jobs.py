@@ -588,3 +588,67 @@ def test_the_cnn_example_passes_98_5_percent_on_ray_bit_identical_to_inline(tmp_
     history = evaluations(tmp_path / "ray")
     assert history == evaluations(tmp_path / "inline")
     assert history[-1]["accuracy"] >= 0.985, history
+
+
+# ---------------------------------------------------------------------------------------
+# dropout: masks keyed to the step and each example's place in the global batch
+
+DROPOUT_LAYERS = [LAYERS[0], LAYERS[1], {"name": "Dropout", "args": {"p": 0.4}}, LAYERS[2]]
+
+
+def test_dropout_masks_do_not_depend_on_ranks_or_micro_batches(tmp_path):
+    """The summed partials of 1, 2 and 3 ranks, and of 2 micro-batches, are one function of the
+    parameters: the same masks whatever the cut (float64, to rounding). Without the keying, a
+    rank would draw its rows' masks from its own stream and the losses would differ by O(1)."""
+    from shardstep.workers.tasks.base import accumulated_loss_and_grad
+
+    features, labels = dataset()
+    path = write(tmp_path, "npz", features.astype(np.float64), labels)
+    task = task_of(path, layers=DROPOUT_LAYERS, dtype="float64")
+    params = task.init_params(3)
+    results = {}
+    for world_size, parts in ((1, 1), (2, 1), (3, 1), (1, 2)):
+        loss, grads = 0.0, None
+        for rank in range(world_size):
+            batch = next(iter(task.batches(7, 2, 40, rank, world_size)))
+            part_loss, part_grads = accumulated_loss_and_grad(task, params, batch, parts)
+            loss += part_loss
+            grads = part_grads if grads is None else {k: grads[k] + part_grads[k] for k in grads}
+        results[(world_size, parts)] = loss, grads
+    reference_loss, reference = results[(1, 1)]
+    for key, (loss, grads) in results.items():
+        assert abs(loss - reference_loss) <= 1e-12 * abs(reference_loss), key
+        for name in reference:
+            np.testing.assert_allclose(grads[name], reference[name], rtol=1e-10, atol=1e-14, err_msg=str(key))
+    # the masks are real: the same batch without dropout has another loss, and the batch of
+    # the same number in another epoch draws other masks
+    without = task_of(path, layers=[*DROPOUT_LAYERS[:2], {"name": "Dropout", "args": {"p": 0.0}}, LAYERS[2]],
+                      dtype="float64")
+    batch = next(iter(task.batches(7, 2, 40)))
+    assert abs(without.loss_and_grad(params, batch)[0] - reference_loss) > 1e-3
+    other_epoch = next(iter(task.batches(7, 3, 40)))
+    assert not np.array_equal(task.loss_and_grad(params, other_epoch)[1]["0.weight"],
+                              without.loss_and_grad(params, other_epoch)[1]["0.weight"])
+
+
+def test_a_dropout_job_resumes_bit_for_bit_and_ray_equals_inline(tmp_path, ray_address):
+    features, labels = dataset()
+    write(tmp_path, "csv", features, labels)
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    runs = {}
+    for backend in ("ray", "inline"):
+        text = JOB.format(run_dir=f"runs/{backend}", train="data.csv", backend=backend)
+        text = text.replace('{ name = "GELU" },', '{ name = "GELU" }, { name = "Dropout", args = { p = 0.4 } },')
+        text = text.replace("steps = 6", "steps = 10") + "\n[checkpoint]\nevery = 5\n"
+        assert "Dropout" in text
+        (tmp_path / f"{backend}.toml").write_text(text)
+        out = cli("run", str(tmp_path / f"{backend}.toml"), "--quiet", env=env)
+        assert out.returncode == 0, out.stderr
+        runs[backend] = tmp_path / "runs" / backend
+    finished = final_params(runs["ray"])
+    assert_same(finished, final_params(runs["inline"]))
+    # a crash after step 5: the run resumed from its checkpoint ends with the same parameters
+    shutil.rmtree(runs["ray"] / "checkpoints" / "step-0000000010")
+    resumed = cli("resume", str(runs["ray"]), "--quiet", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(final_params(runs["ray"]), finished)

@@ -35,6 +35,10 @@ def convnet(channels=4):
                                torch.nn.Linear(channels * 6 * 6, 10))
 
 
+def with_dropout(p=0.5):
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(p), torch.nn.Linear(32, 10))
+
+
 def with_buffers():
     return torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10))
 '''
@@ -166,6 +170,35 @@ def test_the_first_parameters_are_torchs_own_initialization(tmp_path):
             assert np.array_equal(ours[name], parameter.detach().numpy()), name
         assert [(s.name, s.shape) for s in task.param_specs()] == [(n, tuple(p.shape)) for n, p in
                                                                    module.named_parameters()]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("nets", None)
+
+
+def test_a_torch_modules_dropout_draws_the_steps_masks_and_leaves_torchs_stream_alone(tmp_path):
+    """The same batch computed again (a resumed step) gives the same gradient; another batch,
+    other masks; the caller's torch generator is where it was."""
+    torch = require_torch()
+    from shardstep.workers.tasks import make_task
+
+    (tmp_path / "nets.py").write_text(NETS)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        tasks = {p: make_task("supervised", data={"train": str(ROOT / "examples" / "data" / "digits-train.csv"),
+                                                  "label": "digit"},
+                              model={"module": "nets:with_dropout", "args": {"p": p}, "input_shape": [64],
+                                     "loss": "CrossEntropyLoss"}) for p in (0.5, 0.0)}
+        params = tasks[0.5].init_params(3)
+        first, second = list(tasks[0.5].batches(3, 0, 32))[:2]
+        torch.manual_seed(11)
+        state = torch.random.get_rng_state()
+        grad = tasks[0.5].loss_and_grad(params, first)[1]["0.weight"]
+        assert torch.equal(torch.random.get_rng_state(), state)
+        again = tasks[0.5].loss_and_grad(params, first)[1]["0.weight"]
+        assert np.array_equal(grad, again)
+        assert not np.array_equal(grad, tasks[0.0].loss_and_grad(params, first)[1]["0.weight"])
+        other = tasks[0.5].loss_and_grad(params, second)[1]["0.weight"]
+        assert not np.array_equal(other, tasks[0.0].loss_and_grad(params, second)[1]["0.weight"])
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("nets", None)

@@ -137,6 +137,16 @@ def dropout_mask(shape, p: float, dtype, rng: np.random.Generator) -> np.ndarray
     return keep.astype(dtype) * np.asarray(1.0 / (1.0 - p), dtype=dtype)
 
 
+def batch_dropout_mask(shape, p: float, dtype, words: tuple[int, ...], offset: int, total: int) -> np.ndarray:
+    """Rows ``offset .. offset + shape[0] - 1`` of the dropout noise of a whole global batch of
+    ``total`` rows drawn from ``default_rng(words)``: an example's mask depends on its place in
+    the global batch, never on how the batch is cut into shards and micro-batches."""
+    if offset < 0 or offset + shape[0] > total:
+        raise ValueError(f"dropout rows {offset}..{offset + shape[0] - 1} lie outside a global batch of {total}")
+    whole = dropout_mask((total, *shape[1:]), p, dtype, np.random.default_rng(list(words)))
+    return whole[offset:offset + shape[0]]
+
+
 # -- softmax --------------------------------------------------------------------------------
 
 def log_softmax(x: np.ndarray, dim: int) -> np.ndarray:

@@ -430,10 +430,31 @@ class GELU(_Elementwise):
         return f"approximate={self.approximate!r}"
 
 
+class BatchNoise:
+    """Where a stochastic layer draws its noise within one training batch: the entropy words
+    of the batch's generator (the task's seed, epoch, batch and the layer's number) and the
+    place of this piece's rows in the global batch. A task sets it before each forward, so a
+    step's masks are a function of the step alone: a resumed run, any number of gradient
+    workers and any number of micro-batches draw the very same masks, and nothing about the
+    generator needs to be saved."""
+
+    __slots__ = ("words", "offset", "total", "calls")
+
+    def __init__(self, words: tuple[int, ...], offset: int, total: int):
+        self.words, self.offset, self.total = tuple(int(w) for w in words), int(offset), int(total)
+        self.calls = 0
+
+    def mask(self, shape, p: float, dtype) -> np.ndarray:
+        # a layer called twice in one forward (a shared module) draws a second mask
+        words, self.calls = (*self.words, self.calls), self.calls + 1
+        return F.batch_dropout_mask(shape, p, dtype, words, self.offset, self.total)
+
+
 class Dropout(_Elementwise):
     """In training, zero each element with probability ``p`` and scale the rest by 1 / (1 - p);
     the identity in eval mode. The masks come from ``rng`` (a Generator or seed), so a seeded
-    run draws the same masks every time."""
+    run draws the same masks every time; inside a task, from the step's :class:`BatchNoise`
+    (``noise``) instead, by rows along the first axis (the batch)."""
 
     def __init__(self, p: float = 0.5, rng=None):
         super().__init__()
@@ -442,13 +463,17 @@ class Dropout(_Elementwise):
             raise ValueError(f"Dropout: p (the probability of an element to be zeroed) must be in [0, 1]; got {p}")
         self.p = p
         self.rng = as_generator(rng, "Dropout")
+        self.noise: BatchNoise | None = None
 
     def forward(self, x) -> np.ndarray:
         x = self._input(x)
         if not self.training or self.p == 0.0:
             self._cache = (x, None)
             return x
-        mask = F.dropout_mask(x.shape, self.p, x.dtype, self.rng)
+        if self.noise is not None and x.ndim > 0:
+            mask = self.noise.mask(x.shape, self.p, x.dtype)
+        else:
+            mask = F.dropout_mask(x.shape, self.p, x.dtype, self.rng)
         self._cache = (x, mask)
         return x * mask
 

@@ -8,8 +8,9 @@
     model.param_specs(np.float32)             # the same names and shapes, nothing allocated
 
 The layers are the ones of this package whose behaviour is a function of their arguments
-and input alone (Dropout draws a mask per call and is left out until its masks are a
-function of the batch); the losses are those that compare one output with one target.
+and input, and of the batch for Dropout (the task keys its masks to the step:
+``shardstep.workers.tasks.models.set_batch_noise``); the losses are those that compare one
+output with one target.
 Every refusal is a :class:`SpecError` whose message names the key (``model.layers[2].args``),
 the value and what is allowed.
 """
@@ -30,6 +31,7 @@ from shardstep.workers.nn.layers import (
     GELU,
     AvgPool2d,
     Conv2d,
+    Dropout,
     Flatten,
     LayerNorm,
     Linear,
@@ -55,7 +57,7 @@ from shardstep.workers.nn.losses import (
 # be what the layers before it give (checked from model.input_shape, one example's shape)
 LAYERS: dict[str, type] = {"Linear": Linear, "Conv2d": Conv2d, "ReLU": ReLU, "Tanh": Tanh, "GELU": GELU,
                            "LogSoftmax": LogSoftmax, "Softmax": Softmax, "MaxPool2d": MaxPool2d,
-                           "AvgPool2d": AvgPool2d, "Flatten": Flatten, "LayerNorm": LayerNorm}
+                           "AvgPool2d": AvgPool2d, "Flatten": Flatten, "LayerNorm": LayerNorm, "Dropout": Dropout}
 # the layers built with the run's dtype and generator; a model needs a Linear or a Conv2d
 PARAMETRIC = ("Linear", "Conv2d", "LayerNorm")
 WEIGHTED = ("Linear", "Conv2d")

@@ -62,7 +62,10 @@ class Batch:
     training set, in global-batch order (may be empty when the global batch has fewer
     examples than ranks). global_size: the number of examples in the whole global batch, the
     denominator of the summable loss. data: the shard's arrays, as the task's
-    :meth:`Task.examples` returns them (leading dimension ``len(examples)``).
+    :meth:`Task.examples` returns them (leading dimension ``len(examples)``). offset: the
+    place of ``examples[0]`` within the global batch (rank r's shard starts at
+    ``global_size * r // world_size``; a micro-batch further in), which keys per-example noise
+    such as dropout masks to the global batch.
     """
 
     seed: int
@@ -73,6 +76,7 @@ class Batch:
     examples: np.ndarray
     global_size: int
     data: Mapping[str, np.ndarray] = field(repr=False)
+    offset: int = 0
 
     @property
     def size(self) -> int:
@@ -227,7 +231,8 @@ def micro_batches(batch: Batch, parts: int) -> list[Batch]:
         pieces.append(Batch(seed=batch.seed, epoch=batch.epoch, index=batch.index, rank=batch.rank,
                             world_size=batch.world_size, examples=batch.examples[start:stop],
                             global_size=batch.global_size,
-                            data={key: array[start:stop] for key, array in batch.data.items()}))
+                            data={key: array[start:stop] for key, array in batch.data.items()},
+                            offset=batch.offset + start))
     return pieces
 
 
@@ -410,7 +415,8 @@ class Task(ABC):
                     f"array needs leading dimension {positions.size} (one row per example)"
                 )
         return Batch(seed=seed, epoch=epoch, index=index, rank=rank, world_size=world_size,
-                     examples=positions, global_size=int(members.size), data=dict(data))
+                     examples=positions, global_size=int(members.size), data=dict(data),
+                     offset=shard_bounds(int(members.size), rank, world_size)[0])
 
     def cached(self, key: str, build: Callable[[], Any]) -> Any:
         """``build()`` once per process and task object; left out of pickles."""

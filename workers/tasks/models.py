@@ -12,6 +12,7 @@ import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import GELU, Linear, Module, ReLU, Sequential, Tanh
+from shardstep.workers.nn.layers import BatchNoise
 from shardstep.workers.nn.losses import Loss
 from shardstep.workers.optim.parameter import RowSparseGrad
 from shardstep.workers.tasks.base import Batch, Task, check_int, check_params, declared_for
@@ -22,6 +23,8 @@ ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "gelu": GELU}
 INIT_STREAM = 1
 SAMPLING_STREAM = 2
 DATA_STREAM = 3
+# [seed, epoch, NOISE_STREAM, batch index, layer number]: a training step's dropout masks
+NOISE_STREAM = 5
 
 
 def check_activation(value: Any) -> str:
@@ -121,6 +124,19 @@ def empty_sparse(shape: tuple[int, ...], dtype: np.dtype) -> RowSparseGrad:
     return RowSparseGrad(np.zeros(0, np.int64), np.zeros((0, *shape[1:]), dtype), shape)
 
 
+def set_batch_noise(module: Module, batch: Batch) -> None:
+    """Point every stochastic layer of ``module`` (those with a ``noise`` attribute: Dropout,
+    attention with dropout) at ``batch``'s noise, numbered in ``named_modules`` order: a step's
+    masks then follow from (seed, epoch, batch index) and each example's place in the global
+    batch, which a checkpoint already holds."""
+    number = 0
+    for _, layer in module.named_modules():
+        if "noise" in layer.__dict__:
+            layer.noise = BatchNoise((batch.seed, batch.epoch, NOISE_STREAM, batch.index, number), batch.offset,
+                                     batch.global_size)
+            number += 1
+
+
 class ModelTask(Task):
     """A task whose model is one ``shardstep.workers.nn`` module, initialized from ``seed``'s init
     stream, and whose loss is a criterion of the module's output on the ``input_key`` array
@@ -177,6 +193,7 @@ class ModelTask(Task):
         if batch.size == 0:
             return 0.0, model.grads()
         criterion = self.cached("criterion", self.make_criterion)
+        set_batch_noise(model.module, batch)
         total = criterion(model.module.forward(self.model_input(batch.data[self.input_key])),
                           batch.data[self.target_key])
         # the data needs no gradient: skip the first layer's input gradient, as torch does

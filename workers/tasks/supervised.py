@@ -49,7 +49,7 @@ from shardstep.workers.nn import Module
 from shardstep.workers.nn.spec import ModelSpec, SpecError
 from shardstep.workers.tasks.base import TaskArgumentError, check_dtype
 from shardstep.workers.tasks.data_files import FORMATS, DataError, check_schema, file_format, read_columns
-from shardstep.workers.tasks.models import ModelTask
+from shardstep.workers.tasks.models import NOISE_STREAM, ModelTask
 from shardstep.workers.tasks.torch_model import TORCH_MODEL_KEYS, TorchModelSpec
 
 DATA_KEYS = ("train", "validation", "features", "label", "dtype", "split_seed", "classes", "format", "ray_data",
@@ -434,7 +434,8 @@ class SupervisedTask(ModelTask):
     def loss_and_grad(self, params: Mapping[str, np.ndarray], batch: Any):
         if self.torch:
             return self.model.loss_and_grad(params, batch.data[self.input_key], batch.data[self.target_key],
-                                            batch.global_size, self.dtype)
+                                            batch.global_size, self.dtype,
+                                            (batch.seed, batch.epoch, NOISE_STREAM, batch.index, batch.offset))
         return super().loss_and_grad(params, batch)
 
     def model_input(self, inputs: np.ndarray) -> np.ndarray:

@@ -218,8 +218,14 @@ class TorchModelSpec:
             torch.set_num_threads(previous)
 
     def loss_and_grad(self, params: Mapping[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray,
-                      global_size: int, dtype: Any) -> tuple[float, dict[str, np.ndarray]]:
-        with self._threads():
+                      global_size: int, dtype: Any, noise_words: tuple[int, ...] = ()) -> tuple[float, dict[str, np.ndarray]]:
+        """``noise_words`` seed torch's generator for this call (the step and the piece's place
+        in the global batch), inside a fork of torch's random state: the module's dropout draws
+        the same masks when the step is computed again (a resumed run) and the caller's own
+        torch random stream is left as it was."""
+        torch = _torch()
+        with self._threads(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence(list(noise_words)).generate_state(1, np.uint64)[0]))
             return self._loss_and_grad(params, inputs, targets, global_size, dtype)
 
     def _loss_and_grad(self, params: Mapping[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray,
