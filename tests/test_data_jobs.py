@@ -166,6 +166,24 @@ def test_a_model_with_layer_norm_declares_what_it_builds_and_learns(tmp_path):
     assert result.metrics["loss"] < 0.5 * before, (before, result.metrics)
 
 
+def test_a_1d_convolutional_model_declares_what_it_builds_and_learns(tmp_path):
+    """Each row of 5 features as one sequence (1, 5): Conv1d, ReLU, AdaptiveAvgPool1d, Flatten,
+    Linear."""
+    features, labels = dataset()
+    layers = [{"name": "Conv1d", "args": {"in_channels": 1, "out_channels": 6, "kernel_size": 3, "padding": 1}},
+              {"name": "ReLU"}, {"name": "AdaptiveAvgPool1d", "args": {"output_size": 2}}, {"name": "Flatten"},
+              {"name": "Linear", "args": {"in_features": 12, "out_features": 3}}]
+    task = make_task("supervised", data=data_args(write(tmp_path, "npz", features, labels), validation=0.2),
+                     model={"layers": layers, "loss": "CrossEntropyLoss", "input_shape": [1, 5]})
+    built = task.init_params(0)
+    assert [(s.name, s.shape) for s in task.param_specs()] == [(name, a.shape) for name, a in built.items()]
+    assert built["0.weight"].shape == (6, 1, 3)
+    before = task.evaluate(built)["loss"]
+    result = Trainer(task, seed=0, batch_size=32, optimizer="adam", optimizer_kwargs={"lr": 0.02},
+                     world_size=2).run(steps=60)
+    assert result.metrics["loss"] < 0.5 * before, (before, result.metrics)
+
+
 def test_regression_and_binary_targets_take_the_outputs_shape_and_report_rmse_or_accuracy(tmp_path):
     features, labels = dataset(rows=60)
     values = features[:, :2].sum(axis=1)
@@ -382,8 +400,17 @@ CASES = [
     ("an unknown data key", _csv(GOOD_CSV), {'label = "label"': 'label = "label"\nshuffle = true'},
      ["data has unknown key 'shuffle'; allowed: train, validation, features, label"]),
     ("an unknown layer", _csv(GOOD_CSV), {'{ name = "GELU" }': '{ name = "Conv3d" }'},
-     ["model.layers[1].name must be one of Linear, Conv2d, ReLU, Tanh, GELU, LogSoftmax, Softmax, MaxPool2d, "
-      "AvgPool2d, Flatten, LayerNorm; got 'Conv3d'"]),
+     ["model.layers[1].name must be one of Linear, Conv1d, Conv2d, ReLU, Tanh, GELU, LogSoftmax, Softmax, "
+      "MaxPool2d, AvgPool2d, AdaptiveAvgPool1d, AdaptiveAvgPool2d, Flatten, LayerNorm, Dropout; got 'Conv3d'"]),
+    ("a batch norm", _csv(GOOD_CSV), {'{ name = "GELU" }': '{ name = "BatchNorm1d", args = { num_features = 12 } }'},
+     ["got 'BatchNorm1d' (BatchNorm1d is not taken yet: its running statistics are model state, which a job's "
+      "checkpoints do not hold yet)"]),
+    ("a Conv1d on vectors", _csv(GOOD_CSV),
+     {'{ name = "GELU" }': '{ name = "Conv1d", args = { in_channels = 1, out_channels = 2, kernel_size = 3 } }'},
+     ["model.layers[1]: Conv1d takes sequences (channels, length) per example; the layers before it give shape [12] "
+      "(set model.input_shape, e.g. [1, 64])"]),
+    ("a dropout probability of 2", _csv(GOOD_CSV), {'{ name = "GELU" }': '{ name = "Dropout", args = { p = 2.0 } }'},
+     ["model: Dropout: p (the probability of an element to be zeroed) must be in [0, 1]; got 2.0"]),
     ("widths that do not chain", _csv(GOOD_CSV), {"in_features = 12": "in_features = 13"},
      ["model.layers[2].args.in_features must be 12, the size the layers before it give (shape [12] per example); "
       "got 13"]),

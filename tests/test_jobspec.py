@@ -416,7 +416,7 @@ BAD_INPUTS = [
     ("task missing", edited(task=None), ["[task] is required"]),
     ("task name missing", edited(task={"args": {"rows": 8}}),
      ["task.name is required: a built-in task (digits, digits-triplet, ratings, least-squares, synthetic-mlp, "
-      "supervised)"]),
+      "modular-addition, supervised)"]),
     ("unknown task", edited(task={"name": "digit"}),
      ["task.name: unknown task 'digit'; allowed: digits, digits-triplet", "(did you mean 'digits'?)"]),
     ("unknown task argument", edited(task={"name": "digits", "args": {"hiden": 8}}),

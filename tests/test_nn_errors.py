@@ -123,7 +123,138 @@ ERROR_CASES = [
      r"Sequential: item '1' must be a Module; got str"),
     ("layer grad shape", lambda: _layer_backward(nn.Tanh(), np.zeros((2, 3), f32), np.zeros((3, 2), f32)), ValueError,
      r"Tanh.backward: grad_output must have the output's shape \(2, 3\); got \(3, 2\)"),
+    # -- Conv1d, adaptive pooling, batch normalization, buffers --
+    ("conv1d channels", lambda: nn.Conv1d(3, 4, 2, rng=0)(np.zeros((2, 5, 7), f32)), ValueError,
+     r"Conv1d: input must have shape \(N, C=3, L\) or \(C=3, L\); got \(2, 5, 7\)"),
+    ("conv1d 4-d input", lambda: nn.Conv1d(3, 4, 2, rng=0)(np.zeros((2, 3, 7, 1), f32)), ValueError,
+     r"Conv1d: input must have shape \(N, C=3, L\) or \(C=3, L\); got \(2, 3, 7, 1\)"),
+    ("conv1d too short", lambda: nn.Conv1d(3, 4, 5, dilation=2, rng=0)(np.zeros((3, 6), f32)), ValueError,
+     r"Conv1d: input of spatial size \(6,\) is smaller than the kernel \(5,\) \(dilation \(2,\), padding \(0,\)\)"),
+    ("conv1d dtype", lambda: nn.Conv1d(3, 4, 2, rng=0)(np.zeros((3, 6))), TypeError,
+     r"Conv1d: input dtype float64 must match the layer's dtype float32"),
+    ("conv1d kernel pair", lambda: nn.Conv1d(3, 4, (2, 2)), ValueError,
+     r"Conv1d: kernel_size must be an int or a tuple of 1 int; got \(2, 2\)"),
+    ("conv1d stride", lambda: nn.Conv1d(3, 4, 2, stride=0), ValueError, r"Conv1d: stride must be >= 1; got 0"),
+    ("conv1d groups", lambda: nn.Conv1d(3, 4, 2, groups=2), ValueError,
+     r"Conv1d: groups must be >= 1 and divide in_channels \(3\) and out_channels \(4\); got 2"),
+    ("conv1d padding_mode", lambda: nn.Conv1d(3, 4, 2, padding_mode="reflect"), ValueError,
+     r"Conv1d: padding_mode must be 'zeros' \(the only one provided\); got 'reflect'"),
+    ("conv1d padding string", lambda: nn.Conv1d(3, 4, 2, padding="full"), ValueError,
+     r"Conv1d: padding must be 'valid', 'same', an int or a tuple of 1 ints; got 'full'"),
+    ("conv2d same strided", lambda: nn.Conv2d(3, 4, 3, stride=(1, 2), padding="same"), ValueError,
+     r"Conv2d: padding='same' is not supported for strided convolutions; got stride \(1, 2\)"),
+    ("conv1d unbatched grad shape", lambda: _layer_backward(nn.Conv1d(3, 4, 2, rng=0), np.zeros((3, 5), f32),
+                                                            np.zeros((4, 3), f32)), ValueError,
+     r"Conv1d.backward: grad_output must have the output's shape \(4, 4\); got \(4, 3\)"),
+    ("adaptive 2d output_size", lambda: nn.AdaptiveAvgPool2d((2, -1)), ValueError,
+     r"AdaptiveAvgPool2d: output_size must be an int >= 0, None \(the input's size\) or a pair of them; "
+     r"got \(2, -1\)"),
+    ("adaptive 2d output_size length", lambda: nn.AdaptiveAvgPool2d((2, 2, 2)), ValueError,
+     r"AdaptiveAvgPool2d: output_size must be .* a pair of them; got \(2, 2, 2\)"),
+    ("adaptive 2d output_size type", lambda: nn.AdaptiveAvgPool2d(2.5), TypeError,
+     r"AdaptiveAvgPool2d: output_size must be an int; got 2.5 of type float"),
+    ("adaptive 1d None", lambda: nn.AdaptiveAvgPool1d(None), ValueError,
+     r"AdaptiveAvgPool1d: output_size must be an int >= 0 or a tuple of one; got None"),
+    ("adaptive 2d input ndim", lambda: nn.AdaptiveAvgPool2d(2)(np.zeros((4, 5), f32)), ValueError,
+     r"AdaptiveAvgPool2d: input must have shape \(N, C, H, W\) or \(C, H, W\), no size 0 but N's; got \(4, 5\)"),
+    ("adaptive 2d empty", lambda: nn.AdaptiveAvgPool2d(2)(np.zeros((2, 3, 0, 4), f32)), ValueError,
+     r"no size 0 but N's; got \(2, 3, 0, 4\)"),
+    ("adaptive 1d input ndim", lambda: nn.AdaptiveAvgPool1d(2)(np.zeros((1, 2, 3, 4), f32)), ValueError,
+     r"AdaptiveAvgPool1d: input must have shape \(N, C, L\) or \(C, L\), no size 0 but N's; got \(1, 2, 3, 4\)"),
+    ("batchnorm1d channels", lambda: nn.BatchNorm1d(4)(np.zeros((5, 3), f32)), ValueError,
+     r"BatchNorm1d: input must have shape \(N, C=4\) or \(N, C=4, L\); got \(5, 3\)"),
+    ("batchnorm1d 1-d input", lambda: nn.BatchNorm1d(4)(np.zeros(4, f32)), ValueError,
+     r"BatchNorm1d: input must have shape \(N, C=4\) or \(N, C=4, L\); got \(4,\)"),
+    ("batchnorm2d 3-d input", lambda: nn.BatchNorm2d(3)(np.zeros((2, 3, 4), f32)), ValueError,
+     r"BatchNorm2d: input must have shape \(N, C=3, H, W\); got \(2, 3, 4\)"),
+    ("batchnorm one value per channel", lambda: nn.BatchNorm2d(3)(np.zeros((1, 3, 1, 1), f32)), ValueError,
+     r"BatchNorm2d: Expected more than 1 value per channel when training, got input size \(1, 3, 1, 1\)"),
+    ("batchnorm untracked eval one value", lambda: nn.BatchNorm1d(2, track_running_stats=False).eval()(
+        np.zeros((1, 2), f32)), ValueError, r"Expected more than 1 value per channel when training"),
+    ("batchnorm dtype", lambda: nn.BatchNorm1d(2)(np.zeros((3, 2))), TypeError,
+     r"BatchNorm1d: input dtype float64 must match the layer's dtype float32"),
+    ("batchnorm integer input", lambda: nn.BatchNorm1d(2)(np.zeros((3, 2), np.int64)), TypeError,
+     r"BatchNorm1d: input must be a float32 or float64 array; got dtype int64"),
+    ("batchnorm num_features", lambda: nn.BatchNorm1d(0), ValueError,
+     r"BatchNorm1d: num_features \(the number of channels\) must be >= 1; got 0"),
+    ("batchnorm momentum", lambda: nn.BatchNorm2d(3, momentum=1.5), ValueError,
+     r"BatchNorm2d: momentum must be in \[0, 1\], or None for a cumulative average; got 1.5"),
+    ("batchnorm momentum type", lambda: nn.BatchNorm2d(3, momentum="0.1"), TypeError,
+     r"BatchNorm2d: momentum must be a real number; got '0.1' of type str"),
+    ("batchnorm eps", lambda: nn.BatchNorm1d(3, eps=-1e-5), ValueError, r"BatchNorm1d: eps must be >= 0; got -1e-05"),
+    ("batchnorm affine type", lambda: nn.BatchNorm1d(3, affine=1), TypeError,
+     r"BatchNorm1d: affine must be a bool; got 1"),
+    ("batchnorm rng", lambda: nn.BatchNorm1d(3, rng=0), TypeError, r"unexpected keyword argument 'rng'"),
+    ("batchnorm grad shape", lambda: _layer_backward(nn.BatchNorm1d(2), np.ones((3, 2), f32), np.ones((2, 3), f32)),
+     ValueError, r"BatchNorm1d.backward: grad_output must have the output's shape \(3, 2\); got \(2, 3\)"),
+    ("buffer name", lambda: nn.Module().register_buffer("a.b", np.zeros(1)), ValueError,
+     r"Module.register_buffer: name must be a non-empty string without '.'; got 'a.b'"),
+    ("buffer not an array", lambda: nn.Module().register_buffer("table", [1.0]), TypeError,
+     r"Module.register_buffer: buffer 'table' must be an ndarray or None; got list"),
+    ("buffer over a parameter", lambda: nn.Linear(2, 2, rng=0).register_buffer("weight", np.zeros(1)), KeyError,
+     r"Linear.register_buffer: attribute 'weight' already exists"),
+    ("buffer assignment", lambda: setattr(nn.BatchNorm1d(2), "running_mean", 0.0), TypeError,
+     r"cannot assign float to buffer 'running_mean' of BatchNorm1d: an ndarray or None is expected"),
+    # -- attention (query (L=3, N=2, E=8), 2 heads) --
+    ("mha heads", lambda: nn.MultiheadAttention(10, 3), ValueError,
+     r"MultiheadAttention: embed_dim must be divisible by num_heads; got embed_dim=10, num_heads=3"),
+    ("mha dropout", lambda: nn.MultiheadAttention(8, 2, dropout=1.5), ValueError,
+     r"dropout \(the probability of an attention weight to be zeroed\) must be in \[0, 1\]; got 1.5"),
+    ("mha query features", lambda: _attend(np.zeros((3, 2, 6), f32)), ValueError,
+     r"MultiheadAttention: query must have embed_dim = 8 features in its last axis; got shape \(3, 2, 6\)"),
+    ("mha key features", lambda: _attend(QUERY, key=np.zeros((5, 2, 4), f32), value=np.zeros((5, 2, 4), f32)),
+     ValueError, r"key must have embed_dim = 8 features in its last axis; got shape \(5, 2, 4\)"),
+    ("mha key value shapes", lambda: _attend(QUERY, key=np.zeros((5, 2, 8), f32), value=np.zeros((4, 2, 8), f32)),
+     ValueError, r"key and value must have the same shape; got key \(5, 2, 8\), value \(4, 2, 8\)"),
+    ("mha batch sizes", lambda: _attend(QUERY, key=np.zeros((5, 3, 8), f32), value=np.zeros((5, 3, 8), f32)),
+     ValueError, r"key and value must have the query's batch size 2 \(axis 1\); got key \(5, 3, 8\)"),
+    ("mha query ndim", lambda: _attend(np.zeros((1, 3, 2, 8), f32)), ValueError,
+     r"query must be batched \(L, N, E\) or unbatched \(L, E\) with E = embed_dim = 8; got shape \(1, 3, 2, 8\)"),
+    ("mha key ndim", lambda: _attend(QUERY, key=np.zeros((5, 8), f32), value=np.zeros((5, 8), f32)), ValueError,
+     r"for a 3-D query, key must be 3-D too; got shape \(5, 8\)"),
+    ("mha dtype", lambda: _attend(QUERY.astype(np.float64)), TypeError,
+     r"MultiheadAttention: query dtype float64 must match the layer's dtype float32"),
+    ("mha attn_mask shape", lambda: _attend(QUERY, attn_mask=np.zeros((3, 4), bool)), ValueError,
+     r"attn_mask must have shape \(L, S\) = \(3, 3\) or \(N \* num_heads, L, S\) = \(4, 3, 3\); got \(3, 4\)"),
+    ("mha attn_mask 3-d shape", lambda: _attend(QUERY, attn_mask=np.zeros((2, 3, 3), f32)), ValueError,
+     r"attn_mask must have shape .* or \(N \* num_heads, L, S\) = \(4, 3, 3\); got \(2, 3, 3\)"),
+    ("mha attn_mask dtype", lambda: _attend(QUERY, attn_mask=np.zeros((3, 3), np.int64)), TypeError,
+     (r"attn_mask must be a bool array \(True = not allowed\) or a float array \(added to the attention scores\); "
+      r"got dtype int64")),
+    ("mha key_padding_mask shape", lambda: _attend(QUERY, key_padding_mask=np.zeros((2, 4), bool)), ValueError,
+     r"key_padding_mask must have shape \(N, S\) = \(2, 3\); got \(2, 4\)"),
+    ("mha unbatched key_padding_mask", lambda: _attend(QUERY[:, 0], key_padding_mask=np.zeros((1, 3), bool)),
+     ValueError, r"key_padding_mask must have shape \(S,\) = \(3,\); got \(1, 3\)"),
+    ("mha key_padding_mask dtype", lambda: _attend(QUERY, key_padding_mask=np.zeros((2, 3), np.uint8)), TypeError,
+     r"key_padding_mask must be a bool array \(True = not allowed\) or a float array .*; got dtype uint8"),
+    ("mha is_causal without a mask", lambda: _attend(QUERY, is_causal=True), ValueError,
+     r"is_causal=True needs attn_mask .*; got attn_mask=None"),
+    ("mha need_weights type", lambda: _attend(QUERY, need_weights=1), TypeError,
+     r"need_weights must be a bool; got 1 of type int"),
+    ("encoder layer heads", lambda: nn.TransformerEncoderLayer(10, 3), ValueError,
+     r"TransformerEncoderLayer: d_model must be a positive multiple of nhead \(> 0\); got d_model=10, nhead=3"),
+    ("encoder layer activation", lambda: nn.TransformerEncoderLayer(8, 2, activation="tanh"), ValueError,
+     r"TransformerEncoderLayer: activation must be 'relu' or 'gelu'; got 'tanh'"),
+    ("encoder layer src", lambda: nn.TransformerEncoderLayer(8, 2, 16, rng=0)(np.zeros((3, 2, 6), f32)), ValueError,
+     r"src must be \(L, N, d_model\) or unbatched \(L, d_model\) with d_model = 8; got shape \(3, 2, 6\)"),
+    ("encoder layer src_mask", lambda: nn.TransformerEncoderLayer(8, 2, 16, rng=0)(QUERY, src_mask=np.zeros((2, 2), bool)),
+     ValueError, r"MultiheadAttention: attn_mask must have shape \(L, S\) = \(3, 3\)"),
+    ("encoder layers", lambda: nn.TransformerEncoder(nn.Linear(2, 2), 2), TypeError,
+     r"TransformerEncoder: encoder_layer must be a TransformerEncoderLayer; got Linear"),
+    ("positions too long", lambda: nn.PositionalEmbedding(4, 5, rng=0)(np.zeros((2, 6, 5), f32)), ValueError,
+     r"PositionalEmbedding: the input's length L = 6 \(axis -2\) exceeds the 4 positions of the table"),
+    ("positions width", lambda: nn.SinusoidalPositionalEncoding(6)(np.zeros((2, 3, 5), f32)), ValueError,
+     r"SinusoidalPositionalEncoding: input must have shape \(\*, L, embedding_dim=6\); got \(2, 3, 5\)"),
+    ("residual shape", lambda: nn.Residual(nn.Linear(4, 3, rng=0))(np.zeros((2, 4), f32)), ValueError,
+     r"Residual: the modules must keep the input's shape \(2, 4\); they give \(2, 3\)"),
 ]
+QUERY = np.zeros((3, 2, 8), f32)
+
+
+def _attend(query, key=None, value=None, **kwargs):
+    attention = nn.MultiheadAttention(8, 2, rng=0)
+    key = query if key is None else key
+    return attention(query, key, query if value is None else value, **kwargs)
 
 
 def _layer_backward(layer, x, grad):
@@ -216,3 +347,36 @@ def test_load_state_dict_errors_name_the_parameter_and_change_nothing():
         model.load_state_dict(list(good.values()))
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, before[name])   # nothing was copied by the failed loads
+
+
+def test_load_state_dict_errors_name_the_buffer_and_change_nothing():
+    model = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+    good = model.state_dict()
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"missing buffers: 1.running_var, 1.num_batches_tracked$"):
+        model.load_state_dict({k: v for k, v in good.items() if k not in ("1.running_var", "1.num_batches_tracked")})
+    with pytest.raises(ValueError, match=r"missing parameters: 1.bias; missing buffers: 1.running_mean"):
+        model.load_state_dict({k: v for k, v in good.items() if k not in ("1.bias", "1.running_mean")})
+    with pytest.raises(ValueError, match=r"size mismatch for buffer '1.running_mean': the model has shape \(2,\), "
+                                         r"the state_dict has shape \(3,\)"):
+        model.load_state_dict({**{k: v + 1 for k, v in good.items()}, "1.running_mean": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"buffer '1.num_batches_tracked' holds integers \(int64\); "
+                                         r"got non-integer values"):
+        model.load_state_dict({**good, "1.num_batches_tracked": np.array(2.5)})
+    with pytest.raises(ValueError, match=r"buffer '1.running_var' must be a real-valued array; got dtype bool"):
+        model.load_state_dict({**good, "1.running_var": np.ones(2, bool)})
+    with pytest.raises(ValueError, match=r"unexpected parameters: 1.extra \(this model has: 0.weight, 0.bias, "
+                                         r"1.weight, 1.bias, 1.running_mean, 1.running_var, 1.num_batches_tracked\)"):
+        model.load_state_dict({**good, "1.extra": np.zeros(1)})
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_a_failed_batch_norm_call_counts_no_batch():
+    """torch adds the batch to num_batches_tracked before its one-value check raises; here a
+    call that fails changes nothing."""
+    norm = nn.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        norm(np.zeros((1, 3), f32))
+    assert int(norm.num_batches_tracked) == 0
+    np.testing.assert_array_equal(norm.running_var, np.ones(3))

@@ -24,6 +24,7 @@ from tests.fixtures.make_nn_fixtures import (
     LOSS_CASES,
     LossCase,
     build_ours,
+    call_layer,
     loss_inputs,
     loss_kwargs,
     run_ours_layer,
@@ -81,13 +82,13 @@ def test_loss_gradient_matches_finite_differences(case):
 @pytest.mark.parametrize("case", SMOOTH_LAYERS)
 def test_layer_gradient_matches_finite_differences(case):
     x = case.input("float64").copy()
-    _, d_input, grads, grad_output, model = run_ours_layer(case, "float64", x)
+    _, d_input, grads, grad_output, model, _ = run_ours_layer(case, "float64", x)
     probe = build_ours(case, "float64")
     probe.load_state_dict(model.state_dict())
     params = dict(probe.named_parameters())
 
     def objective():
-        return float(np.sum(probe(x) * grad_output))
+        return float(np.sum(call_layer(case, probe, x) * grad_output))
 
     if np.issubdtype(x.dtype, np.floating):
         assert_close_to_differences(d_input, central_differences(objective, x), f"{case.id} input")
@@ -126,7 +127,7 @@ def test_layer_raises_no_floating_point_warning(case, dtype):
     x = case.input(dtype)
     with warnings.catch_warnings(), np.errstate(all="raise", under="ignore"):
         warnings.simplefilter("error")
-        output, d_input, grads, _, _ = run_ours_layer(case, dtype, x)
+        output, d_input, grads, _, _, _ = run_ours_layer(case, dtype, x)
     assert np.all(np.isfinite(output))
     assert d_input is None or np.all(np.isfinite(d_input))
     assert all(np.all(np.isfinite(g)) for g in grads.values())
@@ -188,5 +189,7 @@ def test_loss_case_ids_cover_every_loss():
                       "CosineEmbeddingLoss"}
     layers = {name for c in LAYER_CASES for name, _ in c.modules}
     assert layers == {"Linear", "Embedding", "ReLU", "Tanh", "GELU", "LogSoftmax", "Softmax", "Conv2d", "MaxPool2d",
-                      "AvgPool2d", "Flatten", "LayerNorm"}
+                      "AvgPool2d", "Flatten", "LayerNorm", "MultiheadAttention", "TransformerEncoderLayer",
+                      "TransformerEncoder", "PositionalEmbedding", "SinusoidalPositionalEncoding", "Residual",
+                      "Conv1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool1d", "BatchNorm1d", "BatchNorm2d"}
     assert isinstance(LOSS_CASES[0], LossCase)

@@ -100,6 +100,189 @@ def test_state_dicts_move_between_torch_and_shardstep():
     np.testing.assert_allclose(ours(x), fresh(torch.tensor(x)).detach().numpy(), rtol=1e-12)
 
 
+# -- buffers (BatchNorm's running statistics) ---------------------------------------------------------
+
+def bn_mlp(dtype=f64, momentum=0.1):
+    rng = np.random.default_rng(0)
+    return nn.Sequential(nn.Linear(4, 3, dtype=dtype, rng=rng), nn.BatchNorm1d(3, momentum=momentum, dtype=dtype),
+                         nn.ReLU(), nn.Linear(3, 2, dtype=dtype, rng=rng))
+
+
+def test_buffers_follow_each_modules_parameters_in_the_state_dict():
+    model = bn_mlp()
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                                        "1.running_var", "1.num_batches_tracked", "3.weight", "3.bias"]
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight",
+                                                        "3.bias"]
+    assert [n for n, _ in model.named_buffers()] == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    assert len(model.buffers()) == 3 and len(model.parameters()) == 6
+    norm = model[1]
+    np.testing.assert_array_equal(norm.running_mean, np.zeros(3))
+    np.testing.assert_array_equal(norm.running_var, np.ones(3))
+    assert norm.num_batches_tracked.dtype == np.int64 and norm.num_batches_tracked.shape == ()
+    assert norm.running_mean is model.buffers()[0]             # the module's own array, as torch's
+    state = model.state_dict()
+    assert state["1.running_mean"] is not norm.running_mean     # state_dict copies
+    assert state["1.num_batches_tracked"].dtype == np.int64
+    untracked = nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    assert untracked.state_dict() == {} and untracked.named_buffers() == []
+    assert untracked.running_mean is None and untracked.num_batches_tracked is None
+
+
+def test_register_buffer_replace_delete_and_non_persistent():
+    module = nn.Module()
+    module.register_buffer("table", np.arange(3.0))
+    module.register_buffer("scratch", np.zeros(2), persistent=False)
+    module.register_buffer("empty", None)
+    assert list(module.state_dict()) == ["table"]
+    assert [n for n, _ in module.named_buffers()] == ["table", "scratch"]
+    module.table = np.ones(4)                                   # an array replaces it, in place in the order
+    np.testing.assert_array_equal(module.state_dict()["table"], np.ones(4))
+    with pytest.raises(TypeError, match=r"cannot assign list to buffer 'table' of Module: an ndarray or None"):
+        module.table = [1.0]
+    module.table = None
+    assert module.state_dict() == {} and module.table is None
+    del module.scratch
+    assert module.named_buffers() == [] and not hasattr(module, "scratch")
+    module.scratch = np.zeros(1)                                # now a plain attribute, not a buffer
+    assert module.named_buffers() == []
+
+
+def test_load_state_dict_loads_buffers_in_place_and_keeps_their_dtype():
+    model = bn_mlp(dtype=f32)
+    norm = model[1]
+    running_mean = norm.running_mean
+    state = {k: v.astype(f64) for k, v in model.state_dict().items()}
+    state["1.running_mean"] = np.array([1.0, 2.0, 3.0])
+    state["1.num_batches_tracked"] = np.array(7.0)             # float but integral: cast as torch's copy_
+    model.load_state_dict(state)
+    assert norm.running_mean is running_mean and running_mean.dtype == f32
+    np.testing.assert_array_equal(running_mean, [1, 2, 3])
+    assert norm.num_batches_tracked.dtype == np.int64 and int(norm.num_batches_tracked) == 7
+    partial = {k: v for k, v in state.items() if k != "1.running_var"}
+    assert model.load_state_dict(partial, strict=False).missing_keys == ["1.running_var"]
+
+
+@pytest.mark.torch_live
+def test_batch_norm_state_dicts_move_between_torch_and_shardstep():
+    torch = require_torch()
+    ours = bn_mlp()
+    double = torch.float64
+    theirs = torch.nn.Sequential(torch.nn.Linear(4, 3, dtype=double), torch.nn.BatchNorm1d(3, dtype=double),
+                                 torch.nn.ReLU(), torch.nn.Linear(3, 2, dtype=double))
+    assert list(theirs.state_dict()) == list(ours.state_dict())
+    assert [n for n, _ in theirs.named_buffers()] == [n for n, _ in ours.named_buffers()]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 4))
+    state = ours.state_dict()
+    state.update({"1.running_mean": rng.standard_normal(3), "1.running_var": rng.uniform(0.5, 2.0, 3),
+                  "1.num_batches_tracked": np.array(5, np.int64)})
+    ours.load_state_dict(state)
+    theirs.load_state_dict({k: torch.tensor(v) for k, v in ours.state_dict().items()})
+    assert theirs[1].num_batches_tracked.dtype == torch.int64 and int(theirs[1].num_batches_tracked) == 5
+    ours.eval(), theirs.eval()
+    np.testing.assert_allclose(ours(x), theirs(torch.tensor(x)).detach().numpy(), rtol=1e-12)
+    theirs.train()
+    for _ in range(3):
+        theirs(torch.tensor(rng.standard_normal((6, 4))))
+    ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+    assert int(ours[1].num_batches_tracked) == 8 and ours[1].num_batches_tracked.dtype == np.int64
+    theirs.eval()
+    np.testing.assert_allclose(ours(x), theirs(torch.tensor(x)).detach().numpy(), rtol=1e-12)
+
+
+@pytest.mark.torch_live
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("name,shape", [("BatchNorm1d", (8, 3)), ("BatchNorm1d", (4, 3, 5)),
+                                        ("BatchNorm2d", (4, 3, 3, 2))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_after_training_steps_equal_torchs(name, shape, momentum, dtype):
+    torch = require_torch()
+    torch_dtype = torch.float32 if dtype == f32 else torch.float64
+    ours = getattr(nn, name)(3, momentum=momentum, dtype=dtype)
+    theirs = getattr(torch.nn, name)(3, momentum=momentum, dtype=torch_dtype)
+    rng = np.random.default_rng(2)
+    rtol = 1e-5 if dtype == f32 else 1e-12
+    for _ in range(6):
+        x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+        out = ours(x)
+        ours.backward(np.ones_like(out))
+        theirs(torch.tensor(x)).sum().backward()
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 6
+    for buffer in ("running_mean", "running_var"):
+        np.testing.assert_allclose(getattr(ours, buffer), getattr(theirs, buffer).numpy(), rtol=rtol)
+        assert getattr(ours, buffer).dtype == dtype
+    np.testing.assert_allclose(ours.weight.grad, theirs.weight.grad.numpy(), rtol=rtol, atol=rtol)
+    ours.eval(), theirs.eval()
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    np.testing.assert_allclose(ours(x), theirs(torch.tensor(x)).detach().numpy(), rtol=rtol, atol=rtol)
+
+
+def test_batch_norm_train_and_eval_modes():
+    rng = np.random.default_rng(3)
+    norm = nn.BatchNorm1d(2, dtype=f64)
+    x = rng.standard_normal((50, 2)) * [1.0, 4.0] + [2.0, -1.0]
+    out = norm(x)
+    np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(out.var(axis=0), 1 / (1 + 1e-5 / x.var(axis=0)), rtol=1e-12)   # biased variance
+    np.testing.assert_allclose(norm.running_mean, 0.1 * x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(norm.running_var, 0.9 + 0.1 * x.var(axis=0, ddof=1), rtol=1e-12)  # unbiased
+    assert int(norm.num_batches_tracked) == 1
+    norm.eval()
+    before = norm.state_dict()
+    eval_out = norm(x)
+    np.testing.assert_allclose(eval_out, (x - norm.running_mean) / np.sqrt(norm.running_var + 1e-5), rtol=1e-12)
+    for name, value in norm.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])         # eval mode moves no statistic
+    # eval mode's gradient treats the statistics as constants: one scale per channel
+    np.testing.assert_allclose(norm.backward(np.ones_like(x)), np.ones_like(x) / np.sqrt(norm.running_var + 1e-5),
+                               rtol=1e-12)
+    norm.train()
+    norm(x)
+    assert int(norm.num_batches_tracked) == 2
+    cumulative = nn.BatchNorm1d(2, momentum=None, dtype=f64)
+    batches = [rng.standard_normal((5, 2)) for _ in range(3)]
+    for batch in batches:
+        cumulative(batch)
+    np.testing.assert_allclose(cumulative.running_mean, np.mean([b.mean(axis=0) for b in batches], axis=0),
+                               rtol=1e-12)
+    # without running statistics, eval mode normalizes by the batch's own
+    untracked = nn.BatchNorm1d(2, track_running_stats=False, dtype=f64).eval()
+    np.testing.assert_allclose(untracked(x), out, rtol=1e-12)
+
+
+def test_batch_norm_empty_batch_counts_the_batch_and_changes_no_statistic():
+    norm = nn.BatchNorm2d(3, dtype=f32)
+    out = norm(np.zeros((0, 3, 2, 2), f32))
+    assert out.shape == (0, 3, 2, 2) and int(norm.num_batches_tracked) == 1
+    np.testing.assert_array_equal(norm.running_mean, np.zeros(3))
+    assert norm.backward(np.zeros((0, 3, 2, 2), f32)).shape == (0, 3, 2, 2)
+    np.testing.assert_array_equal(norm.weight.grad, np.zeros(3))
+
+
+def test_conv1d_adaptive_pool_and_batch_norm_train_with_adam():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 64)
+    signal = np.sin(np.linspace(0, 4 * np.pi, 16)) * (2 * labels[:, None] - 1)
+    x = (signal[:, None, :] + 0.5 * rng.standard_normal((64, 1, 16))).astype(f32)
+    model = nn.Sequential(nn.Conv1d(1, 4, 5, padding="same", bias=False, rng=rng), nn.BatchNorm1d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool1d(4), nn.Flatten(), nn.Linear(16, 2, rng=rng))
+    criterion = nn.CrossEntropyLoss()
+    optimizer = Adam(model.parameters(), lr=0.05)
+
+    def closure():
+        model.zero_grad()
+        loss = criterion(model(x), labels)
+        model.backward(criterion.backward(), need_input_grad=False)
+        return loss
+
+    first = closure()
+    for _ in range(40):
+        last = optimizer.step(closure)
+    model.eval()
+    assert last < first / 4 and np.mean(model(x).argmax(axis=1) == labels) > 0.95
+
+
 # -- gradients accumulate ------------------------------------------------------------------------------
 
 def test_backward_accumulates_until_zero_grad():

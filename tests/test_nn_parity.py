@@ -29,6 +29,7 @@ from tests.fixtures.make_nn_fixtures import (
     LOSS_CASES,
     PATH,
     LossCase,
+    build_ours,
     load,
     run_ours_layer,
     run_ours_loss,
@@ -109,8 +110,8 @@ def test_loss_matches_live_torch(case, dtype):
 
 
 def _check_layer(case, dtype, ours, theirs) -> None:
-    output, d_input, grads = ours
-    ref_output, ref_d_input, ref_grads = theirs
+    output, d_input, grads, buffers = ours
+    ref_output, ref_d_input, ref_grads, ref_buffers = theirs
     assert output.dtype == np.dtype(dtype)
     assert_matches(output, ref_output, dtype, f"{case.id} output")
     if ref_d_input is None:
@@ -121,6 +122,15 @@ def _check_layer(case, dtype, ours, theirs) -> None:
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert_matches(grads[name], ref_grads[name], dtype, f"{case.id} grad of {name}")
+    # buffers after the forward (BatchNorm's running statistics and its count of batches)
+    assert buffers.keys() == ref_buffers.keys(), f"{case.id} buffers {list(buffers)} != torch's {list(ref_buffers)}"
+    for name, buffer in buffers.items():
+        reference = np.asarray(ref_buffers[name])
+        assert buffer.dtype == reference.dtype, f"{case.id} buffer {name}: dtype {buffer.dtype} != {reference.dtype}"
+        if np.issubdtype(reference.dtype, np.integer):
+            assert np.array_equal(buffer, reference), f"{case.id} buffer {name}: {buffer} != torch's {reference}"
+        else:
+            assert_matches(buffer, reference, dtype, f"{case.id} buffer {name}")
 
 
 @pytest.mark.parametrize("case,dtype", LAYER_MATRIX)
@@ -128,8 +138,11 @@ def test_layer_matches_committed_torch_results(case, dtype, reference):
     stored = _stored(reference, f"layer|{case.id}|{dtype}|")
     params = {k[len("param|"):]: v for k, v in stored.items() if k.startswith("param|")}
     ref_grads = {k[len("grad|"):]: v for k, v in stored.items() if k.startswith("grad|")}
-    output, d_input, grads, _, _ = run_ours_layer(case, dtype, stored["input"], params, stored["grad_output"])
-    _check_layer(case, dtype, (output, d_input, grads), (stored["output"], stored.get("d_input"), ref_grads))
+    ref_buffers = {k[len("buffer|"):]: v for k, v in stored.items() if k.startswith("buffer|")}
+    output, d_input, grads, _, _, buffers = run_ours_layer(case, dtype, stored["input"], params,
+                                                           stored["grad_output"])
+    _check_layer(case, dtype, (output, d_input, grads, buffers),
+                 (stored["output"], stored.get("d_input"), ref_grads, ref_buffers))
 
 
 @pytest.mark.torch_live
@@ -137,9 +150,10 @@ def test_layer_matches_committed_torch_results(case, dtype, reference):
 def test_layer_matches_live_torch(case, dtype):
     require_torch()
     x = case.input(dtype)
-    output, d_input, grads, grad_output, model = run_ours_layer(case, dtype, x)
-    ref_output, ref_d_input, ref_grads, _ = run_torch_layer(case, dtype, x, model.state_dict(), grad_output)
-    _check_layer(case, dtype, (output, d_input, grads), (ref_output, ref_d_input, ref_grads))
+    initial = build_ours(case, dtype).state_dict()   # before the forward moves any running statistics
+    output, d_input, grads, grad_output, _, buffers = run_ours_layer(case, dtype, x, initial)
+    ref_output, ref_d_input, ref_grads, _, ref_buffers = run_torch_layer(case, dtype, x, initial, grad_output)
+    _check_layer(case, dtype, (output, d_input, grads, buffers), (ref_output, ref_d_input, ref_grads, ref_buffers))
 
 
 # -- randomized shapes and options, live ------------------------------------------------------------

@@ -30,6 +30,8 @@ SMALL = {
     "least-squares": {"rows": 90, "cols": 6},
     "synthetic-mlp": {"params": 5000, "depth": 2, "inputs": 12, "examples": 150, "eval_examples": 40,
                       "dtype": "float64"},
+    "modular-addition": {"modulus": 11, "d_model": 8, "nhead": 2, "dim_feedforward": 16, "num_layers": 2,
+                         "dtype": "float64"},
     # the task of a job's [data] and [model]: a committed CSV of 90 rows, class names as labels
     "supervised": {"data": {"train": str(ROOT / "tests" / "fixtures" / "data" / "blobs.csv"), "label": "colour",
                             "validation": 0.2, "dtype": "float64"},
@@ -84,7 +86,8 @@ class Quadratic(Task):
 
 
 def test_registry_builds_every_builtin_task_by_name():
-    assert TASK_NAMES == ("digits", "digits-triplet", "ratings", "least-squares", "synthetic-mlp", "supervised")
+    assert TASK_NAMES == ("digits", "digits-triplet", "ratings", "least-squares", "synthetic-mlp", "modular-addition",
+                          "supervised")
     for name in TASK_NAMES:
         task = small(name)
         assert isinstance(task, Task) and task.name == name
@@ -98,7 +101,7 @@ def test_a_user_task_is_built_from_a_module_reference():
 
 @pytest.mark.parametrize("name, message", [
     ("mnist", "unknown task 'mnist'; allowed: digits, digits-triplet, ratings, least-squares, synthetic-mlp, "
-              "supervised"),
+              "modular-addition, supervised"),
     ("tests.no_such_module:Task", "cannot import module 'tests.no_such_module'"),
     ("tests.test_tasks:small", "'small' in 'tests.test_tasks' is not a Task subclass"),
 ])
@@ -485,6 +488,11 @@ def _torch_loss(torch, name, task, params, batch):
         hidden = torch.tanh(data["inputs"] @ tensors["0.weight"].T + tensors["0.bias"])
         logits = hidden @ tensors["2.weight"].T + tensors["2.bias"]
         total = functional.cross_entropy(logits, data["targets"], reduction="sum")
+    elif name == "modular-addition":  # the task's own torch.nn twin, on the same parameters
+        model = task.torch_module()
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params.items()})
+        tensors.update(model.named_parameters())
+        total = functional.cross_entropy(model(data["tokens"]), data["labels"], reduction="sum")
     elif name == "ratings":
         users, items = data["users"], data["items"]
         prediction = ((tensors["user.weight"][users] * tensors["item.weight"][items]).sum(dim=1)

@@ -13,9 +13,23 @@
 from __future__ import annotations
 
 from shardstep.workers.nn import functional
+from shardstep.workers.nn.attention import (
+    MultiheadAttention,
+    PositionalEmbedding,
+    Residual,
+    SinusoidalPositionalEncoding,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    causal_mask,
+)
 from shardstep.workers.nn.layers import (
     GELU,
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv1d,
     Conv2d,
     Dropout,
     Embedding,
@@ -50,6 +64,9 @@ __all__ = [
     "functional", "Module", "accumulate_grad",
     "Linear", "Embedding", "ReLU", "Tanh", "GELU", "Dropout", "LogSoftmax", "Softmax", "Sequential",
     "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "LayerNorm",
+    "Conv1d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "BatchNorm1d", "BatchNorm2d",
+    "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder", "PositionalEmbedding",
+    "SinusoidalPositionalEncoding", "Residual", "causal_mask",
     "Loss", "NLLLoss", "CrossEntropyLoss", "TripletMarginLoss", "MSELoss", "L1Loss", "SmoothL1Loss",
     "HuberLoss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss", "MarginRankingLoss", "CosineEmbeddingLoss",
 ]

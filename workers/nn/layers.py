@@ -6,6 +6,9 @@ fresh entropy) with torch's default distributions, not torch's random stream:
 - Linear: weight and bias ~ U(-1/sqrt(in_features), 1/sqrt(in_features)) (torch's
   kaiming_uniform_(a=sqrt(5)) for the weight); the weight has torch's (out, in) layout.
 - Embedding: weight ~ N(0, 1), the padding row zero.
+- Conv1d and Conv2d: like Linear with fan_in = in_channels / groups * the kernel's size.
+- LayerNorm and BatchNorm: weight ones, bias zeros; BatchNorm's buffers running_mean zeros,
+  running_var ones, num_batches_tracked 0.
 
 Passing one Generator to the layers of a model in order makes its named parameters a
 function of one seed.
@@ -92,15 +95,21 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _ints(owner: str, name: str, value, dims: int, minimum: int) -> tuple[int, ...]:
+    """An int or a tuple of ``dims`` ints (torch's ``_single`` / ``_pair``), each >= ``minimum``."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+    if len(values) != dims:
+        what = "a pair of ints" if dims == 2 else f"a tuple of {dims} int" + ("s" if dims > 1 else "")
+        raise ValueError(f"{owner}: {name} must be an int or {what}; got {value!r}")
+    ints = tuple(integer(owner, name, item) for item in values)
+    if min(ints) < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}; got {value!r}")
+    return ints
+
+
 def _pair(owner: str, name: str, value, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints (torch's ``_pair``), each >= ``minimum``."""
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(values) != 2:
-        raise ValueError(f"{owner}: {name} must be an int or a pair of ints; got {value!r}")
-    pair = tuple(integer(owner, name, item) for item in values)
-    if min(pair) < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}; got {value!r}")
-    return pair
+    return _ints(owner, name, value, 2, minimum)
 
 
 def _image(owner: str, x, channels: int | None = None) -> np.ndarray:
@@ -111,65 +120,167 @@ def _image(owner: str, x, channels: int | None = None) -> np.ndarray:
     return x
 
 
-class Conv2d(Module):
-    """torch.nn.Conv2d: cross-correlation over (N, C, H, W) with stride, zero padding,
-    dilation and groups; weight (out_channels, in_channels / groups, kH, kW) and bias drawn
-    like torch's (U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels / groups * kH * kW).
-    Computed as one matmul per group over the im2col matrix."""
+def _conv_padding(owner: str, padding, kernel: tuple[int, ...], stride: tuple[int, ...],
+                  dilation: tuple[int, ...]) -> tuple[str | tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(padding as torch keeps it, the zeros on both sides of each axis, the extra zeros after
+    its end). ``'valid'`` is no padding; ``'same'`` pads dilation (kernel - 1) zeros in all,
+    half before, the odd one after (torch's _conv_padding_same), and needs stride 1."""
+    dims = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return padding, (0,) * dims, (0,) * dims
+        if padding == "same":
+            if max(stride) != 1:
+                raise ValueError(f"{owner}: padding='same' is not supported for strided convolutions; "
+                                 f"got stride {stride}")
+            totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return padding, tuple(t // 2 for t in totals), tuple(t % 2 for t in totals)
+        raise ValueError(f"{owner}: padding must be 'valid', 'same', an int or a tuple of {dims} ints; "
+                         f"got {padding!r}")
+    symmetric = _ints(owner, "padding", padding, dims, 0)
+    return symmetric, symmetric, (0,) * dims
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, dtype=np.float32, rng=None):
+
+class _ConvNd(Module):
+    """Conv1d and Conv2d: cross-correlation with stride, zero padding, dilation and groups,
+    computed by :func:`functional.conv2d` (a 1-d convolution is a 2-d one of height 1)."""
+
+    dims = 2
+    spatial = "H, W"
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                 padding_mode, dtype, rng):
         super().__init__()
-        owner = "Conv2d"
+        owner = type(self).__name__
         self.in_channels = _size(owner, "in_channels", in_channels)
         self.out_channels = _size(owner, "out_channels", out_channels)
-        self.kernel_size = _pair(owner, "kernel_size", kernel_size, 1)
-        self.stride = _pair(owner, "stride", stride, 1)
-        self.padding = _pair(owner, "padding", padding, 0)
-        self.dilation = _pair(owner, "dilation", dilation, 1)
+        self.kernel_size = _ints(owner, "kernel_size", kernel_size, self.dims, 1)
+        self.stride = _ints(owner, "stride", stride, self.dims, 1)
+        self.dilation = _ints(owner, "dilation", dilation, self.dims, 1)
+        self.padding, self._pad, self._extra = _conv_padding(owner, padding, self.kernel_size, self.stride,
+                                                             self.dilation)
         self.groups = integer(owner, "groups", groups)
         if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"{owner}: groups must be >= 1 and divide in_channels ({self.in_channels}) and "
                              f"out_channels ({self.out_channels}); got {groups}")
         if not isinstance(bias, bool):
             raise TypeError(f"{owner}: bias must be a bool; got {bias!r}")
+        if padding_mode != "zeros":
+            raise ValueError(f"{owner}: padding_mode must be 'zeros' (the only one provided); got {padding_mode!r}")
+        self.padding_mode = padding_mode
         dtype = float_dtype(dtype, owner)
-        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        fan_in = self.in_channels // self.groups * math.prod(self.kernel_size)
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.weight, self.bias = _fan_in_parameters(as_generator(rng, owner), fan_in, shape, bias, dtype)
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(C, H, W) of one example out for ``shape`` (C, H, W) in."""
-        return (self.out_channels, *(F.conv_output_size(size, k, s, p, d) for size, k, s, p, d in
-                                     zip(shape[1:], self.kernel_size, self.stride, self.padding, self.dilation)))
+        """(C, *spatial) of one example out for ``shape`` (C, *spatial) in."""
+        return (self.out_channels, *(F.conv_output_size(size + e, k, s, p, d) for size, e, k, s, p, d in
+                                     zip(shape[1:], self._extra, self.kernel_size, self.stride, self._pad,
+                                         self.dilation)))
 
-    def forward(self, x) -> np.ndarray:
-        x = _image("Conv2d", x, self.in_channels)
+    def _input(self, x) -> np.ndarray:
+        """x as (N, C, *spatial); an unbatched Conv1d input (C, L) gets N = 1."""
+        owner = type(self).__name__
+        x = float_array(owner, "input", x)
+        if x.ndim != self.dims + 2 or x.shape[1] != self.in_channels:
+            wanted = f"(N, C={self.in_channels}, {self.spatial})"
+            raise ValueError(f"{owner}: input must have shape {wanted}; got {x.shape}")
         if x.dtype != self.weight.dtype:
-            raise TypeError(f"Conv2d: input dtype {x.dtype} must match the layer's dtype {self.weight.dtype}")
+            raise TypeError(f"{owner}: input dtype {x.dtype} must match the layer's dtype {self.weight.dtype}")
         if min(self.output_shape(x.shape[1:])[1:]) < 1:
-            raise ValueError(f"Conv2d: input of spatial size {x.shape[2:]} is smaller than the kernel "
+            raise ValueError(f"{owner}: input of spatial size {x.shape[2:]} is smaller than the kernel "
                              f"{self.kernel_size} (dilation {self.dilation}, padding {self.padding})")
-        output, columns = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, self.stride,
-                                   self.padding, self.dilation, self.groups)
-        self._cache = (columns, x.shape)
-        return output
+        return x
 
-    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
-        columns, shape = self._cached()
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        shape = x.shape
+        if any(self._extra):
+            x = np.pad(x, ((0, 0), (0, 0), *((0, e) for e in self._extra)))
+        x4, weight = x, self.weight.data
+        if self.dims == 1:
+            x4, weight = x[:, :, None, :], weight[:, :, None, :]
+        output, columns = F.conv2d(x4, weight, None if self.bias is None else self.bias.data,
+                                   *self._as_2d(), self.groups)
+        self._cache = (columns, shape, x4.shape)
+        return output[:, :, 0, :] if self.dims == 1 else output
+
+    def _as_2d(self):
+        if self.dims == 2:
+            return self.stride, self._pad, self.dilation
+        return (1, *self.stride), (0, *self._pad), (1, *self.dilation)
+
+    def _backward(self, grad_output, need_input_grad: bool) -> np.ndarray | None:
+        columns, shape, shape4 = self._cached()
         out_shape = (shape[0], *self.output_shape(shape[1:]))
-        grad = _grad_like("Conv2d", grad_output, out_shape, self.weight.dtype)
-        d_input, d_weight, d_bias = F.conv2d_backward(grad, columns, shape, self.weight.data, self.bias is not None,
-                                                      self.stride, self.padding, self.dilation, self.groups,
-                                                      need_input_grad)
-        accumulate_grad(self.weight, d_weight)
+        grad = _grad_like(type(self).__name__, grad_output, out_shape, self.weight.dtype)
+        weight = self.weight.data
+        if self.dims == 1:
+            grad, weight = grad[:, :, None, :], weight[:, :, None, :]
+        d_input, d_weight, d_bias = F.conv2d_backward(grad, columns, shape4, weight, self.bias is not None,
+                                                      *self._as_2d(), self.groups, need_input_grad)
+        accumulate_grad(self.weight, d_weight.reshape(self.weight.shape))
         if self.bias is not None:
             accumulate_grad(self.bias, d_bias)
-        return d_input
+        if d_input is None:
+            return None
+        if self.dims == 1:
+            d_input = d_input[:, :, 0, :]
+        return np.ascontiguousarray(d_input[(slice(None), slice(None), *(slice(0, n) for n in shape[2:]))])
 
     def extra_repr(self) -> str:
+        padding = repr(self.padding) if isinstance(self.padding, str) else self.padding
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+                f"padding={padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+
+
+class Conv2d(_ConvNd):
+    """torch.nn.Conv2d: cross-correlation over (N, C, H, W) with stride, zero padding (an int,
+    a pair, ``'valid'`` or ``'same'``), dilation and groups; weight (out_channels, in_channels /
+    groups, kH, kW) and bias drawn like torch's (U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
+    in_channels / groups * kH * kW). Computed as one matmul per group over the im2col matrix."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", dtype=np.float32, rng=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, dtype, rng)
+
+    def forward(self, x) -> np.ndarray:
+        return self._forward(self._input(x))
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        return self._backward(grad_output, need_input_grad)
+
+
+class Conv1d(_ConvNd):
+    """torch.nn.Conv1d over (N, C, L), or one unbatched example (C, L): Conv2d's computation on
+    a height of 1 (the same im2col and matmuls); weight (out_channels, in_channels / groups, k),
+    fan_in = in_channels / groups * k."""
+
+    dims = 1
+    spatial = "L"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", dtype=np.float32, rng=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, dtype, rng)
+
+    def forward(self, x) -> np.ndarray:
+        x = float_array("Conv1d", "input", x)
+        unbatched = x.ndim == 2
+        if x.ndim not in (2, 3) or x.shape[-2] != self.in_channels:
+            raise ValueError(f"Conv1d: input must have shape (N, C={self.in_channels}, L) or (C={self.in_channels}, "
+                             f"L); got {x.shape}")
+        output = self._forward(self._input(x[None] if unbatched else x))
+        self._unbatched = unbatched
+        return output[0] if unbatched else output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        _, shape, _ = self._cached()
+        if self._unbatched:
+            grad_output = _grad_like("Conv1d", grad_output, self.output_shape(shape[1:]), self.weight.dtype)[None]
+        d_input = self._backward(grad_output, need_input_grad)
+        return d_input[0] if d_input is not None and self._unbatched else d_input
 
 
 class _Pool2d(Module):
@@ -240,6 +351,67 @@ class AvgPool2d(_Pool2d):
         return F.avg_pool2d_backward(grad, divisor, shape, self.kernel_size, self.stride, self.padding)
 
 
+class _AdaptiveAvgPool(Module):
+    """The mean over torch's adaptive windows along the last ``dims`` axes: output i of an
+    axis of size n cut into m averages [floor(i n / m), ceil((i + 1) n / m)), so the windows
+    cover the input whether or not m divides n (overlapping when it does not)."""
+
+    dims = 2
+    spatial = "H, W"
+
+    def __init__(self, output_size):
+        super().__init__()
+        owner = type(self).__name__
+        values = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * self.dims
+        allowed = ("an int >= 0, None (the input's size) or a pair of them" if self.dims == 2
+                   else "an int >= 0 or a tuple of one")
+        if len(values) != self.dims or (self.dims == 1 and values[0] is None):
+            raise ValueError(f"{owner}: output_size must be {allowed}; got {output_size!r}")
+        sizes = []
+        for value in values:
+            if value is not None:
+                value = integer(owner, "output_size", value)
+                if value < 0:
+                    raise ValueError(f"{owner}: output_size must be {allowed}; got {output_size!r}")
+            sizes.append(value)
+        self.output_size = tuple(sizes) if isinstance(output_size, (tuple, list)) else sizes[0]
+        self._sizes = tuple(sizes)
+
+    def forward(self, x) -> np.ndarray:
+        owner = type(self).__name__
+        x = float_array(owner, "input", x)
+        if x.ndim not in (self.dims + 1, self.dims + 2) or 0 in x.shape[x.ndim - self.dims - 1:]:
+            raise ValueError(f"{owner}: input must have shape (N, C, {self.spatial}) or (C, {self.spatial}), "
+                             f"no size 0 but N's; got {x.shape}")
+        inner = x.shape[x.ndim - self.dims:]
+        out = tuple(size if wanted is None else wanted for size, wanted in zip(inner, self._sizes))
+        output = F.adaptive_avg_pool(x, out)
+        self._cache = (x.shape, x.dtype, output.shape)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        shape, dtype, out_shape = self._cached()
+        grad = _grad_like(type(self).__name__, grad_output, out_shape, dtype)
+        if not need_input_grad:
+            return None
+        return F.adaptive_avg_pool_backward(grad, shape[len(shape) - self.dims:])
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class AdaptiveAvgPool2d(_AdaptiveAvgPool):
+    """torch.nn.AdaptiveAvgPool2d: (N, C, H, W) or (C, H, W) -> output_size (an int, a pair,
+    None keeping the input's size), each output the mean of its adaptive window."""
+
+
+class AdaptiveAvgPool1d(_AdaptiveAvgPool):
+    """torch.nn.AdaptiveAvgPool1d: (N, C, L) or (C, L) -> length output_size."""
+
+    dims = 1
+    spatial = "L"
+
+
 class LayerNorm(Module):
     """torch.nn.LayerNorm: normalizes over the last ``len(normalized_shape)`` axes with the
     biased variance; ``weight`` (ones) and ``bias`` (zeros) of ``normalized_shape`` when
@@ -292,6 +464,116 @@ class LayerNorm(Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
+class _BatchNorm(Module):
+    """torch's BatchNorm: per channel (axis 1), (x - mean) / sqrt(var + eps) * weight + bias.
+
+    In training mode mean and var are the batch's (the biased variance) and the running
+    statistics move toward them: running = (1 - momentum) running + momentum batch, with the
+    batch's unbiased variance for running_var; ``momentum=None`` is the cumulative average,
+    momentum 1 / num_batches_tracked. In eval mode the running statistics normalize (the
+    batch's when ``track_running_stats=False``, which keeps none). The batch statistics are
+    summed in float64 and rounded to the layer's dtype, as torch's CPU kernel."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, dtype=np.float32, *, bias: bool = True):
+        super().__init__()
+        owner = type(self).__name__
+        self.num_features = integer(owner, "num_features", num_features)
+        if self.num_features < 1:
+            raise ValueError(f"{owner}: num_features (the number of channels) must be >= 1; got {num_features}")
+        self.eps = real(owner, "eps", eps)
+        if self.eps < 0:
+            raise ValueError(f"{owner}: eps must be >= 0; got {eps}")
+        if momentum is not None:
+            momentum = real(owner, "momentum", momentum)
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"{owner}: momentum must be in [0, 1], or None for a cumulative average; "
+                                 f"got {momentum}")
+        self.momentum = momentum
+        for name, value in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{owner}: {name} must be a bool; got {value!r}")
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self._dtype = float_dtype(dtype, owner)
+        shape = (self.num_features,)
+        self.weight = Parameter(np.ones(shape, self._dtype), name="weight") if affine else None
+        self.bias = Parameter(np.zeros(shape, self._dtype), name="bias") if affine and bias else None
+        tracked = track_running_stats
+        self.register_buffer("running_mean", np.zeros(shape, self._dtype) if tracked else None)
+        self.register_buffer("running_var", np.ones(shape, self._dtype) if tracked else None)
+        self.register_buffer("num_batches_tracked", np.zeros((), np.int64) if tracked else None)
+
+    def _input(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, x) -> np.ndarray:
+        owner = type(self).__name__
+        x = self._input(float_array(owner, "input", x))
+        if (self.weight is not None or self.running_mean is not None) and x.dtype != self._dtype:
+            raise TypeError(f"{owner}: input dtype {x.dtype} must match the layer's dtype {self._dtype}")
+        update = self.training and self.track_running_stats
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        count = x.size // self.num_features
+        if batch_statistics and count == 1:
+            raise ValueError(f"{owner}: Expected more than 1 value per channel when training, got input size "
+                             f"{x.shape}")
+        factor = self.momentum
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked += 1
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        if not batch_statistics:
+            centered = x - self.running_mean.reshape(1, -1, *(1,) * (x.ndim - 2))
+            inverse = F.inverse_std(self.running_var, self.eps, x.dtype)
+        elif count == 0:    # an empty batch, as torch: nothing to normalize, the statistics unchanged
+            centered, inverse = x, np.ones(self.num_features, x.dtype)
+        else:
+            mean, centered, squares, count = F.batch_norm_statistics(x)
+            inverse = F.inverse_std(squares / count, self.eps, x.dtype)
+            if update and self.running_mean is not None and self.running_var is not None:
+                F.update_running_stats(self.running_mean, self.running_var, mean, squares, count,
+                                       0.0 if factor is None else factor)
+        output, normalized = F.batch_norm(centered, inverse, None if self.weight is None else self.weight.data,
+                                          None if self.bias is None else self.bias.data)
+        self._cache = (normalized, inverse, batch_statistics, x.shape, x.dtype)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        normalized, inverse, batch_statistics, shape, dtype = self._cached()
+        grad = _grad_like(type(self).__name__, grad_output, shape, dtype)
+        d_input, d_weight, d_bias = F.batch_norm_backward(grad, normalized, inverse,
+                                                          None if self.weight is None else self.weight.data,
+                                                          self.bias is not None, batch_statistics, need_input_grad)
+        if self.weight is not None:
+            accumulate_grad(self.weight, d_weight)
+        if self.bias is not None:
+            accumulate_grad(self.bias, d_bias)
+        return d_input
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """torch.nn.BatchNorm1d over (N, C) or (N, C, L): statistics per channel over N (and L)."""
+
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim not in (2, 3) or x.shape[1] != self.num_features:
+            c = self.num_features
+            raise ValueError(f"BatchNorm1d: input must have shape (N, C={c}) or (N, C={c}, L); got {x.shape}")
+        return x
+
+
+class BatchNorm2d(_BatchNorm):
+    """torch.nn.BatchNorm2d over (N, C, H, W): statistics per channel over N, H and W."""
+
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm2d: input must have shape (N, C={self.num_features}, H, W); got {x.shape}")
+        return x
 
 
 class Flatten(Module):

@@ -1,11 +1,15 @@
-"""Module: torch.nn.Module's bookkeeping (parameters, children, names, state_dict, train/eval)
-with an explicit backward.
+"""Module: torch.nn.Module's bookkeeping (parameters, buffers, children, names, state_dict,
+train/eval) with an explicit backward.
 
 ``forward(x)`` computes the output and caches what the gradient needs; ``backward(grad)``
 returns the gradient with respect to the input and adds each parameter's gradient to its
 ``.grad`` (set if None, added if present: gradients accumulate across calls until
 ``zero_grad()``, as in torch). ``backward(grad, need_input_grad=False)`` skips the input's
 gradient and returns None, as torch skips it for inputs that do not require a gradient.
+
+Buffers (``register_buffer``) are arrays a module keeps that are not trained: BatchNorm's
+running statistics. They are in ``state_dict()`` after each module's parameters, as torch
+orders them, and never in ``parameters()``.
 """
 
 from __future__ import annotations
@@ -66,10 +70,13 @@ class IncompatibleKeys(NamedTuple):
 
 
 class Module:
-    """Base class: assign Parameters and Modules as attributes and they are registered by name."""
+    """Base class: assign Parameters and Modules as attributes and they are registered by name;
+    ``register_buffer`` registers an array that is state but not a parameter."""
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_non_persistent_buffers", set())
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "training", True)
 
@@ -81,27 +88,61 @@ class Module:
                                  f"assigning attribute {name!r}")
         if isinstance(value, Parameter):
             self._modules.pop(name, None)
+            self._drop_buffer(name)
             self.__dict__.pop(name, None)
             if value.name is None:
                 value.name = name
             self._parameters[name] = value      # replacing keeps the name's place in the order
         elif isinstance(value, Module):
             self._parameters.pop(name, None)
+            self._drop_buffer(name)
             self.__dict__.pop(name, None)
             self._modules[name] = value
         elif name in self._parameters and value is not None:
             raise TypeError(f"cannot assign {type(value).__name__} to parameter {name!r} of "
                             f"{type(self).__name__}: a Parameter or None is expected")
+        elif name in self._buffers:
+            if value is not None and not isinstance(value, np.ndarray):
+                raise TypeError(f"cannot assign {type(value).__name__} to buffer {name!r} of "
+                                f"{type(self).__name__}: an ndarray or None is expected")
+            self._buffers[name] = value         # as torch: the name keeps its place and persistence
         else:
             self._parameters.pop(name, None)
             self._modules.pop(name, None)
             object.__setattr__(self, name, value)
+
+    def _drop_buffer(self, name: str) -> None:
+        self._buffers.pop(name, None)
+        self._non_persistent_buffers.discard(name)
+
+    def register_buffer(self, name: str, array: np.ndarray | None, persistent: bool = True) -> None:
+        """Keep ``array`` (or None: a buffer slot left empty, not in ``state_dict``) as the
+        module's state under ``name``: ``module.<name>`` reads it, assigning an ndarray or None
+        replaces it. ``persistent=False`` leaves it out of ``state_dict``, as in torch."""
+        owner = type(self).__name__
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"{owner}.register_buffer: name must be a non-empty string without '.'; got {name!r}")
+        if array is not None and not isinstance(array, np.ndarray):
+            raise TypeError(f"{owner}.register_buffer: buffer {name!r} must be an ndarray or None; "
+                            f"got {type(array).__name__}")
+        if not isinstance(persistent, bool):
+            raise TypeError(f"{owner}.register_buffer: persistent must be a bool; got {persistent!r}")
+        if name not in self._buffers and (name in self._parameters or name in self._modules
+                                          or name in self.__dict__ or hasattr(type(self), name)):
+            raise KeyError(f"{owner}.register_buffer: attribute {name!r} already exists")
+        self._buffers[name] = array
+        if persistent:
+            self._non_persistent_buffers.discard(name)
+        else:
+            self._non_persistent_buffers.add(name)
 
     def __getattr__(self, name: str) -> Any:
         # only called when normal lookup fails: parameters and children live in the registries
         registries = self.__dict__
         if "_parameters" in registries and name in registries["_parameters"]:
             return registries["_parameters"][name]
+        if "_buffers" in registries and name in registries["_buffers"]:
+            return registries["_buffers"][name]
         if "_modules" in registries and name in registries["_modules"]:
             return registries["_modules"][name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -109,6 +150,8 @@ class Module:
     def __delattr__(self, name: str) -> None:
         if name in self._parameters:
             del self._parameters[name]
+        elif name in self._buffers:
+            self._drop_buffer(name)
         elif name in self._modules:
             del self._modules[name]
         else:
@@ -143,47 +186,89 @@ class Module:
     def parameters(self) -> list[Parameter]:
         return [param for _, param in self.named_parameters()]
 
+    def named_buffers(self, prefix: str = "", remove_duplicate: bool = True) -> list[tuple[str, np.ndarray]]:
+        """(dotted name, array) of every buffer that is not None, in registration order, modules
+        depth first (``"1.running_mean"``); an array shared by two modules is listed once."""
+        seen: set[int] = set()
+        pairs = []
+        for module_name, module in self.named_modules(prefix):
+            for name, array in module._buffers.items():
+                if array is None:
+                    continue
+                if remove_duplicate:
+                    if id(array) in seen:
+                        continue
+                    seen.add(id(array))
+                pairs.append((f"{module_name}.{name}" if module_name else name, array))
+        return pairs
+
+    def buffers(self) -> list[np.ndarray]:
+        return [array for _, array in self.named_buffers()]
+
+    def _state_entries(self) -> list[tuple[str, Parameter | np.ndarray]]:
+        """torch's state_dict order: for each module depth first, its parameters, then its
+        persistent buffers; every name of a shared array, None left out."""
+        entries: list[tuple[str, Parameter | np.ndarray]] = []
+        for module_name, module in self.named_modules():
+            dotted = f"{module_name}." if module_name else ""
+            entries.extend((dotted + name, param) for name, param in module._parameters.items() if param is not None)
+            entries.extend((dotted + name, array) for name, array in module._buffers.items()
+                           if array is not None and name not in module._non_persistent_buffers)
+        return entries
+
     # -- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """{dotted name: copy of the parameter's data}; torch's layout, so
+        """{dotted name: copy of the array}: each module's parameters, then its persistent
+        buffers, modules depth first; torch's names and order, so
         ``{k: v.numpy() for k, v in torch_model.state_dict().items()}`` loads here and back."""
-        return {name: param.data.copy() for name, param in self.named_parameters(remove_duplicate=False)}
+        return {name: (entry.data if isinstance(entry, Parameter) else entry).copy()
+                for name, entry in self._state_entries()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
-        """Copy arrays into the parameters in place (optimizers holding them stay valid), casting
-        to each parameter's dtype. Every name and shape is checked before anything is copied;
-        with ``strict``, missing and unexpected names are errors too."""
+        """Copy arrays into the parameters and buffers in place (optimizers holding them stay
+        valid), casting to each one's dtype (an integer buffer, as BatchNorm's
+        num_batches_tracked, takes integral values only). Every name and shape is checked
+        before anything is copied; with ``strict``, missing and unexpected names are errors too."""
         owner = type(self).__name__
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{owner}.load_state_dict expects a mapping of name -> array; "
                             f"got {type(state_dict).__name__}")
-        params = dict(self.named_parameters(remove_duplicate=False))
-        missing = [name for name in params if name not in state_dict]
-        unexpected = [name for name in state_dict if name not in params]
+        entries = dict(self._state_entries())
+        missing = [name for name in entries if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in entries]
         problems = []
-        if strict and missing:
-            problems.append(f"missing parameters: {', '.join(missing)}")
+        missing_params = [name for name in missing if isinstance(entries[name], Parameter)]
+        missing_buffers = [name for name in missing if not isinstance(entries[name], Parameter)]
+        if strict and missing_params:
+            problems.append(f"missing parameters: {', '.join(missing_params)}")
+        if strict and missing_buffers:
+            problems.append(f"missing buffers: {', '.join(missing_buffers)}")
         if strict and unexpected:
             problems.append(f"unexpected parameters: {', '.join(map(str, unexpected))} "
-                            f"(this model has: {', '.join(params)})")
+                            f"(this model has: {', '.join(entries)})")
         arrays = {}
-        for name, param in params.items():
+        for name, entry in entries.items():
             if name not in state_dict:
                 continue
+            kind = "parameter" if isinstance(entry, Parameter) else "buffer"
             value = np.asarray(state_dict[name])
             if value.dtype == np.bool_ or not (np.issubdtype(value.dtype, np.floating)
                                               or np.issubdtype(value.dtype, np.integer)):
-                problems.append(f"parameter {name!r} must be a real-valued array; got dtype {value.dtype}")
-            elif value.shape != param.shape:
-                problems.append(f"size mismatch for parameter {name!r}: the model has shape "
-                                f"{param.shape}, the state_dict has shape {value.shape}")
+                problems.append(f"{kind} {name!r} must be a real-valued array; got dtype {value.dtype}")
+            elif value.shape != entry.shape:
+                problems.append(f"size mismatch for {kind} {name!r}: the model has shape "
+                                f"{entry.shape}, the state_dict has shape {value.shape}")
+            elif (np.issubdtype(entry.dtype, np.integer) and np.issubdtype(value.dtype, np.floating)
+                  and not np.all(value == np.round(value))):
+                problems.append(f"{kind} {name!r} holds integers ({entry.dtype}); got non-integer values")
             else:
                 arrays[name] = value
         if problems:
             raise ValueError(f"{owner}.load_state_dict: " + "; ".join(problems))
         for name, value in arrays.items():
-            params[name].data[...] = value
+            entry = entries[name]
+            (entry.data if isinstance(entry, Parameter) else entry)[...] = value
         return IncompatibleKeys(missing, unexpected)
 
     # -- modes and gradients ---------------------------------------------------------------------

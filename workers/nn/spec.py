@@ -29,7 +29,10 @@ import numpy as np
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn.layers import (
     GELU,
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
     AvgPool2d,
+    Conv1d,
     Conv2d,
     Dropout,
     Flatten,
@@ -53,15 +56,23 @@ from shardstep.workers.nn.losses import (
     SmoothL1Loss,
 )
 
-# layer name -> class; Linear and Conv2d have parameters, and every layer's input shape must
-# be what the layers before it give (checked from model.input_shape, one example's shape)
-LAYERS: dict[str, type] = {"Linear": Linear, "Conv2d": Conv2d, "ReLU": ReLU, "Tanh": Tanh, "GELU": GELU,
-                           "LogSoftmax": LogSoftmax, "Softmax": Softmax, "MaxPool2d": MaxPool2d,
-                           "AvgPool2d": AvgPool2d, "Flatten": Flatten, "LayerNorm": LayerNorm, "Dropout": Dropout}
-# the layers built with the run's dtype and generator; a model needs a Linear or a Conv2d
-PARAMETRIC = ("Linear", "Conv2d", "LayerNorm")
-WEIGHTED = ("Linear", "Conv2d")
-IMAGE_LAYERS = ("Conv2d", "MaxPool2d", "AvgPool2d")
+# layer name -> class; Linear and the convolutions have weights, and every layer's input shape
+# must be what the layers before it give (checked from model.input_shape, one example's shape)
+LAYERS: dict[str, type] = {"Linear": Linear, "Conv1d": Conv1d, "Conv2d": Conv2d, "ReLU": ReLU, "Tanh": Tanh,
+                           "GELU": GELU, "LogSoftmax": LogSoftmax, "Softmax": Softmax, "MaxPool2d": MaxPool2d,
+                           "AvgPool2d": AvgPool2d, "AdaptiveAvgPool1d": AdaptiveAvgPool1d,
+                           "AdaptiveAvgPool2d": AdaptiveAvgPool2d, "Flatten": Flatten, "LayerNorm": LayerNorm,
+                           "Dropout": Dropout}
+# the layers built with the run's dtype and generator; a model needs a Linear or a convolution
+PARAMETRIC = ("Linear", "Conv1d", "Conv2d", "LayerNorm")
+WEIGHTED = ("Linear", "Conv1d", "Conv2d")
+CONVOLUTIONS = ("Conv1d", "Conv2d")
+# the layers of (channels, *spatial) examples, by the number of spatial axes
+SPATIAL_LAYERS = {"Conv1d": 1, "AdaptiveAvgPool1d": 1, "Conv2d": 2, "MaxPool2d": 2, "AvgPool2d": 2,
+                  "AdaptiveAvgPool2d": 2}
+# layers torch users may reach for that a layer list does not take yet, and why
+NOT_YET = {"BatchNorm1d": "its running statistics are model state, which a job's checkpoints do not hold yet",
+           "BatchNorm2d": "its running statistics are model state, which a job's checkpoints do not hold yet"}
 # loss name -> (class, kind): "classes" losses take class indices, "values" losses take
 # float targets of the output's shape, "binary" losses take 0/1 targets of the output's shape
 LOSSES: dict[str, tuple[type[Loss], str]] = {
@@ -97,7 +108,8 @@ def _entry(path: str, value: Any, registry: Mapping[str, Any], what: str) -> tup
                         f"in args)")
     name = value.get("name")
     if name not in registry:
-        raise SpecError(f"{path}.name must be one of {', '.join(registry)}; got {_shown(name)}")
+        why = f" ({name} is not taken yet: {NOT_YET[name]})" if registry is LAYERS and name in NOT_YET else ""
+        raise SpecError(f"{path}.name must be one of {', '.join(registry)}; got {_shown(name)}{why}")
     args = value.get("args", {})
     if not isinstance(args, Mapping):
         raise SpecError(f"{path}.args must be a table of {name}'s arguments; got {_shown(args)}")
@@ -134,7 +146,8 @@ class ModelSpec:
                             f"got {_shown(layers)}")
         checked = tuple(_entry(f"{path}.layers[{i}]", layer, LAYERS, "layer") for i, layer in enumerate(layers))
         for index, (name, args) in enumerate(checked):
-            keys = {"Linear": ("in_features", "out_features"), "Conv2d": ("in_channels", "out_channels")}.get(name, ())
+            keys = ("in_features", "out_features") if name == "Linear" else (
+                ("in_channels", "out_channels") if name in CONVOLUTIONS else ())
             for key in keys:
                 value = args[key]
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -142,13 +155,13 @@ class ModelSpec:
             if "bias" in args and not isinstance(args["bias"], bool):
                 raise SpecError(f"{path}.layers[{index}].args.bias must be true or false; got {_shown(args['bias'])}")
         if not any(name in WEIGHTED for name, _ in checked):
-            raise SpecError(f"{path}.layers has no Linear or Conv2d layer, so nothing to train; got "
+            raise SpecError(f"{path}.layers has no Linear, Conv1d or Conv2d layer, so nothing to train; got "
                             f"{', '.join(name for name, _ in checked)}")
         if input_shape is None:
             first, args = next((name, args) for name, args in checked if name in WEIGHTED)
             if first != "Linear":
                 raise SpecError(f"{path}.input_shape is required when the first layer with parameters is {first}: "
-                                f"one example's shape, such as [1, 8, 8]")
+                                f"one example's shape, such as [1, 8, 8] ([channels, length] for Conv1d)")
             input_shape = [args["in_features"]]
         if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape
                 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
@@ -212,9 +225,9 @@ class ModelSpec:
                 if args.get("bias", True):
                     specs.append(ParamSpec(f"{index}.bias", shape, kind))
                 continue
-            elif name == "Conv2d":
+            elif name in CONVOLUTIONS:
                 kernel = args["kernel_size"]
-                kernel = tuple(kernel) if isinstance(kernel, (list, tuple)) else (kernel, kernel)
+                kernel = tuple(kernel) if isinstance(kernel, (list, tuple)) else (kernel,) * SPATIAL_LAYERS[name]
                 weight = (args["out_channels"], args["in_channels"] // args.get("groups", 1), *kernel)
                 out = args["out_channels"]
             else:
@@ -239,13 +252,13 @@ def _miniature(name: str, args: Mapping[str, Any]) -> Any:
     kernel, stride, padding, dilation, groups) without the job check allocating the model."""
     if name == "Linear":
         return Linear(1, 1, bias=args.get("bias", True), dtype=np.float32, rng=0)
-    if name == "Conv2d":
+    if name in CONVOLUTIONS:
         groups = args.get("groups", 1)
         for key in ("in_channels", "out_channels"):
             if isinstance(groups, int) and groups >= 1 and args[key] % groups:
-                raise ValueError(f"Conv2d: groups must divide {key} ({args[key]}); got {groups}")
+                raise ValueError(f"{name}: groups must divide {key} ({args[key]}); got {groups}")
         options = {key: value for key, value in args.items() if key not in ("in_channels", "out_channels")}
-        return Conv2d(groups, groups, **options, dtype=np.float32, rng=0)
+        return LAYERS[name](groups, groups, **options, dtype=np.float32, rng=0)
     if name in PARAMETRIC:
         return LAYERS[name](**args, dtype=np.float32, rng=0)
     return LAYERS[name](**args)
@@ -259,19 +272,25 @@ def _layer_output(path: str, name: str, args: Mapping[str, Any], module: Any, sh
             raise SpecError(f"{path}.args.in_features must be {shape[-1]}, the size the layers before it give "
                             f"(shape {list(shape)} per example); got {args['in_features']}")
         return (*shape[:-1], args["out_features"])
-    if name in IMAGE_LAYERS:
-        if len(shape) != 3:
-            raise SpecError(f"{path}: {name} takes images (channels, height, width) per example; the layers before "
-                            f"it give shape {list(shape)} (set model.input_shape, e.g. [1, 8, 8])")
-        if name == "Conv2d" and shape[0] != args["in_channels"]:
+    if name in SPATIAL_LAYERS:
+        axes = SPATIAL_LAYERS[name]
+        if len(shape) != axes + 1:
+            what, example = (("images (channels, height, width)", "[1, 8, 8]") if axes == 2
+                             else ("sequences (channels, length)", "[1, 64]"))
+            raise SpecError(f"{path}: {name} takes {what} per example; the layers before it give shape "
+                            f"{list(shape)} (set model.input_shape, e.g. {example})")
+        if name in CONVOLUTIONS and shape[0] != args["in_channels"]:
             raise SpecError(f"{path}.args.in_channels must be {shape[0]}, the channels the layers before it give; got "
                             f"{args['in_channels']}")
-        out = module.output_shape(shape)
-        if name == "Conv2d":  # the miniature has other channels: the layer's own give the output's
+        if name.startswith("Adaptive"):
+            out = (shape[0], *(size if wanted is None else wanted for size, wanted in zip(shape[1:], module._sizes)))
+        else:
+            out = module.output_shape(shape)
+        if name in CONVOLUTIONS:  # the miniature has other channels: the layer's own give the output's
             out = (args["out_channels"], *out[1:])
         if min(out[1:]) < 1:
-            raise SpecError(f"{path}: {name} cannot take images of {shape[1]}x{shape[2]} (its kernel and padding "
-                            f"leave nothing)")
+            raise SpecError(f"{path}: {name} cannot take inputs of {'x'.join(map(str, shape[1:]))} (its kernel, "
+                            f"padding or output size leave nothing)")
         return tuple(out)
     if name == "LayerNorm":
         normalized = module.normalized_shape

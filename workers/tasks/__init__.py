@@ -4,7 +4,7 @@
     task = make_task("digits", hidden=[128])
 
 Built-in tasks by name (one module each): ``digits``, ``digits-triplet``, ``ratings``,
-``least-squares``, ``synthetic-mlp``, and ``supervised``, the task of a job file's ``[data]`` and
+``least-squares``, ``synthetic-mlp``, ``modular-addition``, and ``supervised``, the task of a job file's ``[data]`` and
 ``[model]`` tables. A user's own task is named ``"package.module:Class"``
 (a :class:`Task` subclass importable in every process of the job).
 """
@@ -25,6 +25,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "ratings": ("ratings", "RatingsTask"),
     "least-squares": ("least_squares", "LeastSquaresTask"),
     "synthetic-mlp": ("synthetic_mlp", "SyntheticMLPTask"),
+    "modular-addition": ("modular_addition", "ModularAdditionTask"),
     "supervised": ("supervised", "SupervisedTask"),
 }
 
