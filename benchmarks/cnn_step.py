@@ -10,7 +10,8 @@ One process, 2 threads for both (numba and BLAS through the environment before n
 32->64, ReLU, MaxPool2d 2, Flatten, Linear 1024->64, ReLU, Linear 64->10; batch 64; Adam).
 torch's step is the same ``nn.Sequential`` with the same initial weights on the same
 batches: ``zero_grad``, forward, ``cross_entropy``, ``backward``, ``torch.optim.Adam(fused=True)``.
-Steps alternate (ours, torch, ours, ...); medians (p90) over ``STEPS`` after ``WARMUP``.
+Blocks of ``BLOCK`` steps alternate (ours, torch, ...) for ``ROUNDS`` rounds; medians (p90)
+over all but the first ``SETTLE`` steps of each block.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 
 BEGIN, END = "<!-- cnn-step:begin -->", "<!-- cnn-step:end -->"
 JOB = ROOT / "examples" / "jobs" / "digits-cnn.toml"
-WARMUP, STEPS, BATCH = 10, 200, 64
+ROUNDS, BLOCK, SETTLE, BATCH = 8, 30, 5, 64
 
 
 def torch_model(torch, params):
@@ -70,18 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
     per_epoch = task.num_batches(BATCH)
     ours, theirs = [], []
-    for step in range(WARMUP + STEPS):
-        record = trainer.step()
-        batch = task.batch(0, step // per_epoch, step % per_epoch, BATCH)
+    torch_step = 0
+
+    def step_torch() -> float:
+        nonlocal torch_step
+        batch = task.batch(0, torch_step // per_epoch, torch_step % per_epoch, BATCH)
+        torch_step += 1
         start = time.perf_counter()
         optimizer.zero_grad()
         inputs = torch.from_numpy(batch.data["inputs"]).reshape(-1, 1, 8, 8)
         torch.nn.functional.cross_entropy(model(inputs), torch.from_numpy(batch.data["targets"])).backward()
         optimizer.step()
-        elapsed = time.perf_counter() - start
-        if step >= WARMUP:
-            ours.append(record["seconds"])
-            theirs.append(elapsed)
+        return time.perf_counter() - start
+
+    # blocks, not single steps, alternate: numpy's BLAS and torch's OpenMP threads spin for a
+    # while after a call, and a step right after the other system's runs against them; the
+    # first steps of a block are not timed
+    for _ in range(ROUNDS):
+        ours.extend(trainer.step()["seconds"] for _ in range(BLOCK))
+        del ours[len(ours) - BLOCK:len(ours) - BLOCK + SETTLE]
+        theirs.extend(step_torch() for _ in range(BLOCK))
+        del theirs[len(theirs) - BLOCK:len(theirs) - BLOCK + SETTLE]
     ratio = statistics.median(ours) / statistics.median(theirs)
     section = "\n".join([
         BEGIN,
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {machine()}; Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/cnn_step.py`. {THREADS} threads each, "
-        f"{STEPS} timed steps after {WARMUP}, alternating.",
+        f"{ROUNDS} rounds of {BLOCK} steps each, alternating by block, the first {SETTLE} of each block not timed.",
         "",
         f"Model: `examples/jobs/digits-cnn.toml` (Conv2d 1->32, Conv2d 32->64, MaxPool2d, two Linear; batch {BATCH}, "
         "Adam), the same initial weights and batches in both.",

@@ -10,8 +10,8 @@ One process, 2 threads for both (BLAS through the environment before numpy loads
 d_model 128, 4 heads, feed-forward 512, LayerNorm, Linear 128->97 at the ``=`` position;
 batch 512; AdamW). torch's step is the same module built from torch.nn with the same initial
 weights on the same batches: ``zero_grad``, forward, ``cross_entropy``, ``backward``,
-``torch.optim.AdamW(fused=True)``. Steps alternate (ours, torch, ours, ...); medians (p90)
-over ``STEPS`` after ``WARMUP``.
+``torch.optim.AdamW(fused=True)``. Blocks of ``BLOCK`` steps alternate (ours, torch, ...)
+for ``ROUNDS`` rounds; medians (p90) over all but the first ``SETTLE`` steps of each block.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 
 BEGIN, END = "<!-- transformer-step:begin -->", "<!-- transformer-step:end -->"
 JOB = ROOT / "examples" / "jobs" / "modular-addition.toml"
-WARMUP, STEPS = 10, 100
+ROUNDS, BLOCK, SETTLE = 6, 25, 5
 
 
 def p90(values: list[float]) -> float:
@@ -66,18 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), **{**options, "betas": tuple(options["betas"])}, fused=True)
     per_epoch = task.num_batches(batch_size)
     ours, theirs = [], []
-    for step in range(WARMUP + STEPS):
-        record = trainer.step()
-        batch = task.batch(0, step // per_epoch, step % per_epoch, batch_size)
+    torch_step = 0
+
+    def step_torch() -> float:
+        nonlocal torch_step
+        batch = task.batch(0, torch_step // per_epoch, torch_step % per_epoch, batch_size)
+        torch_step += 1
         start = time.perf_counter()
         optimizer.zero_grad()
         logits = model(torch.from_numpy(batch.data["tokens"]))
         torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.data["labels"])).backward()
         optimizer.step()
-        elapsed = time.perf_counter() - start
-        if step >= WARMUP:
-            ours.append(record["seconds"])
-            theirs.append(elapsed)
+        return time.perf_counter() - start
+
+    # blocks, not single steps, alternate: numpy's BLAS and torch's OpenMP threads spin for a
+    # while after a call, and a step right after the other system's runs against them (torch's
+    # step measured 99 ms that way, 17 ms on its own); the first steps of a block are dropped
+    for _ in range(ROUNDS):
+        ours.extend(trainer.step()["seconds"] for _ in range(BLOCK))
+        del ours[len(ours) - BLOCK:len(ours) - BLOCK + SETTLE]
+        theirs.extend(step_torch() for _ in range(BLOCK))
+        del theirs[len(theirs) - BLOCK:len(theirs) - BLOCK + SETTLE]
     ratio = statistics.median(ours) / statistics.median(theirs)
     section = "\n".join([
         BEGIN,
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {machine()}; Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/transformer_step.py`. {THREADS} threads each, "
-        f"{STEPS} timed steps after {WARMUP}, alternating.",
+        f"{ROUNDS} rounds of {BLOCK} steps each, alternating by block, the first {SETTLE} of each block not timed.",
         "",
         f"Model: `examples/jobs/modular-addition.toml` (embeddings, one pre-norm TransformerEncoderLayer d_model "
         f"{task.d_model}, {task.nhead} heads, feed-forward {task.dim_feedforward}, LayerNorm, Linear; 3 tokens, batch "
