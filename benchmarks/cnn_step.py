@@ -31,7 +31,7 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import machine, write_section  # noqa: E402
+from benchmarks.report import alternate_blocks, machine, p90, write_section  # noqa: E402
 
 BEGIN, END = "<!-- cnn-step:begin -->", "<!-- cnn-step:end -->"
 JOB = ROOT / "examples" / "jobs" / "digits-cnn.toml"
@@ -44,11 +44,6 @@ def torch_model(torch, params):
                                 torch.nn.Flatten(), torch.nn.Linear(1024, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     model.load_state_dict({name: torch.from_numpy(array.copy()) for name, array in params.items()})
     return model
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     model = torch_model(torch, task.init_params(0))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
     per_epoch = task.num_batches(BATCH)
-    ours, theirs = [], []
     torch_step = 0
 
     def step_torch() -> float:
@@ -84,14 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         return time.perf_counter() - start
 
-    # blocks, not single steps, alternate: numpy's BLAS and torch's OpenMP threads spin for a
-    # while after a call, and a step right after the other system's runs against them; the
-    # first steps of a block are not timed
-    for _ in range(ROUNDS):
-        ours.extend(trainer.step()["seconds"] for _ in range(BLOCK))
-        del ours[len(ours) - BLOCK:len(ours) - BLOCK + SETTLE]
-        theirs.extend(step_torch() for _ in range(BLOCK))
-        del theirs[len(theirs) - BLOCK:len(theirs) - BLOCK + SETTLE]
+    ours, theirs = alternate_blocks(lambda: trainer.step()["seconds"], step_torch, ROUNDS, BLOCK, SETTLE)
     ratio = statistics.median(ours) / statistics.median(theirs)
     section = "\n".join([
         BEGIN,

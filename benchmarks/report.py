@@ -30,3 +30,22 @@ def write_section(doc: Path, begin: str, end: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     doc.write_text(text)
+
+
+def p90(values: list[float]) -> float:
+    """The 90th percentile, by rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def alternate_blocks(ours, theirs, rounds: int, block: int, settle: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of two step functions (each returns its step's seconds), run in
+    alternating blocks of ``block`` steps for ``rounds`` rounds, the first ``settle`` of each
+    block not kept. Blocks, not single steps, alternate: numpy's BLAS and torch's OpenMP
+    threads spin for a while after a call, and a step right after the other system's would
+    run against them."""
+    timed: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for run, kept in ((ours, timed[0]), (theirs, timed[1])):
+            kept.extend([run() for _ in range(block)][settle:])
+    return timed

@@ -31,16 +31,11 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import machine, write_section  # noqa: E402
+from benchmarks.report import alternate_blocks, machine, p90, write_section  # noqa: E402
 
 BEGIN, END = "<!-- transformer-step:begin -->", "<!-- transformer-step:end -->"
 JOB = ROOT / "examples" / "jobs" / "modular-addition.toml"
 ROUNDS, BLOCK, SETTLE = 6, 25, 5
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict({name: torch.from_numpy(array.copy()) for name, array in task.init_params(0).items()})
     optimizer = torch.optim.AdamW(model.parameters(), **{**options, "betas": tuple(options["betas"])}, fused=True)
     per_epoch = task.num_batches(batch_size)
-    ours, theirs = [], []
     torch_step = 0
 
     def step_torch() -> float:
@@ -79,14 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         return time.perf_counter() - start
 
-    # blocks, not single steps, alternate: numpy's BLAS and torch's OpenMP threads spin for a
-    # while after a call, and a step right after the other system's runs against them (torch's
-    # step measured 99 ms that way, 17 ms on its own); the first steps of a block are dropped
-    for _ in range(ROUNDS):
-        ours.extend(trainer.step()["seconds"] for _ in range(BLOCK))
-        del ours[len(ours) - BLOCK:len(ours) - BLOCK + SETTLE]
-        theirs.extend(step_torch() for _ in range(BLOCK))
-        del theirs[len(theirs) - BLOCK:len(theirs) - BLOCK + SETTLE]
+    ours, theirs = alternate_blocks(lambda: trainer.step()["seconds"], step_torch, ROUNDS, BLOCK, SETTLE)
     ratio = statistics.median(ours) / statistics.median(theirs)
     section = "\n".join([
         BEGIN,

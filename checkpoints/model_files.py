@@ -38,6 +38,10 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PARAM_DTYPES = ("float32", "float64")
 
 
+# the last part of the names torch gives BatchNorm's buffers
+BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @dataclass(frozen=True)
 class FileLayout:
     params: tuple[ParamSpec, ...]
@@ -68,12 +72,28 @@ class ModelFile:
         else:
             self._arrays = _native_model(self.directory)
             entries = {name: (array.dtype.name, tuple(array.shape)) for name, array in self._arrays.items()}
+        # torch's BatchNorm buffers are model state, not parameters: kept apart (see buffers())
+        self.buffer_names = tuple(name for name in entries if name.rsplit(".", 1)[-1] in BUFFER_NAMES)
         for name, (dtype, _) in entries.items():
-            if dtype not in PARAM_DTYPES:
+            if dtype not in PARAM_DTYPES and name not in self.buffer_names:
                 self.close()
                 raise CheckpointError(f"{self.directory}: parameter {name!r} is {dtype}; a model's parameters are "
                                       f"float32 or float64")
-        self.layout = FileLayout(tuple(ParamSpec(name, shape, dtype) for name, (dtype, shape) in entries.items()))
+        self.layout = FileLayout(tuple(ParamSpec(name, shape, dtype) for name, (dtype, shape) in entries.items()
+                                       if name not in self.buffer_names))
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """The file's buffers (BatchNorm's ``running_mean``, ``running_var``,
+        ``num_batches_tracked``), whole, by name."""
+        out = {}
+        for name in self.buffer_names:
+            if self._safetensors is not None:
+                out[name] = self._safetensors.read(name).reshape(self._safetensors.specs[name][1])
+            elif self.kind == "torch":
+                out[name] = self._arrays[name].detach().clone().numpy()
+            else:
+                out[name] = np.array(self._arrays[name])
+        return out
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Elements ``start .. stop - 1`` of the flattened parameter ``name`` (a copy)."""

@@ -40,6 +40,7 @@ anything is written or started.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import math
 import time
@@ -65,6 +66,7 @@ from shardstep.service import run_dir as run_files
 from shardstep.service.actors import ActorGroup, StartPlan, choose_transport
 from shardstep.service.backend import make_backend
 from shardstep.service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
+from shardstep.service.export import checkpoint_buffers
 from shardstep.service.finetune import InitPlan, open_init_source, plan_init
 from shardstep.service.job_code import shipped_modules, use_job_code
 from shardstep.service.jobspec import prepare_task, serve_task
@@ -235,6 +237,9 @@ class Progress:
     stopped_early: str | None = None
     # seconds spent in steps by this run and every run it resumed (the time limit's clock)
     trained_seconds: float = 0.0
+    # the model's buffers (BatchNorm's running statistics), by name; empty until the first
+    # evaluation of a model that has some reports its statistics
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -329,6 +334,8 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
         self.init_plan: InitPlan | None = None
+        # a fine-tuning source's buffers, the first buffers of a run that starts from it
+        self.source_buffers: dict[str, np.ndarray] = {}
         self.init_record: dict[str, Any] | None = None
         # nodes whose raylet stopped answering: kept out of every later placement
         self.lost_nodes: set[str] = set()
@@ -477,7 +484,26 @@ class Coordinator:
         groups = {name: group for group in local.param_groups for name in group["param_names"]}
         with open_init_source(spec.init, warn=self._event) as source:
             self.init_plan = plan_init(source, spec, model, groups)
+            self.source_buffers = self._source_buffers(source)
         self.init_record = self.init_plan.record()
+
+    def _source_buffers(self, source: Any) -> dict[str, np.ndarray]:
+        """The buffers (BatchNorm's running statistics) a fine-tuning source gives for this
+        model, those ``init.skip`` leaves out aside: every one must be the model's, of its
+        shape and dtype. A model buffer the source lacks starts afresh."""
+        given = checkpoint_buffers(source)
+        given = {name: array for name, array in given.items()
+                 if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.spec.init.skip)}
+        if not given:
+            return {}
+        expected = self.task.init_buffers(self.spec.seed)
+        wrong = [f"{name} ({array.dtype} {array.shape})" for name, array in given.items()
+                 if name not in expected or expected[name].shape != array.shape or expected[name].dtype != array.dtype]
+        if wrong:
+            have = ", ".join(f"{n} ({a.dtype} {a.shape})" for n, a in expected.items()) or "none"
+            raise ValueError(f"cannot start from {source.directory}: its buffers {', '.join(wrong)} are not this "
+                             f"model's (its buffers: {have}). Leave them out with init.skip")
+        return {**expected, **given}
 
     # -- Starting ------------------------------------------------------------------------------
 
@@ -500,6 +526,7 @@ class Coordinator:
             self._restore(step, extra, groups)
         else:  # from the start: whatever an earlier attempt logged is replayed
             self.history, self.evaluations = [], []
+            self.progress.buffers = {name: array.copy() for name, array in self.source_buffers.items()}
             self._truncate_log(0)
         # a node lost just before this start is still listed alive: its raylet tells
         self.lost_nodes |= self.backend.unreachable_nodes()
@@ -583,6 +610,27 @@ class Coordinator:
                                   f"this job has {len(self.spec.schedulers)}")
         return record
 
+    def _checked_buffers(self, step: int, saved: Any) -> dict[str, np.ndarray]:
+        """The buffers of the checkpoint at ``step``: those the task's model has, by name,
+        shape and dtype (an edited record is refused rather than trained on)."""
+        if not saved:
+            return {}
+        expected = self.task.init_buffers(self.spec.seed)
+        problem = None
+        if not isinstance(saved, Mapping) or set(saved) != set(expected):
+            problem = f"buffers {sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__}"
+        else:
+            for name, array in expected.items():
+                value = saved[name]
+                if not isinstance(value, np.ndarray) or value.shape != array.shape or value.dtype != array.dtype:
+                    problem = f"buffer {name!r} as {getattr(value, 'dtype', type(value).__name__)} " \
+                              f"{getattr(value, 'shape', '')}"
+                    break
+        if problem is not None:
+            raise CheckpointError(f"the checkpoint at step {step} in {self.run_dir / CHECKPOINT_DIR} holds {problem}; "
+                                  f"this job's model has buffers {', '.join(f'{n} {a.dtype} {a.shape}' for n, a in expected.items())}")
+        return {name: np.array(saved[name]) for name in expected}
+
     def _restore(self, step: int, extra: Mapping[str, Any], groups: list[dict]) -> None:
         names = [g["params"] for g in self.optimizer.param_groups]
         saved_names = [list(g["params"]) for g in groups]
@@ -602,6 +650,7 @@ class Coordinator:
         progress.last_metrics = dict(record.get("metrics", {}))
         progress.last_checkpoint = step
         self.optimizer._step_count = record["optimizer_steps"]
+        progress.buffers = self._checked_buffers(step, record.get("buffers") or {})
         trained = record.get("trained_seconds", 0.0)
         progress.trained_seconds = float(trained) if isinstance(trained, (int, float)) and trained >= 0 else 0.0
         if self.spec.time_limit is not None and progress.trained_seconds >= self.spec.time_limit:
@@ -738,7 +787,7 @@ class Coordinator:
 
     def _evaluate(self) -> dict[str, float]:
         progress = self.progress
-        metrics = self.pipeline.evaluate()
+        metrics = self.pipeline.evaluate(progress.buffers)
         self.evaluations.append({"step": progress.step, "epoch": progress.epoch, **metrics})
         progress.evaluation = (progress.step, metrics)
         return metrics
@@ -775,6 +824,7 @@ class Coordinator:
                         total += report["sumsq"]
                     scale = spec.clip_grad_norm / (math.sqrt(total) + 1e-6)
                     self._clip_scale = scale if scale < 1.0 else None
+            self._advance_buffers(pipeline.statistics)
             return loss
 
         try:
@@ -813,6 +863,16 @@ class Coordinator:
             self._event(progress.stopped_early)
         return record
 
+    def _advance_buffers(self, statistics: list[dict]) -> None:
+        """Move the model's buffers by one training forward of the global batch (every closure
+        evaluation, as torch's BatchNorm moves with every training forward)."""
+        if not statistics:
+            return
+        progress = self.progress
+        if not progress.buffers:
+            progress.buffers = self.task.init_buffers(self.spec.seed)
+        progress.buffers = self.task.advance_buffers(progress.buffers, statistics)
+
     def _advance_batch(self) -> None:
         progress = self.progress
         progress.batch += 1
@@ -832,7 +892,7 @@ class Coordinator:
                 if scheduler_spec.monitor == "loss":
                     scheduler.step(loss)
                 else:
-                    evaluated = evaluated or self.pipeline.evaluate()
+                    evaluated = evaluated or self.pipeline.evaluate(self.progress.buffers)
                     if scheduler_spec.monitor not in evaluated:
                         raise ValueError(f"ReduceLROnPlateau monitors {scheduler_spec.monitor!r}, which the task's "
                                          f"evaluation does not report; it reports {sorted(evaluated)}")
@@ -901,6 +961,7 @@ class Coordinator:
             "schedulers": [s.state_dict() for s in self.schedulers], "metrics": dict(progress.last_metrics),
             "lbfgs": None if self.optimizer.driver is None else self.optimizer.driver.scalar_state(),
             "trained_seconds": progress.trained_seconds,
+            "buffers": dict(progress.buffers),
             "early_stopping": {"metric": self.spec.stop_metric, "best": progress.stop_best,
                                "best_step": progress.stop_best_step, "bad": progress.stop_bad,
                                "stopped": progress.stopped_early},

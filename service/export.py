@@ -52,7 +52,8 @@ def export_checkpoint(checkpoint: RunCheckpoint, out: str | os.PathLike, format:
         raise ValueError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
     state_keys = {key for entries in checkpoint.state_schema.values() for key in entries}
     lbfgs = any(key.startswith(LBFGS_PREFIX) for key in state_keys)
-    if format == "native" and not lbfgs:
+    buffers = checkpoint_buffers(checkpoint)
+    if format == "native" and not lbfgs and not buffers:
         checkpoint.export_file(out)
         return
     if format == "torch":
@@ -60,16 +61,32 @@ def export_checkpoint(checkpoint: RunCheckpoint, out: str | os.PathLike, format:
     params, optimizer = checkpoint.export()
     if lbfgs:
         optimizer = torch_lbfgs_state_dict(checkpoint, params, optimizer)
+    # the model's state_dict: its parameters, then its buffers (BatchNorm's running statistics)
+    model = {**params, **buffers}
     if format == "native":
-        dump({"model": params, "optimizer": optimizer}, out)
+        dump({"model": model, "optimizer": optimizer}, out)
     elif format == "safetensors":
         from shardstep.checkpoints.safetensors import write_safetensors
 
-        _written(out, lambda path: write_safetensors(path, params, metadata={"format": "pt"}))
+        _written(out, lambda path: write_safetensors(path, model, metadata={"format": "pt"}))
     else:
         # RunCheckpoint.export numbers the parameters of its param groups in order, as torch does
         by_index = [name for group in checkpoint.param_groups for name in group["params"]]
-        _written(out, lambda path: save_export(params, optimizer, by_index, path))
+        _written(out, lambda path: save_export(model, optimizer, by_index, path))
+
+
+def checkpoint_buffers(checkpoint: Any) -> dict[str, np.ndarray]:
+    """The model's buffers a source holds: a run checkpoint's, in its coordinator record; a
+    model file's, its BatchNorm entries (none for a model without BatchNorm, or a checkpoint
+    not written by a run)."""
+    if callable(getattr(checkpoint, "buffers", None)):
+        return checkpoint.buffers()
+    extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
+    record = extra.get("coordinator")
+    buffers = record.get("buffers") if isinstance(record, dict) else None
+    if not isinstance(buffers, dict):
+        return {}
+    return {name: np.array(value) for name, value in buffers.items() if isinstance(value, np.ndarray)}
 
 
 def _written(out: Any, write: Any) -> None:

@@ -36,6 +36,9 @@ class StepPipeline:
         # an evaluation submitted ahead: ((epoch, batch), (worker outputs, shard reports or None))
         self.ahead: tuple[tuple[int, int], tuple[list, list | None]] | None = None
         self.round_trips = 0
+        # what the last evaluation's workers measured for the model's buffers, in rank order
+        # (empty for a model without buffers)
+        self.statistics: list[dict] = []
 
     # -- waiting -------------------------------------------------------------------------
 
@@ -93,7 +96,11 @@ class StepPipeline:
         losses = values[:len(outputs)]
         shard_reports = values[len(outputs):len(outputs) + len(self.shards)]
         loss = 0.0
+        self.statistics = []
         for part in losses:
+            if isinstance(part, tuple):  # (loss, buffer statistics): see GradientWorker.compute
+                part, statistics = part
+                self.statistics.append(statistics)
             loss += part
         return loss, shard_reports, values[len(outputs) + len(self.shards):]
 
@@ -114,9 +121,11 @@ class StepPipeline:
         """A skipped step: the shards drop the gradient they reduced."""
         self.fire(self.on_shards("discard_grads"))
 
-    def evaluate(self) -> dict[str, float]:
-        """The task's metrics at the current parameters (gradient worker 0)."""
-        return self.wait([self.backend.call(self.workers[0], "evaluate", *self.current_params())])[0]
+    def evaluate(self, buffers: dict | None = None) -> dict[str, float]:
+        """The task's metrics at the current parameters (gradient worker 0), with the model's
+        ``buffers`` when it has some."""
+        return self.wait([self.backend.call(self.workers[0], "evaluate", *self.current_params(),
+                                            buffers=buffers or None)])[0]
 
     def lbfgs(self, shard: int, method: str, *args: Any) -> Any:
         self.param_refs = None  # LBFGS moves the parameters in place

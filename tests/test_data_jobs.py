@@ -401,10 +401,12 @@ CASES = [
      ["data has unknown key 'shuffle'; allowed: train, validation, features, label"]),
     ("an unknown layer", _csv(GOOD_CSV), {'{ name = "GELU" }': '{ name = "Conv3d" }'},
      ["model.layers[1].name must be one of Linear, Conv1d, Conv2d, ReLU, Tanh, GELU, LogSoftmax, Softmax, "
-      "MaxPool2d, AvgPool2d, AdaptiveAvgPool1d, AdaptiveAvgPool2d, Flatten, LayerNorm, Dropout; got 'Conv3d'"]),
-    ("a batch norm", _csv(GOOD_CSV), {'{ name = "GELU" }': '{ name = "BatchNorm1d", args = { num_features = 12 } }'},
-     ["got 'BatchNorm1d' (BatchNorm1d is not taken yet: its running statistics are model state, which a job's "
-      "checkpoints do not hold yet)"]),
+      "MaxPool2d, AvgPool2d, AdaptiveAvgPool1d, AdaptiveAvgPool2d, Flatten, LayerNorm, BatchNorm1d, BatchNorm2d, "
+      "Dropout; got 'Conv3d'"]),
+    ("a batch norm of the wrong width", _csv(GOOD_CSV),
+     {'{ name = "GELU" }': '{ name = "BatchNorm1d", args = { num_features = 11 } }'},
+     ["model.layers[1]: BatchNorm1d takes (num_features,) or (num_features, length) per example with num_features "
+      "= 11; the layers before it give shape [12]"]),
     ("a Conv1d on vectors", _csv(GOOD_CSV),
      {'{ name = "GELU" }': '{ name = "Conv1d", args = { in_channels = 1, out_channels = 2, kernel_size = 3 } }'},
      ["model.layers[1]: Conv1d takes sequences (channels, length) per example; the layers before it give shape [12] "
@@ -679,3 +681,151 @@ def test_a_dropout_job_resumes_bit_for_bit_and_ray_equals_inline(tmp_path, ray_a
     resumed = cli("resume", str(runs["ray"]), "--quiet", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert_same(final_params(runs["ray"]), finished)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm: running statistics as model state, moved once per global batch
+
+BN_LAYERS = [LAYERS[0], {"name": "BatchNorm1d", "args": {"num_features": 12}}, LAYERS[1], LAYERS[2]]
+
+
+def test_batch_norm_statistics_move_once_per_global_batch_from_all_its_pieces(tmp_path):
+    """One piece moves the running statistics bit for bit as the layer itself does on that
+    batch; 3 ranks of 2 micro-batches each pool to the same statistics (float64 rounding);
+    the evaluation normalizes with the running statistics it is given."""
+    from shardstep.workers import nn
+    from shardstep.workers.tasks.base import accumulated_loss_and_grad
+
+    features, labels = dataset()
+    path = write(tmp_path, "npz", features.astype(np.float64), labels)
+    task = task_of(path, layers=BN_LAYERS, dtype="float64", validation=0.2)
+    params = task.init_params(3)
+    start = task.init_buffers(3)
+    assert list(start) == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    batch = task.batch(7, 0, 0, 40)
+    task.loss_and_grad(params, batch)
+    whole = task.advance_buffers(start, [task.take_batch_statistics()])
+    linear = nn.Linear(5, 12, dtype=np.float64)
+    linear.load_state_dict({"weight": params["0.weight"], "bias": params["0.bias"]})
+    layer = nn.BatchNorm1d(12, dtype=np.float64)
+    layer(linear(batch.data["inputs"]))
+    assert np.array_equal(whole["1.running_mean"], layer.running_mean)
+    assert np.array_equal(whole["1.running_var"], layer.running_var)
+    assert whole["1.num_batches_tracked"] == 1 and start["1.num_batches_tracked"] == 0
+    reports = []
+    for rank in range(3):
+        accumulated_loss_and_grad(task, params, task.batch(7, 0, 0, 40, rank, 3), 2)
+        reports.append(task.take_batch_statistics())
+    assert [len(report["1"]) for report in reports] == [2, 2, 2]
+    pooled = task.advance_buffers(start, reports)
+    np.testing.assert_allclose(pooled["1.running_mean"], whole["1.running_mean"], rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(pooled["1.running_var"], whole["1.running_var"], rtol=1e-13)
+    task.set_buffers(start)
+    at_start = task.evaluate(params)
+    task.set_buffers(whole)
+    assert task.evaluate(params)["loss"] != at_start["loss"]
+
+
+def test_a_batch_norm_job_keeps_its_running_statistics_across_backends_resume_and_export(tmp_path, ray_address):
+    from shardstep.checkpoints import load, open_checkpoint
+
+    features, labels = dataset()
+    write(tmp_path, "csv", features, labels)
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    runs = {}
+    for backend in ("ray", "inline"):
+        text = JOB.format(run_dir=f"runs/{backend}", train="data.csv", backend=backend)
+        text = text.replace('{ name = "GELU" },', '{ name = "BatchNorm1d", args = { num_features = 12 } }, '
+                                                  '{ name = "GELU" },')
+        text = text.replace('label = "label"\n', 'label = "label"\nvalidation = 0.2\n')
+        text = text.replace("steps = 6", "steps = 10\neval_every = 5") + "\n[checkpoint]\nevery = 5\n"
+        assert "BatchNorm1d" in text
+        (tmp_path / f"{backend}.toml").write_text(text)
+        out = cli("run", str(tmp_path / f"{backend}.toml"), "--quiet", env=env)
+        assert out.returncode == 0, out.stderr
+        runs[backend] = tmp_path / "runs" / backend
+
+    def buffers(run_dir: Path) -> dict:
+        with open_checkpoint(run_dir / "checkpoints") as checkpoint:
+            return checkpoint.extra["coordinator"]["buffers"]
+
+    finished, moved = final_params(runs["ray"]), buffers(runs["ray"])
+    assert moved["1.num_batches_tracked"] == 10 and moved["1.running_mean"].dtype == np.float32
+    assert moved["1.running_var"].any() and not np.array_equal(moved["1.running_var"], np.ones(12, np.float32))
+    assert_same(finished, final_params(runs["inline"]))
+    assert_same(moved, buffers(runs["inline"]))
+    assert evaluations(runs["ray"]) == evaluations(runs["inline"])
+    shutil.rmtree(runs["ray"] / "checkpoints" / "step-0000000010")
+    resumed = cli("resume", str(runs["ray"]), "--quiet", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(final_params(runs["ray"]), finished)
+    assert_same(buffers(runs["ray"]), moved)
+    assert evaluations(runs["ray"]) == evaluations(runs["inline"])
+    # the export is the model's whole state_dict, buffers included
+    out = cli("export", str(runs["ray"]), "--out", str(tmp_path / "model.ckpt"))
+    assert out.returncode == 0, out.stderr
+    model = load(tmp_path / "model.ckpt")["model"]
+    assert_same({name: model[name] for name in moved}, moved)
+    assert set(model) == set(finished) | set(moved)
+
+
+def test_fine_tuning_a_batch_norm_model_carries_its_running_statistics(tmp_path):
+    """From the run directory and from its export alike: the statistics go on from the
+    source's (the count too); a source buffer the model lacks is refused by name."""
+    features, labels = dataset()
+    write(tmp_path, "csv", features, labels)
+    base = JOB.format(run_dir="runs/{name}", train="data.csv", backend="inline").replace(
+        '{ name = "GELU" },', '{ name = "BatchNorm1d", args = { num_features = 12 } }, { name = "GELU" },')
+
+    def run(name: str, init: str = "") -> subprocess.CompletedProcess:
+        (tmp_path / f"{name}.toml").write_text(base.replace("{name}", name) + init)
+        return cli("run", str(tmp_path / f"{name}.toml"), "--quiet")
+
+    assert run("source").returncode == 0
+    assert cli("export", str(tmp_path / "runs" / "source"), "--out", str(tmp_path / "source.ckpt")).returncode == 0
+    assert run("from-run", '\n[init]\nfrom = "runs/source"\n').returncode == 0
+    assert run("from-file", '\n[init]\nfrom = "source.ckpt"\n').returncode == 0
+    from shardstep.checkpoints import open_checkpoint
+
+    def buffers(name: str) -> dict:
+        with open_checkpoint(tmp_path / "runs" / name / "checkpoints") as checkpoint:
+            return checkpoint.extra["coordinator"]["buffers"]
+
+    assert buffers("source")["1.num_batches_tracked"] == 6 and buffers("from-run")["1.num_batches_tracked"] == 12
+    assert_same(buffers("from-file"), buffers("from-run"))
+    assert_same(final_params(tmp_path / "runs" / "from-file"), final_params(tmp_path / "runs" / "from-run"))
+    # the statistics moved on from the source's, not from a fresh start
+    fresh = run("fresh")
+    assert fresh.returncode == 0 and not np.array_equal(buffers("fresh")["1.running_mean"],
+                                                        buffers("from-run")["1.running_mean"])
+    other = base.replace("num_features = 12", "num_features = 12, track_running_stats = false")
+    (tmp_path / "other.toml").write_text(other.replace("{name}", "other") + '\n[init]\nfrom = "runs/source"\n')
+    refused = cli("run", str(tmp_path / "other.toml"), "--quiet")
+    assert refused.returncode == 2 and "its buffers 1.running_mean (float32 (12,))" in refused.stderr, refused.stderr
+    assert not (tmp_path / "runs" / "other").exists()
+
+
+@pytest.mark.torch_live
+def test_a_batch_norm_models_torch_export_loads_strictly_into_torch_and_back(tmp_path):
+    from tests.conftest import require_torch
+
+    torch = require_torch()
+    features, labels = dataset()
+    write(tmp_path, "csv", features, labels)
+    base = JOB.format(run_dir="runs/{name}", train="data.csv", backend="inline").replace(
+        '{ name = "GELU" },', '{ name = "BatchNorm1d", args = { num_features = 12 } }, { name = "GELU" },')
+    (tmp_path / "source.toml").write_text(base.replace("{name}", "source"))
+    assert cli("run", str(tmp_path / "source.toml"), "--quiet").returncode == 0
+    out = cli("export", str(tmp_path / "runs" / "source"), "--out", str(tmp_path / "model.pt"))
+    assert out.returncode == 0, out.stderr
+    module = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.BatchNorm1d(12), torch.nn.GELU(),
+                                 torch.nn.Linear(12, 3))
+    state = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    module.load_state_dict(state, strict=True)
+    assert int(module[1].num_batches_tracked) == 6 and not torch.all(module[1].running_var == 1)
+    (tmp_path / "tuned.toml").write_text(base.replace("{name}", "tuned") + '\n[init]\nfrom = "model.pt"\n')
+    assert cli("run", str(tmp_path / "tuned.toml"), "--quiet").returncode == 0
+    from shardstep.checkpoints import open_checkpoint
+
+    with open_checkpoint(tmp_path / "runs" / "tuned" / "checkpoints") as checkpoint:
+        assert checkpoint.extra["coordinator"]["buffers"]["1.num_batches_tracked"] == 12

@@ -75,9 +75,15 @@ class GradientWorker:
         params = self.gather(slices)
         batch = self._batch(epoch, index)
         loss, grads = accumulated_loss_and_grad(self.task, params, batch, self.accumulate)
-        return (float(loss), *self.split(grads))
+        # a model with buffers (BatchNorm) reports what its forwards measured with the loss
+        statistics = self.task.take_batch_statistics()
+        first = (float(loss), statistics) if statistics else float(loss)
+        return (first, *self.split(grads))
 
-    def evaluate(self, *slices: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, *slices: Mapping[str, np.ndarray], buffers: Mapping[str, np.ndarray] | None = None
+                 ) -> dict[str, float]:
+        if buffers:
+            self.task.set_buffers(buffers)
         metrics = self.task.evaluate(self.gather(slices))
         if not isinstance(metrics, Mapping):
             raise TypeError(f"{type(self.task).__name__}.evaluate must return a dict of metrics; "

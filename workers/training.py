@@ -114,6 +114,9 @@ class Trainer:
         self.batch_index = 0
         self._epoch_losses: list[float] = []
         self._stream: Any = None
+        # the model's buffers (BatchNorm's running statistics): moved after every forward of
+        # a global batch from the statistics of all its pieces, as the coordinator does
+        self.buffers: dict[str, np.ndarray] = {}
 
     # -- data ------------------------------------------------------------------------------
 
@@ -146,6 +149,10 @@ class Trainer:
                 loss, grads = combine_partials([self.task.loss_and_grad(self._views, shard) for shard in shards])
             loss = float(loss)
             calls += 1
+            statistics = self.task.take_batch_statistics()
+            if statistics:
+                self.buffers = self.task.advance_buffers(self.buffers or self.task.init_buffers(self.seed),
+                                                         [statistics])
             # the first evaluation is at the current parameters: refuse it before any update (LBFGS's
             # later trial points may be non-finite; its line search backs off from them)
             if calls == 1 and not math.isfinite(loss):
@@ -205,6 +212,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics of the current parameters."""
+        if self.buffers:
+            self.task.set_buffers(self.buffers)
         metrics = self.task.evaluate(self._views)
         if not isinstance(metrics, Mapping):
             raise TypeError(f"{type(self.task).__name__}.evaluate must return a dict of metrics; "

@@ -1150,6 +1150,23 @@ def update_running_stats(running_mean: np.ndarray, running_var: np.ndarray, mean
         running_var.dtype)
 
 
+def combine_batch_statistics(pieces) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """The (count, mean, squares) of a batch from those of its pieces, in order (each as
+    :func:`batch_norm_statistics` gives them): one piece is returned as it is, so a batch
+    computed whole moves the running statistics bit for bit as the layer itself; several are
+    pooled exactly in float64 (the squares about each piece's mean plus each piece's offset
+    from the pooled mean), the mean rounded to the pieces' dtype."""
+    pieces = [piece for piece in pieces if piece[0] > 0]
+    if not pieces:
+        return 0, None, None
+    if len(pieces) == 1:
+        return pieces[0]
+    count = sum(n for n, _, _ in pieces)
+    pooled = sum(n * mean.astype(np.float64) for n, mean, _ in pieces) / count
+    squares = sum(s + n * (mean.astype(np.float64) - pooled) ** 2 for n, mean, s in pieces)
+    return count, pooled.astype(pieces[0][1].dtype), squares
+
+
 def batch_norm(centered: np.ndarray, inverse: np.ndarray, weight: np.ndarray | None,
                bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(x - mean) / sqrt(var + eps) * weight + bias per channel, from x - mean and the

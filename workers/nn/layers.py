@@ -504,9 +504,24 @@ class _BatchNorm(Module):
         self.register_buffer("running_mean", np.zeros(shape, self._dtype) if tracked else None)
         self.register_buffer("running_var", np.ones(shape, self._dtype) if tracked else None)
         self.register_buffer("num_batches_tracked", np.zeros((), np.int64) if tracked else None)
+        # inside a task the engine moves the running statistics once per step from the whole
+        # global batch's: the layer then only records its piece's (see apply_statistics)
+        self.defer_running_stats = False
+        self.last_statistics: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def _input(self, x) -> np.ndarray:
         raise NotImplementedError
+
+    def apply_statistics(self, count: int, mean: np.ndarray | None, squares: np.ndarray | None) -> None:
+        """Count a training batch and move the running statistics toward its ``mean`` and
+        ``squares / (count - 1)`` (the sum of squared deviations from that mean, float64), as
+        a training forward does; nothing moves for an empty batch but the count."""
+        if not self.track_running_stats or self.num_batches_tracked is None:
+            return
+        self.num_batches_tracked += 1
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if count > 0 and self.running_mean is not None and self.running_var is not None:
+            F.update_running_stats(self.running_mean, self.running_var, mean, squares, count, factor)
 
     def forward(self, x) -> np.ndarray:
         owner = type(self).__name__
@@ -519,11 +534,7 @@ class _BatchNorm(Module):
         if batch_statistics and count == 1:
             raise ValueError(f"{owner}: Expected more than 1 value per channel when training, got input size "
                              f"{x.shape}")
-        factor = self.momentum
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked += 1
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        statistics: tuple[int, np.ndarray | None, np.ndarray | None] = (0, None, None)
         if not batch_statistics:
             centered = x - self.running_mean.reshape(1, -1, *(1,) * (x.ndim - 2))
             inverse = F.inverse_std(self.running_var, self.eps, x.dtype)
@@ -532,9 +543,12 @@ class _BatchNorm(Module):
         else:
             mean, centered, squares, count = F.batch_norm_statistics(x)
             inverse = F.inverse_std(squares / count, self.eps, x.dtype)
-            if update and self.running_mean is not None and self.running_var is not None:
-                F.update_running_stats(self.running_mean, self.running_var, mean, squares, count,
-                                       0.0 if factor is None else factor)
+            statistics = (count, mean, squares)
+        if update:
+            if self.defer_running_stats:
+                self.last_statistics = statistics
+            else:
+                self.apply_statistics(*statistics)
         output, normalized = F.batch_norm(centered, inverse, None if self.weight is None else self.weight.data,
                                           None if self.bias is None else self.bias.data)
         self._cache = (normalized, inverse, batch_statistics, x.shape, x.dtype)

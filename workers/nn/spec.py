@@ -32,6 +32,8 @@ from shardstep.workers.nn.layers import (
     AdaptiveAvgPool1d,
     AdaptiveAvgPool2d,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
     Conv1d,
     Conv2d,
     Dropout,
@@ -62,17 +64,16 @@ LAYERS: dict[str, type] = {"Linear": Linear, "Conv1d": Conv1d, "Conv2d": Conv2d,
                            "GELU": GELU, "LogSoftmax": LogSoftmax, "Softmax": Softmax, "MaxPool2d": MaxPool2d,
                            "AvgPool2d": AvgPool2d, "AdaptiveAvgPool1d": AdaptiveAvgPool1d,
                            "AdaptiveAvgPool2d": AdaptiveAvgPool2d, "Flatten": Flatten, "LayerNorm": LayerNorm,
-                           "Dropout": Dropout}
+                           "BatchNorm1d": BatchNorm1d, "BatchNorm2d": BatchNorm2d, "Dropout": Dropout}
 # the layers built with the run's dtype and generator; a model needs a Linear or a convolution
 PARAMETRIC = ("Linear", "Conv1d", "Conv2d", "LayerNorm")
+# built with the run's dtype only (constant initialization)
+DTYPED = ("BatchNorm1d", "BatchNorm2d")
 WEIGHTED = ("Linear", "Conv1d", "Conv2d")
 CONVOLUTIONS = ("Conv1d", "Conv2d")
 # the layers of (channels, *spatial) examples, by the number of spatial axes
 SPATIAL_LAYERS = {"Conv1d": 1, "AdaptiveAvgPool1d": 1, "Conv2d": 2, "MaxPool2d": 2, "AvgPool2d": 2,
                   "AdaptiveAvgPool2d": 2}
-# layers torch users may reach for that a layer list does not take yet, and why
-NOT_YET = {"BatchNorm1d": "its running statistics are model state, which a job's checkpoints do not hold yet",
-           "BatchNorm2d": "its running statistics are model state, which a job's checkpoints do not hold yet"}
 # loss name -> (class, kind): "classes" losses take class indices, "values" losses take
 # float targets of the output's shape, "binary" losses take 0/1 targets of the output's shape
 LOSSES: dict[str, tuple[type[Loss], str]] = {
@@ -108,8 +109,7 @@ def _entry(path: str, value: Any, registry: Mapping[str, Any], what: str) -> tup
                         f"in args)")
     name = value.get("name")
     if name not in registry:
-        why = f" ({name} is not taken yet: {NOT_YET[name]})" if registry is LAYERS and name in NOT_YET else ""
-        raise SpecError(f"{path}.name must be one of {', '.join(registry)}; got {_shown(name)}{why}")
+        raise SpecError(f"{path}.name must be one of {', '.join(registry)}; got {_shown(name)}")
     args = value.get("args", {})
     if not isinstance(args, Mapping):
         raise SpecError(f"{path}.args must be a table of {name}'s arguments; got {_shown(args)}")
@@ -205,6 +205,8 @@ class ModelSpec:
         for name, args in self.layers:
             if name in PARAMETRIC:
                 modules.append(LAYERS[name](**args, dtype=dtype, rng=rng))
+            elif name in DTYPED:
+                modules.append(LAYERS[name](**args, dtype=dtype))
             else:
                 modules.append(LAYERS[name](**args))
         return Sequential(*modules)
@@ -224,6 +226,12 @@ class ModelSpec:
                 specs.append(ParamSpec(f"{index}.weight", shape, kind))
                 if args.get("bias", True):
                     specs.append(ParamSpec(f"{index}.bias", shape, kind))
+                continue
+            elif name in DTYPED:
+                if args.get("affine", True):
+                    specs.append(ParamSpec(f"{index}.weight", (args["num_features"],), kind))
+                    if args.get("bias", True):
+                        specs.append(ParamSpec(f"{index}.bias", (args["num_features"],), kind))
                 continue
             elif name in CONVOLUTIONS:
                 kernel = args["kernel_size"]
@@ -261,6 +269,8 @@ def _miniature(name: str, args: Mapping[str, Any]) -> Any:
         return LAYERS[name](groups, groups, **options, dtype=np.float32, rng=0)
     if name in PARAMETRIC:
         return LAYERS[name](**args, dtype=np.float32, rng=0)
+    if name in DTYPED:
+        return LAYERS[name](**args, dtype=np.float32)
     return LAYERS[name](**args)
 
 
@@ -292,6 +302,14 @@ def _layer_output(path: str, name: str, args: Mapping[str, Any], module: Any, sh
             raise SpecError(f"{path}: {name} cannot take inputs of {'x'.join(map(str, shape[1:]))} (its kernel, "
                             f"padding or output size leave nothing)")
         return tuple(out)
+    if name in DTYPED:
+        axes = (0, 1) if name == "BatchNorm1d" else (2,)
+        if len(shape) - 1 not in axes or shape[0] != args["num_features"]:
+            what = "(num_features,) or (num_features, length)" if name == "BatchNorm1d" else \
+                "(num_features, height, width)"
+            raise SpecError(f"{path}: {name} takes {what} per example with num_features = {args['num_features']}; "
+                            f"the layers before it give shape {list(shape)}")
+        return shape
     if name == "LayerNorm":
         normalized = module.normalized_shape
         if shape[len(shape) - len(normalized):] != normalized:

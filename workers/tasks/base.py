@@ -357,6 +357,34 @@ class Task(ABC):
         (the job check then need not evaluate); None: not known."""
         return None
 
+    # -- model state that is not trained (BatchNorm's running statistics) ---------------
+    #
+    # The coordinator holds these buffers, moves them once per closure evaluation from the
+    # statistics every gradient worker's pieces of the global batch report, saves them in
+    # each checkpoint and hands them to the evaluating worker. A task without buffers (every
+    # default below) costs nothing.
+
+    def init_buffers(self, seed: int) -> dict[str, np.ndarray]:
+        """The model's buffers at the start of training, by name (default: none)."""
+        return {}
+
+    def take_batch_statistics(self) -> dict[str, list]:
+        """What the training forwards since the last call measured for the buffers, by layer,
+        one entry per forward in call order (default: nothing); the gradient worker sends it
+        with the loss."""
+        return {}
+
+    def advance_buffers(self, buffers: Mapping[str, np.ndarray],
+                        reports: Sequence[Mapping[str, list]]) -> dict[str, np.ndarray]:
+        """The buffers after one global batch, from the workers' reports in rank order
+        (default: unchanged)."""
+        return dict(buffers)
+
+    def set_buffers(self, buffers: Mapping[str, np.ndarray]) -> None:
+        """Use ``buffers`` in the evaluations that follow (default: a task has none)."""
+        if buffers:
+            raise ValueError(f"{type(self).__name__} has no buffers; got {sorted(buffers)}")
+
     def without_data(self) -> Task:
         """The task for a process that only initializes parameters (a shard): itself, or a copy
         that leaves behind the data :meth:`prepare` read, which such a process never uses."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.nn import GELU, Linear, Module, ReLU, Sequential, Tanh
+from shardstep.workers.nn import functional as F
 from shardstep.workers.nn.layers import BatchNoise
 from shardstep.workers.nn.losses import Loss
 from shardstep.workers.optim.parameter import RowSparseGrad
@@ -137,6 +138,11 @@ def set_batch_noise(module: Module, batch: Batch) -> None:
             number += 1
 
 
+def _statistics_layers(module: Module) -> list[tuple[str, Module]]:
+    """The layers of ``module`` that keep running statistics (BatchNorm), by dotted name."""
+    return [(name, layer) for name, layer in module.named_modules() if hasattr(type(layer), "apply_statistics")]
+
+
 class ModelTask(Task):
     """A task whose model is one ``shardstep.workers.nn`` module, initialized from ``seed``'s init
     stream, and whose loss is a criterion of the module's output on the ``input_key`` array
@@ -173,7 +179,10 @@ class ModelTask(Task):
 
     def _build(self, seed: int) -> BoundModule:
         rng = np.random.default_rng([seed, 0, INIT_STREAM])
-        return BoundModule(self.build_module(rng), self.name)
+        bound = BoundModule(self.build_module(rng), self.name)
+        for _, layer in _statistics_layers(bound.module):
+            layer.defer_running_stats = True  # moved by advance_buffers, from the whole global batch
+        return bound
 
     def _model(self) -> BoundModule:
         return self.cached("model", lambda: self._build(0))
@@ -196,9 +205,53 @@ class ModelTask(Task):
         set_batch_noise(model.module, batch)
         total = criterion(model.module.forward(self.model_input(batch.data[self.input_key])),
                           batch.data[self.target_key])
+        self._record_statistics(model.module)
         # the data needs no gradient: skip the first layer's input gradient, as torch does
         model.module.backward(criterion.backward(1.0 / batch.global_size), need_input_grad=False)
         return float(total) / batch.global_size, model.grads()
+
+    # -- buffers: BatchNorm's running statistics ------------------------------------------
+    #
+    # Each forward of a training batch piece records, per BatchNorm layer, the piece's count,
+    # mean and sum of squared deviations; the coordinator pools the pieces of the global batch
+    # (functional.combine_batch_statistics, exact in float64) and moves the running statistics
+    # once, with the layer's own rule. One piece (one worker, no micro-batches) moves them bit
+    # for bit as torch's layer does on that batch; the normalization in the forward itself
+    # uses each piece's own statistics, as torch's DistributedDataParallel without
+    # SyncBatchNorm does.
+
+    def _record_statistics(self, module: Module) -> None:
+        recorded = self.cached("statistics", dict)
+        for name, layer in _statistics_layers(module):
+            if layer.last_statistics is not None:
+                recorded.setdefault(name, []).append(layer.last_statistics)
+                layer.last_statistics = None
+
+    def take_batch_statistics(self) -> dict[str, list]:
+        recorded = self.cached("statistics", dict)
+        taken = dict(recorded)
+        recorded.clear()
+        return taken
+
+    def init_buffers(self, seed: int) -> dict[str, np.ndarray]:
+        return {name: array.copy() for name, array in self._build(seed).module.named_buffers()}
+
+    def set_buffers(self, buffers: Mapping[str, np.ndarray]) -> None:
+        module = self._model().module
+        own = dict(module.named_buffers())
+        if set(buffers) != set(own):
+            raise ValueError(f"{self.name or type(self).__name__}: buffers must be {sorted(own)}; got {sorted(buffers)}")
+        for name, array in own.items():
+            array[...] = buffers[name]
+
+    def advance_buffers(self, buffers: Mapping[str, np.ndarray],
+                        reports: Sequence[Mapping[str, list]]) -> dict[str, np.ndarray]:
+        self.set_buffers(buffers)
+        for name, layer in _statistics_layers(self._model().module):
+            pieces = [piece for report in reports for piece in report.get(name, ())]
+            if pieces:
+                layer.apply_statistics(*F.combine_batch_statistics(pieces))
+        return {name: array.copy() for name, array in self._model().module.named_buffers()}
 
     def forward(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
         """The module's output on ``inputs`` in eval mode."""
