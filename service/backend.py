@@ -19,6 +19,7 @@ carrying the original message. The coordinator recovers from the first, never th
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -191,6 +192,14 @@ class RayBackend:
             # Ray's init replaces the SIGTERM handler with one that exits at once; the caller's
             # (shardstep's own: stop like Ctrl-C) is put back
             previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+            # a new private instance (loopback only, stopped with the run) gets token
+            # authentication by default, and Ray warns on every start that it chose so: the
+            # notice is about a cluster others could reach, which this one is not
+            quiet_auth = target is None and "RAY_AUTH_MODE" not in os.environ
+            auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            auth_level = auth_logger.level
+            if quiet_auth:
+                auth_logger.setLevel(logging.ERROR)
             try:
                 ray.init(**options)
             except Exception as error:
@@ -209,6 +218,8 @@ class RayBackend:
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)
+                if quiet_auth:
+                    auth_logger.setLevel(auth_level)
             self.started_here = True
             # what the summary names: where this process actually is now, not what was asked
             if target is None:

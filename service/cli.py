@@ -1,7 +1,7 @@
 """The ``shardstep`` command line.
 
     shardstep run JOB.toml [--run-dir DIR] [--shards N] [--workers W] [--backend ray|inline] [--address ADDR]
-    shardstep resume RUN_DIR [--shards M] [--workers W] [--backend ...] [--address ADDR]
+    shardstep resume RUN_DIR [--steps N] [--shards M] [--workers W] [--backend ...] [--address ADDR]
     shardstep inspect RUN_DIR_or_CHECKPOINT
     shardstep export RUN_DIR --out FILE [--step K]
     shardstep plot RUN_DIR [--out PNG]
@@ -98,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
               + "".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as interruption:
-        run_dir = getattr(interruption, "run_dir", "RUN_DIR")
-        print(f"shardstep {args.command}: interrupted; committed checkpoints are kept "
-              f"(continue with `shardstep resume {run_dir}`)", file=sys.stderr)
+        run_dir = getattr(interruption, "run_dir", None)
+        if run_dir is None:  # before a run had begun (the job was still being read and checked)
+            print(f"shardstep {args.command}: interrupted before the run started; nothing was written", file=sys.stderr)
+        else:
+            print(f"shardstep {args.command}: interrupted; committed checkpoints are kept "
+                  f"(continue with `shardstep resume {run_dir}`)", file=sys.stderr)
         return 130
 
 
@@ -128,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue a run from its latest committed checkpoint")
     resume.add_argument("run_dir", help="the run directory")
+    resume.add_argument("--steps", type=_positive_int, metavar="N",
+                        help="train to step N in all (more than the run planned: extend a finished run)")
     resources(resume)
     resume.set_defaults(handler=_resume)
 
@@ -217,7 +222,64 @@ def _resume(args: argparse.Namespace) -> int:
         raise UsageError(f"{job_path} is unreadable or damaged: {type(error).__name__}: {error}") from None
     spec = JobSpec.from_dict(saved)
     changes = {"run_dir": _absolute(args.run_dir), **_overrides(args)}
+    if args.steps is not None:
+        changes["steps"] = args.steps
     return _train(spec.replace(**changes), args.quiet)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return value
+
+
+def _complete(spec: Any, trained: tuple[int, int] | None) -> str | None:
+    """Why a run that has trained to ``trained`` (step, epoch) has nothing left to train, or
+    None when it has."""
+    if trained is None:
+        return None
+    step, epoch = trained
+    if spec.steps is not None and step >= spec.steps:
+        return f"training.steps = {spec.steps}"
+    if spec.steps is None and spec.epochs is not None and epoch >= spec.epochs:
+        return f"training.epochs = {spec.epochs}"
+    return None
+
+
+def _print_init(init: dict[str, Any]) -> None:
+    """What a fine-tuning run loads, said before it trains."""
+    print(f"initialized from {init['from']}: loaded {', '.join(init['loaded'])}; new "
+          f"{', '.join(init['new']) or 'none'}"
+          + (f"; optimizer state of {len(init['state'])} parameters" if init['optimizer_state'] else ""),
+          flush=True)
+
+
+def _intact_at(run_dir: Any, trained: tuple[int, int] | None) -> bool:
+    """Whether the run directory's newest intact checkpoint (every file verified) is the one
+    at ``trained``: a damaged newest one is left to the run, which falls back and says so."""
+    if trained is None:
+        return False
+    from shardstep.checkpoints.run import open_newest_intact
+    from shardstep.service.coordinator import CHECKPOINT_DIR
+    from shardstep.service.run_dir import position
+
+    checkpoint, _ = open_newest_intact(run_dir / CHECKPOINT_DIR)
+    if checkpoint is None:
+        return False
+    with checkpoint:
+        return position(checkpoint) == trained
+
+
+def _planned_steps(spec: Any, task: Any) -> int | None:
+    """The steps a run takes in all: its steps, or its epochs' batches, whichever ends first."""
+    counts = [] if spec.steps is None else [spec.steps]
+    if spec.epochs is not None:
+        counts.append(spec.epochs * task.num_batches(spec.batch_size))
+    return min(counts) if counts else None
 
 
 def _absolute(run_dir: str) -> str:
@@ -229,25 +291,37 @@ def _absolute(run_dir: str) -> str:
 
 
 def _train(spec: Any, quiet: bool) -> int:
+    try:
+        return _train_run(spec, quiet)
+    except KeyboardInterrupt:  # from here on the message names the run directory to resume
+        raise Interrupted(spec.run_dir) from None
+
+
+def _train_run(spec: Any, quiet: bool) -> int:
     from shardstep.checkpoints import latest_step
     from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
     from shardstep.service.run_dir import check_saved_job, run_location, trained_position
 
     start = time.perf_counter()
     run_dir = run_location(spec.run_dir)
+    trained = trained_position(run_dir)
     try:
-        check_saved_job(run_dir, spec.to_dict(), trained_position(run_dir))
+        check_saved_job(run_dir, spec.to_dict(), trained)
     except ValueError as error:
         raise UsageError(str(error)) from error
+    complete = _complete(spec, trained) if _intact_at(run_dir, trained) else None
+    if complete is not None:  # nothing to train: no Ray, no actors, nothing written
+        print(f"shardstep: {spec.run_dir} is already complete at step {trained[0]} ({complete}); nothing to train. "
+              f"Train it further with `shardstep resume {spec.run_dir} --steps N` (N > {trained[0]})", flush=True)
+        return 0
     resumed = latest_step(run_dir / CHECKPOINT_DIR)
-    total = spec.steps
     if not quiet:
         where = f"resuming from step {resumed}" if resumed is not None else "starting"
         print(f"shardstep: {spec.task} with {spec.optimizer}, {spec.shards} shard(s), {spec.workers} "
               f"worker(s), {spec.backend} backend; {where}; run directory {spec.run_dir}", flush=True)
     from shardstep.service.progress import Progress
 
-    progress = None if quiet else Progress(total, start_step=resumed or 0)
+    progress: Progress | None = None
 
     def event(text: str) -> None:
         # what the run waits for and why it restarts is said even with --quiet (on stderr)
@@ -256,23 +330,23 @@ def _train(spec: Any, quiet: bool) -> int:
         else:
             print(f"shardstep: {text}", file=sys.stderr, flush=True)
 
+    def step(record: dict[str, Any]) -> None:
+        if progress is not None:
+            progress.update(record)
+
     try:
-        result = Coordinator(spec, on_step=None if progress is None else progress.update, on_event=event).run()
+        coordinator = Coordinator(spec, on_step=None if quiet else step, on_event=event,
+                                  on_init=None if quiet else _print_init)
+        if not quiet:  # the task is built: an epoch-only job's step count is known
+            progress = Progress(_planned_steps(spec, coordinator.task), start_step=resumed or 0)
+        result = coordinator.run()
     except (ValueError, TypeError) as error:
         # configuration errors the spec could not see (e.g. a checkpoint from another job)
         raise UsageError(str(error)) from error
-    except KeyboardInterrupt:
-        raise Interrupted(spec.run_dir) from None
     finally:
         if progress is not None:
             progress.close()
     seconds = time.perf_counter() - start
-    init = getattr(result, "init", None)
-    if init and not quiet:
-        print(f"initialized from {init['from']}: loaded {', '.join(init['loaded'])}; new "
-              f"{', '.join(init['new']) or 'none'}"
-              + (f"; optimizer state of {len(init['state'])} parameters" if init['optimizer_state'] else ""),
-              flush=True)
     metrics = "  ".join(f"{k} {v:.6g}" for k, v in result.metrics.items() if math.isfinite(v))
     moved = {"shared_memory": " (actors exchanged data through shared memory)",
              "object_store": " (actors exchanged data through Ray's object store)"}.get(result.transport, "")

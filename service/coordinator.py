@@ -307,7 +307,8 @@ class Coordinator:
 
     def __init__(self, spec: Any, *, task: Task | None = None,
                  on_step: Callable[[dict[str, Any]], Any] | None = None,
-                 on_event: Callable[[str], Any] | None = None):
+                 on_event: Callable[[str], Any] | None = None,
+                 on_init: Callable[[dict[str, Any]], Any] | None = None):
         self.spec = spec
         use_job_code(getattr(spec, "code_dir", None))
         self.task = task if task is not None else make_task(spec.task, **dict(spec.task_args))
@@ -315,6 +316,8 @@ class Coordinator:
         prepare_task(self.task, spec.task)
         self.on_step = on_step
         self.on_event = on_event
+        # a fine-tuning run's plan (what it loads, what is new), once checked: before training
+        self.on_init = on_init
         self.run_dir = run_files.run_location(spec.run_dir)
         self.run_id: str | None = None
         self.directory: run_files.RunDirectory | None = None
@@ -486,6 +489,8 @@ class Coordinator:
             self.init_plan = plan_init(source, spec, model, groups)
             self.source_buffers = self._source_buffers(source)
         self.init_record = self.init_plan.record()
+        if self.on_init is not None:
+            self.on_init(self.init_record)
 
     def _source_buffers(self, source: Any) -> dict[str, np.ndarray]:
         """The buffers (BatchNorm's running statistics) a fine-tuning source gives for this

@@ -43,15 +43,24 @@ class Progress:
         self.live = self.stream.isatty() if live is None else live
         self.total = total
         self.start_step = start_step
-        self.started = time.perf_counter()
+        # the clock starts with the first step trained, not before: Ray's start-up, the
+        # actors' and a checkpoint's load are no part of the training rate
+        self.started: float | None = None
         self.every = max(1, (total or 100) // 20)
         self._drawn = 0.0
         self._width = 0
 
     def _speed(self, step: int) -> float:
+        if self.started is None:
+            return float("nan")
         elapsed = time.perf_counter() - self.started
         done = step - self.start_step
         return done / elapsed if elapsed > 0 and done > 0 else float("nan")
+
+    def _clock(self, record: dict[str, Any]) -> None:
+        if self.started is None:  # the first step: its own duration is the first measure
+            self.started = time.perf_counter() - float(record.get("seconds") or 0.0)
+            self.start_step = record["step"] - 1
 
     def status(self, record: dict[str, Any]) -> str:
         """The status line for ``record`` (no bar)."""
@@ -68,6 +77,7 @@ class Progress:
         if record.get("skipped"):
             self._line(f"skipped batch {record['batch']} of epoch {record['epoch']}: {record['message']}")
             return
+        self._clock(record)
         if self.live:
             now = time.perf_counter()
             if "eval" in record:

@@ -75,6 +75,10 @@ FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 PROBE_SECONDS = 5.0
 POLL_SECONDS = 1.0
 STOP_WAIT_SECONDS = 60.0
+# a head just started answers before its job agent is up, and refuses submissions with this
+# (HTTP 500) until it is: the submission is retried for up to AGENT_WAIT_SECONDS
+AGENT_STARTING = "No available agent to submit job"
+AGENT_WAIT_SECONDS = 120.0
 
 
 class ClusterError(Exception):
@@ -358,7 +362,28 @@ class Cluster:
         with self._talking():
             return self.client.stop_job(job_id)
 
-    def submit(self, submission: Submission) -> str:
+    def submit(self, submission: Submission, on_wait: Callable[[str], Any] | None = None) -> str:
+        """Submit, waiting (bounded) while a head that was just started brings up its job
+        agent; ``on_wait`` hears once that it waits."""
+        deadline = time.monotonic() + AGENT_WAIT_SECONDS
+        delay, said = 0.5, False
+        while True:
+            try:
+                return self._submit_once(submission)
+            except ClusterError as error:
+                if AGENT_STARTING not in str(error) or time.monotonic() + delay > deadline:
+                    if AGENT_STARTING in str(error):
+                        raise ClusterError(f"{error} (its job agent did not come up within {AGENT_WAIT_SECONDS:g} s; "
+                                           f"check the head's logs)") from None
+                    raise
+                if not said and on_wait is not None:
+                    on_wait(f"{self.name} has no job agent up yet (a head just started); waiting for it, up to "
+                            f"{AGENT_WAIT_SECONDS:g} s")
+                    said = True
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    def _submit_once(self, submission: Submission) -> str:
         # Ray uploads py_modules inside submit_job, so the assembled package only has to live
         # until it returns
         with tempfile.TemporaryDirectory(prefix="shardstep-code-") as scratch, self._talking():
@@ -531,7 +556,7 @@ def submit(job_file: str, *, address: str | None, run_dir: str | None, shards: i
             raise ClusterError(f"job {job.submission_id} is {_status(job)} on the run directory "
                                f"{submission.run_dir}; two runs cannot share one directory (stop it with "
                                f"`shardstep jobs stop {job.submission_id}`, or wait for it)")
-    job_id = cluster.submit(submission)
+    job_id = cluster.submit(submission, on_wait=lambda text: print(f"shardstep submit: {text}", file=err, flush=True))
     spec = submission.spec
     resumes = _latest_step(submission.run_dir)
     if resumes is not None:

@@ -180,9 +180,12 @@ def test_local_mode_starts_its_own_ray_whatever_else_runs_on_the_machine(tmp_pat
         joined = address_file.read_text().strip()
         assert joined == f"127.0.0.1:{ports['port']}"
         job = write_job(tmp_path, steps=10, backend="ray")
+        # no RAY_AUTH_MODE: Ray's default for a new instance, on which it warns at every start
+        private = {key: value for key, value in env.items() if key != "RAY_AUTH_MODE"}
         done = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job), "--quiet"],
-                              env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                              env=private, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
+        assert "Token authentication" not in done.stderr, done.stderr  # shardstep's own instance: no notice
         summary = re.search(r"^done: 10 steps \(epoch 0\) in [0-9.]+ s on a new local Ray instance \(([0-9.:]+)\) "
                             r"\(actors exchanged data through shared memory\)", done.stdout, re.MULTILINE)
         assert summary, done.stdout
@@ -202,3 +205,61 @@ def test_local_mode_starts_its_own_ray_whatever_else_runs_on_the_machine(tmp_pat
             except subprocess.TimeoutExpired:
                 continue
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_finished_run_is_complete_without_starting_anything_and_resume_steps_extends_it(tmp_path):
+    job = write_job(tmp_path, steps=20)
+    assert shardstep("run", str(job), "--quiet").returncode == 0
+    run_dir = tmp_path / "run"
+    before = snapshot(run_dir)
+    # asked for the Ray backend: a run with anything to train would start a local instance
+    for again in (("resume", str(run_dir), "--backend", "ray"), ("run", str(job))):
+        done = shardstep(*again)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == (f"shardstep: {run_dir} is already complete at step 20 (training.steps = 20); nothing "
+                               f"to train. Train it further with `shardstep resume {run_dir} --steps N` (N > 20)\n")
+        assert snapshot(run_dir) == before
+    extended = shardstep("resume", str(run_dir), "--steps", "30", "--quiet")
+    assert extended.returncode == 0 and "done: 30 steps" in extended.stdout, extended.stderr
+    assert committed_steps(run_dir / CHECKPOINT_DIR) == [10, 20, 30]
+    assert_same(final_params(run_dir), digits_reference(30))  # as a run planned for 30 steps
+    for steps, message in (("0", "argument --steps: must be an integer >= 1; got '0'"),
+                           ("25", "has already trained 30 steps; training.steps = 25 would end before")):
+        refused = shardstep("resume", str(run_dir), "--steps", steps)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, \
+            refused.stderr
+
+
+def test_an_interrupt_while_the_job_is_read_says_nothing_was_written(tmp_path):
+    """Ctrl-C while the job's own task module is still importing (before any run directory is
+    known): exit 130, shardstep's message, no placeholder, nothing written."""
+    (tmp_path / "slowtask.py").write_text("import time\ntime.sleep(60)\n")
+    job = tmp_path / "job.toml"
+    job.write_text(DIGITS_JOB.format(run_dir="run", task="slowtask:Task", steps=5, backend="inline", every=5))
+    process = subprocess.Popen([sys.executable, "-m", "shardstep.service.cli", "run", str(job)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err
+    assert err == "shardstep run: interrupted before the run started; nothing was written\n", err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fine_tuning_run_says_what_it_loaded_before_it_trains(tmp_path):
+    assert shardstep("run", str(write_job(tmp_path, steps=10)), "--quiet").returncode == 0
+    tuned = write_job(tmp_path, steps=20, name="tuned.toml", run_dir="tuned")
+    tuned.write_text(tuned.read_text() + '\n[init]\nfrom = "run"\n')
+    done = shardstep("run", str(tuned))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith(f"initialized from {tmp_path / 'run'}"))
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    assert said < first_step < next(i for i, line in enumerate(lines) if line.startswith("done: ")), done.stdout
+    assert "loaded 0.weight, 0.bias, 2.weight, 2.bias; new none" in lines[said]

@@ -75,3 +75,36 @@ def test_metrics_log_and_plot(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "plot", str(tmp_path)], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and f"has no {METRICS_FILE}" in missing.stderr
+
+
+def test_the_rate_and_eta_count_the_steps_trained_not_the_start_up():
+    """A run whose first step comes 1.5 s after the progress starts (Ray starting, actors
+    loading): the rate is that of the steps, about 100/s here, not 20 steps over 1.6 s."""
+    import time
+
+    out = io.StringIO()
+    progress = Progress(2000, stream=out, live=False)
+    time.sleep(1.5)
+    for step in range(1, 101):
+        time.sleep(0.01)
+        progress.update(record(step, seconds=0.01))
+    progress.close()
+    last = out.getvalue().splitlines()[-1]
+    rate = float(last.split(" steps/s")[0].split()[-1])
+    assert rate > 40, last  # counted from the start-up it would be under 100 / 2.5 = 40
+    eta = last.split("ETA ")[1].split()[0]
+    minutes, seconds = map(int, eta.split(":"))
+    assert minutes * 60 + seconds < 1900 / 40, last
+
+
+def test_an_epoch_only_job_shows_its_step_total_and_an_eta(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(f'run_dir = "{tmp_path / "run"}"\n\n[task]\nname = "digits"\n\n[optimizer]\nname = "adam"\n\n'
+                   '[training]\nepochs = 2\nbatch_size = 96\n\n[resources]\nbackend = "inline"\n')
+    out = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job)], capture_output=True,
+                         text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    # 1,442 training images in batches of 96: 16 a epoch, 32 in all
+    assert steps and all(line.split()[1].endswith("/32") and "ETA" in line for line in steps), out.stdout
+    assert steps[-1].startswith("step 32/32 ")

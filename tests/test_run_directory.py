@@ -85,9 +85,9 @@ def test_more_steps_are_applied_recorded_and_train_the_same_numbers(tmp_path, ca
     assert saved["changes"] == [{"step": 20, "changed": {"checkpoint.every": [10, 20], "training.steps": [20, 40]}}]
     assert [r["step"] for r in records(run_dir)] == list(range(1, 41))
     assert_same(final_params(run_dir), digits_reference(40))
-    # `resume` continues the job as changed, not as first written
+    # `resume` continues the job as changed, not as first written: complete at its 40 steps
     code, out, err = run_cli(capsys, "resume", str(run_dir), "--quiet")
-    assert code == 0 and "done: 40 steps" in out, err
+    assert code == 0 and f"{run_dir} is already complete at step 40 (training.steps = 40)" in out, err
 
 
 def test_fewer_steps_than_already_trained_is_refused(tmp_path, capsys):

@@ -8,6 +8,7 @@ at the end by signalling its process group (and any job process it left), never 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -190,8 +191,11 @@ def _stop_head(process: subprocess.Popen, temp_dir: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def head():
+@contextlib.contextmanager
+def running_head(ready: str = "node"):
+    """A head of its own on loopback: yielded once its node is alive (``ready="node"``), or as
+    soon as its job server answers (``"server"``: its job agent may not be up yet); stopped,
+    with every process it started, at the end."""
     token = secrets.token_hex(16)
     # a short path: Ray's unix sockets live in it
     temp_dir = tempfile.mkdtemp(prefix="shardstep-ray-", dir="/tmp")
@@ -217,18 +221,21 @@ def head():
     try:
         deadline = time.monotonic() + HEAD_START_SECONDS
         nodes: list = []
-        while not any(node["state"] == "ALIVE" for node in nodes):
+        answering = False
+        while not (answering and ready == "server") and not any(node["state"] == "ALIVE" for node in nodes):
             assert process.poll() is None, "ray start exited:\n" + (Path(temp_dir) / "head.log").read_text()[-3000:]
             assert time.monotonic() < deadline, f"the head was not up within {HEAD_START_SECONDS} s"
-            time.sleep(0.5)
+            time.sleep(0.5 if ready == "node" else 0.1)
             try:
-                if _get_json(f"{url}/api/version", token).get("ray_version"):
+                answering = bool(_get_json(f"{url}/api/version", token).get("ray_version"))
+                if answering and ready == "node":
                     nodes = _get_json(f"{url}/api/v0/nodes", token)["data"]["result"]["result"]
             except (OSError, ValueError, KeyError):
                 continue
-        assert [node["node_ip"] for node in nodes] == ["127.0.0.1"], nodes
-        listening = _listening_addresses(_group_pids(process.pid))  # the GCS, the raylet, the job server, ...
-        assert listening and all(ipaddress.ip_address(address).is_loopback for address in listening), listening
+        if ready == "node":
+            assert [node["node_ip"] for node in nodes] == ["127.0.0.1"], nodes
+            listening = _listening_addresses(_group_pids(process.pid))  # the GCS, the raylet, the job server, ...
+            assert listening and all(ipaddress.ip_address(address).is_loopback for address in listening), listening
         client = base_env()
         client.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         yield Head(url=url, gcs=f"127.0.0.1:{ports['port']}", token=token, env=client, process=process,
@@ -238,6 +245,12 @@ def head():
     finally:
         _stop_head(process, temp_dir)
     assert all(ipaddress.ip_address(address).is_loopback for address in listening), listening
+
+
+@pytest.fixture(scope="module")
+def head():
+    with running_head() as started:
+        yield started
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,3 +561,16 @@ def test_bad_input_exits_2_with_one_message_and_changes_nothing(head, tmp_path):
     assert explicit.returncode == 0, explicit.stderr
     assert explicit.stdout == listed_before  # and nothing was submitted by the cases above
     assert snapshot(tmp_path / "run") == before
+
+
+def test_submit_to_a_head_just_started_waits_for_its_job_agent(tmp_path):
+    """`ray start` then `shardstep submit` at once: the job server answers before its job agent
+    is up and refuses submissions with "No available agent to submit job" (HTTP 500) until it
+    is; submit waits for it (saying so, bounded) and the job runs."""
+    with running_head(ready="server") as fresh:
+        job = write_job(tmp_path, run_dir=tmp_path / "run", steps=6, every=6)
+        result = shardstep("submit", str(job), "--address", fresh.url, env=fresh.env, timeout=400)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"^job raysubmit_\w+ SUCCEEDED", result.stdout, re.MULTILINE), result.stdout
+        assert "No available agent" not in result.stdout + result.stderr, result.stderr
+        assert committed_steps(tmp_path / "run" / CHECKPOINT_DIR) == [6]
