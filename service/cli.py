@@ -1,6 +1,6 @@
 """The ``shardstep`` command line.
 
-    shardstep run JOB.toml [--run-dir DIR] [--shards N] [--workers W] [--backend ray|inline] [--address ADDR]
+    shardstep run JOB.toml [--set KEY=VALUE ...] [--run-dir DIR] [--shards N] [--workers W] [--backend ray|inline] [--address ADDR]
     shardstep resume RUN_DIR [--steps N] [--shards M] [--workers W] [--backend ...] [--address ADDR]
     shardstep inspect RUN_DIR_or_CHECKPOINT
     shardstep export RUN_DIR --out FILE [--step K]
@@ -111,6 +111,10 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+SET_HELP = ("a job key, dotted as in the job file, and a TOML value (training.steps=300, optimizer.args.lr=1e-3, "
+            "resources.backend=inline); repeatable, checked like the file")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardstep", description="Sharded-optimizer training on Ray.")
     parser.add_argument("--version", action="version", version=f"shardstep {__version__}")
@@ -122,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--backend", choices=("ray", "inline"), help="where the actors run")
         command.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
         command.add_argument("--quiet", action="store_true", help="print only the summary")
+        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
     run = commands.add_parser("run", help="run a job file (resumes its run directory if it has checkpoints)")
     run.add_argument("job", help="the job's TOML file")
@@ -194,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     from shardstep.service.jobspec import load_job
 
     spec = load_job(args.job)
-    changes = _overrides(args)
+    changes = {**_assigned(spec, args.set), **_overrides(args)}
     if args.run_dir is not None:
         changes["run_dir"] = _absolute(args.run_dir)
     if changes:
@@ -221,10 +226,20 @@ def _resume(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise UsageError(f"{job_path} is unreadable or damaged: {type(error).__name__}: {error}") from None
     spec = JobSpec.from_dict(saved)
-    changes = {"run_dir": _absolute(args.run_dir), **_overrides(args)}
+    changes = {**_assigned(spec, args.set), "run_dir": _absolute(args.run_dir), **_overrides(args)}
     if args.steps is not None:
         changes["steps"] = args.steps
     return _train(spec.replace(**changes), args.quiet)
+
+
+def _assigned(spec: Any, assignments: list[str]) -> dict[str, Any]:
+    """The job fields ``--set`` gives (a run directory made absolute, as --run-dir's)."""
+    from shardstep.service.jobspec import assigned_fields
+
+    fields = assigned_fields(spec, assignments)
+    if isinstance(fields.get("run_dir"), str):
+        fields["run_dir"] = _absolute(fields["run_dir"])
+    return fields
 
 
 def _positive_int(text: str) -> int:
@@ -556,6 +571,7 @@ def _cluster_commands(commands: Any) -> None:
                         "(default: the job's run_dir, relative to the job file)")
     submit.add_argument("--shards", type=_positive, help="number of optimizer shards (overrides the job)")
     submit.add_argument("--workers", type=_positive, help="number of gradient workers (overrides the job)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     watch = submit.add_mutually_exclusive_group()
     watch.add_argument("--no-wait", dest="watch", action="store_const", const="no-wait",
                        help="return once the job is submitted")
@@ -594,7 +610,8 @@ def _submit(args: argparse.Namespace) -> int:
     from shardstep.service import submit
 
     return _on_cluster(lambda: submit.submit(args.job, address=args.address, run_dir=args.run_dir,
-                                             shards=args.shards, workers=args.workers, mode=args.watch,
+                                             shards=args.shards, workers=args.workers, sets=args.set,
+                                             mode=args.watch,
                                              out=sys.stdout, err=sys.stderr))
 
 

@@ -43,6 +43,7 @@ cluster sees); the coordinator checks it against the model before it starts anyt
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -1248,6 +1249,61 @@ def _check_required_args(path: str, scheduler: SchedulerSpec) -> None:
 
 # ---------------------------------------------------------------------------------------
 # the job file
+
+
+# ---------------------------------------------------------------------------------------
+# --set KEY=VALUE: job keys from the command line
+
+# fields no job file sets (where the job's code lives is the job file's own directory)
+INTERNAL_FIELDS = ("code_dir",)
+# the tables whose own keys --set reaches into: (key prefix, field, the part of the field)
+_NESTED_KEYS = (("task.args.", "task_args", ()), ("optimizer.args.", "optimizer_args", ()),
+                ("data.", "task_args", ("data",)), ("model.", "task_args", ("model",)))
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as (dotted job key, value): the value is read as a TOML value
+    (``300``, ``1e-3``, ``true``, ``[64, 32]``, ``"adam"``), or else taken as a string
+    (``optimizer.name=adamw``)."""
+    key, equals, raw = text.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise JobSpecError(f"--set {text!r}: expected KEY=VALUE with a dotted job key, e.g. training.steps=300")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except (tomllib.TOMLDecodeError, RecursionError):
+        value = raw.strip()
+    return key, value
+
+
+def assigned_fields(spec: JobSpec, assignments: Sequence[str]) -> dict[str, Any]:
+    """The JobSpec fields that ``--set`` assignments give ``spec`` (for ``spec.replace``,
+    which checks them as a job file's values are checked)."""
+    by_key = {key: field for field, key in FIELD_KEYS.items() if field not in INTERNAL_FIELDS}
+    fields: dict[str, Any] = {}
+    for text in assignments:
+        key, value = parse_assignment(text)
+        if key in by_key:
+            fields[by_key[key]] = value
+            continue
+        nested = next(((field, root, key[len(prefix):]) for prefix, field, root in _NESTED_KEYS
+                       if key.startswith(prefix) and len(key) > len(prefix)
+                       and (not root or spec.task == DATA_TASK)), None)
+        if nested is None:
+            raise JobSpecError(f"--set {key}: not a job key{_suggest(key, list(by_key))}; the keys are the job "
+                               f"file's, dotted: training.steps, optimizer.args.lr, resources.workers, data.train, "
+                               f"model.layers, ... (docs/jobs.md)")
+        field, root, rest = nested
+        table = copy.deepcopy(fields.get(field, getattr(spec, field)))
+        parts = [*root, *rest.split(".")]
+        inner = table
+        for part in parts[:-1]:
+            if not isinstance(inner.get(part), dict):
+                inner[part] = {}
+            inner = inner[part]
+        inner[parts[-1]] = value
+        fields[field] = table
+    return fields
 
 
 def load_job(path: str | os.PathLike) -> JobSpec:

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -418,12 +418,15 @@ class Submission:
 
 
 def prepare(job_file: str, *, run_dir: str | None = None, shards: int | None = None,
-            workers: int | None = None) -> Submission:
-    """Check the job file (and the overrides) here, and build what Ray is given."""
-    from shardstep.service.jobspec import load_job
+            workers: int | None = None, sets: Sequence[str] = ()) -> Submission:
+    """Check the job file (and the overrides, ``--set`` assignments included) here, and build
+    what Ray is given: the cluster's run gets the same assignments."""
+    from shardstep.service.jobspec import assigned_fields, load_job
 
     path = Path(job_file)
     spec = load_job(path)
+    if sets:
+        spec = spec.replace(**assigned_fields(spec, sets))
     _check_paths_travel(path)
     overrides = {key: value for key, value in (("shards", shards), ("workers", workers)) if value is not None}
     if overrides:
@@ -452,6 +455,8 @@ def prepare(job_file: str, *, run_dir: str | None = None, shards: int | None = N
     command = ["python", "-m", "shardstep.service.cli", "run", path.name, "--run-dir", target]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
+    for assignment in sets:
+        command += ["--set", assignment]
     return Submission(
         job_file=path, spec=spec, run_dir=target, entrypoint=shlex.join(command),
         runtime_env={"working_dir": str(working_dir), "py_modules": py_modules, "excludes": excludes},
@@ -545,11 +550,11 @@ def _task_package(task: str, working_dir: Path) -> Path | None:
 
 
 def submit(job_file: str, *, address: str | None, run_dir: str | None, shards: int | None,
-           workers: int | None, mode: str, out: TextIO, err: TextIO) -> int:
+           workers: int | None, mode: str, out: TextIO, err: TextIO, sets: Sequence[str] = ()) -> int:
     """``mode``: "wait" (until the job ends), "follow" (stream its output until it ends)
     or "no-wait". Exit code 0 when the job succeeded (or was only submitted), 1 when it
     failed or was stopped."""
-    submission = prepare(job_file, run_dir=run_dir, shards=shards, workers=workers)
+    submission = prepare(job_file, run_dir=run_dir, shards=shards, workers=workers, sets=sets)
     cluster = Cluster(resolve_address(address))
     for job in cluster.jobs():
         if (job.metadata or {}).get(META_RUN_DIR) == submission.run_dir and _status(job) in ACTIVE:

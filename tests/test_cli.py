@@ -263,3 +263,32 @@ def test_a_fine_tuning_run_says_what_it_loaded_before_it_trains(tmp_path):
     first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
     assert said < first_step < next(i for i, line in enumerate(lines) if line.startswith("done: ")), done.stdout
     assert "loaded 0.weight, 0.bias, 2.weight, 2.bias; new none" in lines[said]
+
+
+def test_set_overrides_job_keys_checked_like_the_file_on_run_and_resume(tmp_path):
+    import json
+
+    job = write_job(tmp_path, steps=20)
+    done = shardstep("run", str(job), "--set", "training.steps=10", "--set", "checkpoint.every=5", "--quiet")
+    assert done.returncode == 0 and "done: 10 steps" in done.stdout, done.stderr
+    run_dir = tmp_path / "run"
+    assert committed_steps(run_dir / CHECKPOINT_DIR) == [5, 10]
+    assert_same(final_params(run_dir), digits_reference(10))
+    saved = json.loads((run_dir / "job.json").read_text())["job"]
+    assert saved["steps"] == 10 and saved["checkpoint_every"] == 5
+    # the resume route to a longer run: the same as --steps, bit for bit
+    longer = shardstep("resume", str(run_dir), "--set", "training.steps=20", "--quiet")
+    assert longer.returncode == 0 and "done: 20 steps" in longer.stdout, longer.stderr
+    assert_same(final_params(run_dir), digits_reference(20))
+    before = snapshot(run_dir)
+    for command, message in (
+            (("run", str(job), "--set", "training.stepz=5"),
+             "--set training.stepz: not a job key (did you mean 'training.steps'?)"),
+            (("run", str(job), "--set", "training.batch_size=0"), "training.batch_size must be an integer >= 1"),
+            (("run", str(job), "--set", "steps"), "--set 'steps': expected KEY=VALUE with a dotted job key"),
+            (("resume", str(run_dir), "--set", "optimizer.args.lr=0.5"),
+             "holds checkpoints of a different job (optimizer.args.lr 0.01 -> 0.5)")):
+        refused = shardstep(*command)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert len(refused.stderr.splitlines()) == 1 and "Traceback" not in refused.stderr
+        assert snapshot(run_dir) == before

@@ -574,3 +574,14 @@ def test_submit_to_a_head_just_started_waits_for_its_job_agent(tmp_path):
         assert re.search(r"^job raysubmit_\w+ SUCCEEDED", result.stdout, re.MULTILINE), result.stdout
         assert "No available agent" not in result.stdout + result.stderr, result.stderr
         assert committed_steps(tmp_path / "run" / CHECKPOINT_DIR) == [6]
+
+
+def test_set_assignments_are_checked_here_and_given_to_the_clusters_run(tmp_path):
+    job = write_job(tmp_path, run_dir=tmp_path / "run", steps=20)
+    submission = prepare(str(job), sets=["training.steps=7", "optimizer.args.lr=0.02"])
+    assert submission.spec.steps == 7 and submission.spec.optimizer_args["lr"] == 0.02
+    assert submission.entrypoint.endswith("--set training.steps=7 --set optimizer.args.lr=0.02")
+    from shardstep.service.jobspec import JobSpecError
+
+    with pytest.raises(JobSpecError, match="training.steps must be an integer >= 0; got -3"):
+        prepare(str(job), sets=["training.steps=-3"])
