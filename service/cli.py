@@ -324,7 +324,9 @@ def _train_run(spec: Any, quiet: bool) -> int:
         check_saved_job(run_dir, spec.to_dict(), trained)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    complete = _complete(spec, trained) if _intact_at(run_dir, trained) else None
+    complete = _complete(spec, trained)
+    if complete is not None and not _intact_at(run_dir, trained):
+        complete = None  # the newest checkpoint is damaged: the run falls back to an older one
     if complete is not None:  # nothing to train: no Ray, no actors, nothing written
         print(f"shardstep: {spec.run_dir} is already complete at step {trained[0]} ({complete}); nothing to train. "
               f"Train it further with `shardstep resume {spec.run_dir} --steps N` (N > {trained[0]})", flush=True)

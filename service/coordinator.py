@@ -66,12 +66,11 @@ from shardstep.service import run_dir as run_files
 from shardstep.service.actors import ActorGroup, StartPlan, choose_transport
 from shardstep.service.backend import make_backend
 from shardstep.service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
-from shardstep.service.export import checkpoint_buffers
 from shardstep.service.finetune import InitPlan, open_init_source, plan_init
 from shardstep.service.job_code import shipped_modules, use_job_code
 from shardstep.service.jobspec import prepare_task, serve_task
 from shardstep.service.pipeline import StepPipeline
-from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, plain
+from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, checkpoint_buffers, plain
 from shardstep.service.sharded_lbfgs import ShardedSpace
 from shardstep.workers.optim import Parameter, lr_scheduler
 from shardstep.workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver

@@ -28,6 +28,7 @@ import numpy as np
 
 from shardstep.checkpoints import RunCheckpoint, dump
 from shardstep.checkpoints.torch_files import require_torch, save_export
+from shardstep.service.run_dir import checkpoint_buffers
 from shardstep.workers.shard import LBFGS_PREFIX
 
 _HISTORY = re.compile(r"(s|y)\.(\d+)")
@@ -74,19 +75,6 @@ def export_checkpoint(checkpoint: RunCheckpoint, out: str | os.PathLike, format:
         by_index = [name for group in checkpoint.param_groups for name in group["params"]]
         _written(out, lambda path: save_export(model, optimizer, by_index, path))
 
-
-def checkpoint_buffers(checkpoint: Any) -> dict[str, np.ndarray]:
-    """The model's buffers a source holds: a run checkpoint's, in its coordinator record; a
-    model file's, its BatchNorm entries (none for a model without BatchNorm, or a checkpoint
-    not written by a run)."""
-    if callable(getattr(checkpoint, "buffers", None)):
-        return checkpoint.buffers()
-    extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
-    record = extra.get("coordinator")
-    buffers = record.get("buffers") if isinstance(record, dict) else None
-    if not isinstance(buffers, dict):
-        return {}
-    return {name: np.array(value) for name, value in buffers.items() if isinstance(value, np.ndarray)}
 
 
 def _written(out: Any, write: Any) -> None:

@@ -240,6 +240,20 @@ def position(checkpoint: Any) -> tuple[int, int]:
     return checkpoint.step, coordinator.get("epoch", 0) if isinstance(coordinator, dict) else 0
 
 
+def checkpoint_buffers(checkpoint: Any) -> dict[str, np.ndarray]:
+    """The model's buffers a source holds: a run checkpoint's, in its coordinator record; a
+    model file's, its BatchNorm entries (none for a model without BatchNorm, or a checkpoint
+    not written by a run)."""
+    if callable(getattr(checkpoint, "buffers", None)):
+        return checkpoint.buffers()
+    extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
+    record = extra.get("coordinator")
+    buffers = record.get("buffers") if isinstance(record, dict) else None
+    if not isinstance(buffers, dict):
+        return {}
+    return {name: np.array(value) for name, value in buffers.items() if isinstance(value, np.ndarray)}
+
+
 def trained_position(run_dir: Path) -> tuple[int, int] | None:
     """(step, epoch) of the newest committed checkpoint whose manifest reads (its files are
     not verified here), or None."""

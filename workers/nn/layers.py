@@ -58,6 +58,14 @@ def _fan_in_parameters(generator: np.random.Generator, fan_in: int, weight_shape
     return weight, Parameter(generator.uniform(-bound, bound, weight_shape[0]).astype(dtype), name="bias")
 
 
+def _accumulate_affine(layer: Module, d_weight, d_bias) -> None:
+    """A normalization layer's affine gradients into its weight and bias, those it has."""
+    if layer.weight is not None:
+        accumulate_grad(layer.weight, d_weight)
+    if layer.bias is not None:
+        accumulate_grad(layer.bias, d_bias)
+
+
 class Linear(Module):
     """y = x W^T + b over the last axis; input (*, in_features) -> (*, out_features)."""
 
@@ -456,10 +464,7 @@ class LayerNorm(Module):
         d_input, d_weight, d_bias = F.layer_norm_backward(grad, saved, len(self.normalized_shape),
                                                           None if self.weight is None else self.weight.data,
                                                           self.bias is not None, need_input_grad)
-        if self.weight is not None:
-            accumulate_grad(self.weight, d_weight)
-        if self.bias is not None:
-            accumulate_grad(self.bias, d_bias)
+        _accumulate_affine(self, d_weight, d_bias)
         return d_input
 
     def extra_repr(self) -> str:
@@ -560,10 +565,7 @@ class _BatchNorm(Module):
         d_input, d_weight, d_bias = F.batch_norm_backward(grad, normalized, inverse,
                                                           None if self.weight is None else self.weight.data,
                                                           self.bias is not None, batch_statistics, need_input_grad)
-        if self.weight is not None:
-            accumulate_grad(self.weight, d_weight)
-        if self.bias is not None:
-            accumulate_grad(self.bias, d_bias)
+        _accumulate_affine(self, d_weight, d_bias)
         return d_input
 
     def extra_repr(self) -> str:

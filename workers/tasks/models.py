@@ -89,6 +89,8 @@ class BoundModule:
         if len(dtypes) != 1:
             raise ValueError(f"{owner}: a bound module needs one parameter dtype; got {sorted(map(str, dtypes))}")
         self.dtype = dtypes.pop()
+        # the module's buffers as built (BatchNorm's running statistics), set by ModelTask
+        self.initial_buffers: dict[str, np.ndarray] = {}
 
     def init(self) -> dict[str, np.ndarray]:
         """The module's own (freshly initialized) arrays by name."""
@@ -182,6 +184,8 @@ class ModelTask(Task):
         bound = BoundModule(self.build_module(rng), self.name)
         for _, layer in _statistics_layers(bound.module):
             layer.defer_running_stats = True  # moved by advance_buffers, from the whole global batch
+        # the buffers as built: init_buffers' answer, kept before set_buffers overwrites them
+        bound.initial_buffers = {name: array.copy() for name, array in bound.module.named_buffers()}
         return bound
 
     def _model(self) -> BoundModule:
@@ -234,7 +238,9 @@ class ModelTask(Task):
         return taken
 
     def init_buffers(self, seed: int) -> dict[str, np.ndarray]:
-        return {name: array.copy() for name, array in self._build(seed).module.named_buffers()}
+        # a buffer's start (BatchNorm: zeros, ones, a zero count) is the layer's constant: the
+        # model this process computes with already has it, so no second model is built
+        return {name: array.copy() for name, array in self._model().initial_buffers.items()}
 
     def set_buffers(self, buffers: Mapping[str, np.ndarray]) -> None:
         module = self._model().module
