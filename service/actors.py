@@ -83,6 +83,12 @@ class StartPlan:
     run_dir: str
     run_id: str | None
     lost_nodes: frozenset[str]
+    # what Ray's dashboard calls the actors: "<run_name>/shard-0", "<run_name>/worker-1" (a
+    # restart adds "/restart-<k>": a dead actor's name is freed only once Ray has noticed),
+    # in the run's own Ray namespace
+    run_name: str = "run"
+    namespace: str | None = None
+    attempt: int = 0
 
 
 class ActorGroup:
@@ -112,7 +118,8 @@ class ActorGroup:
         specs = _actor_specs(spec, plan, regions, threads=spec.backend == "ray")
         pin = backend.this_node() if transport == "shared_memory" else None
         try:
-            handles, handle = backend.start_all(specs, strategy=spec.placement, pin=pin, avoid=plan.lost_nodes)
+            handles, handle = backend.start_all(specs, strategy=spec.placement, pin=pin, avoid=plan.lost_nodes,
+                                                namespace=plan.namespace)
         except BaseException:
             if shared is not None:
                 shared.close()
@@ -152,6 +159,7 @@ def _actor_specs(spec: Any, plan: StartPlan, regions: Any, threads: bool) -> lis
         source = {"checkpoint": plan.init.checkpoint, "params": list(plan.init.loaded),
                   "state": list(plan.init.state), "model_file": plan.init.model_file}
     visible = {"run_dir": plan.run_dir, "run_id": plan.run_id}
+    again = f"/restart-{plan.attempt}" if plan.attempt else ""
     specs = []
     for shard in range(spec.shards):
         kwargs: dict[str, Any] = {"threads": shard_threads, "shared": regions, "run_dir": visible}
@@ -160,11 +168,12 @@ def _actor_specs(spec: Any, plan: StartPlan, regions: Any, threads: bool) -> lis
         else:
             kwargs.update(init={"task": plan.task.without_data(), "seed": plan.seed}, source=source)
         specs.append(ActorSpec(ShardActor, (shard, layout, plan.optimizer, plan.groups, None), kwargs,
-                               shard_placement, f"shard {shard}"))
+                               shard_placement, f"shard {shard}", f"{plan.run_name}/shard-{shard}{again}"))
     for rank in range(plan.workers):
         kwargs = {"threads": worker_threads, "shared": regions, "frozen": plan.frozen, "accumulate": plan.accumulate}
         specs.append(ActorSpec(GradientWorker, (plan.task, rank, plan.workers, plan.seed, plan.batch_size, layout),
-                               kwargs, worker_placement, f"gradient worker {rank}"))
+                               kwargs, worker_placement, f"gradient worker {rank}",
+                               f"{plan.run_name}/worker-{rank}{again}"))
     return specs
 
 

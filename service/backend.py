@@ -58,14 +58,16 @@ class Placement:
 
 @dataclass(frozen=True)
 class ActorSpec:
-    """One actor of a start: its class, constructor arguments, placement and a label for
-    messages ("shard 0", "gradient worker 1")."""
+    """One actor of a start: its class, constructor arguments, placement, a label for
+    messages ("shard 0", "gradient worker 1") and the name Ray's dashboard and state API show
+    ("digits/shard-0"; None: unnamed)."""
 
     cls: type
     args: tuple
     kwargs: dict
     placement: Placement
     label: str
+    name: str | None = None
 
 
 class InlineRef:
@@ -86,7 +88,7 @@ class InlineBackend:
     description = "inline"
 
     def start_all(self, specs: Sequence[ActorSpec], strategy: str | None, pin: str | None,
-                  avoid: frozenset[str]) -> tuple[list[Any], None]:
+                  avoid: frozenset[str], namespace: str | None = None) -> tuple[list[Any], None]:
         actors = []
         for spec in specs:
             try:
@@ -284,10 +286,11 @@ class RayBackend:
     # -- starting ----------------------------------------------------------------------------
 
     def start_all(self, specs: Sequence[ActorSpec], strategy: str | None, pin: str | None,
-                  avoid: frozenset[str]) -> tuple[list[Any], Any]:
+                  avoid: frozenset[str], namespace: str | None = None) -> tuple[list[Any], Any]:
         """Create every actor of a start: in one placement group with ``strategy`` (Ray's
         PACK, SPREAD, STRICT_PACK, STRICT_SPREAD), pinned to node ``pin``, or placed by Ray;
-        never on the nodes in ``avoid``. Returns the handles and the placement group."""
+        never on the nodes in ``avoid``. Named actors are named in ``namespace`` (one per
+        run, so two runs' names never collide). Returns the handles and the placement group."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -305,6 +308,10 @@ class RayBackend:
             options: dict[str, Any] = {"num_cpus": spec.placement.cpus, "max_restarts": 0, "max_task_retries": 0}
             if spec.placement.resources:
                 options["resources"] = dict(spec.placement.resources)
+            if spec.name is not None:
+                options["name"] = spec.name
+                if namespace is not None:
+                    options["namespace"] = namespace
             if group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=index)

@@ -44,6 +44,7 @@ import fnmatch
 import functools
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ from shardstep.service.finetune import InitPlan, open_init_source, plan_init
 from shardstep.service.job_code import shipped_modules, use_job_code
 from shardstep.service.jobspec import prepare_task, serve_task
 from shardstep.service.pipeline import StepPipeline
+from shardstep.service.reporting import FAILED, FINISHED, KILLED, RayMetrics, Reporter, Reporters, RunInfo, group_labels
 from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, checkpoint_buffers, plain
 from shardstep.service.sharded_lbfgs import ShardedSpace
 from shardstep.workers.optim import Parameter, lr_scheduler
@@ -247,6 +249,7 @@ class InFlightSave:
 
     pending: PendingCheckpoint
     payload: dict[str, Any]
+    began: float  # time.perf_counter() when the save began (the checkpoint time reported)
 
 
 @dataclass(frozen=True, eq=False)
@@ -318,6 +321,10 @@ class Coordinator:
         # a fine-tuning run's plan (what it loads, what is new), once checked: before training
         self.on_init = on_init
         self.run_dir = run_files.run_location(spec.run_dir)
+        self.run_name = self.run_dir.name or "run"
+        # the run's own Ray namespace, where its actors are named "<run_name>/shard-0", ...
+        self.namespace = f"shardstep-{self.run_name}-{uuid.uuid4().hex[:8]}"
+        self.reporters = Reporters([], warn=self._event)
         self.run_id: str | None = None
         self.directory: run_files.RunDirectory | None = None
         self.state: State = Preparing()
@@ -342,6 +349,8 @@ class Coordinator:
         # nodes whose raylet stopped answering: kept out of every later placement
         self.lost_nodes: set[str] = set()
         self._clip_scale: float | None = None
+        # the checkpoint step the actors last started from, until the first record says so
+        self._started_from: int | None = None
         self._round_trips_before = 0  # pipelines replaced by recoveries
 
     # -- views kept for callers (tests, benchmarks) -------------------------------------------
@@ -400,6 +409,7 @@ class Coordinator:
             self._move(Failed(interruption))
             raise
         finally:
+            self._finish_reports()
             self._abort_save()
             self._stop_actors()
             if self.store is not None:
@@ -425,6 +435,12 @@ class Coordinator:
         if isinstance(state, Failed):
             raise state.error
         return state.result
+
+    def _finish_reports(self) -> None:
+        if not self.reporters.started:
+            return
+        error = self.state.error if isinstance(self.state, Failed) else None
+        self.reporters.finish(FINISHED if error is None else FAILED if isinstance(error, Exception) else KILLED)
 
     def _move(self, following: State) -> None:
         if not isinstance(following, Failed) and type(following) not in TRANSITIONS[type(self.state)]:
@@ -464,6 +480,7 @@ class Coordinator:
                                 for key, old, new in self.directory.changes)
             self._event(f"the job changed since step {trained[0]} ({changed}): continuing with the new values")
         self.store = CheckpointStore(self.run_dir / CHECKPOINT_DIR, run_id=self.run_id, retention=spec.retention())
+        self.reporters = Reporters(self._make_reporters(), warn=self._event)
         for step, reason in damaged:
             aside = self.store.set_aside(step, reason)
             self._event(f"warning: step {step} is damaged ({reason}); set aside as {aside.name}, "
@@ -472,6 +489,27 @@ class Coordinator:
         # retention runs now (the newest committed step, this run's start, is always kept)
         self.store.prune()
         return Starting()
+
+    def _make_reporters(self) -> list[Reporter]:
+        """The job's [logging] integrations (their packages were checked with the job)."""
+        spec, reporters = self.spec, []
+        if spec.tensorboard is not False:
+            from shardstep.service.report_tensorboard import TensorBoard
+
+            where = self.run_dir / "tensorboard" if spec.tensorboard is True else Path(spec.tensorboard)
+            reporters.append(TensorBoard(where))
+        if spec.mlflow:
+            from shardstep.service.report_mlflow import MLflow
+
+            uri = spec.mlflow_tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
+            reporters.append(MLflow(uri, spec.mlflow_experiment))
+        if spec.ray_metrics and self.backend.name == "ray":
+            reporters.append(RayMetrics())
+        return reporters
+
+    def _group_names(self) -> list[str]:
+        groups = [list(group["params"]) for group in self.optimizer.param_groups]
+        return group_labels(groups, self.spec.group_rules(self.task, [name for names in groups for name in names]))
 
     def _plan_init(self) -> None:
         """A fine-tuning job's source, checked against the model before anything is written
@@ -526,6 +564,7 @@ class Coordinator:
                 specs, extra, groups = checkpoint.layout.params, checkpoint.extra, checkpoint.param_groups
         self.layout = ShardLayout(specs, spec.shards)
         self._build_optimizer()
+        self._started_from = step
         if step is not None:
             self._restore(step, extra, groups)
         else:  # from the start: whatever an earlier attempt logged is replayed
@@ -542,7 +581,8 @@ class Coordinator:
             frozen=[s.name for s in self.layout.params if spec.is_frozen(s.name)],
             checkpoint=None if step is None else str(root / f"step-{step:010d}"),
             init=None if step is not None else self.init_plan,
-            run_dir=str(self.run_dir), run_id=self.run_id, lost_nodes=frozenset(self.lost_nodes))
+            run_dir=str(self.run_dir), run_id=self.run_id, lost_nodes=frozenset(self.lost_nodes),
+            run_name=self.run_name, namespace=self.namespace, attempt=state.attempt)
 
         try:
             self.actors = ActorGroup.start(self.backend, spec, plan, on_wait=self._event)
@@ -558,6 +598,9 @@ class Coordinator:
         if state.attempt:
             self._event(f"restarted from {'step ' + str(step) if step is not None else 'the start'} "
                         f"({self.actors.transport.replace('_', ' ')})")
+        self.reporters.start(RunInfo(name=self.run_name, run_id=self.run_id or "", run_dir=str(self.run_dir),
+                                     job=spec.to_dict(), start_step=self.progress.step, attempt=state.attempt,
+                                     group_names=tuple(self._group_names())))
         return Running()
 
     def _local_optimizer(self, trainable: Mapping[str, str]) -> Optimizer:
@@ -732,6 +775,7 @@ class Coordinator:
             progress.last_metrics = {"loss": record["loss"], **(metrics or {})}
             self.history.append(record)
             self._log(record)
+            self.reporters.step(record)
             if self.on_step is not None and self.on_step(record) is True:
                 progress.stop_requested = True
             if (spec.checkpoint_every is not None and not record.get("skipped")
@@ -804,9 +848,10 @@ class Coordinator:
         lrs = [plain(group.get("lr")) for group in self.optimizer.param_groups]
         calls = 0
         self._clip_scale = None
+        grad_norm: float | None = None
 
         def closure() -> float:
-            nonlocal calls
+            nonlocal calls, grad_norm
             calls += 1
             loss, reports = self._distributed_evaluation(epoch, index)
             if calls == 1:
@@ -822,11 +867,15 @@ class Coordinator:
                         raise _SkipStep(message)
                     raise NonFiniteError(message + ". Lower the learning rate, clip gradients "
                                          "(clip_grad_norm), or set nonfinite = \"skip\"")
-                if spec.clip_grad_norm is not None:
+                # the global norm before clipping (torch's clip_grad_norm_ returns the same);
+                # unknown when a shard has row-sparse gradients and nothing clips
+                if all(report["sumsq"] is not None for report in reports):
                     total = 0.0
                     for report in reports:
                         total += report["sumsq"]
-                    scale = spec.clip_grad_norm / (math.sqrt(total) + 1e-6)
+                    grad_norm = math.sqrt(total)
+                if spec.clip_grad_norm is not None:
+                    scale = spec.clip_grad_norm / (grad_norm + 1e-6)
                     self._clip_scale = scale if scale < 1.0 else None
             self._advance_buffers(pipeline.statistics)
             return loss
@@ -844,13 +893,14 @@ class Coordinator:
                     f"committed checkpoints are kept (latest: step {progress.committed}). Lower the learning rate "
                     "or clip gradients (clip_grad_norm), and resume") from None
             record = {"step": progress.step, "epoch": epoch, "batch": index, "skipped": True,
-                      "loss": float("nan"), "message": str(skip), "lr": plain(lr)}
+                      "loss": float("nan"), "message": str(skip), "lr": plain(lr), "time": time.time()}
             self._advance_batch()
             record["seconds"] = time.perf_counter() - start
-            return record
+            return self._first_since_start(record)
         record = {"step": progress.step + 1, "epoch": epoch, "batch": index,
                   "examples": min(spec.batch_size, self.task.train_size - index * spec.batch_size),
-                  "loss": float(loss), "lr": plain(lr), "lrs": lrs}
+                  "loss": float(loss), "lr": plain(lr), "lrs": lrs, "time": time.time(),
+                  **({} if grad_norm is None else {"grad_norm": grad_norm})}
         progress.step += 1
         progress.skipped_in_a_row = 0
         progress.epoch_losses.append(record["loss"])
@@ -865,6 +915,13 @@ class Coordinator:
             progress.stopped_early = (f"time limit: {progress.trained_seconds:.1f} s of training reached "
                                       f"training.time_limit = {spec.time_limit:g} s; stopped at step {progress.step}")
             self._event(progress.stopped_early)
+        return self._first_since_start(record)
+
+    def _first_since_start(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The first record after a start from a checkpoint says which (``started_from``):
+        the steps after it were trained again (a resume, a recovery), as a plot shows."""
+        if self._started_from is not None:
+            record["started_from"], self._started_from = self._started_from, None
         return record
 
     def _advance_buffers(self, statistics: list[dict]) -> None:
@@ -953,6 +1010,7 @@ class Coordinator:
         # the log reaches this step before the checkpoint does (on object storage it is
         # written in segments): a resumed run never lacks the records of trained steps
         self._flush_log()
+        began = time.perf_counter()
         pending = self.store.begin(progress.step, self.layout)
         try:
             self.pipeline.wait(self.pipeline.on_shards("save", pending, wait))
@@ -976,7 +1034,7 @@ class Coordinator:
                       **({} if self.init_record is None else {"init": self.init_record})},
             "metrics": {k: v for k, v in progress.last_metrics.items() if isinstance(v, float) and math.isfinite(v)},
         }
-        self.saving = InFlightSave(pending, payload)
+        self.saving = InFlightSave(pending, payload, began)
         progress.last_checkpoint = progress.step
         if wait:
             self._commit()
@@ -990,6 +1048,7 @@ class Coordinator:
         saving, self.saving = self.saving, None
         self.store.commit(saving.pending, **saving.payload)
         self.progress.committed = saving.pending.step
+        self.reporters.checkpoint(saving.pending.step, time.perf_counter() - saving.began)
 
     def _abort_save(self) -> None:
         saving, self.saving = self.saving, None

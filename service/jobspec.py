@@ -48,6 +48,7 @@ import dataclasses
 import datetime
 import difflib
 import fnmatch
+import importlib.util
 import inspect
 import json
 import math
@@ -94,6 +95,8 @@ PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
 # resources a job names through their own keys (shard_cpus, worker_cpus), never as custom ones
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 DEFAULT_START_TIMEOUT = 300.0
+# the MLflow experiment a run logs to unless logging.mlflow_experiment names another
+DEFAULT_MLFLOW_EXPERIMENT = "shardstep"
 NONFINITE_POLICIES = ("stop", "skip")
 KEEP_MODES = ("min", "max")
 # the metric every job has: the training loss of a step
@@ -179,6 +182,11 @@ FIELD_KEYS: dict[str, str] = {
     "stop_patience": "early_stopping.patience",
     "stop_min_delta": "early_stopping.min_delta",
     "stop_mode": "early_stopping.mode",
+    "tensorboard": "logging.tensorboard",
+    "mlflow": "logging.mlflow",
+    "mlflow_tracking_uri": "logging.mlflow_tracking_uri",
+    "mlflow_experiment": "logging.mlflow_experiment",
+    "ray_metrics": "logging.ray_metrics",
     "run_dir": "run_dir",
     "frozen": "frozen",
     "init": "init",
@@ -188,10 +196,10 @@ FIELD_KEYS: dict[str, str] = {
 # the tables of plain settings: table -> {key: field}
 SETTING_TABLES: dict[str, dict[str, str]] = {
     table: {key.partition(".")[2]: name for name, key in FIELD_KEYS.items() if key.startswith(f"{table}.")}
-    for table in ("training", "resources", "checkpoint", "early_stopping")
+    for table in ("training", "resources", "checkpoint", "early_stopping", "logging")
 }
 TOP_LEVEL_KEYS = ("run_dir", "task", "data", "model", "optimizer", "param_groups", "schedulers", "training",
-                  "resources", "checkpoint", "early_stopping", "frozen", "init")
+                  "resources", "checkpoint", "early_stopping", "logging", "frozen", "init")
 # the task a job's [data] and [model] tables describe (shardstep.workers.tasks.supervised),
 # and the keys of [data] that name files (relative to the job file, or URLs)
 DATA_TASK = "supervised"
@@ -685,6 +693,14 @@ class JobSpec:
     stop_patience: int = 3
     stop_min_delta: float = 0.0
     stop_mode: str = "min"
+    # [logging]: TensorBoard event files (true: in RUN_DIR/tensorboard, or a directory), an
+    # MLflow run (the tracking URI, default a file store in RUN_DIR/mlruns; the experiment),
+    # Ray's metrics (docs/observability.md)
+    tensorboard: bool | str = False
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = DEFAULT_MLFLOW_EXPERIMENT
+    ray_metrics: bool = True
     run_dir: str = ""
     frozen: tuple[str, ...] = ()
     init: InitSpec | None = None
@@ -959,6 +975,7 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
             raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
                                f"resolved against the file's directory); got {_shown(run_dir)}")
     out["run_dir"] = url or run_dir
+    out.update(_checked_logging(spec, out["run_dir"], url is not None))
     code_dir = spec.code_dir
     if code_dir is not None:
         _check_text(key["code_dir"], code_dir, "the absolute path of the job file's directory")
@@ -989,6 +1006,52 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
                   metric=out["keep_metric"], mode=out["keep_mode"])
     except ValueError as error:
         raise JobSpecError(f"checkpoint: {error}") from error
+    return out
+
+
+def _checked_logging(spec: JobSpec, run_dir: str, on_object_storage: bool) -> dict[str, Any]:
+    """[logging]: each integration's key, and the package it needs installed (checked here,
+    before anything is written: a missing extra is a bad job, not a failed run)."""
+    key = FIELD_KEYS
+    out: dict[str, Any] = {}
+    tensorboard = spec.tensorboard
+    if isinstance(tensorboard, os.PathLike):
+        tensorboard = os.fspath(tensorboard)
+    if not isinstance(tensorboard, (bool, str)) or (isinstance(tensorboard, str) and not tensorboard.strip()):
+        raise JobSpecError(f"{key['tensorboard']} must be true, false or a directory for the event files; got "
+                           f"{_got(tensorboard)}")
+    if isinstance(tensorboard, str):
+        if URL_SCHEME.match(tensorboard):
+            raise JobSpecError(f"{key['tensorboard']} must be a local directory (TensorBoard's event files are "
+                               f"written by the coordinator); got {_shown(tensorboard)}")
+        _check_path_text(key["tensorboard"], tensorboard)
+        if not os.path.isabs(tensorboard):
+            raise JobSpecError(f"{key['tensorboard']} must be an absolute path here (a job file's is resolved "
+                               f"against the file's directory); got {_shown(tensorboard)}")
+    elif tensorboard and on_object_storage:
+        raise JobSpecError(f"{key['tensorboard']} = true writes the event files into the run directory, which is "
+                           f"on object storage ({run_dir}); give a local directory instead, e.g. "
+                           f"tensorboard = \"tensorboard/{Path(run_dir).name}\"")
+    out["tensorboard"] = tensorboard
+    out["mlflow"] = _check_bool(key["mlflow"], spec.mlflow)
+    out["mlflow_tracking_uri"] = _check_text(key["mlflow_tracking_uri"], spec.mlflow_tracking_uri,
+                                             "an MLflow tracking URI such as 'http://127.0.0.1:5000' or "
+                                             "'file:/path/mlruns'", optional=True)
+    out["mlflow_experiment"] = _check_text(key["mlflow_experiment"], spec.mlflow_experiment,
+                                           "the name of an MLflow experiment")
+    if not out["mlflow"] and (out["mlflow_tracking_uri"] is not None
+                              or out["mlflow_experiment"] != DEFAULT_MLFLOW_EXPERIMENT):
+        raise JobSpecError(f"{key['mlflow_tracking_uri']} and {key['mlflow_experiment']} apply to MLflow logging, "
+                           f"which needs {key['mlflow']} = true")
+    if out["mlflow"] and out["mlflow_tracking_uri"] is None and on_object_storage:
+        raise JobSpecError(f"{key['mlflow']} = true keeps the MLflow runs in the run directory unless "
+                           f"{key['mlflow_tracking_uri']} names a tracking server; the run directory is on object "
+                           f"storage ({run_dir}): give {key['mlflow_tracking_uri']}")
+    out["ray_metrics"] = _check_bool(key["ray_metrics"], spec.ray_metrics)
+    for field, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")):
+        if out[field] is not False and importlib.util.find_spec(module) is None:
+            raise JobSpecError(f"{key[field]} needs the {module} package, which is not installed here: "
+                               f"pip install 'shardstep[{extra}]'")
     return out
 
 
@@ -1566,6 +1629,10 @@ def _fields_from_document(document: Mapping[str, Any], base_dir: Path | None) ->
         _check_keys(table, section, list(keys))
         for key, value in section.items():
             fields[keys[key]] = value
+    tensorboard = fields.get("tensorboard")
+    if isinstance(tensorboard, str) and tensorboard.strip() and not URL_SCHEME.match(tensorboard):
+        fields["tensorboard"] = _resolve_path("logging.tensorboard", _check_path_text("logging.tensorboard",
+                                                                                      tensorboard), base)
     if fields["steps"] is None and fields["epochs"] is None:
         raise JobSpecError("training.steps or training.epochs is required (give both to stop at whichever "
                            "comes first)")

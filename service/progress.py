@@ -11,12 +11,24 @@ for every evaluation or skipped batch, so logs stay readable and small.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sys
 import time
 from typing import Any, TextIO
 
 _REDRAW_SECONDS = 0.1
+# a plain progress line, as :meth:`Progress._plain` writes it (``submit`` and ``jobs status``
+# read the latest from a cluster job's output)
+PLAIN_LINE = re.compile(r"^step \d+(?:/\d+)?  epoch \d+  .*$", re.MULTILINE)
+
+
+def latest_progress(output: str) -> tuple[str | None, str | None]:
+    """The latest progress line of a run's plain output, and the latest one that holds an
+    evaluation (None where there is none)."""
+    lines = PLAIN_LINE.findall(output)
+    evaluated = [line for line in lines if "  | eval " in line]
+    return (lines[-1] if lines else None), (evaluated[-1] if evaluated else None)
 
 
 def _duration(seconds: float) -> str:

@@ -25,7 +25,7 @@ A run directory knows its job: running a job on a directory that holds another j
 checkpoints applies the change only when a resumed run can honour it
 (:data:`RESUMABLE_FIELDS`: how long to train, when to evaluate and checkpoint, what to keep,
 what to do with non-finite values, where and how the actors run, where the job's own code
-lies) and refuses any other
+lies, where it logs to) and refuses any other
 change, naming every key that differs. Such changes alter what is trained (the model, its
 data, the optimizer and its schedule, the batch order), so the numbers of the continued run
 would belong to no job; they belong in a new run that starts from this one's weights.
@@ -68,6 +68,7 @@ RESUMABLE_FIELDS = frozenset({
     "workers", "backend", "address", "worker_cpus", "shard_cpus", "transport", "start_timeout", "placement",
     "shard_resources", "worker_resources", "shard_labels", "worker_labels", "run_dir", "code_dir",
     "stop_metric", "stop_patience", "stop_min_delta", "stop_mode", "time_limit",
+    "tensorboard", "mlflow", "mlflow_tracking_uri", "mlflow_experiment", "ray_metrics",
     "accumulate",
 })
 # the longest value a message quotes

@@ -52,6 +52,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from shardstep.service import __version__
+from shardstep.service.progress import latest_progress
 
 # where the address comes from, in order (the flag is handled before these)
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -69,6 +70,9 @@ UPLOAD_EXCLUDES = ("__pycache__/", "*.py[cod]", "*.nbi", "*.nbc", ".git/")
 META_RUN_DIR = "shardstep_run_dir"
 META_JOB_FILE = "shardstep_job_file"
 META_VERSION = "shardstep_version"
+META_TASK = "shardstep_task"
+META_OPTIMIZER = "shardstep_optimizer"
+META_ACTORS = "shardstep_actors"
 
 ACTIVE = ("PENDING", "RUNNING")
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -460,7 +464,9 @@ def prepare(job_file: str, *, run_dir: str | None = None, shards: int | None = N
     return Submission(
         job_file=path, spec=spec, run_dir=target, entrypoint=shlex.join(command),
         runtime_env={"working_dir": str(working_dir), "py_modules": py_modules, "excludes": excludes},
-        metadata={META_RUN_DIR: target, META_JOB_FILE: path.name, META_VERSION: __version__},
+        metadata={META_RUN_DIR: target, META_JOB_FILE: path.name, META_VERSION: __version__,
+                  META_TASK: spec.task, META_OPTIMIZER: spec.optimizer,
+                  META_ACTORS: f"{spec.shards} shard(s), {spec.workers} worker(s)"},
     )
 
 
@@ -607,6 +613,11 @@ def job_status(job_id: str, *, address: str | None, out: TextIO) -> int:
         latest = _latest_step(run_dir)
         if latest is not None:
             lines.append(("checkpoint", f"step {latest} (latest committed)"))
+    progress, evaluation = latest_progress(cluster.logs(job.submission_id))
+    if progress is not None:
+        lines.append(("progress", progress))
+    if evaluation is not None and evaluation != progress:
+        lines.append(("evaluation", evaluation))
     print("\n".join(f"{key:<11} {value}" for key, value in lines), file=out)
     return 0
 
@@ -654,9 +665,14 @@ def _watch(cluster: Cluster, job_id: str, *, follow: bool, command: str, out: Te
             cluster.follow(job_id, lambda chunk: (out.write(chunk), out.flush()))
         last = None
         while (status := _status(job := cluster.info(job_id))) not in FINISHED:
-            if not follow and status != last:
-                print(f"{time.strftime('%H:%M:%S')} {job_id} {status}", file=out, flush=True)
-                last = status
+            if not follow:
+                # the job's state, and the run's latest progress line (step, loss, rate,
+                # evaluation) whenever it moved
+                shown = (status, latest_progress(cluster.logs(job_id))[0] if status == "RUNNING" else None)
+                if shown != last:
+                    line = f"{time.strftime('%H:%M:%S')} {job_id} {status}"
+                    print(line + (f"  {shown[1]}" if shown[1] else ""), file=out, flush=True)
+                    last = shown
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
         print(f"shardstep {command}: stopped watching; job {job_id} goes on (`shardstep jobs logs {job_id} "

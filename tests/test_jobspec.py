@@ -224,6 +224,13 @@ metric = "accuracy"
 patience = 4
 min_delta = 0.01
 mode = "max"
+
+[logging]
+tensorboard = "board"
+mlflow = true
+mlflow_tracking_uri = "http://127.0.0.1:5000"
+mlflow_experiment = "digits"
+ray_metrics = false
 """
 
 
@@ -248,7 +255,9 @@ def test_a_complete_file_sets_every_field(tmp_path):
         shard_resources={"big_memory": 1.0}, worker_resources={"accelerator": 0.5},
         shard_labels={"zone": "us-east-1a"}, worker_labels={"ray.io/market-type": "!in(spot)"}, checkpoint_every=25, checkpoint_async=False, keep_last=2, keep_every=50, keep_best=1,
         keep_metric="accuracy", keep_mode="max", load_best=True, stop_metric="accuracy", stop_patience=4,
-        stop_min_delta=0.01, stop_mode="max", run_dir=str(tmp_path / "runs" / "full"),
+        stop_min_delta=0.01, stop_mode="max", tensorboard=str(tmp_path / "board"), mlflow=True,
+        mlflow_tracking_uri="http://127.0.0.1:5000", mlflow_experiment="digits", ray_metrics=False,
+        run_dir=str(tmp_path / "runs" / "full"),
         frozen=("0.*",),
         init=InitSpec(str(tmp_path / "runs" / "base"), step=50, optimizer_state=True, skip=("4.*",)),
         code_dir=str(tmp_path),

@@ -100,6 +100,7 @@ class Head:
     env: dict          # what a client on this machine sets: loopback, token mode, the token
     process: subprocess.Popen
     temp_dir: str
+    metrics_port: int = 0  # the head's Prometheus endpoint: http://127.0.0.1:PORT/metrics
 
 
 def _group_pids(group: int) -> list[int]:
@@ -239,7 +240,7 @@ def running_head(ready: str = "node"):
         client = base_env()
         client.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         yield Head(url=url, gcs=f"127.0.0.1:{ports['port']}", token=token, env=client, process=process,
-                   temp_dir=temp_dir)
+                   temp_dir=temp_dir, metrics_port=ports["metrics-export-port"])
         # everything the head and its jobs' processes listened on, after all the tests
         listening = _listening_addresses(_group_pids(process.pid) + _pids_using(temp_dir))
     finally:
@@ -496,7 +497,8 @@ def test_stop_then_resubmit_resumes_from_the_stopped_jobs_checkpoint(head, tmp_p
     assert resumed.returncode == 0, resumed.stderr
     second = submitted_id(resumed)
     assert f"run directory {run_dir} (resumes from step {left})" in resumed.stdout
-    assert re.search(rf"^\d\d:\d\d:\d\d {second} RUNNING$", resumed.stdout, re.MULTILINE), resumed.stdout
+    assert re.search(rf"^\d\d:\d\d:\d\d {second} RUNNING(  step \d+/{steps}  .*)?$", resumed.stdout,
+                     re.MULTILINE), resumed.stdout
     assert resumed.stdout.rstrip().endswith(f"job {second} SUCCEEDED; run directory {run_dir}")
     logs = shardstep("jobs", "logs", second, "--address", head.url, env=head.env).stdout
     assert f"resuming from step {left}" in logs and f"done: {steps} steps" in logs, logs

@@ -224,12 +224,15 @@ class ShardActor:
         Dense slices add elementwise, ``(g_0 + g_1) + g_2 ...`` (as
         :func:`~shardstep.workers.tasks.combine_partials`); row-sparse ones concatenate in rank order
         (repeated rows add up when applied). Returns ``{"nonfinite": [names], "sumsq":
-        partial squared norm or None}`` (``sumsq`` when ``norm``: the coordinator adds the
-        shards' partials for global-norm clipping). Frozen parameters' pieces are ignored: they
+        partial squared norm or None}``: the coordinator adds the shards' partials for
+        global-norm clipping and the gradient norm it logs. A dense slice's square is the dot
+        product the finiteness check takes anyway; a row-sparse one's needs its rows
+        coalesced, so it is counted only for clipping (``norm``), else ``sumsq`` is None.
+        Frozen parameters' pieces are ignored: they
         are not checked, not counted in the norm and not applied, as in torch, where a frozen
         parameter has no gradient."""
         nonfinite: list[str] = []
-        sumsq = 0.0
+        sumsq: float | None = 0.0
         for name in self.trainable:
             grads = [partial[name] for partial in partials]
             shared = any(isinstance(grad, SharedGrad) for grad in grads)
@@ -261,11 +264,14 @@ class ShardActor:
                 square = float(np.dot(values, values))
                 if not math.isfinite(square) and not np.isfinite(values).all():
                     nonfinite.append(name)
-                elif norm:
-                    if isinstance(total, RowSparseGrad):
-                        square = float(np.dot(*(2 * [total.coalesce().values.reshape(-1)])))
+                elif isinstance(total, RowSparseGrad):
+                    if norm:
+                        sumsq += float(np.dot(*(2 * [total.coalesce().values.reshape(-1)])))
+                    else:
+                        sumsq = None
+                elif sumsq is not None:
                     sumsq += square
-        return {"nonfinite": nonfinite, "sumsq": sumsq if norm else None}
+        return {"nonfinite": nonfinite, "sumsq": sumsq}
 
     def apply(self, hyperparameters: Sequence[Mapping[str, Any]],
               clip_scale: float | None = None) -> dict[str, np.ndarray] | None:
