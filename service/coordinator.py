@@ -43,6 +43,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -501,7 +502,7 @@ class Coordinator:
         if spec.mlflow:
             from shardstep.service.report_mlflow import MLflow
 
-            uri = spec.mlflow_tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
+            uri = spec.mlflow_tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
             reporters.append(MLflow(uri, spec.mlflow_experiment))
         if spec.ray_metrics and self.backend.name == "ray":
             reporters.append(RayMetrics())

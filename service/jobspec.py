@@ -694,7 +694,7 @@ class JobSpec:
     stop_min_delta: float = 0.0
     stop_mode: str = "min"
     # [logging]: TensorBoard event files (true: in RUN_DIR/tensorboard, or a directory), an
-    # MLflow run (the tracking URI, default a file store in RUN_DIR/mlruns; the experiment),
+    # MLflow run (the tracking URI, else MLFLOW_TRACKING_URI's; the experiment),
     # Ray's metrics (docs/observability.md)
     tensorboard: bool | str = False
     mlflow: bool = False
@@ -1043,10 +1043,13 @@ def _checked_logging(spec: JobSpec, run_dir: str, on_object_storage: bool) -> di
                               or out["mlflow_experiment"] != DEFAULT_MLFLOW_EXPERIMENT):
         raise JobSpecError(f"{key['mlflow_tracking_uri']} and {key['mlflow_experiment']} apply to MLflow logging, "
                            f"which needs {key['mlflow']} = true")
-    if out["mlflow"] and out["mlflow_tracking_uri"] is None and on_object_storage:
-        raise JobSpecError(f"{key['mlflow']} = true keeps the MLflow runs in the run directory unless "
-                           f"{key['mlflow_tracking_uri']} names a tracking server; the run directory is on object "
-                           f"storage ({run_dir}): give {key['mlflow_tracking_uri']}")
+    # MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set, and its sqlite
+    # store needs the full mlflow package: there is no default that works everywhere, so the
+    # store is the user's choice
+    if out["mlflow"] and out["mlflow_tracking_uri"] is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise JobSpecError(f"{key['mlflow']} = true needs {key['mlflow_tracking_uri']} (or MLFLOW_TRACKING_URI): a "
+                           f"tracking server such as 'http://127.0.0.1:5000', or a store such as "
+                           f"'sqlite:///runs/mlflow.db' (the full mlflow package)")
     out["ray_metrics"] = _check_bool(key["ray_metrics"], spec.ray_metrics)
     for field, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")):
         if out[field] is not False and importlib.util.find_spec(module) is None:
