@@ -14,12 +14,15 @@ names and, on a START event at step T, drops every event it has read with a step
 So the steps after the checkpoint, trained again, replace the ones the earlier start wrote:
 every step shows once, with the values of the LATEST start. The job text of each start is at
 ``start_step + 1`` for the same reason: a start from the same checkpoint replaces it, and the
-Text tab shows the job as trained from each resume point on.
+Text tab shows the job as trained from each resume point on. (The TensorBoard server's reader,
+``plugin_event_accumulator``, purges every kind of event; the legacy ``EventAccumulator``
+purges its scalars but keeps the tensors, the text among them, of every start.)
 
 Event file names begin with the second they were opened in, so a start waits (at most two
 seconds) until its file's name sorts after every event file already in the directory. A file
-named more than two seconds in the future (another machine's clock ahead of this one's) is
-not waited for: its events then sort after this start's and its values win over the purge.
+named two seconds or more ahead of this machine's clock (another machine's clock ahead) is not
+waited for: it then sorts after this start's file, is read after its purge, and its values of
+the replayed steps show beside this start's.
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ _FLUSH_SECONDS = 10
 def _tensorboard() -> Any:
     """tensorboard's writer and protos, imported when a reporter is made (the core runs without them)."""
     try:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
         from tensorboard.plugins.text import metadata as text_metadata
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError as error:
         raise ImportError(MISSING) from error
-    return EventFileWriter, event_pb2, summary_pb2, text_metadata
+    return EventFileWriter, event_pb2, summary_pb2, (tensor_pb2, tensor_shape_pb2, types_pb2), text_metadata
 
 
 def job_markdown(job: dict[str, Any]) -> str:
@@ -69,7 +72,8 @@ class TensorBoard(Reporter):
     name = "TensorBoard"
 
     def __init__(self, directory: str | os.PathLike):
-        self._writer_class, self._event_pb2, self._summary_pb2, self._text_metadata = _tensorboard()
+        (self._writer_class, self._event_pb2, self._summary_pb2, self._tensor_protos,
+         self._text_metadata) = _tensorboard()
         self.directory = os.fspath(directory)
         self._writer: Any = None
         self._groups: tuple[str, ...] = ()
@@ -128,10 +132,10 @@ class TensorBoard(Reporter):
         metadata = self._text_metadata.create_summary_metadata(
             display_name="job", description=f"The job of run {info.name} ({info.run_id}), as trained from step "
                                              f"{info.start_step + 1} on")
-        tensor = self._summary_pb2.TensorProto(dtype=7,  # DT_STRING
-                                               string_val=[job_markdown(info.job).encode("utf-8")],
-                                               tensor_shape=self._summary_pb2.TensorShapeProto(
-                                                   dim=[self._summary_pb2.TensorShapeProto.Dim(size=1)]))
+        tensor_pb2, tensor_shape_pb2, types_pb2 = self._tensor_protos
+        tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[job_markdown(info.job).encode("utf-8")],
+                                        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                                            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
         return self._summary_pb2.Summary(value=[self._summary_pb2.Summary.Value(tag="job", metadata=metadata,
                                                                                 tensor=tensor)])
 
