@@ -162,7 +162,8 @@ def _actor_specs(spec: Any, plan: StartPlan, regions: Any, threads: bool) -> lis
     again = f"/restart-{plan.attempt}" if plan.attempt else ""
     specs = []
     for shard in range(spec.shards):
-        kwargs: dict[str, Any] = {"threads": shard_threads, "shared": regions, "run_dir": visible}
+        kwargs: dict[str, Any] = {"threads": shard_threads, "shared": regions, "run_dir": visible,
+                                  "scalar_dtype": spec.scalar_dtype}
         if plan.checkpoint is not None:
             kwargs["checkpoint"] = plan.checkpoint
         else:

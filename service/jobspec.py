@@ -73,6 +73,7 @@ from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAME
 from shardstep.workers.optim.registry import NAMES as OPTIMIZER_NAMES
 from shardstep.workers.optim.registry import optimizer_class
 from shardstep.workers.optim.registry import rule as optimizer_rule
+from shardstep.workers.optim.rule import DEFAULT_DTYPES
 from shardstep.workers.tasks import TASK_NAMES, make_task, task_class
 from shardstep.workers.tasks.base import ParamGroupRule, Task, TaskArgumentError
 from shardstep.workers.tasks.data_files import DataError
@@ -156,6 +157,7 @@ FIELD_KEYS: dict[str, str] = {
     "max_skipped_steps": "training.max_skipped_steps",
     "time_limit": "training.time_limit",
     "accumulate": "training.accumulate",
+    "scalar_dtype": "training.scalar_dtype",
     "shards": "resources.shards",
     "workers": "resources.workers",
     "backend": "resources.backend",
@@ -666,6 +668,8 @@ class JobSpec:
     max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS
     time_limit: float | None = None
     accumulate: int = 1
+    # torch's scalar dtype for step counters and scalar optimizer state (docs/optimizers.md)
+    scalar_dtype: str = "float32"
     shards: int = 1
     workers: int = 1
     backend: str = "ray"
@@ -887,6 +891,7 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
     out["max_skipped_steps"] = _check_int(key["max_skipped_steps"], spec.max_skipped_steps, 1)
     out["time_limit"] = _check_real(key["time_limit"], spec.time_limit, 0.0, strict=True, optional=True)
     out["accumulate"] = _check_int(key["accumulate"], spec.accumulate, 1)
+    out["scalar_dtype"] = _check_choice(key["scalar_dtype"], spec.scalar_dtype, DEFAULT_DTYPES)
     if out["accumulate"] > out["batch_size"]:
         raise JobSpecError(f"{key['accumulate']} = {out['accumulate']} micro-batches cannot be cut from "
                            f"{key['batch_size']} = {out['batch_size']} examples; give at most {out['batch_size']}")

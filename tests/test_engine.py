@@ -14,6 +14,8 @@ from shardstep.checkpoints import committed_steps, open_checkpoint
 from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
 from shardstep.service.errors import NonFiniteError, RunFailedError
 from shardstep.service.jobspec import JobSpec, SchedulerSpec
+from shardstep.workers.optim import get_default_dtype
+from shardstep.workers.optim.rule import using_default_dtype
 from shardstep.workers.tasks import make_task
 from shardstep.workers.training import Trainer
 from tests.runs import assert_same
@@ -179,6 +181,37 @@ def test_resume_at_any_checkpoint_is_bit_identical(tmp_path, backend, first, sec
         assert resumed.steps == 13
         assert_same(resumed.params, uninterrupted.params, f"stopped at {stop}: ")
         assert resumed.metrics == uninterrupted.metrics
+
+
+@pytest.mark.parametrize("optimizer", ["nadam", "asgd"])
+def test_scalar_dtype_float64_runs_as_torchs_float64_default(optimizer, tmp_path, ray_address):
+    """training.scalar_dtype = "float64": every shard creates its scalar state in float64
+    (as torch under its float64 default), on either backend, without changing the driver's
+    default; the checkpoint keeps it float64 and a resume with another shard count goes on
+    bit-identically."""
+    base = job(tmp_path, optimizer=optimizer, optimizer_args=ELEMENTWISE[optimizer], scalar_dtype="float64",
+               steps=8, checkpoint_every=4)
+    with using_default_dtype("float64"):
+        reference = local_run(base)
+    if optimizer == "nadam":
+        # ASGD reads eta and mu in the parameter's dtype (float32 here), so only NAdam's
+        # mu_product changes float32 parameters; for ASGD the checkpoint's dtypes tell
+        assert any(not np.array_equal(reference[name], value) for name, value in local_run(base).items()), \
+            "float32 and float64 scalar state gave the same parameters: the test could not tell them apart"
+    for backend, shards in (("inline", 2), ("ray", 3)):
+        run_dir = tmp_path / f"{backend}-{shards}"
+        result = Coordinator(base.replace(backend=backend, shards=shards, run_dir=str(run_dir))).run()
+        assert_same(result.params, reference, f"{optimizer} {backend} N={shards}: ")
+        assert get_default_dtype() == np.float32
+        with open_checkpoint(run_dir / CHECKPOINT_DIR) as checkpoint:
+            state = checkpoint.load_shard(0, 1)["state"]
+        scalars = {(name, key): value.dtype for name, entries in state.items() for key, value in entries.items()
+                   if isinstance(value, np.ndarray) and value.ndim == 0}
+        assert scalars and set(scalars.values()) == {np.dtype(np.float64)}, scalars
+    stopped = tmp_path / "stopped"
+    Coordinator(base.replace(steps=4, run_dir=str(stopped))).run()
+    resumed = Coordinator(base.replace(shards=1, run_dir=str(stopped))).run()
+    assert_same(resumed.params, reference, f"{optimizer} resumed at step 4 on 1 shard: ")
 
 
 # ---------------------------------------------------------------------------------------

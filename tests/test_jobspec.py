@@ -192,6 +192,7 @@ nonfinite = "skip"
 max_skipped_steps = 5
 time_limit = 3600.0
 accumulate = 2
+scalar_dtype = "float64"
 
 [resources]
 shards = 3
@@ -249,7 +250,7 @@ def test_a_complete_file_sets_every_field(tmp_path):
             SchedulerSpec("ReduceLROnPlateau", {"mode": "max", "patience": 2}, interval="epoch", monitor="accuracy"),
         ),
         steps=100, epochs=4, batch_size=32, seed=7, eval_every=20, clip_grad_norm=1.5, nonfinite="skip",
-        max_skipped_steps=5, time_limit=3600.0, accumulate=2,
+        max_skipped_steps=5, time_limit=3600.0, accumulate=2, scalar_dtype="float64",
         shards=3, workers=2, backend="ray", address="ray://head:10001", max_failures=2, worker_cpus=1.0,
         shard_cpus=0.5, transport="object_store", start_timeout=120.0, placement="spread",
         shard_resources={"big_memory": 1.0}, worker_resources={"accelerator": 0.5},
@@ -374,6 +375,8 @@ BAD_INPUTS = [
     ("clip norm", with_("training", clip_grad_norm=0), ["training.clip_grad_norm must be a finite number > 0; got 0"]),
     ("nonfinite", with_("training", nonfinite="ignore"),
      ["training.nonfinite must be one of 'stop', 'skip'; got 'ignore'"]),
+    ("scalar_dtype", with_("training", scalar_dtype="float16"),
+     ["training.scalar_dtype must be one of 'float32', 'float64'; got 'float16'"]),
     ("training not a table", edited(training=None) | {"training": 5},
      ["training must be a table ([training]); got 5 (integer)"]),
     ("shards", with_("resources", shards=0), ["resources.shards must be an integer >= 1; got 0"]),

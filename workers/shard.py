@@ -40,6 +40,7 @@ from shardstep.checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, 
 from shardstep.checkpoints.model_files import ModelFile
 from shardstep.workers.optim import Parameter, RowSparseGrad, optimizer_class
 from shardstep.workers.optim.algorithms.lbfgs import LocalSlices
+from shardstep.workers.optim.rule import using_default_dtype
 from shardstep.workers.runtime import check_run_dir_visible, limit_threads, node_id
 from shardstep.workers.shared_memory import SharedGrad, SharedTransport
 
@@ -123,13 +124,16 @@ class ShardActor:
     shared: the run's shared-memory regions; the slices then live in the parameter region.
     run_dir: ``{"run_dir": path, "run_id": id}``: the run directory this shard writes its
     checkpoint files into, checked to be the coordinator's (storage every node shares).
+    scalar_dtype: the dtype new state's step counters and scalar factors take ("float32", or
+    "float64" as torch under its float64 default dtype); loaded state keeps its own.
     """
 
     def __init__(self, shard: int, layout: ShardLayout, optimizer: str, groups: Sequence[Mapping[str, Any]],
                  params: Mapping[str, np.ndarray] | None, state: Mapping[str, Mapping[str, Any]] | None = None,
                  threads: int | None = None, checkpoint: str | None = None,
                  source: Mapping[str, Any] | None = None, shared: SharedTransport | None = None,
-                 init: Mapping[str, Any] | None = None, run_dir: Mapping[str, Any] | None = None):
+                 init: Mapping[str, Any] | None = None, run_dir: Mapping[str, Any] | None = None,
+                 scalar_dtype: str = "float32"):
         if threads is not None:
             limit_threads(threads)
         if run_dir is not None:
@@ -156,6 +160,8 @@ class ShardActor:
             state = {name: loaded["state"][name] for name in source["state"]}
         self.shard = shard
         self.layout = layout
+        # the dtype of the state's step counters and scalar factors (training.scalar_dtype)
+        self.scalar_dtype = scalar_dtype
         self.rule = optimizer_class(optimizer).rule
         self.optimizer_name = optimizer
         self.group_of: dict[str, int] = {}
@@ -291,7 +297,8 @@ class ShardActor:
                     raise RuntimeError(f"{self.optimizer_name} does not support sparse gradients (parameter "
                                        f"{name!r}); use SparseAdam, Adagrad or SGD for them")
                 if not state:
-                    state.update(rule.init_state(p.data, group))
+                    with using_default_dtype(self.scalar_dtype):
+                        state.update(rule.init_state(p.data, group))
                 grad = grad.coalesce()
                 values = grad.values
                 if clip_scale is not None:
@@ -307,7 +314,8 @@ class ShardActor:
                 if clip_scale is not None:
                     grad = grad * grad.dtype.type(clip_scale)  # not in place: it may be a worker's region
                 if not state:
-                    state.update(rule.init_state(p.data, group))
+                    with using_default_dtype(self.scalar_dtype):
+                        state.update(rule.init_state(p.data, group))
                 rule.update(p.data, grad, state, group)
             self.grads[name] = None
         return self.buffers

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("float32", "float64")
+# torch's default dtype while a case runs (``torch.set_default_dtype``), which decides the
+# dtype of its scalar state; shardstep mirrors it with ``set_default_dtype``
+DEFAULT_DTYPES = ("float32", "float64")
 STEPS = 20
 
 

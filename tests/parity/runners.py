@@ -7,14 +7,43 @@ function of their own current parameters.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 
 from shardstep.workers.optim import Parameter, RowSparseGrad, optimizer_class
 from shardstep.workers.optim.registry import CLASS_NAMES
+from shardstep.workers.optim.rule import using_default_dtype
 from tests.parity.optim_cases import OptimCase
 from tests.parity.problems import PROBLEMS
 
 TORCH_CLASS = {name: cls for cls, name in CLASS_NAMES.items()}
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def fixture_path(default_dtype: str) -> Path:
+    """The committed torch trajectories run under torch's default dtype ``default_dtype``."""
+    name = "optim_trajectories" if default_dtype == "float32" else f"optim_trajectories_default_{default_dtype}"
+    return FIXTURES / f"{name}.npz"
+
+
+@contextlib.contextmanager
+def default_dtype(name: str) -> Iterator[None]:
+    """Both libraries' default dtype for the block: shardstep's, and torch's when torch is
+    loaded (import it before entering)."""
+    torch = sys.modules.get("torch")
+    before = torch.get_default_dtype() if torch is not None else None
+    with using_default_dtype(name):
+        if torch is not None:
+            torch.set_default_dtype(getattr(torch, name))
+        try:
+            yield
+        finally:
+            if torch is not None:
+                torch.set_default_dtype(before)
 
 
 def _groups(case: OptimCase, params: list):

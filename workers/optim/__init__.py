@@ -9,8 +9,10 @@ from __future__ import annotations
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.parameter import Parameter, RowSparseGrad
 from shardstep.workers.optim.registry import CLASS_NAMES, optimizer_class
+from shardstep.workers.optim.rule import get_default_dtype, set_default_dtype
 
-__all__ = ["Optimizer", "Parameter", "RowSparseGrad", "optimizer_class", *CLASS_NAMES]
+__all__ = ["Optimizer", "Parameter", "RowSparseGrad", "optimizer_class", "get_default_dtype",
+           "set_default_dtype", *CLASS_NAMES]
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shardstep.workers.optim.parameter import Parameter, RowSparseGrad
-from shardstep.workers.optim.rule import Rule
+from shardstep.workers.optim.rule import DEFAULT_DTYPES, Rule
 
 
 class Optimizer:
@@ -181,8 +181,11 @@ class Optimizer:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state_dict from :meth:`state_dict` or from torch (tensors as ndarrays).
 
-        Arrays are copied; floating arrays other than step counters take the dtype of their
-        parameter, as torch casts them. Nothing changes unless the whole dict is valid.
+        Arrays are copied; floating array state takes the dtype of its parameter, as torch
+        casts it, and scalar state (step counters, NAdam's mu_product, ASGD's eta and mu) keeps
+        the dtype it was saved with (torch casts all but the step counter: keeping them is what
+        lets a resumed run round as the uninterrupted one did, under either default dtype).
+        Nothing changes unless the whole dict is valid.
         """
         if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "param_groups"}:
             keys = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
@@ -224,8 +227,14 @@ class Optimizer:
 
     def _load_param_state(self, p: Parameter, index: Any, value: Mapping[str, Any]) -> dict[str, Any]:
         loaded = {}
+        scalar_state = self.rule.scalar_state if self.rule is not None else ("step",)
         for name, item in value.items():
-            loaded[name] = _cast_state(p, name, item)
+            keep = name in scalar_state
+            if keep and isinstance(item, np.ndarray) and np.issubdtype(item.dtype, np.floating) \
+                    and item.dtype.name not in DEFAULT_DTYPES:
+                raise ValueError(f"state {name!r} of parameter {index} is {item.dtype.name}; scalar state "
+                                 f"is {' or '.join(DEFAULT_DTYPES)}, as torch keeps it")
+            loaded[name] = _cast_state(p, item, keep_dtype=keep)
             array = loaded[name]
             if isinstance(array, np.ndarray) and array.ndim > 0 and array.shape != p.shape:
                 raise ValueError(
@@ -255,15 +264,15 @@ def _label(p: Parameter) -> str:
     return repr(p.name) if p.name else f"of shape {p.shape}"
 
 
-def _cast_state(p: Parameter, name: str, value: Any) -> Any:
-    """Copy one state value; floating arrays take the parameter's dtype except step counters
-    (torch's ``_process_value_according_to_param_policy``)."""
+def _cast_state(p: Parameter, value: Any, keep_dtype: bool = False) -> Any:
+    """Copy one state value; floating arrays take the parameter's dtype unless ``keep_dtype``
+    (torch's ``_process_value_according_to_param_policy``, which keeps only ``step``)."""
     if isinstance(value, np.ndarray):
-        if name != "step" and np.issubdtype(value.dtype, np.floating):
+        if not keep_dtype and np.issubdtype(value.dtype, np.floating):
             return np.array(value, dtype=p.dtype, copy=True, order="C")
         return np.array(value, copy=True, order="C")
     if isinstance(value, dict):
-        return {k: _cast_state(p, k, v) for k, v in value.items()}
+        return {k: _cast_state(p, v, keep_dtype=k == "step") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_cast_state(p, "", v) for v in value)
+        return type(value)(_cast_state(p, v) for v in value)
     return value

@@ -14,20 +14,68 @@ only on the step and the hyperparameters, so every slice holds the same value.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-# torch keeps step counters and per-parameter scalar state as float32 0-d tensors
-# (``torch.optim.optimizer._get_scalar_dtype()`` under the default dtype); we hold the same
-# dtype so values round exactly as torch's do and state_dicts convert both ways unchanged.
-SCALAR_DTYPE = np.float32
+# torch keeps step counters and per-parameter scalar state (NAdam's mu_product, ASGD's eta
+# and mu) as 0-d tensors of ``torch.optim.optimizer._get_scalar_dtype()``: float64 when
+# torch's default dtype is float64, float32 otherwise. We mirror that switch
+# (``set_default_dtype``) so values round exactly as torch's do under either default and
+# state_dicts convert both ways unchanged. Scalar state is created in this dtype and then
+# advanced in its own dtype, so a loaded state keeps rounding as it did where it was saved.
+DEFAULT_DTYPES = ("float32", "float64")
+_default_dtype = np.dtype(np.float32)
+
+
+def set_default_dtype(dtype: Any) -> None:
+    """torch.set_default_dtype for the optimizers' scalar state: ``"float64"`` (or
+    ``np.float64``, or ``torch.float64``) makes state created from now on hold step counters
+    and scalar factors in float64, as torch does under ``torch.set_default_dtype(torch.float64)``.
+    Parameters and array state keep their own dtypes either way."""
+    global _default_dtype
+    _default_dtype = _checked_default_dtype(dtype)
+
+
+def get_default_dtype() -> np.dtype:
+    """The dtype :func:`set_default_dtype` set (float32 unless changed), as torch.get_default_dtype."""
+    return _default_dtype
+
+
+@contextlib.contextmanager
+def using_default_dtype(dtype: Any) -> Iterator[None]:
+    """:func:`set_default_dtype` for the ``with`` block only: a shard creates its state in
+    the run's dtype without changing the process's (the inline backend shares the driver's)."""
+    global _default_dtype
+    before, _default_dtype = _default_dtype, _checked_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        _default_dtype = before
+
+
+def scalar_dtype() -> np.dtype:
+    """The dtype new scalar state takes: torch's ``_get_scalar_dtype()``."""
+    return np.dtype(np.float64) if _default_dtype == np.float64 else np.dtype(np.float32)
+
+
+def _checked_default_dtype(dtype: Any) -> np.dtype:
+    # torch dtypes print as "torch.float64"; accept them without importing torch
+    name = str(dtype).removeprefix("torch.") if not isinstance(dtype, (type, np.dtype)) else None
+    try:
+        resolved = np.dtype(name if name is not None else dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DEFAULT_DTYPES:
+        raise TypeError(f"the default dtype must be one of {', '.join(DEFAULT_DTYPES)}; got {dtype!r}")
+    return resolved
 
 # Flags that only select torch's device kernels or autograd behaviour. They are stored in
 # param_groups with torch's values so state_dicts interoperate.
@@ -97,8 +145,21 @@ def elementwise_kernel(function: Callable | None = None, *, fastmath: bool | set
 
 
 def new_step() -> np.ndarray:
-    """A step counter as torch stores it: a float32 0-d array, 0 before the first step."""
-    return np.zeros((), dtype=SCALAR_DTYPE)
+    """A step counter as torch stores it: a 0-d array of :func:`scalar_dtype`, 0 before the
+    first step."""
+    return np.zeros((), dtype=scalar_dtype())
+
+
+def new_scalar(value: float) -> np.ndarray:
+    """Scalar state (a decaying factor) as torch creates it: a 0-d array of :func:`scalar_dtype`."""
+    return np.array(value, dtype=scalar_dtype())
+
+
+def store_scalar(state: np.ndarray, value: float) -> float:
+    """Write ``value`` into 0-d scalar state, rounded to that state's own dtype, and return
+    what it now holds."""
+    state[...] = state.dtype.type(value)
+    return float(state)
 
 
 def advance(step: np.ndarray) -> float:

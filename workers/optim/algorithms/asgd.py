@@ -7,8 +7,9 @@ Stochastic Approximation by Averaging", SIAM J. Control Optim. 30(4)), as torch.
     then, with the new step t:
     eta = lr / (1 + lambd * lr * t)^alpha      mu = 1 / max(1, t - t0)
 
-eta and mu are float32 scalars, as in torch (rounded once from the float64 formula), and
-the update reads eta back from its float32 value. The operation order follows
+eta and mu are scalar state of torch's scalar dtype (float32, or float64 under
+``set_default_dtype("float64")``), rounded once from the float64 formula, and the update
+reads eta back from its stored value. The operation order follows
 torch.optim.ASGD's single-tensor path, in the parameter's dtype.
 """
 
@@ -19,7 +20,6 @@ from numba import prange
 
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.rule import (
-    SCALAR_DTYPE,
     Rule,
     advance,
     check_bool,
@@ -27,9 +27,11 @@ from shardstep.workers.optim.rule import (
     check_min,
     elementwise_kernel,
     flat,
+    new_scalar,
     new_step,
     require_number,
     scalars,
+    store_scalar,
 )
 
 ASGD_DEFAULTS = dict(
@@ -51,8 +53,8 @@ def validate(group) -> None:
 def init_state(param: np.ndarray, group) -> dict:
     return {
         "step": new_step(),
-        "eta": np.array(group["lr"], dtype=SCALAR_DTYPE),
-        "mu": np.ones((), dtype=SCALAR_DTYPE),
+        "eta": new_scalar(group["lr"]),
+        "mu": new_scalar(1.0),
         "ax": np.zeros_like(param),
     }
 
@@ -83,10 +85,9 @@ def update(param, grad, state, group) -> None:
                                      group["weight_decay"], mu_value)
     _asgd_kernel(flat(param), flat(grad), flat(state["ax"]), bool(group["maximize"]), wd, decay,
                  neg_eta, mu_value != 1, mu)
-    # torch writes float32 scalars (torch.as_tensor of a Python float) into eta and mu, which
-    # a loaded state may hold in the parameter's dtype
-    state["eta"][...] = SCALAR_DTYPE(lr / ((1 + lambd * lr * step) ** alpha))
-    state["mu"][...] = SCALAR_DTYPE(1 / max(1, step - t0))
+    # torch writes torch.as_tensor of the Python float (its scalar dtype) into eta and mu
+    store_scalar(state["eta"], lr / ((1 + lambd * lr * step) ** alpha))
+    store_scalar(state["mu"], 1 / max(1, step - t0))
 
 
 RULE = Rule(name="asgd", defaults=ASGD_DEFAULTS, validate=validate, init_state=init_state,

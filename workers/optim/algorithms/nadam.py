@@ -8,8 +8,8 @@ Adam", ICLR workshop), with torch's momentum decay schedule.
     d  = sqrt(v / (1 - beta2^t)) + eps
     p  = p - lr (1 - mu_t) / (1 - Π_t) * g / d - lr mu_{t+1} / (1 - Π_t mu_{t+1}) * m / d
 
-(psi = momentum_decay.) Π (``mu_product``) is a float32 scalar, as in torch, and rounds as
-torch's does. The operation order follows torch.optim.NAdam's single-tensor path, in the
+(psi = momentum_decay.) Π (``mu_product``) is scalar state of torch's scalar dtype (float32,
+or float64 under ``set_default_dtype("float64")``) and rounds as torch's does. The operation order follows torch.optim.NAdam's single-tensor path, in the
 parameter's dtype.
 """
 
@@ -22,7 +22,6 @@ from numba import prange
 
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.rule import (
-    SCALAR_DTYPE,
     Rule,
     advance,
     check_adam_family,
@@ -31,8 +30,10 @@ from shardstep.workers.optim.rule import (
     elementwise_kernel,
     flat,
     lerp_weight,
+    new_scalar,
     new_step,
     scalars,
+    store_scalar,
 )
 
 NADAM_DEFAULTS = dict(
@@ -50,7 +51,7 @@ def validate(group) -> None:
 def init_state(param: np.ndarray, group) -> dict:
     return {
         "step": new_step(),
-        "mu_product": np.ones((), dtype=SCALAR_DTYPE),
+        "mu_product": new_scalar(1.0),
         "exp_avg": np.zeros_like(param),
         "exp_avg_sq": np.zeros_like(param),
     }
@@ -90,13 +91,12 @@ def update(param, grad, state, group) -> None:
     bias_correction2 = 1 - beta2**step
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
-    # torch keeps mu_product as a float32 scalar and multiplies it by mu in float32. A state
-    # loaded for a float64 parameter holds it as float64 (the facade casts as torch does); we
-    # still advance it in float32, so a resumed run continues bit-identically (torch, after
-    # load_state_dict, continues in float64 and drifts from its own run by ~3e-13 relative)
+    # torch multiplies mu_product by mu in mu_product's own dtype (its scalar dtype). A loaded
+    # state keeps the dtype it was saved with, so a resumed run continues bit-identically
+    # (torch casts it to the parameter's dtype on load and then drifts from its own run)
     mu_product = state["mu_product"]
-    mu_product[...] = SCALAR_DTYPE(mu_product) * SCALAR_DTYPE(mu)
-    mu_product_value = float(mu_product)
+    kind = mu_product.dtype.type
+    mu_product_value = store_scalar(mu_product, kind(mu_product) * kind(mu))
     mu_product_next = mu_product_value * mu_next
     grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product_value)
     exp_avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
