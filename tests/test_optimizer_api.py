@@ -238,7 +238,7 @@ def test_torch_rejects_the_same_hyperparameters(case):
 def test_serial_and_multithreaded_kernels_agree_bit_for_bit(name):
     """Small parameters update on the calling thread, large ones on numba's threads; the
     same source compiled both ways must give the same bits."""
-    from shardstep.workers.optim.rule import PARALLEL_MIN_SIZE
+    from shardstep.workers.optim.kernels import PARALLEL_MIN_SIZE
 
     rng = np.random.default_rng(5)
     size = PARALLEL_MIN_SIZE + 3

@@ -35,6 +35,10 @@ class Optimizer:
 
     def __init__(self, params: Iterable[Any], defaults: Mapping[str, Any]):
         self.defaults = dict(defaults)
+        # betas from a job file arrive as a TOML array; the Adam family keeps the pair as
+        # torch's defaults spell it, a tuple, so state_dicts compare equal whichever way it came
+        if isinstance(self.defaults.get("betas"), list):
+            self.defaults["betas"] = tuple(self.defaults["betas"])
         self.state: defaultdict[Parameter, dict[str, Any]] = defaultdict(dict)
         self.param_groups: list[dict[str, Any]] = []
         self._step_count = 0

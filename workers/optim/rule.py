@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 # torch keeps step counters and per-parameter scalar state (NAdam's mu_product, ASGD's eta
 # and mu) as 0-d tensors of ``torch.optim.optimizer._get_scalar_dtype()``: float64 when
@@ -112,38 +110,6 @@ class Rule:
         return self.update_rows is not None
 
 
-# Below this many elements a kernel runs on the calling thread: starting numba's thread team
-# costs ~10 us, more than the work, and its OpenMP workers then spin and take the cores an
-# OpenBLAS matrix product issued right after needs (measured on 2 cores: a small kernel
-# followed by a GEMM took 8 ms instead of 0.06 ms).
-PARALLEL_MIN_SIZE = 1 << 16
-
-
-def elementwise_kernel(function: Callable | None = None, *, fastmath: bool | set = False) -> Callable:
-    """Compile a kernel ``function(array, ...)`` (a ``prange`` loop) twice from the same
-    source: multi-threaded for ``array.size >= PARALLEL_MIN_SIZE`` and serial below it.
-    Elementwise kernels give bit-identical results either way; reductions that split their
-    work by a task count of their own (LBFGS's) do too. Use as ``@elementwise_kernel`` or
-    ``@elementwise_kernel(fastmath={...})``."""
-    if function is None:
-        return lambda f: elementwise_kernel(f, fastmath=fastmath)
-    # a distinct code object name keeps the two versions apart in numba's on-disk cache
-    serial_code = function.__code__.replace(co_name=function.__name__ + "_serial")
-    serial_function = types.FunctionType(serial_code, function.__globals__, serial_code.co_name,
-                                         function.__defaults__, function.__closure__)
-    serial_function.__qualname__ = function.__qualname__ + "_serial"
-    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)(function)
-    serial = njit(parallel=False, cache=True, nogil=True, fastmath=fastmath)(serial_function)
-
-    def dispatch(array, *args):
-        return (parallel if array.size >= PARALLEL_MIN_SIZE else serial)(array, *args)
-
-    dispatch.__name__, dispatch.__qualname__, dispatch.__doc__ = (
-        function.__name__, function.__qualname__, function.__doc__)
-    dispatch.parallel, dispatch.serial = parallel, serial
-    return dispatch
-
-
 def new_step() -> np.ndarray:
     """A step counter as torch stores it: a 0-d array of :func:`scalar_dtype`, 0 before the
     first step."""
@@ -166,13 +132,6 @@ def advance(step: np.ndarray) -> float:
     """Increment a step counter in place and return the new value as a Python float."""
     step += 1
     return float(step)
-
-
-def flat(array: np.ndarray) -> np.ndarray:
-    """A 1-D view of a C-contiguous array (never a copy: updates must land in place)."""
-    if not array.flags.c_contiguous:
-        raise ValueError("optimizer arrays must be C-contiguous so updates happen in place")
-    return array.reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,18 +208,3 @@ def check_device_flags(group: Mapping[str, Any]) -> None:
             )
     if group.get("foreach") and group.get("fused"):
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-def lerp_weight(dtype: np.dtype, weight: float) -> tuple:
-    """``(w, |w| < 0.5, 1 - w)`` in the parameter's dtype for torch's two-form lerp, which
-    computes ``m + w (g - m)`` for small weights and ``g - (g - m)(1 - w)`` otherwise (the
-    test, like torch's, is on the weight as rounded to the dtype)."""
-    w = np.dtype(dtype).type(weight)
-    return w, bool(abs(w) < 0.5), np.dtype(dtype).type(1) - w
-
-
-def scalars(dtype: np.dtype, *values: float) -> tuple:
-    """Hyperparameters as scalars of the parameter's dtype, so kernels compute in that dtype
-    (float32 arithmetic for float32 parameters, as torch's CPU kernels do)."""
-    kind = np.dtype(dtype).type
-    return tuple(kind(v) for v in values)

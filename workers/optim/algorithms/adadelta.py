@@ -17,6 +17,7 @@ import math
 import numpy as np
 from numba import prange
 
+from shardstep.workers.optim.kernels import decayed_square, elementwise_kernel, flat, scalars, signed, with_weight_decay
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.rule import (
     Rule,
@@ -25,10 +26,7 @@ from shardstep.workers.optim.rule import (
     check_device_flags,
     check_interval,
     check_min,
-    elementwise_kernel,
-    flat,
     new_step,
-    scalars,
 )
 
 ADADELTA_DEFAULTS = dict(
@@ -54,11 +52,9 @@ def init_state(param: np.ndarray, group) -> dict:
 def _adadelta_kernel(param, grad, square_avg, acc_delta, maximize, weight_decay, rho,
                      one_minus_rho, eps, neg_lr):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
         p = param[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        v = square_avg[i] * rho + one_minus_rho * g * g
+        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
+        v = decayed_square(square_avg[i], g, rho, one_minus_rho)
         square_avg[i] = v
         u = acc_delta[i]
         delta = math.sqrt(u + eps) / math.sqrt(v + eps) * g

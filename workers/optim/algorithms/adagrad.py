@@ -18,18 +18,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed, with_weight_decay
 from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_bool,
-    check_device_flags,
-    check_min,
-    elementwise_kernel,
-    flat,
-    new_step,
-    scalars,
-)
+from shardstep.workers.optim.rule import Rule, advance, check_bool, check_device_flags, check_min, new_step
 
 ADAGRAD_DEFAULTS = dict(
     lr=1e-2, lr_decay=0, eps=1e-10, weight_decay=0, initial_accumulator_value=0, foreach=None,
@@ -54,10 +45,8 @@ def init_state(param: np.ndarray, group) -> dict:
 @elementwise_kernel
 def _adagrad_kernel(param, grad, state_sum, maximize, weight_decay, eps, neg_clr):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
         p = param[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
         s = state_sum[i] + g * g
         state_sum[i] = s
         # torch's addcdiv: p + value * g / std
@@ -69,7 +58,7 @@ def _adagrad_rows_kernel(param, rows, values, state_sum, maximize, eps, neg_clr)
     for k in prange(rows.size):
         r = rows[k]
         for j in range(param.shape[1]):
-            g = -values[k, j] if maximize else values[k, j]
+            g = signed(values[k, j], maximize)
             s = state_sum[r, j] + g * g
             state_sum[r, j] = s
             # torch's sparse path: p.add_(g / std, alpha=-clr)

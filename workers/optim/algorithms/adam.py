@@ -16,18 +16,17 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_adam_family,
-    check_bool,
+from shardstep.workers.optim.kernels import (
+    adam_moments,
+    adam_weight_decay,
     elementwise_kernel,
     flat,
     lerp_weight,
-    new_step,
     scalars,
+    signed,
 )
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.rule import Rule, advance, check_adam_family, check_bool, new_step
 
 ADAM_DEFAULTS = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, maximize=False,
@@ -53,22 +52,8 @@ def _adam_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize, ams
                  weight_decay, decoupled, decay, lerp_w, lerp_w_small, lerp_1mw,
                  beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
-        p = param[i]
-        if weight_decay != 0:
-            if decoupled:
-                p = p * decay
-            else:
-                g = g + weight_decay * p
-        m = exp_avg[i]
-        # torch's lerp: the form depends on |w| < 0.5 for accuracy
-        if lerp_w_small:
-            m = m + lerp_w * (g - m)
-        else:
-            m = g - (g - m) * lerp_1mw
-        exp_avg[i] = m
-        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g
-        exp_avg_sq[i] = v
+        p, g = adam_weight_decay(param[i], signed(grad[i], maximize), weight_decay, decoupled, decay)
+        m, v = adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
         if amsgrad:
             v = max(max_exp_avg_sq[i], v)
             max_exp_avg_sq[i] = v
@@ -108,7 +93,7 @@ class Adam(Optimizer):
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
         super().__init__(params, dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            lr=lr, betas=betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,

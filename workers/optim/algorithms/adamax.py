@@ -14,17 +14,17 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_adam_family,
+from shardstep.workers.optim.kernels import (
     elementwise_kernel,
     flat,
+    lerp,
     lerp_weight,
-    new_step,
     scalars,
+    signed,
+    with_weight_decay,
 )
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.rule import Rule, advance, check_adam_family, new_step
 
 ADAMAX_DEFAULTS = dict(
     lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, maximize=False,
@@ -44,16 +44,9 @@ def init_state(param: np.ndarray, group) -> dict:
 def _adamax_kernel(param, grad, exp_avg, exp_inf, maximize, weight_decay, lerp_w, lerp_w_small,
                    lerp_1mw, beta2, eps, neg_clr):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
         p = param[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        m = exp_avg[i]
-        # torch's lerp: the form depends on |w| < 0.5 for accuracy
-        if lerp_w_small:
-            m = m + lerp_w * (g - m)
-        else:
-            m = g - (g - m) * lerp_1mw
+        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
+        m = lerp(exp_avg[i], g, lerp_w, lerp_w_small, lerp_1mw)
         exp_avg[i] = m
         # torch.maximum(exp_inf * beta2, |g| + eps), NaN-propagating like torch.maximum
         u = exp_inf[i] * beta2
@@ -89,7 +82,7 @@ class Adamax(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
                  maximize=False, differentiable=False, capturable=False):
         super().__init__(params, dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            lr=lr, betas=betas, eps=eps,
             weight_decay=weight_decay, foreach=foreach, maximize=maximize,
             differentiable=differentiable, capturable=capturable,
         ))

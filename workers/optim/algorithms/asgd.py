@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed, with_weight_decay
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.rule import (
     Rule,
@@ -25,12 +26,9 @@ from shardstep.workers.optim.rule import (
     check_bool,
     check_device_flags,
     check_min,
-    elementwise_kernel,
-    flat,
     new_scalar,
     new_step,
     require_number,
-    scalars,
     store_scalar,
 )
 
@@ -62,10 +60,8 @@ def init_state(param: np.ndarray, group) -> dict:
 @elementwise_kernel
 def _asgd_kernel(param, grad, ax, maximize, weight_decay, decay, neg_eta, average, mu):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
         p = param[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
         p = p * decay
         p = p + neg_eta * g
         param[i] = p

@@ -54,9 +54,10 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from shardstep.workers.optim.kernels import elementwise_kernel, flat
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.parameter import Parameter, RowSparseGrad
-from shardstep.workers.optim.rule import Rule, check_min, elementwise_kernel, flat
+from shardstep.workers.optim.rule import Rule, check_min
 
 LINE_SEARCH_FNS = (None, "strong_wolfe")
 

@@ -20,6 +20,15 @@ import math
 import numpy as np
 from numba import prange
 
+from shardstep.workers.optim.kernels import (
+    adam_moments,
+    adam_weight_decay,
+    elementwise_kernel,
+    flat,
+    lerp_weight,
+    scalars,
+    signed,
+)
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.rule import (
     Rule,
@@ -27,12 +36,8 @@ from shardstep.workers.optim.rule import (
     check_adam_family,
     check_bool,
     check_min,
-    elementwise_kernel,
-    flat,
-    lerp_weight,
     new_scalar,
     new_step,
-    scalars,
     store_scalar,
 )
 
@@ -62,22 +67,8 @@ def _nadam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, deco
                   lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction2, eps,
                   grad_coef, exp_avg_coef):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
-        p = param[i]
-        if weight_decay != 0:
-            if decoupled:
-                p = p * decay
-            else:
-                g = g + weight_decay * p
-        m = exp_avg[i]
-        # torch's lerp: the form depends on |w| < 0.5 for accuracy
-        if lerp_w_small:
-            m = m + lerp_w * (g - m)
-        else:
-            m = g - (g - m) * lerp_1mw
-        exp_avg[i] = m
-        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g
-        exp_avg_sq[i] = v
+        p, g = adam_weight_decay(param[i], signed(grad[i], maximize), weight_decay, decoupled, decay)
+        m, v = adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
         denom = math.sqrt(v / bias_correction2) + eps
         # two addcdiv_ calls: the parameter rounds after each
         p = p + grad_coef * g / denom
@@ -125,7 +116,7 @@ class NAdam(Optimizer):
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False):
         super().__init__(params, dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            lr=lr, betas=betas, eps=eps,
             weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable,

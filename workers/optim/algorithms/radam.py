@@ -20,18 +20,17 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_adam_family,
-    check_bool,
+from shardstep.workers.optim.kernels import (
+    adam_moments,
+    adam_weight_decay,
     elementwise_kernel,
     flat,
     lerp_weight,
-    new_step,
     scalars,
+    signed,
 )
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.rule import Rule, advance, check_adam_family, check_bool, new_step
 
 RADAM_DEFAULTS = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, maximize=False, foreach=None,
@@ -53,22 +52,8 @@ def _radam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, deco
                   lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction1, lr,
                   rectify, eps, one, bias_correction2_sqrt, rect):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
-        p = param[i]
-        if weight_decay != 0:
-            if decoupled:
-                p = p * decay
-            else:
-                g = g + weight_decay * p
-        m = exp_avg[i]
-        # torch's lerp: the form depends on |w| < 0.5 for accuracy
-        if lerp_w_small:
-            m = m + lerp_w * (g - m)
-        else:
-            m = g - (g - m) * lerp_1mw
-        exp_avg[i] = m
-        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g
-        exp_avg_sq[i] = v
+        p, g = adam_weight_decay(param[i], signed(grad[i], maximize), weight_decay, decoupled, decay)
+        m, v = adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
         u = m / bias_correction1 * lr
         if rectify:
             # torch: sqrt(bc2) / t is t.reciprocal() * sqrt(bc2), two roundings
@@ -113,7 +98,7 @@ class RAdam(Optimizer):
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False):
         super().__init__(params, dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            lr=lr, betas=betas, eps=eps,
             weight_decay=weight_decay, maximize=maximize, foreach=foreach, capturable=capturable,
             decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
         ))

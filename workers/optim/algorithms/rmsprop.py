@@ -16,19 +16,18 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_bool,
-    check_device_flags,
-    check_min,
+from shardstep.workers.optim.kernels import (
+    decayed_square,
     elementwise_kernel,
     flat,
+    lerp,
     lerp_weight,
-    new_step,
     scalars,
+    signed,
+    with_weight_decay,
 )
+from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.rule import Rule, advance, check_bool, check_device_flags, check_min, new_step
 
 RMSPROP_DEFAULTS = dict(
     lr=1e-2, momentum=0, alpha=0.99, eps=1e-8, centered=False, weight_decay=0, capturable=False,
@@ -61,19 +60,12 @@ def _rmsprop_kernel(param, grad, square_avg, grad_avg, buf, maximize, weight_dec
                     one_minus_alpha, centered, lerp_w, lerp_w_small, lerp_1mw, eps, has_momentum,
                     momentum, neg_lr):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
         p = param[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        v = square_avg[i] * alpha + one_minus_alpha * g * g
+        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
+        v = decayed_square(square_avg[i], g, alpha, one_minus_alpha)
         square_avg[i] = v
         if centered:
-            m = grad_avg[i]
-            # torch's lerp: the form depends on |w| < 0.5 for accuracy
-            if lerp_w_small:
-                m = m + lerp_w * (g - m)
-            else:
-                m = g - (g - m) * lerp_1mw
+            m = lerp(grad_avg[i], g, lerp_w, lerp_w_small, lerp_1mw)
             grad_avg[i] = m
             avg = math.sqrt(v - m * m) + eps
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.optim.rule import (
     Rule,
@@ -25,11 +26,8 @@ from shardstep.workers.optim.rule import (
     check_device_flags,
     check_min,
     check_pair,
-    elementwise_kernel,
-    flat,
     new_step,
     require_number,
-    scalars,
 )
 
 RPROP_DEFAULTS = dict(
@@ -65,7 +63,7 @@ def init_state(param: np.ndarray, group) -> dict:
 def _rprop_kernel(param, grad, prev, step_size, maximize, etaminus, etaplus, step_size_min,
                   step_size_max, zero, one):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
+        g = signed(grad[i], maximize)
         product = g * prev[i]
         # torch: sign = product.sign() (0 for NaN), then sign -> etaplus / etaminus / 1
         if product > zero:

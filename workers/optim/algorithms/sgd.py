@@ -14,16 +14,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed, with_weight_decay
 from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    check_bool,
-    check_device_flags,
-    check_min,
-    elementwise_kernel,
-    flat,
-    scalars,
-)
+from shardstep.workers.optim.rule import Rule, check_bool, check_device_flags, check_min
 
 SGD_DEFAULTS = dict(lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False,
                     foreach=None, differentiable=False, fused=None)
@@ -53,10 +46,8 @@ def init_state(param: np.ndarray, group) -> dict:
 def _sgd_kernel(param, grad, buf, maximize, weight_decay, has_momentum, first, momentum,
                 one_minus_dampening, nesterov, neg_lr):
     for i in prange(param.size):
-        g = -grad[i] if maximize else grad[i]
         p = param[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
         if has_momentum:
             if first:
                 b = g

@@ -20,16 +20,9 @@ import math
 import numpy as np
 from numba import prange
 
+from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed
 from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    check_betas,
-    check_bool,
-    elementwise_kernel,
-    flat,
-    require_number,
-    scalars,
-)
+from shardstep.workers.optim.rule import Rule, check_betas, check_bool, require_number
 
 SPARSE_ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False)
 
@@ -59,7 +52,7 @@ def _sparse_adam_kernel(param, rows, values, exp_avg, exp_avg_sq, maximize, one_
     for k in prange(rows.size):
         r = rows[k]
         for j in range(param.shape[1]):
-            g = -values[k, j] if maximize else values[k, j]
+            g = signed(values[k, j], maximize)
             m_old = exp_avg[r, j]
             m_update = (g - m_old) * one_minus_beta1
             exp_avg[r, j] = m_old + m_update
@@ -104,5 +97,5 @@ class SparseAdam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
         super().__init__(params, dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, maximize=maximize,
+            lr=lr, betas=betas, eps=eps, maximize=maximize,
         ))
