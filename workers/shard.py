@@ -40,6 +40,7 @@ from shardstep.checkpoints import AsyncSaver, PendingCheckpoint, RunCheckpoint, 
 from shardstep.checkpoints.model_files import ModelFile
 from shardstep.workers.optim import Parameter, RowSparseGrad, optimizer_class
 from shardstep.workers.optim.algorithms.lbfgs import LocalSlices
+from shardstep.workers.optim.optimizer import apply_rule
 from shardstep.workers.optim.rule import using_default_dtype
 from shardstep.workers.runtime import check_run_dir_visible, limit_threads, node_id
 from shardstep.workers.shared_memory import SharedGrad, SharedTransport
@@ -163,7 +164,7 @@ class ShardActor:
         # the dtype of the state's step counters and scalar factors (training.scalar_dtype)
         self.scalar_dtype = scalar_dtype
         self.rule = optimizer_class(optimizer).rule
-        self.optimizer_name = optimizer
+        self.owner = optimizer_class(optimizer).__name__   # what errors call the optimizer: "Adam"
         self.group_of: dict[str, int] = {}
         for index, group in enumerate(groups):
             for name in group["params"]:
@@ -285,39 +286,16 @@ class ShardActor:
         are multiplied by ``clip_scale`` first when given (global-norm clipping). Returns the
         updated packed slices, which the next step's workers read (no separate fetch), or
         None with shared memory (the slices were updated in place there)."""
-        rule = self.rule
-        for name, p in self.params.items():
-            grad = self.grads[name]
-            if grad is None:
-                continue
-            group = hyperparameters[self.group_of[name]]
-            state = self.state[name]
-            if isinstance(grad, RowSparseGrad):
-                if not rule.accepts_sparse:
-                    raise RuntimeError(f"{self.optimizer_name} does not support sparse gradients (parameter "
-                                       f"{name!r}); use SparseAdam, Adagrad or SGD for them")
-                if not state:
-                    with using_default_dtype(self.scalar_dtype):
-                        state.update(rule.init_state(p.data, group))
-                grad = grad.coalesce()
-                values = grad.values
-                if clip_scale is not None:
-                    values = values * values.dtype.type(clip_scale)
+        # state created here takes the run's scalar dtype, not the process's (inline: the driver's)
+        with using_default_dtype(self.scalar_dtype):
+            for name, p in self.params.items():
+                grad = self.grads[name]
+                if grad is None:
+                    continue
                 first, stop = self.rows[name]
-                row_size = p.size // (stop - first) if stop > first else 0
-                rule.update_rows(p.data.reshape(stop - first, row_size), grad.indices,
-                                 values.reshape(grad.indices.size, row_size), state, group)
-            else:
-                if not rule.accepts_dense:
-                    raise RuntimeError(f"{self.optimizer_name} does not support dense gradients (parameter "
-                                       f"{name!r}); use Adam for them")
-                if clip_scale is not None:
-                    grad = grad * grad.dtype.type(clip_scale)  # not in place: it may be a worker's region
-                if not state:
-                    with using_default_dtype(self.scalar_dtype):
-                        state.update(rule.init_state(p.data, group))
-                rule.update(p.data, grad, state, group)
-            self.grads[name] = None
+                apply_rule(self.rule, self.owner, repr(name), p.data, grad, self.state[name],
+                           hyperparameters[self.group_of[name]], rows=stop - first, scale=clip_scale)
+                self.grads[name] = None
         return self.buffers
 
     def reduce_apply(self, hyperparameters: Sequence[Mapping[str, Any]],

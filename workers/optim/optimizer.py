@@ -131,34 +131,12 @@ class Optimizer:
         """Run ``closure`` (if given; it recomputes the loss and sets ``.grad``), then update
         every parameter that has a gradient. Returns the closure's loss."""
         loss = closure() if closure is not None else None
-        rule = self.rule
+        owner = type(self).__name__
         for group in self.param_groups:
             for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                state = self.state[p]
-                if isinstance(grad, RowSparseGrad):
-                    if not rule.accepts_sparse:
-                        raise RuntimeError(
-                            f"{type(self).__name__} does not support sparse gradients "
-                            f"(parameter {_label(p)}); use SparseAdam, Adagrad or SGD for them"
-                        )
-                    if not state:
-                        state.update(rule.init_state(p.data, group))
-                    grad = grad.coalesce()
-                    row_size = p.size // p.shape[0] if p.shape[0] else 0
-                    rule.update_rows(p.data.reshape(p.shape[0], row_size), grad.indices,
-                                     grad.values.reshape(grad.indices.size, row_size), state, group)
-                else:
-                    if not rule.accepts_dense:
-                        raise RuntimeError(
-                            f"{type(self).__name__} does not support dense gradients "
-                            f"(parameter {_label(p)}), please consider Adam instead"
-                        )
-                    if not state:
-                        state.update(rule.init_state(p.data, group))
-                    rule.update(p.data, grad, state, group)
+                if p.grad is not None:
+                    apply_rule(self.rule, owner, _label(p), p.data, p.grad, self.state[p], group,
+                               rows=p.shape[0] if p.shape else 1)
         self._step_count += 1
         return loss
 
@@ -262,6 +240,38 @@ _SET_MESSAGE = (
     "optimizer parameters need to be organized in ordered collections, but the ordering of "
     "parameters in sets will change between runs. Please use a list instead."
 )
+
+
+def apply_rule(rule: Rule, owner: str, label: str, data: np.ndarray, grad: Any, state: dict[str, Any],
+               group: Mapping[str, Any], *, rows: int, scale: float | None = None) -> None:
+    """One update of a parameter, or of a shard's slice of one: the one place the facade
+    and the shard actors hand a gradient to a rule.
+
+    data: the parameter (or slice), updated in place; grad: a dense array of its shape or a
+    :class:`RowSparseGrad` over its ``rows`` rows; state: its state dict, filled by
+    ``rule.init_state`` on the first update; scale: multiplies the gradient first (global-
+    norm clipping), without writing into ``grad`` (it may be a worker's shared region).
+    owner and label name the optimizer and the parameter in the errors."""
+    if isinstance(grad, RowSparseGrad):
+        if not rule.accepts_sparse:
+            raise RuntimeError(f"{owner} does not support sparse gradients (parameter {label}); use SparseAdam, "
+                               f"Adagrad or SGD for them")
+        if not state:
+            state.update(rule.init_state(data, group))
+        grad = grad.coalesce()
+        values = grad.values if scale is None else grad.values * grad.values.dtype.type(scale)
+        row_size = data.size // rows if rows else 0
+        rule.update_rows(data.reshape(rows, row_size), grad.indices, values.reshape(grad.indices.size, row_size),
+                         state, group)
+    else:
+        if not rule.accepts_dense:
+            raise RuntimeError(f"{owner} does not support dense gradients (parameter {label}), please consider "
+                               f"Adam instead")
+        if scale is not None:
+            grad = grad * grad.dtype.type(scale)
+        if not state:
+            state.update(rule.init_state(data, group))
+        rule.update(data, grad, state, group)
 
 
 def _label(p: Parameter) -> str:
