@@ -239,8 +239,8 @@ def local_compute(task: Any, timed: int) -> list[float]:
     from shardstep.checkpoints.layout import ParamSpec
     from shardstep.workers.gradient_worker import GradientWorker
     from shardstep.workers.optim import Parameter
+    from shardstep.workers.optim.builders import build_optimizer
     from shardstep.workers.shard import ShardActor
-    from shardstep.workers.training import build_optimizer
 
     initial = task.init_params(0)
     layout = ShardLayout(tuple(ParamSpec(n, tuple(a.shape), a.dtype.name) for n, a in initial.items()), 1)

@@ -77,10 +77,10 @@ from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRI
 from shardstep.service.sharded_lbfgs import ShardedSpace
 from shardstep.workers.optim import Parameter, lr_scheduler
 from shardstep.workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver
+from shardstep.workers.optim.builders import build_optimizer, build_scheduler
 from shardstep.workers.optim.optimizer import Optimizer
 from shardstep.workers.tasks import make_task
 from shardstep.workers.tasks.base import Task
-from shardstep.workers.training import build_optimizer, build_scheduler
 
 __all__ = ["CHECKPOINT_DIR", "INIT_FILE", "JOB_FILE", "METRICS_FILE", "Coordinator", "RunResult", "TRANSITIONS",
            "InitPlan"]
@@ -181,16 +181,16 @@ class _SkipStep(Exception):
     """The closure found a non-finite value and the job skips such steps."""
 
 
-class ShardedOptimizer(Optimizer):
+class ShardedOptimizer:
     """The coordinator's view of a sharded optimizer: ``param_groups`` (hyperparameters and
-    parameter NAMES), ``defaults`` and ``_step_count``, so the LR schedulers of
-    :mod:`shardstep.workers.optim.lr_scheduler` work unchanged; ``step(closure)`` runs the
-    closure and has the shards apply the rule (``apply`` is given by the coordinator)."""
+    parameter NAMES), ``defaults`` and ``_step_count``, what the LR schedulers of
+    :mod:`shardstep.workers.optim.lr_scheduler` use of an optimizer (their
+    ``SchedulableOptimizer``); ``step(closure)`` runs the closure and has the shards apply
+    the rule (``apply`` is given by the coordinator). It holds no parameters or state."""
 
     def __init__(self, local: Optimizer, apply: Callable[[list[dict]], None],
                  driver: LBFGSDriver | None = None):
         self.defaults = dict(local.defaults)
-        self.state = {}
         self._step_count = 0
         self.param_groups = []
         for group in local.param_groups:
@@ -204,7 +204,7 @@ class ShardedOptimizer(Optimizer):
     def hyperparameters(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMETERS} for g in self.param_groups]
 
-    def step(self, closure: Callable[[], float]) -> float:  # type: ignore[override]
+    def step(self, closure: Callable[[], float]) -> float:
         if self.driver is not None:
             loss = self.driver.step(closure, self.hyperparameters()[0])
         else:

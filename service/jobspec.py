@@ -10,12 +10,12 @@ fails here with the key that caused it instead of on a cluster minutes later:
 
 - the task, once, with ``make_task(name, **args)``, and its initial parameters (for their
   names and dtypes: no task exposes them without allocating them);
-- the optimizer, by ``shardstep.workers.training.build_optimizer``, over zero-size stand-ins that
+- the optimizer, by ``shardstep.workers.optim.builders.build_optimizer``, over zero-size stand-ins that
   carry the task's parameter names and dtypes, once per param-group rule and once with all
   rules (a pattern that matches no parameter is an error);
 - the ``frozen`` patterns against the task's parameter names (each must match one; at
   least one parameter must stay trainable), the optimizer then over the trainable ones;
-- every scheduler, by ``shardstep.workers.training.build_scheduler``, on that optimizer;
+- every scheduler, by ``shardstep.workers.optim.builders.build_scheduler``, on that optimizer;
 - a metric named by ``schedulers[i].monitor`` or ``checkpoint.metric`` other than "loss"
   against the keys of one ``task.evaluate`` of the initial parameters (run only then);
 - the kind of gradient the task gives each trainable parameter (``Task.sparse_gradients``)
@@ -69,6 +69,7 @@ from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import Retention
 from shardstep.service.job_code import use_job_code
 from shardstep.workers.optim import Parameter, lr_scheduler
+from shardstep.workers.optim.builders import COMPOSITE_SCHEDULERS, SCHEDULER_NAMES, build_optimizer, build_scheduler
 from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
 from shardstep.workers.optim.registry import NAMES as OPTIMIZER_NAMES
 from shardstep.workers.optim.registry import optimizer_class
@@ -77,13 +78,7 @@ from shardstep.workers.optim.rule import DEFAULT_DTYPES
 from shardstep.workers.tasks import TASK_NAMES, make_task, task_class
 from shardstep.workers.tasks.base import ParamGroupRule, Task, TaskArgumentError
 from shardstep.workers.tasks.data_files import DataError
-from shardstep.workers.training import (
-    COMPOSITE_SCHEDULERS,
-    SCHEDULER_INTERVALS,
-    SCHEDULER_NAMES,
-    build_optimizer,
-    build_scheduler,
-)
+from shardstep.workers.training import SCHEDULER_INTERVALS
 
 __all__ = ["BACKENDS", "NONFINITE_POLICIES", "PLACEMENTS", "TRANSPORTS", "InitSpec", "JobSpec", "JobSpecError", "SchedulerSpec", "load_job",
            "parse_job"]

@@ -277,7 +277,7 @@ def _trainable(job: Mapping[str, Any], task: Any) -> list[str] | None:
 
 def _rules(job: Mapping[str, Any] | None, task: Any, trainable: Sequence[str] | None) -> list[Any] | None:
     """The rules the optimizer was built with (:meth:`JobSpec.group_rules`), or None."""
-    from shardstep.workers.tasks.base import ParamGroupRule
+    from shardstep.workers.optim.param_groups import ParamGroupRule
 
     if job is None:
         return None
@@ -293,7 +293,7 @@ def _rules(job: Mapping[str, Any] | None, task: Any, trainable: Sequence[str] | 
 
 
 def _assigned(trainable: Sequence[str], rules: Sequence[Any]) -> list[list[str]] | None:
-    from shardstep.workers.tasks.base import assign_groups
+    from shardstep.workers.optim.param_groups import assign_groups
 
     try:
         return [names for _, names in assign_groups(list(trainable), list(rules))]

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from shardstep.workers.optim import RowSparseGrad
+from shardstep.workers.optim.param_groups import assign_groups
 from shardstep.workers.tasks import TASK_NAMES, ParamGroupRule, Task, combine_partials, make_task, task_class
-from shardstep.workers.tasks.base import assign_groups, epoch_order
+from shardstep.workers.tasks.base import epoch_order
 from shardstep.workers.tasks.digits import DATA_FILE, load_digits
 from shardstep.workers.tasks.digits_triplet import nearest_neighbours, sample_triplets
 from shardstep.workers.tasks.synthetic_mlp import width_for

@@ -34,7 +34,7 @@ import warnings
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -163,8 +163,20 @@ def _per_group(name: str, value: Any, groups: int, check: Callable[[str, Any], A
     return [check(name, value)] * groups
 
 
+@runtime_checkable
+class SchedulableOptimizer(Protocol):
+    """What a scheduler uses of an optimizer: its ``param_groups`` (it writes ``lr`` and the
+    keys it cycles), its ``defaults`` (to tell SGD-like from Adam-like momentum) and
+    ``_step_count`` (for the step-order warning). Every :class:`Optimizer` has them, and so
+    has the coordinator's view of a sharded optimizer, which holds no parameters."""
+
+    defaults: Mapping[str, Any]
+    param_groups: list[dict[str, Any]]
+    _step_count: int
+
+
 def _check_optimizer(optimizer: Any) -> None:
-    if not isinstance(optimizer, Optimizer):
+    if not isinstance(optimizer, SchedulableOptimizer) or not isinstance(optimizer.param_groups, list):
         raise TypeError(
             f"optimizer must be a shardstep.workers.optim Optimizer; got {optimizer!r} of type "
             f"{type(optimizer).__name__}"
