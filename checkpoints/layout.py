@@ -92,6 +92,10 @@ class ShardLayout:
         """The layout of named full arrays (name -> ndarray), in the dict's order."""
         return cls(tuple(ParamSpec(name, tuple(a.shape), a.dtype.name) for name, a in arrays.items()), num_shards)
 
+    def __contains__(self, name: object) -> bool:
+        """Whether the layout has a parameter ``name``."""
+        return name in self._by_name
+
     def spec(self, name: str) -> ParamSpec:
         try:
             return self._by_name[name]
@@ -100,7 +104,7 @@ class ShardLayout:
 
     def row_range(self, name: str, shard: int) -> tuple[int, int]:
         """The rows ``[first, stop)`` of parameter ``name`` that ``shard`` owns."""
-        self._check_shard(shard)
+        self.check_shard(shard)
         rows, n = self.spec(name).rows, self.num_shards
         return shard * rows // n, (shard + 1) * rows // n
 
@@ -114,6 +118,7 @@ class ShardLayout:
         """Every parameter's range for one shard, in table order."""
         return {spec.name: self.slice(spec.name, shard) for spec in self.params}
 
-    def _check_shard(self, shard: int) -> None:
+    def check_shard(self, shard: int) -> None:
+        """Refuse a shard index this layout does not have."""
         if type(shard) is not int or not 0 <= shard < self.num_shards:
             raise ValueError(f"shard must be an int in [0, {self.num_shards}); got {shard!r}")

@@ -237,7 +237,7 @@ class ObjectCheckpointStore(CheckpointStore):
             named = set()
             if MANIFEST in keys:
                 try:
-                    named = {record["file"] for record in RunCheckpoint(directory)._manifest["shards"]}
+                    named = set(RunCheckpoint(directory).shard_files())
                 except CorruptCheckpointError:
                     continue  # damaged: newest_intact reports it, set_aside moves it; never removed
                 named.add(MANIFEST)

@@ -119,14 +119,14 @@ def encode_shard(pending: PendingCheckpoint, shard: int, params: Mapping[str, np
     if not isinstance(pending, PendingCheckpoint):
         raise TypeError(f"pending must be a PendingCheckpoint from CheckpointStore.begin; got {type(pending).__name__}")
     layout = pending.layout
-    layout._check_shard(shard)
+    layout.check_shard(shard)
     state = {} if state is None else state
     if not isinstance(params, Mapping) or not isinstance(state, Mapping):
         raise TypeError("params and state must be dicts keyed by parameter name")
     names = [spec.name for spec in layout.params]
     missing = [name for name in names if name not in params]
-    unknown = [name for name in params if name not in layout._by_name]
-    unknown_state = [name for name in state if name not in layout._by_name]
+    unknown = [name for name in params if name not in layout]
+    unknown_state = [name for name in state if name not in layout]
     if missing or unknown or unknown_state:
         raise ValueError(
             f"shard {shard}: params must hold exactly the layout's parameters; missing "
@@ -500,7 +500,7 @@ def _check_groups(param_groups: list[dict] | None, layout: ShardLayout) -> list[
         if type(members) not in (list, tuple) or any(type(name) is not str for name in members):
             raise ValueError(f"param_groups[{index}]['params'] must list parameter names; got {members!r}")
         for name in members:
-            if name not in layout._by_name:
+            if name not in layout:
                 raise ValueError(f"param_groups[{index}] lists {name!r}, which the layout does not have")
             if name in seen:
                 raise ValueError(f"parameter {name!r} is in param_groups[{seen[name]}] and param_groups[{index}]")
@@ -600,7 +600,7 @@ def _shard_schema(reader: FileReader, pending: PendingCheckpoint, shard: int) ->
                      and 0 <= value.index < len(reader.entries) and len(reader.entries[value.index].shape) != 1])
     schema = {}
     for name, entries in tree["state"].items():
-        if name not in layout._by_name or type(entries) is not dict:
+        if name not in layout or type(entries) is not dict:
             raise CorruptCheckpointError(f"{reader.path}: state for unknown parameter {name!r}")
         start, stop = layout.slice(name, shard)
         schema[name] = {}
@@ -842,6 +842,11 @@ class RunCheckpoint:
         # key or None for the parameter itself)
         self._entries: dict[int, dict[tuple[str, str | None], TensorEntry]] = {}
 
+    def shard_files(self) -> list[str]:
+        """The names of the shard files the manifest lists, in shard order (what a committed
+        step directory must keep besides the manifest)."""
+        return [record["file"] for record in self._manifest["shards"]]
+
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
@@ -977,7 +982,7 @@ class RunCheckpoint:
         "state": {name: {key: slice or scalar}}}`` with the slices of
         ``ShardLayout(params, num_shards)``."""
         layout = ShardLayout(self.layout.params, num_shards)
-        layout._check_shard(shard)
+        layout.check_shard(shard)
         self._open_files(layout.slices(shard))
         params, state = {}, {}
         for spec in layout.params:

@@ -27,7 +27,7 @@ def run(tmp_path, name: str, *, accumulate: int, shards: int = 2, task: str = "d
 def test_micro_batches_tile_the_batch_and_their_gradients_add_up():
     task = make_task("digits")
     params = task.init_params(0)
-    batch = task._shard(0, 0, 0, 96, 1, 2, epoch_order(0, 0, task.train_size))
+    batch = task.batch_in_order(0, 0, 0, 96, 1, 2, epoch_order(0, 0, task.train_size))
     pieces = micro_batches(batch, 5)
     assert [p.size for p in pieces] == [9, 10, 9, 10, 10]
     assert np.array_equal(np.concatenate([p.examples for p in pieces]), batch.examples)

@@ -95,8 +95,8 @@ class GradientWorker:
     def _batch(self, epoch: int, index: int):
         if len(self._orders) > 1:  # let go of past epochs' orders
             self._orders = {key: value for key, value in self._orders.items() if key >= epoch}
-        batch = self.task._shard(self.seed, epoch, index, self.batch_size, self.rank, self.world_size,
-                                 self._epoch_order(epoch))
+        batch = self.task.batch_in_order(self.seed, epoch, index, self.batch_size, self.rank, self.world_size,
+                                         self._epoch_order(epoch))
         if self.task.prefetches:
             self._prefetch_after(epoch, index)
         return batch

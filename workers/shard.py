@@ -346,7 +346,7 @@ class ShardActor:
 
     def _vector_state(self) -> dict[str, dict[str, Any]]:
         space = self.space
-        vectors: list[tuple[str, Any]] = [(f"{LBFGS_PREFIX}{v}", v) for v in ("d", "prev_g") if v in space._rows]
+        vectors: list[tuple[str, Any]] = [(f"{LBFGS_PREFIX}{v}", v) for v in ("d", "prev_g") if v in space]
         for i in range(space.history_len()):
             vectors += [(f"{LBFGS_PREFIX}s.{i}", ("s", i)), (f"{LBFGS_PREFIX}y.{i}", ("y", i))]
         state: dict[str, dict[str, Any]] = {name: {} for name in self.params}

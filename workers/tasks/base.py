@@ -361,7 +361,7 @@ class Task(ABC):
         rank = check_int("rank", rank, 0, world_size - 1)
         count = self.num_batches(batch_size)
         index = check_int("batch index", index, 0, count - 1)
-        return self._shard(seed, epoch, index, batch_size, rank, world_size,
+        return self.batch_in_order(seed, epoch, index, batch_size, rank, world_size,
                            epoch_order(seed, epoch, self.train_size))
 
     def batches(self, seed: int, epoch: int, batch_size: int, rank: int = 0,
@@ -374,10 +374,13 @@ class Task(ABC):
         rank = check_int("rank", rank, 0, world_size - 1)
         count = self.num_batches(batch_size)
         order = epoch_order(seed, epoch, self.train_size)
-        return (self._shard(seed, epoch, index, batch_size, rank, world_size, order) for index in range(count))
+        return (self.batch_in_order(seed, epoch, index, batch_size, rank, world_size, order) for index in range(count))
 
-    def _shard(self, seed: int, epoch: int, index: int, batch_size: int, rank: int,
-               world_size: int, order: np.ndarray) -> Batch:
+    def batch_in_order(self, seed: int, epoch: int, index: int, batch_size: int, rank: int,
+                       world_size: int, order: np.ndarray) -> Batch:
+        """:meth:`batch` with the epoch's example order given (``epoch_order(seed, epoch,
+        train_size)``, which a gradient worker computes once per epoch) and the arguments
+        taken as checked."""
         members = order[index * batch_size:(index + 1) * batch_size]
         positions = shard_positions(order, index, batch_size, rank, world_size)
         data = self.examples(seed, epoch, positions)

@@ -446,6 +446,10 @@ class LocalSlices(VectorSpace):
             self._bufs[k] = grown
         self._free.extend(range(new_cap - 1, cap - 1, -1))
 
+    def __contains__(self, name: object) -> bool:
+        """Whether a vector ``name`` (``"d"``, ``"prev_g"``, ...) is held."""
+        return name in self._rows
+
     def _row(self, name: Name) -> int:
         if isinstance(name, tuple):
             kind, i = name
