@@ -43,7 +43,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
-import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -70,7 +69,7 @@ from shardstep.service.backend import make_backend
 from shardstep.service.errors import ActorCallError, ActorLostError, NonFiniteError, RunFailedError, StartTimeoutError
 from shardstep.service.finetune import InitPlan, open_init_source, plan_init
 from shardstep.service.job_code import shipped_modules, use_job_code
-from shardstep.service.jobspec import prepare_task, serve_task
+from shardstep.service.jobspec import mlflow_tracking_uri, prepare_task, serve_task
 from shardstep.service.pipeline import StepPipeline
 from shardstep.service.reporting import FAILED, FINISHED, KILLED, RayMetrics, Reporter, Reporters, RunInfo, group_labels
 from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, checkpoint_buffers, plain
@@ -502,8 +501,7 @@ class Coordinator:
         if spec.mlflow:
             from shardstep.service.report_mlflow import MLflow
 
-            uri = spec.mlflow_tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
-            reporters.append(MLflow(uri, spec.mlflow_experiment))
+            reporters.append(MLflow(mlflow_tracking_uri(spec.mlflow_tracking_uri), spec.mlflow_experiment))
         if spec.ray_metrics and self.backend.name == "ray":
             reporters.append(RayMetrics())
         return reporters

@@ -1046,16 +1046,27 @@ def _checked_logging(spec: JobSpec, run_dir: str, on_object_storage: bool) -> di
     # MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set, and its sqlite
     # store needs the full mlflow package: there is no default that works everywhere, so the
     # store is the user's choice
-    if out["mlflow"] and out["mlflow_tracking_uri"] is None and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise JobSpecError(f"{key['mlflow']} = true needs {key['mlflow_tracking_uri']} (or MLFLOW_TRACKING_URI): a "
-                           f"tracking server such as 'http://127.0.0.1:5000', or a store such as "
-                           f"'sqlite:///runs/mlflow.db' (the full mlflow package)")
+    if out["mlflow"]:
+        mlflow_tracking_uri(out["mlflow_tracking_uri"])
     out["ray_metrics"] = _check_bool(key["ray_metrics"], spec.ray_metrics)
     for field, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")):
         if out[field] is not False and importlib.util.find_spec(module) is None:
             raise JobSpecError(f"{key[field]} needs the {module} package, which is not installed here: "
                                f"pip install 'shardstep[{extra}]'")
     return out
+
+
+def mlflow_tracking_uri(given: str | None) -> str:
+    """The MLflow store a run logs to: ``logging.mlflow_tracking_uri``, else the environment's
+    MLFLOW_TRACKING_URI where the run starts (a cluster's driver may lack what the machine
+    that checked the job had)."""
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise JobSpecError(f"{FIELD_KEYS['mlflow']} = true needs {FIELD_KEYS['mlflow_tracking_uri']} (or "
+                           f"MLFLOW_TRACKING_URI where the run starts): a tracking server such as "
+                           f"'http://127.0.0.1:5000', or a store such as 'sqlite:///runs/mlflow.db' (the full mlflow "
+                           f"package)")
+    return uri
 
 
 # ---------------------------------------------------------------------------------------

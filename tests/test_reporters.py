@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shardstep.checkpoints import committed_steps
 from shardstep.service.coordinator import METRICS_FILE, Coordinator
 from shardstep.service.jobspec import JobSpec, JobSpecError
 from shardstep.service.reporting import FINISHED, KILLED, Reporters, RunInfo
@@ -561,10 +562,25 @@ def test_object_storage_run_directories_need_a_local_board_and_mlflow_a_tracking
     with pytest.raises(JobSpecError, match="on object storage .*give a local directory instead"):
         JobSpec(**base, tensorboard=True)
     with pytest.raises(JobSpecError, match=r"logging.mlflow = true needs logging.mlflow_tracking_uri \(or "
-                                           r"MLFLOW_TRACKING_URI\)"):
+                                           r"MLFLOW_TRACKING_URI where the run starts\)"):
         JobSpec(**base, mlflow=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert JobSpec(**base, mlflow=True).mlflow_tracking_uri is None
+
+
+def test_a_driver_without_the_tracking_uri_the_check_saw_fails_before_the_first_step(tmp_path, monkeypatch):
+    """A job checked where MLFLOW_TRACKING_URI was set, started where it is not (a cluster's
+    driver): the run fails at its start with the job error, not a KeyError, and trains nothing."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    spec = JobSpec(task="digits", task_args={}, optimizer="adam", optimizer_args={}, param_groups=(), schedulers=(),
+                   steps=3, epochs=None, backend="inline", run_dir=str(tmp_path / "run"), mlflow=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    steps = []
+    with pytest.raises(JobSpecError, match=r"needs logging.mlflow_tracking_uri \(or MLFLOW_TRACKING_URI where the run "
+                                           r"starts\)"):
+        Coordinator(spec, on_step=steps.append).run()
+    assert steps == []
+    assert committed_steps(tmp_path / "run" / "checkpoints") == []
 
 
 def test_a_missing_package_is_a_bad_job_with_the_install_command(tmp_path):
