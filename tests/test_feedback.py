@@ -108,3 +108,18 @@ def test_an_epoch_only_job_shows_its_step_total_and_an_eta(tmp_path):
     # 1,442 training images in batches of 96: 16 a epoch, 32 in all
     assert steps and all(line.split()[1].endswith("/32") and "ETA" in line for line in steps), out.stdout
     assert steps[-1].startswith("step 32/32 ")
+
+
+def test_a_diverging_run_says_so_once_without_numpys_overflow_warnings(tmp_path):
+    """The non-finite step is reported by shardstep (step, parameters, what to do); numpy's
+    overflow warnings from the diverging matmuls before it would only repeat it."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'run_dir = "{tmp_path / "run"}"\n\n[task]\nname = "digits"\n\n[optimizer]\nname = "sgd"\n\n'
+                   '[optimizer.args]\nlr = 1e8\n\n[training]\nsteps = 30\n\n[resources]\nbackend = "inline"\n')
+    out = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job)], capture_output=True,
+                         text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1, out.stderr
+    assert "RuntimeWarning" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("shardstep run: the run failed: training loss is nan and the gradients of ") and \
+        "are not finite at step 4 (epoch 0, batch 3)" in line, line

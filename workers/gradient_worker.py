@@ -74,7 +74,11 @@ class GradientWorker:
         the shards sent: ``(loss, piece_0, ..., piece_{N-1})``."""
         params = self.gather(slices)
         batch = self._batch(epoch, index)
-        loss, grads = accumulated_loss_and_grad(self.task, params, batch, self.accumulate)
+        # a diverging run overflows here; the step's finiteness check names the step and the
+        # parameters and applies the job's nonfinite policy, so numpy's own warning would only
+        # repeat it without them
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss, grads = accumulated_loss_and_grad(self.task, params, batch, self.accumulate)
         # a model with buffers (BatchNorm) reports what its forwards measured with the loss
         statistics = self.task.take_batch_statistics()
         first = (float(loss), statistics) if statistics else float(loss)
