@@ -38,6 +38,16 @@ def ray_address():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head of its own on loopback (tests.ray_heads.running_head), one per test module
+    that asks for it, stopped with every process it started after the module's last test."""
+    from tests.ray_heads import running_head
+
+    with running_head() as started:
+        yield started
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's, on loopback, behind a relay the tests can cut)

@@ -12,9 +12,8 @@ import pytest
 
 from shardstep import checkpoints
 from shardstep.checkpoints import AsyncSaver, CheckpointError, CheckpointStore, ShardLayout, open_checkpoint
-from tests.checkpoints import assert_identical
+from tests.checkpoints import SPECS, assert_identical
 from tests.checkpoints.processes import expected_full, expected_shard
-from tests.test_checkpoint_run import SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
 

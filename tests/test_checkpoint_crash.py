@@ -89,3 +89,14 @@ def test_a_writer_that_fails_is_reported_with_its_traceback(tmp_path):
     assert time.monotonic() - started < REPORT_SECONDS / 2
     assert message.startswith("the writer ended before reporting 'ready' (exited with code 1; it reported:\n"), message
     assert "Traceback (most recent call last)" in message
+
+    # a writer that ends on its own before the kill (as one could between two random kills):
+    # kill() says so, with the traceback it sent, which it reads before judging the exit
+    writer = CrashWriter(context, str(blocker))
+    writer.process.join(REPORT_SECONDS)
+    assert writer.process.exitcode == 1
+    with pytest.raises(AssertionError) as raised:
+        writer.kill()
+    message = str(raised.value)
+    assert message.startswith("the writer was not killed by SIGKILL (exited with code 1; it reported:\n"), message
+    assert "Traceback (most recent call last)" in message and "CheckpointStore(" in message, message

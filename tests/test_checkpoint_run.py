@@ -27,17 +27,8 @@ from shardstep.checkpoints import (
     write_shard,
 )
 from shardstep.workers.optim import Adam, Parameter, RowSparseGrad, SparseAdam
-from tests.checkpoints import assert_identical, named_state, shard_inputs
+from tests.checkpoints import SPECS, assert_identical, named_state, shard_inputs
 from tests.checkpoints.processes import commit_expected, expected_full, expected_shard, parallel_shard_writer
-
-SPECS = (
-    ParamSpec("big", (600_003,), "float32"),          # 2.4 MB: slices cross 1 MiB checksum chunks
-    ParamSpec("matrix", (7, 5), "float64"),
-    ParamSpec("tiny", (3,), "float16"),               # fewer elements than most shard counts
-    ParamSpec("empty", (0, 4), "float32"),
-    ParamSpec("cube", (2, 3, 4), "int32"),
-)
-
 
 _save = commit_expected
 

@@ -51,7 +51,7 @@ first on PATH, as an activated environment is.
 
 The one block that needs a Ray head (docs/cluster.md's ``submit`` / ``jobs`` walk-through)
 runs against a head of its own on loopback, started and stopped by
-``tests.test_submit.running_head``; its placeholders (``HEAD:8265``, the submission id, the
+``tests.ray_heads.running_head``; its placeholders (``HEAD:8265``, the submission id, the
 shared path) are filled in by BASH_GIVEN.
 """
 
@@ -754,7 +754,7 @@ def run_bash_block(block: Block, directory: Path, request) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    from tests.test_submit import running_head
+    from tests.ray_heads import running_head
 
     with running_head() as head:
         yield head

@@ -15,6 +15,7 @@ from shardstep.service.coordinator import CHECKPOINT_DIR, Coordinator
 from shardstep.service.errors import NonFiniteError, RunFailedError
 from shardstep.service.jobspec import JobSpec, SchedulerSpec
 from shardstep.workers.optim import get_default_dtype
+from shardstep.workers.optim.registry import NAMES, rule
 from shardstep.workers.optim.rule import using_default_dtype
 from shardstep.workers.tasks import make_task
 from shardstep.workers.training import Trainer
@@ -34,7 +35,20 @@ ELEMENTWISE = {
     "asgd": {"lr": 0.05, "t0": 3.0},
     "rprop": {"lr": 1e-3},
 }
+# the optimizers whose scalar state goes beyond the step counter (NAdam's mu_product, ASGD's
+# eta and mu): the ones training.scalar_dtype changes most
+EXTRA_SCALAR_STATE = [name for name in NAMES if rule(name).accepts_dense and set(rule(name).scalar_state) - {"step"}]
 STEPS = 7
+
+
+def test_the_elementwise_table_names_every_elementwise_optimizer():
+    """ELEMENTWISE is hand-written (each optimizer's arguments); it must name exactly the
+    registry's optimizers with an elementwise (dense) rule, or the engine tests leave one out."""
+    registry = [name for name in NAMES if rule(name).accepts_dense]
+    missing, unknown = sorted(set(registry) - set(ELEMENTWISE)), sorted(set(ELEMENTWISE) - set(registry))
+    assert not missing and not unknown, (
+        f"tests/test_engine.py ELEMENTWISE: add {missing} with arguments that exercise their options; "
+        f"remove {unknown} (not elementwise optimizers of shardstep.workers.optim.registry)")
 
 
 def job(tmp_path, name="run", **fields) -> JobSpec:
@@ -183,7 +197,7 @@ def test_resume_at_any_checkpoint_is_bit_identical(tmp_path, backend, first, sec
         assert resumed.metrics == uninterrupted.metrics
 
 
-@pytest.mark.parametrize("optimizer", ["nadam", "asgd"])
+@pytest.mark.parametrize("optimizer", EXTRA_SCALAR_STATE)
 def test_scalar_dtype_float64_runs_as_torchs_float64_default(optimizer, tmp_path, ray_address):
     """training.scalar_dtype = "float64": every shard creates its scalar state in float64
     (as torch under its float64 default), on either backend, without changing the driver's

@@ -36,6 +36,7 @@ from tests.fixtures.make_nn_fixtures import (
     run_torch_layer,
     run_torch_loss,
 )
+from tests.parity.nn_scales import upstream_scale
 
 RTOL = {"float32": 1e-5, "float64": 1e-8}
 LOSS_MATRIX = [pytest.param(case, dtype, id=f"{case.id}-{dtype}") for case in LOSS_CASES for dtype in DTYPES]
@@ -70,15 +71,6 @@ def _stored(reference: dict, prefix: str) -> dict[str, np.ndarray]:
     found = {key[len(prefix):]: value for key, value in reference.items() if key.startswith(prefix)}
     assert found, f"no fixture for {prefix!r}: run python -m tests.fixtures.make_nn_fixtures"
     return found
-
-
-def upstream_scale(case: LossCase, arrays: dict, grad_output) -> float:
-    """The size of the gradient entering each unreduced loss element."""
-    magnitude = float(np.abs(grad_output).max()) if np.size(grad_output) else 0.0
-    if case.kwargs.get("reduction", "mean") in ("mean", "batchmean"):
-        unreduced = LossCase(case.id, case.loss, {**case.kwargs, "reduction": "none"}, None, case.seed)
-        magnitude /= max(np.size(run_ours_loss(unreduced, arrays, None)[0]), 1)
-    return magnitude
 
 
 def _check_loss(case: LossCase, dtype: str, arrays, grad_output, value, grads, ref_value, ref_grads) -> None:

@@ -20,7 +20,7 @@ from shardstep.service.jobspec import JobSpec
 from shardstep.service.reporting import Reporter, Reporters, RunInfo, group_labels, scalars
 from shardstep.workers.tasks import make_task
 from shardstep.workers.tasks.base import ParamGroupRule
-from tests.test_submit import _get_json, head, shardstep, submitted_id  # noqa: F401  (head: a fixture)
+from tests.ray_heads import get_json, shardstep, submitted_id
 
 SCRAPE_SECONDS = 90
 
@@ -208,7 +208,7 @@ def _samples(text: str, metric: str, run: str) -> list[tuple[dict[str, str], flo
     return found
 
 
-def test_a_run_on_a_ray_head_exports_its_metrics_and_names_its_actors(head, tmp_path):  # noqa: F811
+def test_a_run_on_a_ray_head_exports_its_metrics_and_names_its_actors(head, tmp_path):
     """`shardstep run` against a head: while it trains, the head's Prometheus endpoint has the
     run's steps, loss, step time, gradient norm, learning rate, evaluation and checkpoint
     metrics, tagged with the run's name and id, each a value the run logged; the dashboard
@@ -229,7 +229,7 @@ def test_a_run_on_a_ray_head_exports_its_metrics_and_names_its_actors(head, tmp_
             text = _scrape(head.metrics_port)
             seen = {name: _samples(text, name, "watched") for name in wanted}
             if not actors:
-                listed = _get_json(f"{head.url}/api/v0/actors?limit=100", head.token)["data"]["result"]["result"]
+                listed = get_json(f"{head.url}/api/v0/actors?limit=100", head.token)["data"]["result"]["result"]
                 actors = [a for a in listed if a.get("name", "").startswith("watched/") and a["state"] == "ALIVE"]
             if all(seen.values()) and seen["ray_shardstep_steps"][0][1] >= 200 and actors:
                 break
@@ -261,7 +261,7 @@ def test_a_run_on_a_ray_head_exports_its_metrics_and_names_its_actors(head, tmp_
     assert actors[0]["ray_namespace"].startswith("shardstep-watched-")
 
 
-def test_submit_and_jobs_status_show_the_runs_latest_progress(head, tmp_path):  # noqa: F811
+def test_submit_and_jobs_status_show_the_runs_latest_progress(head, tmp_path):
     """`submit` (waiting) prints the run's latest progress line as it moves, not only the
     job's state; `jobs status` shows the latest progress and evaluation lines; the job's
     metadata names the task, optimizer and actors."""
@@ -281,7 +281,7 @@ def test_submit_and_jobs_status_show_the_runs_latest_progress(head, tmp_path):  
     assert progress and "| eval accuracy" in progress.group(1), status.stdout
     last = records_of(run_dir)[-1]
     assert last["step"] == 300 and f"{last['loss']:.4g}" == progress.group(2)
-    info = _get_json(f"{head.url}/api/jobs/{job_id}", head.token)
+    info = get_json(f"{head.url}/api/jobs/{job_id}", head.token)
     assert info["metadata"]["shardstep_task"] == "slowtask:SlowDigits"
     assert info["metadata"]["shardstep_optimizer"] == "adam"
     assert info["metadata"]["shardstep_actors"] == "2 shard(s), 1 worker(s)"

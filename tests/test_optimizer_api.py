@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from shardstep.workers.optim import SGD, Adam, Parameter, RowSparseGrad, optimizer_class
+from shardstep.workers.optim.registry import NAMES, rule
 from tests.conftest import require_torch
 from tests.parity.optim_error_cases import ERROR_CASES
+
+# from the registry, so a new optimizer is in every test of its kind
+DENSE = [name for name in NAMES if rule(name).accepts_dense]      # elementwise rules: all but sparse_adam, lbfgs
+SPARSE = [name for name in NAMES if rule(name).accepts_sparse]    # row-sparse gradients: sgd, adagrad, sparse_adam
 
 
 def _params(dtype=np.float32):
@@ -20,6 +25,14 @@ def _params(dtype=np.float32):
 def _error_id(case):
     name, kwargs, _, _ = case
     return f"{name}-" + ",".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def test_every_optimizer_has_bad_hyperparameter_cases():
+    covered = {name for name, _, _, _ in ERROR_CASES}
+    missing, unknown = [name for name in NAMES if name not in covered], sorted(covered - set(NAMES))
+    assert not missing and not unknown, (
+        f"tests/parity/optim_error_cases.py ERROR_CASES: add cases for {missing} (one per check its "
+        f"constructor makes); {unknown} are not in shardstep.workers.optim.registry")
 
 
 @pytest.mark.parametrize("case", ERROR_CASES, ids=[_error_id(c) for c in ERROR_CASES])
@@ -177,7 +190,7 @@ def test_dense_optimizer_rejects_sparse_gradients_and_sparse_adam_dense_ones():
         Adam([emb]).step()
 
 
-@pytest.mark.parametrize("name", ["sgd", "adagrad", "sparse_adam"])
+@pytest.mark.parametrize("name", SPARSE)
 def test_an_empty_sparse_gradient_changes_no_parameter(name):
     emb = Parameter(np.ones((4, 3), np.float32), name="emb")
     optimizer = optimizer_class(name)([emb], lr=0.1)
@@ -233,8 +246,7 @@ def test_torch_rejects_the_same_hyperparameters(case):
         cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "adamax",
-                                  "nadam", "radam", "asgd", "rprop"])
+@pytest.mark.parametrize("name", DENSE)
 def test_serial_and_multithreaded_kernels_agree_bit_for_bit(name):
     """Small parameters update on the calling thread, large ones on numba's threads; the
     same source compiled both ways must give the same bits."""
@@ -256,3 +268,28 @@ def test_serial_and_multithreaded_kernels_agree_bit_for_bit(name):
         big_opt.step()
         small_opt.step()
     np.testing.assert_array_equal(big.data, np.concatenate([p.data for p in pieces]))
+
+
+# where torch's signature and its stored defaults differ on purpose: AdamW fixes
+# decoupled_weight_decay=True (no argument); LBFGS's max_eval=None means max_iter * 5 // 4
+DERIVED_DEFAULTS = {"adamw": {"decoupled_weight_decay"}, "lbfgs": {"max_eval"}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_signature_spells_the_rules_defaults(name):
+    """torch's defaults are written twice per optimizer: the rule's (which the shards and the
+    job checks use) and the torch-style signature users call. They must agree key for key,
+    and an optimizer built with no arguments stores exactly the rule's defaults."""
+    import inspect
+
+    cls = optimizer_class(name)
+    derived = DERIVED_DEFAULTS.get(name, set())
+    arguments = {key: parameter.default for key, parameter in inspect.signature(cls.__init__).parameters.items()
+                 if key not in ("self", "params")}
+    defaults = dict(cls.rule.defaults)
+    differ = {key: (arguments.get(key, "no argument"), defaults.get(key, "no default"))
+              for key in set(arguments) | set(defaults)
+              if key not in derived and arguments.get(key, "no argument") != defaults.get(key, "no default")}
+    assert not differ, f"{cls.__name__}: (signature, RULE.defaults) disagree: {differ}"
+    group = cls([Parameter(np.zeros(2, np.float32))]).param_groups[0]
+    assert {key: value for key, value in group.items() if key not in ("params", "param_names")} == defaults

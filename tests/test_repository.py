@@ -127,6 +127,69 @@ def test_the_checker_finds_bare_imports(tmp_path):
     assert BARE_IMPORT.search("```python\nfrom workers.nn import Linear\n") and not BARE_IMPORT.search("from shardstep.workers.nn import Linear")
 
 
+def _is_test_module(name: str) -> bool:
+    """tests.test_x, or a test module in a package under tests/ (pytest collects those too)."""
+    parts = name.split(".")
+    return parts[0] == "tests" and any(part.startswith("test_") for part in parts[1:])
+
+
+def _test_module_imports(path: Path, base: Path = ROOT) -> list[str]:
+    """Imports of a test module (``tests.test_*``) anywhere in one Python file, inside
+    functions too: ``import tests.test_x``, ``from tests.test_x import ...``, ``from tests
+    import test_x``, their relative forms, and import_module calls that name one."""
+    import ast
+
+    relative = path.relative_to(base)
+    package = list(relative.parent.parts)  # the package the file is in: tests, tests.parity, ...
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # level 1 is the file's own package, each further level one up
+                anchor = package[:len(package) - node.level + 1] if node.level <= len(package) else ["."]
+                module = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # from a test module, or a test module taken from its package (from tests import test_x)
+            names = [module] if _is_test_module(module) else [f"{module}.{alias.name}" for alias in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names = [node.args[0].value]
+        found += [f"{relative}:{node.lineno}: {name}" for name in names if _is_test_module(name)]
+    return found
+
+
+def test_no_file_under_tests_imports_a_test_module():
+    """Test modules are what pytest collects; nothing imports one. What several test modules
+    share lives in a helper module (tests/runs.py, tests/ray_heads.py, tests/small_tasks.py,
+    tests/supervised_jobs.py, tests/parity/, tests/checkpoints/, ...), and shared fixtures
+    in tests/conftest.py."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if "__pycache__" not in path.parts:
+            offenders += _test_module_imports(path)
+    assert offenders == [], ("these files import a test module; move what they take into a helper module "
+                             "under tests/ (or a fixture into tests/conftest.py) and import it from there:\n"
+                             + "\n".join(offenders))
+
+
+def test_the_checker_finds_imports_of_test_modules(tmp_path):
+    sample = tmp_path / "tests" / "parity" / "sample.py"
+    sample.parent.mkdir(parents=True)
+    sample.write_text("import os\nimport tests.test_a\nimport json, tests.test_b as b\nfrom tests.test_c import helper\n"
+                      "from tests import runs, test_d\nfrom . import optim_cases\nfrom .. import test_e\n"
+                      "from ..test_f import g, h\nfrom tests.testing import x\nimport tests_test_y\n"
+                      "from tests.parity.test_like import z\nimport importlib\n\n\ndef later():\n"
+                      "    from tests.test_g import fixture\n    return importlib.import_module('tests.test_h')\n")
+    found = _test_module_imports(sample, tmp_path)
+    assert sorted(line.split(": ", 1)[1] for line in found) == [
+        "tests.parity.test_like", "tests.test_a", "tests.test_b", "tests.test_c", "tests.test_d", "tests.test_e",
+        "tests.test_f", "tests.test_g", "tests.test_h"]
+    assert all(line.startswith(f"{Path('tests/parity/sample.py')}:") for line in found)
+
+
 def test_packaging_lists_every_package_folder_under_the_namespace():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert config["package-dir"] == {f"shardstep.{name}": name for name in PACKAGE_FOLDERS}

@@ -20,66 +20,13 @@ from shardstep.workers.tasks.digits import DATA_FILE, load_digits
 from shardstep.workers.tasks.digits_triplet import nearest_neighbours, sample_triplets
 from shardstep.workers.tasks.synthetic_mlp import width_for
 from tests.conftest import require_torch
+from tests.small_tasks import SMALL, small
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# small configurations of every built-in task (float64, so partial sums compare tightly)
-SMALL = {
-    "digits": {"hidden": [16], "dtype": "float64"},
-    "digits-triplet": {"hidden": [16], "dim": 8, "dtype": "float64"},
-    "ratings": {"users": 60, "items": 40, "density": 0.3, "dim": 4, "dtype": "float64"},
-    "least-squares": {"rows": 90, "cols": 6},
-    "synthetic-mlp": {"params": 5000, "depth": 2, "inputs": 12, "examples": 150, "eval_examples": 40,
-                      "dtype": "float64"},
-    "modular-addition": {"modulus": 11, "d_model": 8, "nhead": 2, "dim_feedforward": 16, "num_layers": 2,
-                         "dtype": "float64"},
-    # the task of a job's [data] and [model]: a committed CSV of 90 rows, class names as labels
-    "supervised": {"data": {"train": str(ROOT / "tests" / "fixtures" / "data" / "blobs.csv"), "label": "colour",
-                            "validation": 0.2, "dtype": "float64"},
-                   "model": {"layers": [{"name": "Linear", "args": {"in_features": 4, "out_features": 8}},
-                                        {"name": "Tanh"},
-                                        {"name": "Linear", "args": {"in_features": 8, "out_features": 3}}],
-                             "loss": "CrossEntropyLoss"}},
-}
-
-
-def small(name: str, **overrides) -> Task:
-    return make_task(name, **{**SMALL[name], **overrides})
 
 
 def dense(grad) -> np.ndarray:
     return grad.to_dense() if isinstance(grad, RowSparseGrad) else grad
-
-
-class Quadratic(Task):
-    """sum_i (|w - x_i|^2 + offset^2) / 2 over 10 fixed points: a user task, importable by
-    reference, whose rule freezes ``offset``."""
-
-    param_groups = (ParamGroupRule("offset", {"lr": 0.0}),)
-
-    def __init__(self, *, dim: int = 3):
-        self.dim = dim
-        self.points = np.arange(10 * dim, dtype=np.float64).reshape(10, dim) / 10
-
-    @property
-    def train_size(self) -> int:
-        return 10
-
-    def init_params(self, seed):
-        return {"w": np.zeros(self.dim), "offset": np.ones(1)}
-
-    def examples(self, seed, epoch, positions):
-        return {"x": self.points[positions]}
-
-    def loss_and_grad(self, params, batch):
-        # per example: |w - x|^2 / 2 + offset^2 / 2
-        diff = params["w"] - batch.data["x"]
-        share = batch.size / batch.global_size
-        loss = 0.5 * (float(np.sum(diff * diff)) / batch.global_size + share * float(params["offset"][0] ** 2))
-        return loss, {"w": diff.sum(axis=0) / batch.global_size, "offset": share * params["offset"]}
-
-    def evaluate(self, params):
-        return {"distance": float(np.linalg.norm(params["w"] - self.points.mean(axis=0)))}
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,8 +42,17 @@ def test_registry_builds_every_builtin_task_by_name():
         assert task_class(name) is type(task)
 
 
+def test_every_builtin_task_has_a_small_configuration():
+    """SMALL (tests/small_tasks.py) is what every per-task test here and in test_training.py
+    builds: a task missing from it would fail them with a bare KeyError."""
+    missing, unknown = sorted(set(TASK_NAMES) - set(SMALL)), sorted(set(SMALL) - set(TASK_NAMES))
+    assert not missing and not unknown, (
+        f"tests/small_tasks.py SMALL must configure exactly the built-in tasks (TASK_NAMES): add a small "
+        f"configuration for {missing}; remove {unknown}")
+
+
 def test_a_user_task_is_built_from_a_module_reference():
-    task = make_task("tests.test_tasks:Quadratic", dim=4)
+    task = make_task("tests.small_tasks:Quadratic", dim=4)
     assert type(task).__name__ == "Quadratic" and task.dim == 4
 
 
@@ -104,7 +60,7 @@ def test_a_user_task_is_built_from_a_module_reference():
     ("mnist", "unknown task 'mnist'; allowed: digits, digits-triplet, ratings, least-squares, synthetic-mlp, "
               "modular-addition, supervised"),
     ("tests.no_such_module:Task", "cannot import module 'tests.no_such_module'"),
-    ("tests.test_tasks:small", "'small' in 'tests.test_tasks' is not a Task subclass"),
+    ("tests.small_tasks:small", "'small' in 'tests.small_tasks' is not a Task subclass"),
 ])
 def test_unknown_task_names_are_refused(name, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -15,7 +15,7 @@ import pytest
 from shardstep.workers.optim import RowSparseGrad
 from shardstep.workers.tasks import ParamGroupRule, Task, make_task
 from shardstep.workers.training import Trainer, train
-from tests.test_tasks import Quadratic, small
+from tests.small_tasks import Quadratic, small
 
 # ---------------------------------------------------------------------------------------
 # end to end: the targets docs/tasks.md states

@@ -11,7 +11,16 @@ import numpy as np
 from hypothesis import strategies as st
 
 from shardstep.checkpoints.format import DTYPE_NAMES, MAGIC, PREAMBLE, VERSION, checksum
-from shardstep.checkpoints.layout import ShardLayout
+from shardstep.checkpoints.layout import ParamSpec, ShardLayout
+
+# the parameters of the run-checkpoint tests (test_checkpoint_run.py, test_checkpoint_async.py)
+SPECS = (
+    ParamSpec("big", (600_003,), "float32"),          # 2.4 MB: slices cross 1 MiB checksum chunks
+    ParamSpec("matrix", (7, 5), "float64"),
+    ParamSpec("tiny", (3,), "float16"),               # fewer elements than most shard counts
+    ParamSpec("empty", (0, 4), "float32"),
+    ParamSpec("cube", (2, 3, 4), "int32"),
+)
 
 
 def assert_identical(saved: Any, loaded: Any, path: str = "obj") -> None:

@@ -174,17 +174,23 @@ class CrashWriter:
                 raise AssertionError(f"the writer ended before reporting {kind!r} ({self.fate()})") from None
 
     def kill(self) -> None:
-        """SIGKILL the writer, wait for it, and read every report it got out."""
+        """SIGKILL the writer, wait for it, and read every report it got out; an
+        AssertionError naming its fate (and the traceback it reported) if something else
+        ended it."""
         if self.process.is_alive():
             os.kill(self.process.pid, signal.SIGKILL)
         self.process.join(30)
-        assert self.process.exitcode == -signal.SIGKILL, f"the writer was not killed by SIGKILL ({self.fate()})"
-        while self._reports.poll():
+        # the reports first: a writer that failed on its own before the kill sent its traceback
+        while self.process.exitcode is not None and self._reports.poll():
             try:
                 self._record(self._reports.recv())
             except EOFError:
                 break
+            except OSError as error:  # a report the kill cut short (only a long one is two writes)
+                self.error = (self.error or "") + f"(a report cut short by the kill: {error})"
+                break
         self._reports.close()
+        assert self.process.exitcode == -signal.SIGKILL, f"the writer was not killed by SIGKILL ({self.fate()})"
 
     def fate(self) -> str:
         code = self.process.exitcode
