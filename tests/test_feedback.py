@@ -97,12 +97,18 @@ def test_the_rate_and_eta_count_the_steps_trained_not_the_start_up():
     assert minutes * 60 + seconds < 1900 / 40, last
 
 
-def test_an_epoch_only_job_shows_its_step_total_and_an_eta(tmp_path):
+def run_digits(tmp_path, optimizer: str, training: str) -> subprocess.CompletedProcess:
+    """``shardstep run`` of a digits job on the inline backend, with ``optimizer`` and
+    ``training``'s TOML tables."""
     job = tmp_path / "job.toml"
-    job.write_text(f'run_dir = "{tmp_path / "run"}"\n\n[task]\nname = "digits"\n\n[optimizer]\nname = "adam"\n\n'
-                   '[training]\nepochs = 2\nbatch_size = 96\n\n[resources]\nbackend = "inline"\n')
-    out = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job)], capture_output=True,
-                         text=True, timeout=300, stdin=subprocess.DEVNULL)
+    job.write_text(f'run_dir = "{tmp_path / "run"}"\n\n[task]\nname = "digits"\n\n{optimizer}\n\n'
+                   f'{training}\n\n[resources]\nbackend = "inline"\n')
+    return subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job)], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_an_epoch_only_job_shows_its_step_total_and_an_eta(tmp_path):
+    out = run_digits(tmp_path, '[optimizer]\nname = "adam"', "[training]\nepochs = 2\nbatch_size = 96")
     assert out.returncode == 0, out.stderr
     steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     # 1,442 training images in batches of 96: 16 a epoch, 32 in all
@@ -113,11 +119,7 @@ def test_an_epoch_only_job_shows_its_step_total_and_an_eta(tmp_path):
 def test_a_diverging_run_says_so_once_without_numpys_overflow_warnings(tmp_path):
     """The non-finite step is reported by shardstep (step, parameters, what to do); numpy's
     overflow warnings from the diverging matmuls before it would only repeat it."""
-    job = tmp_path / "job.toml"
-    job.write_text(f'run_dir = "{tmp_path / "run"}"\n\n[task]\nname = "digits"\n\n[optimizer]\nname = "sgd"\n\n'
-                   '[optimizer.args]\nlr = 1e8\n\n[training]\nsteps = 30\n\n[resources]\nbackend = "inline"\n')
-    out = subprocess.run([sys.executable, "-m", "shardstep.service.cli", "run", str(job)], capture_output=True,
-                         text=True, timeout=300, stdin=subprocess.DEVNULL)
+    out = run_digits(tmp_path, '[optimizer]\nname = "sgd"\n\n[optimizer.args]\nlr = 1e8', "[training]\nsteps = 30")
     assert out.returncode == 1, out.stderr
     assert "RuntimeWarning" not in out.stderr, out.stderr
     (line,) = out.stderr.strip().splitlines()

@@ -102,6 +102,16 @@ def job_of(event) -> dict:
     return json.loads(rest[:-len(fence) - 1])
 
 
+def killed_after_eight_steps(reporter, spec):
+    """A first start that logs steps 1..8, commits a checkpoint at step 5 and is killed."""
+    reporter.start(info(spec, 0))
+    for step in range(1, 9):
+        reporter.step(record(step))
+        if step == 5:
+            reporter.checkpoint(5, 0.25)
+    reporter.finish(KILLED)
+
+
 # the Text tab's renderer (tensorboard's vendored bleach) warns about its own html5lib
 @pytest.mark.filterwarnings("ignore:html5lib's sanitizer is deprecated:DeprecationWarning")
 def test_tensorboard_writes_a_fresh_run_that_its_reader_shows(tmp_path, spec):
@@ -148,13 +158,7 @@ def test_tensorboard_shows_the_resumed_values_of_the_steps_trained_again(tmp_pat
     shows: the later start's), 9..12 are new; every step shows once."""
     from shardstep.service.report_tensorboard import TensorBoard
 
-    first = TensorBoard(tmp_path / "board")
-    first.start(info(spec, 0))
-    for step in range(1, 9):
-        first.step(record(step))
-        if step == 5:
-            first.checkpoint(5, 0.25)
-    first.finish(KILLED)
+    killed_after_eight_steps(TensorBoard(tmp_path / "board"), spec)
     resumed_spec = dict(spec, steps=12)
     second = TensorBoard(tmp_path / "board")
     second.start(info(resumed_spec, 5))
@@ -326,13 +330,7 @@ def test_mlflow_continues_one_run_across_resumes_leaving_out_the_steps_it_has(tm
     steps and max_failures 2; a third process goes on to 14 with max_failures back at 0."""
     from shardstep.service.report_mlflow import MLflow
 
-    first = MLflow(store, "digits")
-    first.start(info(spec, 0))
-    for step in range(1, 9):
-        first.step(record(step))
-        if step == 5:
-            first.checkpoint(5, 0.25)
-    first.finish(KILLED)
+    killed_after_eight_steps(MLflow(store, "digits"), spec)
     client, run = the_run(store)
     assert run.info.status == "KILLED"
 

@@ -59,21 +59,17 @@ def using_default_dtype(dtype: Any) -> Iterator[None]:
         _default_dtype = before
 
 
-def scalar_dtype() -> np.dtype:
-    """The dtype new scalar state takes: torch's ``_get_scalar_dtype()``."""
-    return np.dtype(np.float64) if _default_dtype == np.float64 else np.dtype(np.float32)
-
-
 def _checked_default_dtype(dtype: Any) -> np.dtype:
-    # torch dtypes print as "torch.float64"; accept them without importing torch
-    name = str(dtype).removeprefix("torch.") if not isinstance(dtype, (type, np.dtype)) else None
+    # torch.float64 prints as "torch.float64": accepted without importing torch
+    spelled = dtype if isinstance(dtype, (type, np.dtype)) else str(dtype).removeprefix("torch.")
     try:
-        resolved = np.dtype(name if name is not None else dtype)
+        resolved = np.dtype(spelled)
     except TypeError:
         resolved = None
     if resolved is None or resolved.name not in DEFAULT_DTYPES:
         raise TypeError(f"the default dtype must be one of {', '.join(DEFAULT_DTYPES)}; got {dtype!r}")
     return resolved
+
 
 # Flags that only select torch's device kernels or autograd behaviour. They are stored in
 # param_groups with torch's values so state_dicts interoperate.
@@ -111,14 +107,15 @@ class Rule:
 
 
 def new_step() -> np.ndarray:
-    """A step counter as torch stores it: a 0-d array of :func:`scalar_dtype`, 0 before the
-    first step."""
-    return np.zeros((), dtype=scalar_dtype())
+    """A step counter as torch stores it: a 0-d array of the default dtype (torch's
+    ``_get_scalar_dtype()``: the default dtype is float32 or float64 here), 0 before the first
+    step."""
+    return np.zeros((), dtype=_default_dtype)
 
 
 def new_scalar(value: float) -> np.ndarray:
-    """Scalar state (a decaying factor) as torch creates it: a 0-d array of :func:`scalar_dtype`."""
-    return np.array(value, dtype=scalar_dtype())
+    """Scalar state (a decaying factor) as torch creates it: a 0-d array of the default dtype."""
+    return np.array(value, dtype=_default_dtype)
 
 
 def store_scalar(state: np.ndarray, value: float) -> float:
