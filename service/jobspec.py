@@ -1036,7 +1036,7 @@ def _checked_logging(spec: JobSpec, run_dir: str, on_object_storage: bool) -> di
     out["mlflow"] = _check_bool(key["mlflow"], spec.mlflow)
     out["mlflow_tracking_uri"] = _check_text(key["mlflow_tracking_uri"], spec.mlflow_tracking_uri,
                                              "an MLflow tracking URI such as 'http://127.0.0.1:5000' or "
-                                             "'file:/path/mlruns'", optional=True)
+                                             "'sqlite:///runs/mlflow.db'", optional=True)
     out["mlflow_experiment"] = _check_text(key["mlflow_experiment"], spec.mlflow_experiment,
                                            "the name of an MLflow experiment")
     if not out["mlflow"] and (out["mlflow_tracking_uri"] is not None
