@@ -208,6 +208,9 @@ def _samples(text: str, metric: str, run: str) -> list[tuple[dict[str, str], flo
     return found
 
 
+ACTOR_NAMES = ["watched/shard-0", "watched/shard-1", "watched/worker-0"]
+
+
 def test_a_run_on_a_ray_head_exports_its_metrics_and_names_its_actors(head, tmp_path):
     """`shardstep run` against a head: while it trains, the head's Prometheus endpoint has the
     run's steps, loss, step time, gradient norm, learning rate, evaluation and checkpoint
@@ -228,10 +231,13 @@ def test_a_run_on_a_ray_head_exports_its_metrics_and_names_its_actors(head, tmp_
         while time.monotonic() < deadline and process.poll() is None:
             text = _scrape(head.metrics_port)
             seen = {name: _samples(text, name, "watched") for name in wanted}
-            if not actors:
+            # The actors start one after another and the state API lags them, so a listing
+            # taken early can hold the shards and not yet the worker: list again until all
+            # three are there (or the run ends and the assertion below says which is missing).
+            if len(actors) < len(ACTOR_NAMES):
                 listed = get_json(f"{head.url}/api/v0/actors?limit=100", head.token)["data"]["result"]["result"]
                 actors = [a for a in listed if a.get("name", "").startswith("watched/") and a["state"] == "ALIVE"]
-            if all(seen.values()) and seen["ray_shardstep_steps"][0][1] >= 200 and actors:
+            if all(seen.values()) and seen["ray_shardstep_steps"][0][1] >= 200 and len(actors) >= len(ACTOR_NAMES):
                 break
             time.sleep(1.0)
         out, _ = process.communicate(timeout=180)
@@ -256,7 +262,7 @@ def test_a_run_on_a_ray_head_exports_its_metrics_and_names_its_actors(head, tmp_
     checkpoint = seen["ray_shardstep_checkpoint_step"][0][1]
     assert checkpoint % 100 == 0 and 100 <= checkpoint <= steps[1]
     assert 0 < seen["ray_shardstep_checkpoint_seconds"][0][1] < 60
-    assert sorted(a["name"] for a in actors) == ["watched/shard-0", "watched/shard-1", "watched/worker-0"]
+    assert sorted(a["name"] for a in actors) == ACTOR_NAMES
     assert len({a["ray_namespace"] for a in actors}) == 1
     assert actors[0]["ray_namespace"].startswith("shardstep-watched-")
 
