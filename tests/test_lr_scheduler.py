@@ -311,6 +311,43 @@ def test_state_dict_is_plain_data(config):
         assert pack(state) == data
 
 
+# the entries of a state_dict besides a scheduler's declared fields (see lr_scheduler.LRScheduler)
+COMMON_KEYS = ("last_epoch", "step_count", "base_lrs", "last_lr")
+MOMENTUM_KEYS = ("momentum_key", "last_momentum")
+# entries a scheduler keeps in code rather than in its fields (see the class)
+ENTRIES_IN_CODE = {"LambdaLR": ("lr_lambdas",), "MultiplicativeLR": ("lr_lambdas",)}
+
+
+def declared_keys(scheduler):
+    """The state_dict keys, in order, that the scheduler's class declares."""
+    momentum = MOMENTUM_KEYS if scheduler._momentum_key is not None else ()
+    fields = [field.name for field in type(scheduler).fields]
+    if isinstance(scheduler, (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)):
+        return ["scheduler", "last_lr", *momentum, "schedulers", *fields]
+    if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+        return ["scheduler", *fields]  # its last_epoch and last_lr are fields of its own
+    return ["scheduler", *COMMON_KEYS, *momentum, *fields, *ENTRIES_IN_CODE.get(type(scheduler).__name__, ())]
+
+
+def assert_declared_keys(scheduler, state, label):
+    assert list(state) == declared_keys(scheduler), label
+    children = zip(getattr(scheduler, "_schedulers", ()), state.get("schedulers", ()), strict=True)
+    for index, (child, child_state) in enumerate(children):
+        assert_declared_keys(child, child_state, f"{label}: schedulers[{index}]")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_state_dict_keys_are_the_declared_fields(config):
+    """A state_dict holds the common entries and the fields its class declares, in the
+    declared order, and nothing else: no entry is written outside the declaration."""
+    optimizer, _ = OursAPI().optimizer(config["optimizer"])
+    scheduler = build_scheduler(config["scheduler"], optimizer, OursAPI())
+    for tick in range(1, 6):
+        optimizer.step()
+        step_scheduler(scheduler, config, tick)
+    assert_declared_keys(scheduler, scheduler.state_dict(), config["id"])
+
+
 def test_state_dict_round_trips_through_msgpack_unchanged():
     config = next(c for c in CONFIGS if c["id"] == "sequential_cyclic_then_step")
     optimizer, _ = OursAPI().optimizer(config["optimizer"])

@@ -8,7 +8,7 @@ in torch's operation order, including torch's recursive ("chainable") forms and,
 Differences from torch, all about state and arguments (never about the numbers):
 
 * ``state_dict()`` is an explicit dict of plain data (numbers, strings, lists, dicts, None;
-  see each class's ``_state_fields``), never ``self.__dict__``. It carries the learning
+  see each class's ``fields``), never ``self.__dict__``. It carries the learning
   rates the scheduler last set (``last_lr``), and the momenta for momentum-cycling
   schedulers, and ``load_state_dict`` writes them back into the optimizer's param groups,
   so the optimizer and the scheduler can be restored in either order, and the scheduler
@@ -34,6 +34,8 @@ import warnings
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -149,6 +151,19 @@ def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}")
     return bool(value)
+
+
+def _real_as_float(name: str, value: Any) -> float:
+    return float(_real(name, value))
+
+
+def _none_or(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check``, letting None through unchecked."""
+
+    def check_unless_none(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+
+    return check_unless_none
 
 
 def _per_group(name: str, value: Any, groups: int, check: Callable[[str, Any], Any]) -> list:
@@ -413,6 +428,37 @@ def _float_list(owner: str, key: str, value: Any, length: int | None) -> list:
     return [_plain_number(v) for v in value]
 
 
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Field:
+    """One entry of a scheduler's state_dict, kept in an attribute of the scheduler.
+
+    A scheduler declares its fields once, in state_dict order, in its class attribute
+    ``fields``; the base class derives from them the constructor's checks (``_set_fields``),
+    the state_dict entries (``_state_fields``) and the load (``_load_fields``).
+
+    ``check(name, value)`` returns the value as plain data or raises an error naming
+    ``name``, for constructor arguments and saved entries alike. It is None when checking
+    needs the scheduler itself (its param groups, its settings, other entries of the state):
+    the class's own load code then checks and applies the field. ``from_state`` turns a
+    checked value into the attribute's form, ``to_state`` turns the attribute back.
+    """
+
+    name: str
+    check: Callable[[str, Any], Any] | None
+    to_state: Callable[[Any], Any] = _unchanged
+    from_state: Callable[[Any], Any] = _unchanged
+    # the attribute, when it is not ``name`` (a private one, or a name a method has)
+    attribute: str | None = None
+
+    @property
+    def attribute_name(self) -> str:
+        return self.attribute or self.name
+
+
 class LRScheduler:
     """Base class: adjusts ``group["lr"]`` of every param group of an optimizer.
 
@@ -420,10 +466,12 @@ class LRScheduler:
     ``last_epoch == -1``) and takes an initial step to epoch ``last_epoch + 1``. Each
     :meth:`step` advances ``last_epoch`` and sets the rates :meth:`get_lr` computes.
 
-    Subclasses implement :meth:`get_lr` (and optionally ``_closed_form_lr``), and describe
-    their extra state in ``_state_fields`` / ``_load_fields``.
+    Subclasses implement :meth:`get_lr` (and optionally ``_closed_form_lr``), and declare
+    their extra state in ``fields`` (see :class:`Field`).
     """
 
+    # this class's state beyond the common entries, in state_dict order
+    fields: tuple[Field, ...] = ()
     # set while the constructor takes its initial step (torch's ``_is_initial``)
     _is_initial: bool = False
     # "momentum" or "betas" when this scheduler drives momentum, else None
@@ -510,14 +558,41 @@ class LRScheduler:
 
     # -- state ------------------------------------------------------------------------------
 
+    def _set_fields(self, **arguments: Any) -> None:
+        """Check constructor arguments against their fields and set them, in the order given:
+        the first bad argument in the constructor's order is the one reported."""
+        declared = {field.name: field for field in self.fields if field.check is not None}
+        for name, value in arguments.items():
+            field = declared[name]
+            setattr(self, field.attribute_name, field.from_state(field.check(name, value)))
+
+    @classmethod
+    def _field_names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in cls.fields)
+
     def _state_fields(self) -> dict[str, Any]:
-        """This class's named state beyond the common fields (plain data only)."""
-        return {}
+        """This class's state beyond the common entries (plain data only)."""
+        return {field.name: field.to_state(getattr(self, field.attribute_name)) for field in self.fields}
+
+    def _checked_fields(self, state: Mapping[str, Any], taken_as_saved: Sequence[str] = ()) -> dict[str, Any]:
+        """The saved value of every field that has a check, checked, by attribute; the fields
+        in ``taken_as_saved`` are taken as they are."""
+        values = {}
+        for field in self.fields:
+            if field.check is None:
+                continue
+            value = state[field.name]
+            if field.name not in taken_as_saved:
+                value = field.from_state(field.check(field.name, value))
+            values[field.attribute_name] = value
+        return values
 
     def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
         """Check ``state`` and return a function that applies it (so nothing changes unless the
-        whole state is valid)."""
-        return lambda: None
+        whole state is valid). Fields without a check are left to the class's own code."""
+        self._check_state(state, self._field_names())
+        values = self._checked_fields(state)
+        return lambda: self.__dict__.update(values)
 
     _common_keys: tuple[str, ...] = ("last_epoch", "step_count", "base_lrs", "last_lr")
 
@@ -624,12 +699,13 @@ class LambdaLR(LRScheduler):
             for entry, base_lr in zip(self._lr_lambdas, self.base_lrs, strict=True)
         ]
 
+    # lr_lambdas is no Field: its stored form names the scheduler's own class (LambdaLR or
+    # MultiplicativeLR) in its errors, and restoring it needs the number of param groups.
     def _state_fields(self) -> dict[str, Any]:
         return {"lr_lambdas": _describe_functions(self._lr_lambdas, type(self).__name__, "lr_lambda")}
 
     def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        if "lr_lambdas" not in state:
-            raise ValueError(f"{type(self).__name__}.load_state_dict(): state is missing 'lr_lambdas'")
+        self._check_state(state, ("lr_lambdas",))
         restored = _restore_functions(
             state["lr_lambdas"], len(self.optimizer.param_groups), type(self).__name__, "lr_lambda"
         )
@@ -656,9 +732,10 @@ class StepLR(LRScheduler):
     """lr = base_lr * gamma ** (last_epoch // step_size): multiply by gamma every step_size
     epochs (recursively: lr * gamma at each non-zero multiple of step_size)."""
 
+    fields = (Field("step_size", _positive_int), Field("gamma", _positive_real))
+
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
-        self.step_size = _positive_int("step_size", step_size)
-        self.gamma = _positive_real("gamma", gamma)
+        self._set_fields(step_size=step_size, gamma=gamma)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list:
@@ -668,15 +745,6 @@ class StepLR(LRScheduler):
 
     def _closed_form_lr(self) -> list:
         return [base_lr * self.gamma ** (self.last_epoch // self.step_size) for base_lr in self.base_lrs]
-
-    def _state_fields(self) -> dict[str, Any]:
-        return {"step_size": self.step_size, "gamma": self.gamma}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("step_size", "gamma"))
-        step_size = _positive_int("step_size", state["step_size"])
-        gamma = _positive_real("gamma", state["gamma"])
-        return lambda: self.__dict__.update(step_size=step_size, gamma=gamma)
 
 
 def _milestone_list(name: str, milestones: Any, *, strictly_increasing: bool) -> list[int]:
@@ -698,10 +766,16 @@ class MultiStepLR(LRScheduler):
     """lr = base_lr * gamma ** (number of milestones <= last_epoch); a milestone listed n
     times multiplies by gamma ** n."""
 
+    fields = (
+        # a Counter of milestones, saved as the sorted list with repeats
+        Field("milestones", partial(_milestone_list, strictly_increasing=False),
+              to_state=lambda milestones: sorted(milestones.elements()), from_state=Counter),
+        Field("gamma", _positive_real),
+    )
+
     def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
-        self.milestones = Counter(_milestone_list("milestones", milestones, strictly_increasing=False))
-        self.gamma = _positive_real("gamma", gamma)
+        self._set_fields(milestones=milestones, gamma=gamma)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list:
@@ -713,25 +787,20 @@ class MultiStepLR(LRScheduler):
         passed = bisect_right(sorted(self.milestones.elements()), self.last_epoch)
         return [base_lr * self.gamma ** passed for base_lr in self.base_lrs]
 
-    def _state_fields(self) -> dict[str, Any]:
-        return {"milestones": sorted(self.milestones.elements()), "gamma": self.gamma}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("milestones", "gamma"))
-        milestones = Counter(_milestone_list("milestones", state["milestones"], strictly_increasing=False))
-        gamma = _positive_real("gamma", state["gamma"])
-        return lambda: self.__dict__.update(milestones=milestones, gamma=gamma)
-
 
 class ConstantLR(LRScheduler):
     """lr = base_lr * factor for epochs < total_iters, then base_lr (recursively: lr * factor
     at epoch 0, lr * (1.0 / factor) at total_iters)."""
 
+    fields = (
+        # torch allows factor 0, then divides by it at total_iters
+        Field("factor", partial(_real_in, interval="(0, 1]")),
+        Field("total_iters", _positive_int),
+    )
+
     def __init__(self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5,
                  last_epoch: int = -1) -> None:
-        # torch allows factor 0, then divides by it at total_iters
-        self.factor = _real_in("factor", factor, "(0, 1]")
-        self.total_iters = _positive_int("total_iters", total_iters)
+        self._set_fields(factor=factor, total_iters=total_iters)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list:
@@ -747,25 +816,20 @@ class ConstantLR(LRScheduler):
             for base_lr in self.base_lrs
         ]
 
-    def _state_fields(self) -> dict[str, Any]:
-        return {"factor": self.factor, "total_iters": self.total_iters}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("factor", "total_iters"))
-        factor = _real_in("factor", state["factor"], "(0, 1]")
-        total_iters = _positive_int("total_iters", state["total_iters"])
-        return lambda: self.__dict__.update(factor=factor, total_iters=total_iters)
-
 
 class LinearLR(LRScheduler):
     """lr = base_lr * (start_factor + (end_factor - start_factor) * min(last_epoch,
     total_iters) / total_iters), evaluated recursively as torch does."""
 
+    fields = (
+        Field("start_factor", partial(_real_in, interval="(0, 1]")),
+        Field("end_factor", partial(_real_in, interval="[0, 1]")),
+        Field("total_iters", _positive_int),
+    )
+
     def __init__(self, optimizer: Optimizer, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
-        self.start_factor = _real_in("start_factor", start_factor, "(0, 1]")
-        self.end_factor = _real_in("end_factor", end_factor, "[0, 1]")
-        self.total_iters = _positive_int("total_iters", total_iters)
+        self._set_fields(start_factor=start_factor, end_factor=end_factor, total_iters=total_iters)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list:
@@ -784,24 +848,14 @@ class LinearLR(LRScheduler):
             for base_lr in self.base_lrs
         ]
 
-    def _state_fields(self) -> dict[str, Any]:
-        return {"start_factor": self.start_factor, "end_factor": self.end_factor, "total_iters": self.total_iters}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("start_factor", "end_factor", "total_iters"))
-        values = dict(
-            start_factor=_real_in("start_factor", state["start_factor"], "(0, 1]"),
-            end_factor=_real_in("end_factor", state["end_factor"], "[0, 1]"),
-            total_iters=_positive_int("total_iters", state["total_iters"]),
-        )
-        return lambda: self.__dict__.update(values)
-
 
 class ExponentialLR(LRScheduler):
     """lr = base_lr * gamma ** last_epoch (recursively: lr * gamma each epoch)."""
 
+    fields = (Field("gamma", _positive_real),)
+
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
-        self.gamma = _positive_real("gamma", gamma)
+        self._set_fields(gamma=gamma)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list:
@@ -813,24 +867,20 @@ class ExponentialLR(LRScheduler):
     def _closed_form_lr(self) -> list:
         return [base_lr * self.gamma ** self.last_epoch for base_lr in self.base_lrs]
 
-    def _state_fields(self) -> dict[str, Any]:
-        return {"gamma": self.gamma}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("gamma",))
-        gamma = _positive_real("gamma", state["gamma"])
-        return lambda: setattr(self, "gamma", gamma)
-
 
 class PolynomialLR(LRScheduler):
     """lr = base_lr * (1 - min(last_epoch, total_iters) / total_iters) ** power
     (recursively: lr * ((1 - e / T) / (1 - (e - 1) / T)) ** power)."""
 
+    fields = (
+        Field("total_iters", _positive_int),
+        # a negative power divides by zero at total_iters
+        Field("power", _non_negative_real),
+    )
+
     def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0,
                  last_epoch: int = -1) -> None:
-        self.total_iters = _positive_int("total_iters", total_iters)
-        # a negative power divides by zero at total_iters
-        self.power = _non_negative_real("power", power)
+        self._set_fields(total_iters=total_iters, power=power)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list:
@@ -846,24 +896,16 @@ class PolynomialLR(LRScheduler):
             for base_lr in self.base_lrs
         ]
 
-    def _state_fields(self) -> dict[str, Any]:
-        return {"total_iters": self.total_iters, "power": self.power}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("total_iters", "power"))
-        total_iters = _positive_int("total_iters", state["total_iters"])
-        power = _non_negative_real("power", state["power"])
-        return lambda: self.__dict__.update(total_iters=total_iters, power=power)
-
 
 class CosineAnnealingLR(LRScheduler):
     """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * last_epoch / T_max)) / 2, in torch's
     recursive form lr' = eta_min + (lr - eta_min) * (1 + cos(pi e / T)) / (1 + cos(pi (e-1) / T))
     (which keeps following a cosine past T_max), and in closed form for step(epoch)."""
 
+    fields = (Field("T_max", _positive_int), Field("eta_min", _non_negative_real))
+
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
-        self.T_max = _positive_int("T_max", T_max)
-        self.eta_min = _non_negative_real("eta_min", eta_min)
+        self._set_fields(T_max=T_max, eta_min=eta_min)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list:
@@ -894,27 +936,26 @@ class CosineAnnealingLR(LRScheduler):
             for base_lr in self.base_lrs
         ]
 
-    def _state_fields(self) -> dict[str, Any]:
-        return {"T_max": self.T_max, "eta_min": self.eta_min}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("T_max", "eta_min"))
-        T_max = _positive_int("T_max", state["T_max"])
-        eta_min = _non_negative_real("eta_min", state["eta_min"])
-        return lambda: self.__dict__.update(T_max=T_max, eta_min=eta_min)
-
 
 class CosineAnnealingWarmRestarts(LRScheduler):
     """SGDR: lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * T_cur / T_i)) / 2, where T_cur
     counts epochs since the last restart and T_i (first T_0) grows by T_mult at each restart.
     ``step(epoch)`` accepts fractional epochs (``epoch + batch / batches``)."""
 
+    fields = (
+        Field("T_0", _positive_int),
+        Field("T_i", _positive_int),
+        Field("T_mult", _positive_int),
+        Field("eta_min", _non_negative_real),
+        # fractional after step(epoch) with a fractional epoch
+        Field("T_cur", _real),
+    )
+
     def __init__(self, optimizer: Optimizer, T_0: int, T_mult: int = 1, eta_min: float = 0.0,
                  last_epoch: int = -1) -> None:
-        self.T_0 = _positive_int("T_0", T_0)
+        self._set_fields(T_0=T_0, T_mult=T_mult, eta_min=eta_min)
+        # T_i and T_cur are the position in the schedule, not arguments: the first period, at last_epoch
         self.T_i = self.T_0
-        self.T_mult = _positive_int("T_mult", T_mult)
-        self.eta_min = _non_negative_real("eta_min", eta_min)
         self.T_cur = _last_epoch_argument(last_epoch)
         super().__init__(optimizer, last_epoch)
 
@@ -951,20 +992,6 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         self.last_epoch = math.floor(epoch)
         self._apply(self.get_lr())
 
-    def _state_fields(self) -> dict[str, Any]:
-        return {"T_0": self.T_0, "T_i": self.T_i, "T_mult": self.T_mult, "eta_min": self.eta_min, "T_cur": self.T_cur}
-
-    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("T_0", "T_i", "T_mult", "eta_min", "T_cur"))
-        values = dict(
-            T_0=_positive_int("T_0", state["T_0"]),
-            T_i=_positive_int("T_i", state["T_i"]),
-            T_mult=_positive_int("T_mult", state["T_mult"]),
-            eta_min=_non_negative_real("eta_min", state["eta_min"]),
-            T_cur=_real("T_cur", state["T_cur"]),
-        )
-        return lambda: self.__dict__.update(values)
-
 
 # ---------------------------------------------------------------------------------------
 # metric-driven
@@ -979,25 +1006,44 @@ class ReduceLROnPlateau(LRScheduler):
     metric > best + threshold.
     """
 
+    # Not the common state of the other schedulers: this one has no base rates and no step
+    # count, so its last_epoch and last_lr are fields of its own.
+    fields = (
+        Field("last_epoch", _real),
+        # checked against the optimizer's param groups, and written into them, by _prepare_load
+        Field("last_lr", None, to_state=list, attribute="_last_lr"),
+        Field("best", _real_as_float),
+        Field("num_bad_epochs", _non_negative_int),
+        Field("cooldown_counter", _non_negative_int),
+        Field("mode", partial(_choice, allowed=("min", "max"))),
+        Field("factor", partial(_real_in, interval="[0, 1)")),
+        Field("patience", _non_negative_int),
+        Field("threshold", _non_negative_real),
+        Field("threshold_mode", partial(_choice, allowed=("rel", "abs"))),
+        Field("cooldown", _non_negative_int),
+        Field("eps", _non_negative_real),
+        # any length: _reduce_lr refills it from default_min_lr when the param groups change
+        Field("min_lrs", partial(_float_list, "ReduceLROnPlateau", length=None), to_state=list),
+        Field("default_min_lr", _none_or(_non_negative_real)),
+    )
+
     def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1, patience: int = 10,
                  threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
                  min_lr: float | list[float] = 0, eps: float = 1e-8) -> None:
-        self.factor = _real_in("factor", factor, "[0, 1)")
+        # torch checks factor even before the optimizer
+        self._set_fields(factor=factor)
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         groups = len(optimizer.param_groups)
+        # one argument, two fields: a number is also kept for param groups added later
         if isinstance(min_lr, (list, tuple)):
             self.default_min_lr = None
             self.min_lrs = _per_group("min_lr", min_lr, groups, _non_negative_real)
         else:
             self.default_min_lr = _non_negative_real("min_lr", min_lr)
             self.min_lrs = [self.default_min_lr] * groups
-        self.patience = _non_negative_int("patience", patience)
-        self.cooldown = _non_negative_int("cooldown", cooldown)
-        self.eps = _non_negative_real("eps", eps)
-        self.mode = _choice("mode", mode, ("min", "max"))
-        self.threshold = _non_negative_real("threshold", threshold)
-        self.threshold_mode = _choice("threshold_mode", threshold_mode, ("rel", "abs"))
+        self._set_fields(patience=patience, cooldown=cooldown, eps=eps, mode=mode, threshold=threshold,
+                         threshold_mode=threshold_mode)
         self.last_epoch = 0
         self.best = self._worst
         self.cooldown_counter = 0
@@ -1060,49 +1106,15 @@ class ReduceLROnPlateau(LRScheduler):
                 group["lr"] = new_lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "scheduler": "ReduceLROnPlateau",
-            "last_epoch": self.last_epoch,
-            "last_lr": list(self._last_lr),
-            "best": self.best,
-            "num_bad_epochs": self.num_bad_epochs,
-            "cooldown_counter": self.cooldown_counter,
-            "mode": self.mode,
-            "factor": self.factor,
-            "patience": self.patience,
-            "threshold": self.threshold,
-            "threshold_mode": self.threshold_mode,
-            "cooldown": self.cooldown,
-            "eps": self.eps,
-            "min_lrs": list(self.min_lrs),
-            "default_min_lr": self.default_min_lr,
-        }
+        return {"scheduler": "ReduceLROnPlateau", **self._state_fields()}
 
     def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
-        keys = ("last_epoch", "last_lr", "best", "num_bad_epochs", "cooldown_counter", "mode", "factor",
-                "patience", "threshold", "threshold_mode", "cooldown", "eps", "min_lrs", "default_min_lr")
-        state = self._check_state(state_dict, keys)
+        apply_fields = self._load_fields(state_dict)
         groups = len(self.optimizer.param_groups)
-        default_min_lr = state["default_min_lr"]
-        values = dict(
-            last_epoch=_real("last_epoch", state["last_epoch"]),
-            best=float(_real("best", state["best"])),
-            num_bad_epochs=_non_negative_int("num_bad_epochs", state["num_bad_epochs"]),
-            cooldown_counter=_non_negative_int("cooldown_counter", state["cooldown_counter"]),
-            mode=_choice("mode", state["mode"], ("min", "max")),
-            factor=_real_in("factor", state["factor"], "[0, 1)"),
-            patience=_non_negative_int("patience", state["patience"]),
-            threshold=_non_negative_real("threshold", state["threshold"]),
-            threshold_mode=_choice("threshold_mode", state["threshold_mode"], ("rel", "abs")),
-            cooldown=_non_negative_int("cooldown", state["cooldown"]),
-            eps=_non_negative_real("eps", state["eps"]),
-            min_lrs=_float_list("ReduceLROnPlateau", "min_lrs", state["min_lrs"], None),
-            default_min_lr=None if default_min_lr is None else _non_negative_real("default_min_lr", default_min_lr),
-        )
-        last_lr = _float_list("ReduceLROnPlateau", "last_lr", state["last_lr"], groups)
+        last_lr = _float_list("ReduceLROnPlateau", "last_lr", state_dict["last_lr"], groups)
 
         def apply() -> None:
-            self.__dict__.update(values)
+            apply_fields()
             self._last_lr = last_lr
             for group, rate in zip(self.optimizer.param_groups, last_lr):
                 group["lr"] = rate
@@ -1113,6 +1125,23 @@ class ReduceLROnPlateau(LRScheduler):
 # ---------------------------------------------------------------------------------------
 # cycles
 
+def _copy_unless_none(values: list | None) -> list | None:
+    return None if values is None else list(values)
+
+
+def _scale_fn_state(scale_fn: _ScheduleFunction | None) -> dict[str, Any] | None:
+    return None if scale_fn is None else scale_fn.describe("CyclicLR", "scale_fn")
+
+
+def _check_same_cycle_momentum(owner: str, saved: Any, built: bool) -> None:
+    """A state cycles momentum exactly when the scheduler loading it does: the momentum
+    key and the param groups' momentum bounds are fixed at construction."""
+    saved = _bool("cycle_momentum", saved)
+    if saved != built:
+        raise ValueError(
+            f"{owner}: state has cycle_momentum={saved} but this scheduler was built with cycle_momentum={built}"
+        )
+
 
 class CyclicLR(LRScheduler):
     """Cyclical learning rates (Smith 2017): with cycle = floor(1 + e / (up + down)) and x the
@@ -1122,6 +1151,23 @@ class CyclicLR(LRScheduler):
     of the cycle or iteration (``scale_mode``). With cycle_momentum, momentum (or betas[0])
     moves inversely between max_momentum and base_momentum.
     """
+
+    # The fields without a check are checked by _load_fields: max_lrs and the momentum lists
+    # must have one value per param group, the momentum lists are only kept with
+    # cycle_momentum (None otherwise), which must be what this scheduler was built with, and
+    # scale_fn is restored from its stored form.
+    fields = (
+        Field("max_lrs", None, to_state=list),
+        Field("total_size", _positive_real),
+        Field("step_ratio", partial(_real_in, interval="(0, 1]")),
+        Field("mode", partial(_choice, allowed=("triangular", "triangular2", "exp_range"))),
+        Field("gamma", _positive_real),
+        Field("scale_mode", partial(_choice, allowed=("cycle", "iterations"))),
+        Field("scale_fn", None, to_state=_scale_fn_state, attribute="_scale_fn"),
+        Field("cycle_momentum", None),
+        Field("base_momentums", None, to_state=_copy_unless_none),
+        Field("max_momentums", None, to_state=_copy_unless_none),
+    )
 
     def __init__(self, optimizer: Optimizer, base_lr: float | list[float], max_lr: float | list[float],
                  step_size_up: int = 2000, step_size_down: int | None = None, mode: str = "triangular",
@@ -1139,16 +1185,17 @@ class CyclicLR(LRScheduler):
         self.step_ratio = up / self.total_size
         self._scale_fn = None if scale_fn is None else _ScheduleFunction.from_argument(scale_fn, "scale_fn")
         if self._scale_fn is None:
-            self.mode = _choice("mode", mode, ("triangular", "triangular2", "exp_range"))
+            self._set_fields(mode=mode)
             # the built-in policies fix what they scale by, as in torch
             self.scale_mode = "iterations" if mode == "exp_range" else "cycle"
         else:
             if not isinstance(mode, str):
                 raise TypeError(f"mode must be a string; got {mode!r} of type {type(mode).__name__}")
             self.mode = mode  # ignored when scale_fn is given, as in torch
-            self.scale_mode = _choice("scale_mode", scale_mode, ("cycle", "iterations"))
-        self.gamma = _positive_real("gamma", gamma)
+            self._set_fields(scale_mode=scale_mode)
+        self._set_fields(gamma=gamma)
         self.cycle_momentum = _bool("cycle_momentum", cycle_momentum)
+        self.base_momentums = self.max_momentums = None  # kept only with cycle_momentum
         if self.cycle_momentum:
             self._momentum_key = _momentum_key(optimizer, "CyclicLR")
             self.base_momentums = _per_group("base_momentum", base_momentum, groups, _non_negative_real)
@@ -1196,51 +1243,38 @@ class CyclicLR(LRScheduler):
                 _write_momentum(group, self._momentum_key, momentum)
         return rates
 
-    def _state_fields(self) -> dict[str, Any]:
-        scale_fn = None if self._scale_fn is None else self._scale_fn.describe("CyclicLR", "scale_fn")
-        return {
-            "max_lrs": list(self.max_lrs),
-            "total_size": self.total_size,
-            "step_ratio": self.step_ratio,
-            "mode": self.mode,
-            "gamma": self.gamma,
-            "scale_mode": self.scale_mode,
-            "scale_fn": scale_fn,
-            "cycle_momentum": self.cycle_momentum,
-            "base_momentums": list(self.base_momentums) if self.cycle_momentum else None,
-            "max_momentums": list(self.max_momentums) if self.cycle_momentum else None,
-        }
-
     def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        keys = ("max_lrs", "total_size", "step_ratio", "mode", "gamma", "scale_mode", "scale_fn",
-                "cycle_momentum", "base_momentums", "max_momentums")
-        self._check_state(state, keys)
+        self._check_state(state, self._field_names())
         groups = len(self.optimizer.param_groups)
-        cycle_momentum = _bool("cycle_momentum", state["cycle_momentum"])
-        if cycle_momentum != self.cycle_momentum:
-            raise ValueError(
-                f"CyclicLR: state has cycle_momentum={cycle_momentum} but this scheduler was built "
-                f"with cycle_momentum={self.cycle_momentum}"
-            )
+        _check_same_cycle_momentum("CyclicLR", state["cycle_momentum"], self.cycle_momentum)
         scale_fn = state["scale_fn"]
         if scale_fn is not None:
             scale_fn = _ScheduleFunction.restore(scale_fn, "CyclicLR", "scale_fn")
-        modes = ("triangular", "triangular2", "exp_range")
-        values = dict(
-            max_lrs=_float_list("CyclicLR", "max_lrs", state["max_lrs"], groups),
-            total_size=_positive_real("total_size", state["total_size"]),
-            step_ratio=_real_in("step_ratio", state["step_ratio"], "(0, 1]"),
-            mode=state["mode"] if scale_fn is not None else _choice("mode", state["mode"], modes),
-            gamma=_positive_real("gamma", state["gamma"]),
-            scale_mode=_choice("scale_mode", state["scale_mode"], ("cycle", "iterations")),
-            _scale_fn=scale_fn,
-        )
-        if cycle_momentum:
+        values = {"_scale_fn": scale_fn, "max_lrs": _float_list("CyclicLR", "max_lrs", state["max_lrs"], groups)}
+        # with a scale_fn the mode is ignored (as in torch), so any saved mode is kept as it is
+        values.update(self._checked_fields(state, taken_as_saved=("mode",) if scale_fn is not None else ()))
+        if self.cycle_momentum:
             values["base_momentums"] = _float_list("CyclicLR", "base_momentums", state["base_momentums"], groups)
             values["max_momentums"] = _float_list("CyclicLR", "max_momentums", state["max_momentums"], groups)
         # group["max_momentum"] / ["base_momentum"] are informational for CyclicLR (it reads its
         # own lists), and a resumed CyclicLR never sets them: they are left to the optimizer state
         return lambda: self.__dict__.update(values)
+
+
+_PHASE_KEYS = frozenset({"end_step", "start_lr", "end_lr", "start_momentum", "end_momentum"})
+
+
+def _phase(end_step: float, start_lr: str, end_lr: str, start_momentum: str, end_momentum: str) -> dict[str, Any]:
+    return {"end_step": end_step, "start_lr": start_lr, "end_lr": end_lr,
+            "start_momentum": start_momentum, "end_momentum": end_momentum}
+
+
+def _phase_list(name: str, phases: Any) -> list[dict[str, Any]]:
+    if not isinstance(phases, list) or not phases or not all(
+        isinstance(p, Mapping) and set(p) == _PHASE_KEYS for p in phases
+    ):
+        raise ValueError(f"OneCycleLR: state {name!r} must be a list of phase dicts; got {phases!r}")
+    return [dict(p) for p in phases]
 
 
 class OneCycleLR(LRScheduler):
@@ -1253,6 +1287,17 @@ class OneCycleLR(LRScheduler):
     (with cycle_momentum) max_momentum, base_momentum.
     """
 
+    # The fields without a check are checked by _load_fields: cycle_momentum must be what
+    # this scheduler was built with, and group_bounds must hold its bounds for each param
+    # group, where it writes them back.
+    fields = (
+        Field("total_steps", _positive_int),
+        Field("phases", _phase_list, to_state=copy.deepcopy, attribute="_phases"),
+        Field("anneal_strategy", partial(_choice, allowed=("cos", "linear"))),
+        Field("cycle_momentum", None),
+        Field("group_bounds", None, attribute="_group_bounds"),
+    )
+
     def __init__(self, optimizer: Optimizer, max_lr: float | list[float], total_steps: int | None = None,
                  epochs: int | None = None, steps_per_epoch: int | None = None, pct_start: float = 0.3,
                  anneal_strategy: str = "cos", cycle_momentum: bool = True,
@@ -1262,7 +1307,7 @@ class OneCycleLR(LRScheduler):
         _check_optimizer(optimizer)
         last_epoch = _last_epoch_argument(last_epoch)
         if total_steps is not None:
-            self.total_steps = _positive_int("total_steps", total_steps)
+            self._set_fields(total_steps=total_steps)
         elif epochs is not None and steps_per_epoch is not None:
             self.total_steps = _positive_int("epochs", epochs) * _positive_int("steps_per_epoch", steps_per_epoch)
         else:
@@ -1271,7 +1316,7 @@ class OneCycleLR(LRScheduler):
                 f"total_steps={total_steps!r}, epochs={epochs!r}, steps_per_epoch={steps_per_epoch!r}"
             )
         pct_start = float(_real_in("pct_start", pct_start, "[0, 1]"))
-        self.anneal_strategy = _choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
+        self._set_fields(anneal_strategy=anneal_strategy)
         three_phase = _bool("three_phase", three_phase)
         div_factor = _positive_real("div_factor", div_factor)
         final_div_factor = _positive_real("final_div_factor", final_div_factor)
@@ -1321,6 +1366,12 @@ class OneCycleLR(LRScheduler):
         keys = ("initial_lr", "max_lr", "min_lr")
         return keys + ("max_momentum", "base_momentum") if self.cycle_momentum else keys
 
+    @property
+    def _group_bounds(self) -> list[dict[str, Any]]:
+        """The bounds get_lr reads from each param group."""
+        keys = self._group_keys()
+        return [{key: _plain_number(group[key]) for key in keys} for group in self.optimizer.param_groups]
+
     def _anneal(self, start: float, end: float, pct: float) -> float:
         if self.anneal_strategy == "cos":
             return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
@@ -1350,47 +1401,11 @@ class OneCycleLR(LRScheduler):
                 _write_momentum(group, self._momentum_key, momentum)
         return rates
 
-    def _state_fields(self) -> dict[str, Any]:
-        keys = self._group_keys()
-        return {
-            "total_steps": self.total_steps,
-            "phases": copy.deepcopy(self._phases),
-            "anneal_strategy": self.anneal_strategy,
-            "cycle_momentum": self.cycle_momentum,
-            # the bounds get_lr reads from the param groups
-            "group_bounds": [
-                {key: _plain_number(group[key]) for key in keys} for group in self.optimizer.param_groups
-            ],
-        }
-
     def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
-        self._check_state(state, ("total_steps", "phases", "anneal_strategy", "cycle_momentum", "group_bounds"))
-        cycle_momentum = _bool("cycle_momentum", state["cycle_momentum"])
-        if cycle_momentum != self.cycle_momentum:
-            raise ValueError(
-                f"OneCycleLR: state has cycle_momentum={cycle_momentum} but this scheduler was built "
-                f"with cycle_momentum={self.cycle_momentum}"
-            )
-        phases = state["phases"]
-        phase_keys = {"end_step", "start_lr", "end_lr", "start_momentum", "end_momentum"}
-        if not isinstance(phases, list) or not phases or not all(
-            isinstance(p, Mapping) and set(p) == phase_keys for p in phases
-        ):
-            raise ValueError(f"OneCycleLR: state 'phases' must be a list of phase dicts; got {phases!r}")
-        bounds = state["group_bounds"]
-        keys = self._group_keys()
-        if not isinstance(bounds, list) or len(bounds) != len(self.optimizer.param_groups) or not all(
-            isinstance(b, Mapping) and set(b) == set(keys) and all(_is_real(v) for v in b.values()) for b in bounds
-        ):
-            raise ValueError(
-                f"OneCycleLR: state 'group_bounds' must hold {', '.join(keys)} for each of the "
-                f"{len(self.optimizer.param_groups)} param groups; got {bounds!r}"
-            )
-        values = dict(
-            total_steps=_positive_int("total_steps", state["total_steps"]),
-            _phases=[dict(p) for p in phases],
-            anneal_strategy=_choice("anneal_strategy", state["anneal_strategy"], ("cos", "linear")),
-        )
+        self._check_state(state, self._field_names())
+        _check_same_cycle_momentum("OneCycleLR", state["cycle_momentum"], self.cycle_momentum)
+        bounds = self._checked_group_bounds(state["group_bounds"])
+        values = self._checked_fields(state)
 
         def apply() -> None:
             self.__dict__.update(values)
@@ -1399,10 +1414,16 @@ class OneCycleLR(LRScheduler):
 
         return apply
 
-
-def _phase(end_step: float, start_lr: str, end_lr: str, start_momentum: str, end_momentum: str) -> dict[str, Any]:
-    return {"end_step": end_step, "start_lr": start_lr, "end_lr": end_lr,
-            "start_momentum": start_momentum, "end_momentum": end_momentum}
+    def _checked_group_bounds(self, bounds: Any) -> list:
+        keys = self._group_keys()
+        if not isinstance(bounds, list) or len(bounds) != len(self.optimizer.param_groups) or not all(
+            isinstance(b, Mapping) and set(b) == set(keys) and all(_is_real(v) for v in b.values()) for b in bounds
+        ):
+            raise ValueError(
+                f"OneCycleLR: state 'group_bounds' must hold {', '.join(keys)} for each of the "
+                f"{len(self.optimizer.param_groups)} param groups; got {bounds!r}"
+            )
+        return bounds
 
 
 # ---------------------------------------------------------------------------------------
@@ -1435,23 +1456,47 @@ def _check_children(owner: str, optimizer: Optimizer, schedulers: list[Any]) -> 
             )
 
 
+def _integer_entry(owner: str, name: str, value: Any) -> int:
+    if not _is_int(value):
+        raise ValueError(f"{owner}: state {name!r} must be an integer; got {value!r}")
+    return int(value)
+
+
 def _children_momentum_key(schedulers: list[LRScheduler]) -> str | None:
     keys = [child._momentum_key for child in schedulers if child._momentum_key is not None]
     return keys[0] if keys else None
 
 
 class _Composite(LRScheduler):
-    """Shared state handling of SequentialLR and ChainedScheduler: children's states nested."""
+    """Shared state handling of SequentialLR and ChainedScheduler: children's states nested,
+    then the composite's own fields."""
 
     _schedulers: list[LRScheduler]
 
-    def _composite_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"scheduler": type(self).__name__, "last_lr": list(self._last_lr)}
+    # a composite keeps no base rates or step count of its own: its children do
+    _common_keys = ("last_lr", "schedulers")
+
+    def _common_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"last_lr": list(self._last_lr)}
         if self._momentum_key is not None:
             state["momentum_key"] = self._momentum_key
             state["last_momentum"] = list(self._last_momentum)
         state["schedulers"] = [child.state_dict() for child in self._schedulers]
         return state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": type(self).__name__, **self._common_state(), **self._state_fields()}
+
+    def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
+        state = self._check_state(state_dict, self._field_names() + self._common_keys)
+        apply_fields = self._load_fields(state)
+        apply_children = self._prepare_children(state)
+
+        def apply() -> None:
+            apply_fields()
+            apply_children()
+
+        return apply
 
     def _prepare_children(self, state: Mapping[str, Any]) -> Callable[[], None]:
         owner, groups = type(self).__name__, len(self.optimizer.param_groups)
@@ -1479,16 +1524,22 @@ class SequentialLR(_Composite):
     """Runs ``schedulers[i]`` from ``milestones[i-1]`` on; at a milestone the next scheduler
     restarts at its epoch 0 (closed form where it has one)."""
 
+    fields = (
+        Field("last_epoch", partial(_integer_entry, "SequentialLR")),
+        Field("milestones", partial(_milestone_list, strictly_increasing=True), to_state=list,
+              attribute="_milestones"),
+    )
+
     def __init__(self, optimizer: Optimizer, schedulers: list[LRScheduler], milestones: list[int],
                  last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         schedulers = list(schedulers)
         _check_children("SequentialLR", optimizer, schedulers)
-        milestones = _milestone_list("milestones", milestones, strictly_increasing=True)
-        if len(milestones) != len(schedulers) - 1:
+        self._set_fields(milestones=milestones)
+        if len(self._milestones) != len(schedulers) - 1:
             raise ValueError(
                 f"milestones must have one entry fewer than schedulers ({len(schedulers) - 1}); got "
-                f"{len(milestones)} milestones for {len(schedulers)} schedulers"
+                f"{len(self._milestones)} milestones for {len(schedulers)} schedulers"
             )
         for index, scheduler in enumerate(schedulers[1:], start=1):
             # torch fails at the milestone: a composite cannot restart from epoch 0
@@ -1499,7 +1550,6 @@ class SequentialLR(_Composite):
                 )
         last_epoch = _last_epoch_argument(last_epoch)
         self._schedulers = schedulers
-        self._milestones = milestones
         self.last_epoch = last_epoch + 1
         self.optimizer = optimizer
         self._momentum_key = _children_momentum_key(schedulers)
@@ -1507,7 +1557,7 @@ class SequentialLR(_Composite):
             group["lr"] = group["initial_lr"]
         # every child took its constructor's step; take those back, then redo only the first one
         _undo_initial_steps(self)
-        first = bisect_right(milestones, 0)
+        first = bisect_right(self._milestones, 0)
         schedulers[first]._initial_step()
         self._record_last()
 
@@ -1521,27 +1571,15 @@ class SequentialLR(_Composite):
             scheduler.step()
         self._record_last()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._composite_state(), "last_epoch": self.last_epoch, "milestones": list(self._milestones)}
-
-    def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
-        state = self._check_state(state_dict, ("last_epoch", "milestones", "last_lr", "schedulers"))
-        last_epoch = state["last_epoch"]
-        if not _is_int(last_epoch):
-            raise ValueError(f"SequentialLR: state 'last_epoch' must be an integer; got {last_epoch!r}")
-        milestones = _milestone_list("milestones", state["milestones"], strictly_increasing=True)
+    def _load_fields(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        # every entry is there: _Composite._prepare_load checked the whole state's keys at once
+        values = self._checked_fields(state)
+        milestones = values["_milestones"]
         if len(milestones) != len(self._schedulers) - 1:
             raise ValueError(
                 f"SequentialLR: state has {len(milestones)} milestones for {len(self._schedulers)} schedulers"
             )
-        apply_children = self._prepare_children(state)
-
-        def apply() -> None:
-            self.last_epoch = int(last_epoch)
-            self._milestones = milestones
-            apply_children()
-
-        return apply
+        return lambda: self.__dict__.update(values)
 
 
 def _undo_initial_steps(scheduler: LRScheduler) -> None:
@@ -1571,10 +1609,3 @@ class ChainedScheduler(_Composite):
         for scheduler in self._schedulers:
             scheduler.step()
         self._record_last()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._composite_state()
-
-    def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
-        state = self._check_state(state_dict, ("last_lr", "schedulers"))
-        return self._prepare_children(state)
