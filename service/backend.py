@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardstep.service.errors import ActorCallError, ActorLostError, StartTimeoutError
+from shardstep.workers.runtime import thread_environment
 
 # a start that is waiting says so after this long, then whenever what it waits for changes
 # (and at least every REPEAT_SECONDS)
@@ -308,6 +309,9 @@ class RayBackend:
             options: dict[str, Any] = {"num_cpus": spec.placement.cpus, "max_restarts": 0, "max_task_retries": 0}
             if spec.placement.resources:
                 options["resources"] = dict(spec.placement.resources)
+            # in the actor's environment from its start, before its OpenMP runtime (numba's,
+            # torch's) loads; Ray merges these with the job's own env_vars
+            options["runtime_env"] = {"env_vars": thread_environment()}
             if spec.name is not None:
                 options["name"] = spec.name
                 if namespace is not None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstep.service import __version__
+from shardstep.workers.runtime import use_thread_environment
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -642,5 +643,13 @@ def _jobs_stop(args: argparse.Namespace) -> int:
     return _on_cluster(lambda: submit.stop_job(args.job_id, address=args.address, out=sys.stdout, err=sys.stderr))
 
 
+def entry() -> int:
+    """The ``shardstep`` command (and ``python -m shardstep.service.cli``): :func:`main` in a
+    process of its own, whose threads first get shardstep's thread environment (before
+    anything loads an OpenMP runtime: the inline backend computes in this process)."""
+    use_thread_environment()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

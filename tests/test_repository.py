@@ -198,7 +198,7 @@ def test_packaging_lists_every_package_folder_under_the_namespace():
     assert sorted(config["packages"]) == folders
     assert set(config["package-data"]) <= set(folders)
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"] == {
-        "shardstep": "shardstep.service.cli:main"}
+        "shardstep": "shardstep.service.cli:entry"}
 
 
 def test_the_built_wheel_installs_only_the_shardstep_namespace(tmp_path):

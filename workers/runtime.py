@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
+import os
+
 _THREAD_BUDGET: list[int] = []
+
+# How idle kernel threads wait, in every process that runs shardstep's kernels: the actors,
+# and the command line's own process (where the inline backend computes). numba's default
+# threading layer is OpenMP, whose workers spin after each parallel kernel (libgomp: up to
+# 300,000 polls) before they sleep. The spinning threads take the cores from the process's
+# own OpenBLAS threads and, on a busy machine, from other jobs, and a kernel's thread team
+# then waits at its barrier for a member the scheduler has not run yet. Waiting passively
+# sleeps at once (measured in docs/benchmarks.md, "Under a competing job"). The OpenMP
+# runtime reads the setting when it loads, so it must be in a process's environment before
+# its first parallel kernel (or torch) loads the runtime.
+THREAD_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+# the variables by which a user says how OpenMP threads wait; any of them set wins
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def thread_environment() -> dict[str, str]:
+    """How OpenMP threads wait in every process of a run: the wait settings of this process's
+    environment when it has any (the user's choice), else :data:`THREAD_ENVIRONMENT`. The
+    actors are started with these variables."""
+    chosen = {name: os.environ[name] for name in WAIT_SETTINGS if name in os.environ}
+    return chosen or dict(THREAD_ENVIRONMENT)
+
+
+def use_thread_environment() -> None:
+    """Give this process :func:`thread_environment`. The ``shardstep`` command calls it first
+    thing; a library user's own process is left as it is (docs/engine.md says how to set it)."""
+    os.environ.update(thread_environment())
 
 
 def limit_threads(threads: int) -> None:

@@ -63,7 +63,13 @@ def main() -> int:
     parser.add_argument("--timed", type=int, default=TIMED)
     parser.add_argument("--torch-module", action="store_true",
                         help="the model as a torch module ([model] module: common.torch_mlp) on the task's data")
+    parser.add_argument("--thread-environment", action="store_true",
+                        help="give this process shardstep's thread environment first, as the shardstep command does")
     args = parser.parse_args()
+    if args.thread_environment:
+        from shardstep.workers.runtime import use_thread_environment
+
+        use_thread_environment()
 
     import numpy as np
 
