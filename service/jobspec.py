@@ -131,70 +131,6 @@ class JobSpecError(ValueError):
         super().__init__(" ".join(str(message).splitlines()))
 
 
-# ---------------------------------------------------------------------------------------
-# where each field lives in the job file (the one table the parser, the checks and the
-# messages share)
-
-FIELD_KEYS: dict[str, str] = {
-    "task": "task.name",
-    "task_args": "task.args",
-    "optimizer": "optimizer.name",
-    "optimizer_args": "optimizer.args",
-    "param_groups": "param_groups",
-    "schedulers": "schedulers",
-    "steps": "training.steps",
-    "epochs": "training.epochs",
-    "batch_size": "training.batch_size",
-    "seed": "training.seed",
-    "eval_every": "training.eval_every",
-    "clip_grad_norm": "training.clip_grad_norm",
-    "nonfinite": "training.nonfinite",
-    "max_skipped_steps": "training.max_skipped_steps",
-    "time_limit": "training.time_limit",
-    "accumulate": "training.accumulate",
-    "scalar_dtype": "training.scalar_dtype",
-    "shards": "resources.shards",
-    "workers": "resources.workers",
-    "backend": "resources.backend",
-    "address": "resources.address",
-    "max_failures": "resources.max_failures",
-    "worker_cpus": "resources.worker_cpus",
-    "shard_cpus": "resources.shard_cpus",
-    "transport": "resources.transport",
-    "start_timeout": "resources.start_timeout",
-    "placement": "resources.placement",
-    "shard_resources": "resources.shard_resources",
-    "worker_resources": "resources.worker_resources",
-    "shard_labels": "resources.shard_labels",
-    "worker_labels": "resources.worker_labels",
-    "checkpoint_every": "checkpoint.every",
-    "checkpoint_async": "checkpoint.async",
-    "keep_last": "checkpoint.keep_last",
-    "keep_every": "checkpoint.keep_every",
-    "keep_best": "checkpoint.keep_best",
-    "keep_metric": "checkpoint.metric",
-    "keep_mode": "checkpoint.mode",
-    "load_best": "checkpoint.load_best",
-    "stop_metric": "early_stopping.metric",
-    "stop_patience": "early_stopping.patience",
-    "stop_min_delta": "early_stopping.min_delta",
-    "stop_mode": "early_stopping.mode",
-    "tensorboard": "logging.tensorboard",
-    "mlflow": "logging.mlflow",
-    "mlflow_tracking_uri": "logging.mlflow_tracking_uri",
-    "mlflow_experiment": "logging.mlflow_experiment",
-    "ray_metrics": "logging.ray_metrics",
-    "run_dir": "run_dir",
-    "frozen": "frozen",
-    "init": "init",
-    # not a key of the file: the directory the file is in, where its own code is imported from
-    "code_dir": "code_dir",
-}
-# the tables of plain settings: table -> {key: field}
-SETTING_TABLES: dict[str, dict[str, str]] = {
-    table: {key.partition(".")[2]: name for name, key in FIELD_KEYS.items() if key.startswith(f"{table}.")}
-    for table in ("training", "resources", "checkpoint", "early_stopping", "logging")
-}
 TOP_LEVEL_KEYS = ("run_dir", "task", "data", "model", "optimizer", "param_groups", "schedulers", "training",
                   "resources", "checkpoint", "early_stopping", "logging", "frozen", "init")
 # the task a job's [data] and [model] tables describe (shardstep.workers.tasks.supervised),
@@ -631,6 +567,107 @@ class InitSpec:
                    skip=data.get("skip", ()))
 
 
+# ---------------------------------------------------------------------------------------
+# the fields: each declares where it lives in the job file and how a value is checked alone
+# (what ties fields together is checked after, in _checked_fields)
+
+
+def setting(key: str, check: Callable[[str, Any], Any], *, default: Any = dataclasses.MISSING,
+            factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A JobSpec field at job-file key ``key`` (``"training.steps"``): ``check(key, value)``
+    returns the value normalized or raises JobSpecError naming ``key``."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"key": key, "check": check})
+
+
+def _integer(minimum: int, *, optional: bool = False) -> Callable[[str, Any], int | None]:
+    return lambda path, value: _check_int(path, value, minimum, optional=optional)
+
+
+def _number(minimum: float, *, strict: bool, optional: bool = False) -> Callable[[str, Any], float | None]:
+    return lambda path, value: _check_real(path, value, minimum, strict=strict, optional=optional)
+
+
+def _one_of(allowed: Sequence[str], *, optional: bool = False) -> Callable[[str, Any], str | None]:
+    return lambda path, value: None if value is None and optional else _check_choice(path, value, allowed)
+
+
+def _text(what: str, *, optional: bool = False) -> Callable[[str, Any], str | None]:
+    return lambda path, value: _check_text(path, value, what, optional=optional)
+
+
+def _resources(actor: str) -> Callable[[str, Any], dict[str, float]]:
+    return lambda path, value: _check_resources(path, value, actor)
+
+
+def _task_name(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise JobSpecError(f"{path} must be one of {', '.join(map(repr, TASK_NAMES))} or 'package.module:Class'; "
+                           f"got {_got(value)}")
+    return value
+
+
+def _checked_rules(path: str, rules: Any) -> tuple[ParamGroupRule, ...] | None:
+    if rules is None:
+        return None
+    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, ParamGroupRule) for r in rules):
+        raise JobSpecError(f"{path} must be None or a sequence of ParamGroupRule; got {rules!r}")
+    return tuple(_rule(f"{path}[{i}]", r.pattern, r.options) for i, r in enumerate(rules))
+
+
+def _checked_schedulers(path: str, schedulers: Any) -> tuple[SchedulerSpec, ...]:
+    if not isinstance(schedulers, (list, tuple)) or not all(isinstance(s, SchedulerSpec) for s in schedulers):
+        raise JobSpecError(f"{path} must be a sequence of SchedulerSpec; got {schedulers!r}")
+    return tuple(SchedulerSpec(**_scheduler_values(f"{path}[{i}]", s.name, s.args, s.interval, s.monitor))
+                 for i, s in enumerate(schedulers))
+
+
+def _absolute_path(path: str, value: str, why: str) -> str:
+    _check_path_text(path, value)
+    if not os.path.isabs(value):
+        raise JobSpecError(f"{path} must be an absolute path{why}; got {_shown(value)}")
+    return value
+
+
+def _run_dir_value(path: str, run_dir: Any) -> str:
+    """An absolute directory path or an object-storage URL."""
+    if isinstance(run_dir, os.PathLike):
+        run_dir = os.fspath(run_dir)
+    if not isinstance(run_dir, str) or not run_dir:
+        raise JobSpecError(f"{path} is required: the directory of the run's checkpoints; got {_got(run_dir)}")
+    url = _object_url(path, run_dir)
+    if url is not None:
+        return url
+    return _absolute_path(path, run_dir, " here (a job file's relative run_dir is resolved against the file's "
+                                         "directory)")
+
+
+def _tensorboard_value(path: str, tensorboard: Any) -> bool | str:
+    """true, false or an absolute local directory (where it may be, with run_dir, is checked after)."""
+    if isinstance(tensorboard, os.PathLike):
+        tensorboard = os.fspath(tensorboard)
+    if not isinstance(tensorboard, (bool, str)) or (isinstance(tensorboard, str) and not tensorboard.strip()):
+        raise JobSpecError(f"{path} must be true, false or a directory for the event files; got {_got(tensorboard)}")
+    if isinstance(tensorboard, str):
+        if URL_SCHEME.match(tensorboard):
+            raise JobSpecError(f"{path} must be a local directory (TensorBoard's event files are written by the "
+                               f"coordinator); got {_shown(tensorboard)}")
+        _absolute_path(path, tensorboard, " here (a job file's is resolved against the file's directory)")
+    return tensorboard
+
+
+def _init_value(path: str, init: Any) -> InitSpec | None:
+    if init is not None and not isinstance(init, InitSpec):
+        raise JobSpecError(f"{path} must be None or an InitSpec; got {init!r}")
+    return init
+
+
+def _code_dir_value(path: str, code_dir: Any) -> str | None:
+    if code_dir is None:
+        return None
+    _check_text(path, code_dir, "the absolute path of the job file's directory")
+    return _absolute_path(path, code_dir, " (the job file's directory)")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A validated training job (the job file's reference: ``docs/jobs.md``).
@@ -647,63 +684,72 @@ class JobSpec:
     which the run stops with an error (it is diverging).
     """
 
-    task: str
-    task_args: dict
-    optimizer: str
-    optimizer_args: dict
-    param_groups: tuple[ParamGroupRule, ...] | None
-    schedulers: tuple[SchedulerSpec, ...]
-    steps: int | None
-    epochs: int | None
-    batch_size: int = 64
-    seed: int = 0
-    eval_every: int | None = None
-    clip_grad_norm: float | None = None
-    nonfinite: str = "stop"
-    max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS
-    time_limit: float | None = None
-    accumulate: int = 1
+    task: str = setting("task.name", _task_name)
+    task_args: dict = setting("task.args", _check_args)
+    optimizer: str = setting("optimizer.name", _optimizer_name)
+    optimizer_args: dict = setting("optimizer.args", _check_args)
+    param_groups: tuple[ParamGroupRule, ...] | None = setting("param_groups", _checked_rules)
+    schedulers: tuple[SchedulerSpec, ...] = setting("schedulers", _checked_schedulers)
+    steps: int | None = setting("training.steps", _integer(0, optional=True))
+    epochs: int | None = setting("training.epochs", _integer(0, optional=True))
+    batch_size: int = setting("training.batch_size", _integer(1), default=64)
+    seed: int = setting("training.seed", _integer(0), default=0)
+    eval_every: int | None = setting("training.eval_every", _integer(1, optional=True), default=None)
+    clip_grad_norm: float | None = setting("training.clip_grad_norm", _number(0.0, strict=True, optional=True),
+                                           default=None)
+    nonfinite: str = setting("training.nonfinite", _one_of(NONFINITE_POLICIES), default="stop")
+    max_skipped_steps: int = setting("training.max_skipped_steps", _integer(1), default=DEFAULT_MAX_SKIPPED_STEPS)
+    time_limit: float | None = setting("training.time_limit", _number(0.0, strict=True, optional=True), default=None)
+    accumulate: int = setting("training.accumulate", _integer(1), default=1)
     # torch's scalar dtype for step counters and scalar optimizer state (docs/optimizers.md)
-    scalar_dtype: str = "float32"
-    shards: int = 1
-    workers: int = 1
-    backend: str = "ray"
-    address: str | None = None
-    max_failures: int = 0
-    worker_cpus: float = 0.0
-    shard_cpus: float = 0.0
-    transport: str = "auto"
-    start_timeout: float = DEFAULT_START_TIMEOUT
-    placement: str | None = None
-    shard_resources: dict = dataclasses.field(default_factory=dict)
-    worker_resources: dict = dataclasses.field(default_factory=dict)
-    shard_labels: dict = dataclasses.field(default_factory=dict)
-    worker_labels: dict = dataclasses.field(default_factory=dict)
-    checkpoint_every: int | None = None
-    checkpoint_async: bool = True
-    keep_last: int | None = None
-    keep_every: int | None = None
-    keep_best: int | None = None
-    keep_metric: str | None = None
-    keep_mode: str = "min"
+    scalar_dtype: str = setting("training.scalar_dtype", _one_of(DEFAULT_DTYPES), default="float32")
+    shards: int = setting("resources.shards", _integer(1), default=1)
+    workers: int = setting("resources.workers", _integer(1), default=1)
+    backend: str = setting("resources.backend", _one_of(BACKENDS), default="ray")
+    address: str | None = setting("resources.address", _text("a Ray cluster address such as 'ray://head:10001' or "
+                                                              "'auto'", optional=True), default=None)
+    max_failures: int = setting("resources.max_failures", _integer(0), default=0)
+    worker_cpus: float = setting("resources.worker_cpus", _number(0.0, strict=False), default=0.0)
+    shard_cpus: float = setting("resources.shard_cpus", _number(0.0, strict=False), default=0.0)
+    transport: str = setting("resources.transport", _one_of(TRANSPORTS), default="auto")
+    start_timeout: float = setting("resources.start_timeout", _number(0.0, strict=True),
+                                   default=DEFAULT_START_TIMEOUT)
+    placement: str | None = setting("resources.placement", _one_of(PLACEMENTS, optional=True), default=None)
+    shard_resources: dict = setting("resources.shard_resources", _resources("shard"), factory=dict)
+    worker_resources: dict = setting("resources.worker_resources", _resources("worker"), factory=dict)
+    shard_labels: dict = setting("resources.shard_labels", _check_labels, factory=dict)
+    worker_labels: dict = setting("resources.worker_labels", _check_labels, factory=dict)
+    checkpoint_every: int | None = setting("checkpoint.every", _integer(1, optional=True), default=None)
+    checkpoint_async: bool = setting("checkpoint.async", _check_bool, default=True)
+    keep_last: int | None = setting("checkpoint.keep_last", _integer(1, optional=True), default=None)
+    keep_every: int | None = setting("checkpoint.keep_every", _integer(1, optional=True), default=None)
+    keep_best: int | None = setting("checkpoint.keep_best", _integer(1, optional=True), default=None)
+    keep_metric: str | None = setting("checkpoint.metric", _text(f"{TRAINING_LOSS!r} or the name of a metric of "
+                                                                 f"the task", optional=True), default=None)
+    keep_mode: str = setting("checkpoint.mode", _one_of(KEEP_MODES), default="min")
     # the run's result is its best checkpoint by keep_metric, not its last (docs/jobs.md)
-    load_best: bool = False
-    stop_metric: str | None = None
-    stop_patience: int = 3
-    stop_min_delta: float = 0.0
-    stop_mode: str = "min"
+    load_best: bool = setting("checkpoint.load_best", _check_bool, default=False)
+    stop_metric: str | None = setting("early_stopping.metric", _text("the name of a metric the task's evaluation "
+                                                                     "reports", optional=True), default=None)
+    stop_patience: int = setting("early_stopping.patience", _integer(1), default=3)
+    stop_min_delta: float = setting("early_stopping.min_delta", _number(0.0, strict=False), default=0.0)
+    stop_mode: str = setting("early_stopping.mode", _one_of(KEEP_MODES), default="min")
     # [logging]: TensorBoard event files (true: in RUN_DIR/tensorboard, or a directory), an
     # MLflow run (the tracking URI, else MLFLOW_TRACKING_URI's; the experiment),
     # Ray's metrics (docs/observability.md)
-    tensorboard: bool | str = False
-    mlflow: bool = False
-    mlflow_tracking_uri: str | None = None
-    mlflow_experiment: str = DEFAULT_MLFLOW_EXPERIMENT
-    ray_metrics: bool = True
-    run_dir: str = ""
-    frozen: tuple[str, ...] = ()
-    init: InitSpec | None = None
-    code_dir: str | None = None
+    tensorboard: bool | str = setting("logging.tensorboard", _tensorboard_value, default=False)
+    mlflow: bool = setting("logging.mlflow", _check_bool, default=False)
+    mlflow_tracking_uri: str | None = setting("logging.mlflow_tracking_uri", _text(
+        "an MLflow tracking URI such as 'http://127.0.0.1:5000' or 'sqlite:///runs/mlflow.db'", optional=True),
+        default=None)
+    mlflow_experiment: str = setting("logging.mlflow_experiment", _text("the name of an MLflow experiment"),
+                                     default=DEFAULT_MLFLOW_EXPERIMENT)
+    ray_metrics: bool = setting("logging.ray_metrics", _check_bool, default=True)
+    run_dir: str = setting("run_dir", _run_dir_value, default="")
+    frozen: tuple[str, ...] = setting("frozen", _check_patterns, default=())
+    init: InitSpec | None = setting("init", _init_value, default=None)
+    # not a key of the file: the directory the file is in, where its own code is imported from
+    code_dir: str | None = setting("code_dir", _code_dir_value, default=None)
 
     def __post_init__(self) -> None:
         for name, value in _checked_fields(self).items():
@@ -787,6 +833,16 @@ class JobSpec:
         return spec
 
 
+# where each field lives in the job file, from the declarations: the one table the parser,
+# the checks and the messages share
+FIELD_KEYS: dict[str, str] = {item.name: item.metadata["key"] for item in dataclasses.fields(JobSpec)}
+# the tables of plain settings: table -> {key: field}
+SETTING_TABLES: dict[str, dict[str, str]] = {
+    table: {key.partition(".")[2]: name for name, key in FIELD_KEYS.items() if key.startswith(f"{table}.")}
+    for table in ("training", "resources", "checkpoint", "early_stopping", "logging")
+}
+
+
 def _rules_from_dicts(value: Any) -> tuple[ParamGroupRule, ...] | None:
     if value is None:
         return None
@@ -836,87 +892,90 @@ def _rule(path: str, pattern: Any, options: Any) -> ParamGroupRule:
 
 
 def _checked_fields(spec: JobSpec) -> dict[str, Any]:
-    """Every field of ``spec`` checked and normalized, alone and together."""
+    """Every field of ``spec`` checked and normalized: each alone by its declared check, in
+    the order of the declarations, then together."""
+    out = {item.name: item.metadata["check"](item.metadata["key"], getattr(spec, item.name))
+           for item in dataclasses.fields(spec)}
+    _check_together(out)
+    return out
+
+
+def _check_together(out: dict[str, Any]) -> None:
+    """What ties the (each valid) fields ``out`` together, in the order of the job file's tables."""
     key = FIELD_KEYS
-    out: dict[str, Any] = {}
-    task = spec.task
-    if not isinstance(task, str) or not task:
-        raise JobSpecError(f"{key['task']} must be one of {', '.join(map(repr, TASK_NAMES))} or "
-                           f"'package.module:Class'; got {_got(task)}")
-    out["task"] = task
-    out["task_args"] = _check_args(key["task_args"], spec.task_args)
-    if task == DATA_TASK and isinstance(out["task_args"].get("data"), Mapping):
+    data = out["task_args"].get("data") if out["task"] == DATA_TASK else None
+    if isinstance(data, Mapping):
         for name in DATA_PATH_KEYS:  # a job file's are resolved against its directory
-            value = out["task_args"]["data"].get(name)
+            value = data.get(name)
             if isinstance(value, str) and value and _object_url(f"data.{name}", value) is None:
-                _check_path_text(f"data.{name}", value)
-                if not os.path.isabs(value):
-                    raise JobSpecError(f"data.{name} must be an absolute path or a URL here (a job file's relative "
-                                       f"path is resolved against the file's directory); got {_shown(value)}")
-    out["optimizer"] = _optimizer_name(key["optimizer"], spec.optimizer)
-    out["optimizer_args"] = _check_args(key["optimizer_args"], spec.optimizer_args)
+                _absolute_path(f"data.{name}", value, " or a URL here (a job file's relative path is resolved "
+                                                      "against the file's directory)")
     infinite = INFINITE_HYPERPARAMETERS.get(out["optimizer"], ())
     _check_finite(key["optimizer_args"], out["optimizer_args"], infinite)
+    for index, rule in enumerate(out["param_groups"] or ()):
+        _check_finite(f"param_groups[{index}]", rule.options, infinite)
 
-    rules = spec.param_groups
-    if rules is not None:
-        if not isinstance(rules, (list, tuple)) or not all(isinstance(r, ParamGroupRule) for r in rules):
-            raise JobSpecError(f"param_groups must be None or a sequence of ParamGroupRule; got {rules!r}")
-        rules = tuple(_rule(f"param_groups[{i}]", r.pattern, r.options) for i, r in enumerate(rules))
-        for index, rule in enumerate(rules):
-            _check_finite(f"param_groups[{index}]", rule.options, infinite)
-    out["param_groups"] = rules
-    schedulers = spec.schedulers
-    if not isinstance(schedulers, (list, tuple)) or not all(isinstance(s, SchedulerSpec) for s in schedulers):
-        raise JobSpecError(f"schedulers must be a sequence of SchedulerSpec; got {schedulers!r}")
-    out["schedulers"] = tuple(SchedulerSpec(**_scheduler_values(f"schedulers[{i}]", s.name, s.args, s.interval,
-                                                                s.monitor))
-                              for i, s in enumerate(schedulers))
-
-    out["steps"] = _check_int(key["steps"], spec.steps, 0, optional=True)
-    out["epochs"] = _check_int(key["epochs"], spec.epochs, 0, optional=True)
     if out["steps"] is None and out["epochs"] is None:
         raise JobSpecError(f"{key['steps']} or {key['epochs']} is required (give both to stop at whichever "
                            f"comes first)")
-    out["batch_size"] = _check_int(key["batch_size"], spec.batch_size, 1)
-    out["seed"] = _check_int(key["seed"], spec.seed, 0)
-    out["eval_every"] = _check_int(key["eval_every"], spec.eval_every, 1, optional=True)
-    out["clip_grad_norm"] = _check_real(key["clip_grad_norm"], spec.clip_grad_norm, 0.0, strict=True, optional=True)
-    out["nonfinite"] = _check_choice(key["nonfinite"], spec.nonfinite, NONFINITE_POLICIES)
-    out["max_skipped_steps"] = _check_int(key["max_skipped_steps"], spec.max_skipped_steps, 1)
-    out["time_limit"] = _check_real(key["time_limit"], spec.time_limit, 0.0, strict=True, optional=True)
-    out["accumulate"] = _check_int(key["accumulate"], spec.accumulate, 1)
-    out["scalar_dtype"] = _check_choice(key["scalar_dtype"], spec.scalar_dtype, DEFAULT_DTYPES)
     if out["accumulate"] > out["batch_size"]:
         raise JobSpecError(f"{key['accumulate']} = {out['accumulate']} micro-batches cannot be cut from "
                            f"{key['batch_size']} = {out['batch_size']} examples; give at most {out['batch_size']}")
 
-    out["shards"] = _check_int(key["shards"], spec.shards, 1)
-    out["workers"] = _check_int(key["workers"], spec.workers, 1)
-    out["backend"] = _check_choice(key["backend"], spec.backend, BACKENDS)
-    if (task == DATA_TASK and isinstance(out["task_args"].get("data"), Mapping)
-            and out["task_args"]["data"].get("ray_data") is True and out["backend"] != "ray"):
+    _check_resources_together(out)
+
+    if (out["keep_best"] is None) != (out["keep_metric"] is None):
+        raise JobSpecError(f"{key['keep_best']} and {key['keep_metric']} go together (keep the best N checkpoints "
+                           f"by that metric); got keep_best = {out['keep_best']!r}, metric = {out['keep_metric']!r}")
+    if out["load_best"] and out["keep_best"] is None:
+        raise JobSpecError(f"{key['load_best']} = true makes the best checkpoint the run's result, so it needs "
+                           f"{key['keep_best']} and {key['keep_metric']} (which keep it and say what best is)")
+    if out["keep_best"] is None and out["keep_mode"] != "min":
+        raise JobSpecError(f"{key['keep_mode']} applies to keep_best; got mode = {out['keep_mode']!r} without "
+                           f"keep_best and metric")
+
+    if out["stop_metric"] is None and (out["stop_patience"], out["stop_min_delta"], out["stop_mode"]) != (3, 0.0, "min"):
+        raise JobSpecError(f"{key['stop_patience']}, {key['stop_min_delta']} and {key['stop_mode']} apply to early "
+                           f"stopping, which needs {key['stop_metric']}")
+    if out["stop_metric"] is not None and out["eval_every"] is None:
+        raise JobSpecError(f"{key['stop_metric']} = {out['stop_metric']!r} stops on evaluations, so "
+                           f"{key['eval_every']} is required with it")
+
+    _check_logging_together(out)
+
+    if out["frozen"] and out["optimizer"] == "lbfgs":
+        raise JobSpecError(f"{key['frozen']} cannot be used with LBFGS (its direction and history span every "
+                           f"parameter); got frozen = {list(out['frozen'])}")
+    init = out["init"]
+    if init is not None:
+        if _inside(init.source, out["run_dir"]):
+            raise JobSpecError(f"init.from must be another run's checkpoint, outside this job's run_dir "
+                               f"({out['run_dir']}); got {init.source!r}")
+        if init.optimizer_state and out["optimizer"] == "lbfgs":
+            raise JobSpecError("init.optimizer_state = true cannot be used with LBFGS (its history spans every "
+                               "parameter of the source); set optimizer_state = false")
+    # the last word on retention is the checkpoint store's own check
+    try:
+        Retention(keep_last=out["keep_last"], keep_every=out["keep_every"], keep_best=out["keep_best"],
+                  metric=out["keep_metric"], mode=out["keep_mode"])
+    except ValueError as error:
+        raise JobSpecError(f"checkpoint: {error}") from error
+
+
+def _check_resources_together(out: Mapping[str, Any]) -> None:
+    """[resources]: the keys that only the Ray backend uses, and placement against what the
+    actors ask for."""
+    key = FIELD_KEYS
+    data = out["task_args"].get("data") if out["task"] == DATA_TASK else None
+    if isinstance(data, Mapping) and data.get("ray_data") is True and out["backend"] != "ray":
         raise JobSpecError(f"data.ray_data = true reads the data with Ray Data on the cluster, which needs "
                            f"{key['backend']} = 'ray'; got backend {out['backend']!r}")
-    out["address"] = _check_text(key["address"], spec.address, "a Ray cluster address such as 'ray://head:10001' "
-                                 "or 'auto'", optional=True)
     if out["address"] is not None and out["backend"] != "ray":
         raise JobSpecError(f"{key['address']} is a Ray cluster address, used only by backend 'ray'; got address "
                            f"{out['address']!r} with backend {out['backend']!r}")
-    out["max_failures"] = _check_int(key["max_failures"], spec.max_failures, 0)
-    out["worker_cpus"] = _check_real(key["worker_cpus"], spec.worker_cpus, 0.0, strict=False)
-    out["shard_cpus"] = _check_real(key["shard_cpus"], spec.shard_cpus, 0.0, strict=False)
-    out["transport"] = _check_choice(key["transport"], spec.transport, TRANSPORTS)
     if out["transport"] != "auto" and out["backend"] != "ray":
         raise JobSpecError(f"{key['transport']} chooses how Ray actors exchange data, used only by backend 'ray'; "
                            f"got transport {out['transport']!r} with backend {out['backend']!r}")
-    out["start_timeout"] = _check_real(key["start_timeout"], spec.start_timeout, 0.0, strict=True)
-    out["placement"] = (None if spec.placement is None
-                        else _check_choice(key["placement"], spec.placement, PLACEMENTS))
-    for name in ("shard_resources", "worker_resources"):
-        out[name] = _check_resources(key[name], getattr(spec, name), name.partition("_")[0])
-    for name in ("shard_labels", "worker_labels"):
-        out[name] = _check_labels(key[name], getattr(spec, name))
     placed = [name for name in ("placement", "shard_resources", "worker_resources", "shard_labels", "worker_labels")
               if out[name]]
     if placed and out["backend"] != "ray":
@@ -933,112 +992,17 @@ def _checked_fields(spec: JobSpec) -> dict[str, Any]:
                                f"but the {empty[0]}s ask for none; set resources.{empty[0]}_cpus > 0 (or "
                                f"{empty[0]}_resources)")
 
-    out["checkpoint_every"] = _check_int(key["checkpoint_every"], spec.checkpoint_every, 1, optional=True)
-    out["checkpoint_async"] = _check_bool(key["checkpoint_async"], spec.checkpoint_async)
-    for name in ("keep_last", "keep_every", "keep_best"):
-        out[name] = _check_int(key[name], getattr(spec, name), 1, optional=True)
-    out["keep_metric"] = _check_text(key["keep_metric"], spec.keep_metric,
-                                     f"{TRAINING_LOSS!r} or the name of a metric of the task", optional=True)
-    out["keep_mode"] = _check_choice(key["keep_mode"], spec.keep_mode, KEEP_MODES)
-    if (out["keep_best"] is None) != (out["keep_metric"] is None):
-        raise JobSpecError(f"{key['keep_best']} and {key['keep_metric']} go together (keep the best N checkpoints "
-                           f"by that metric); got keep_best = {out['keep_best']!r}, metric = {out['keep_metric']!r}")
-    out["load_best"] = _check_bool(key["load_best"], spec.load_best)
-    if out["load_best"] and out["keep_best"] is None:
-        raise JobSpecError(f"{key['load_best']} = true makes the best checkpoint the run's result, so it needs "
-                           f"{key['keep_best']} and {key['keep_metric']} (which keep it and say what best is)")
-    if out["keep_best"] is None and out["keep_mode"] != "min":
-        raise JobSpecError(f"{key['keep_mode']} applies to keep_best; got mode = {out['keep_mode']!r} without "
-                           f"keep_best and metric")
 
-    out["stop_metric"] = _check_text(key["stop_metric"], spec.stop_metric, "the name of a metric the task's "
-                                     "evaluation reports", optional=True)
-    out["stop_patience"] = _check_int(key["stop_patience"], spec.stop_patience, 1)
-    out["stop_min_delta"] = _check_real(key["stop_min_delta"], spec.stop_min_delta, 0.0, strict=False)
-    out["stop_mode"] = _check_choice(key["stop_mode"], spec.stop_mode, KEEP_MODES)
-    if out["stop_metric"] is None and (out["stop_patience"], out["stop_min_delta"], out["stop_mode"]) != (3, 0.0, "min"):
-        raise JobSpecError(f"{key['stop_patience']}, {key['stop_min_delta']} and {key['stop_mode']} apply to early "
-                           f"stopping, which needs {key['stop_metric']}")
-    if out["stop_metric"] is not None and out["eval_every"] is None:
-        raise JobSpecError(f"{key['stop_metric']} = {out['stop_metric']!r} stops on evaluations, so "
-                           f"{key['eval_every']} is required with it")
-
-    run_dir = spec.run_dir
-    if isinstance(run_dir, os.PathLike):
-        run_dir = os.fspath(run_dir)
-    if not isinstance(run_dir, str) or not run_dir:
-        raise JobSpecError(f"{key['run_dir']} is required: the directory of the run's checkpoints; got {_got(run_dir)}")
-    url = _object_url(key["run_dir"], run_dir)
-    if url is None:
-        _check_path_text(key["run_dir"], run_dir)
-        if not os.path.isabs(run_dir):
-            raise JobSpecError(f"{key['run_dir']} must be an absolute path here (a job file's relative run_dir is "
-                               f"resolved against the file's directory); got {_shown(run_dir)}")
-    out["run_dir"] = url or run_dir
-    out.update(_checked_logging(spec, out["run_dir"], url is not None))
-    code_dir = spec.code_dir
-    if code_dir is not None:
-        _check_text(key["code_dir"], code_dir, "the absolute path of the job file's directory")
-        _check_path_text(key["code_dir"], code_dir)
-        if not os.path.isabs(code_dir):
-            raise JobSpecError(f"{key['code_dir']} must be an absolute path (the job file's directory); got "
-                               f"{_shown(code_dir)}")
-    out["code_dir"] = code_dir
-
-    out["frozen"] = _check_patterns(key["frozen"], spec.frozen)
-    if out["frozen"] and out["optimizer"] == "lbfgs":
-        raise JobSpecError(f"{key['frozen']} cannot be used with LBFGS (its direction and history span every "
-                           f"parameter); got frozen = {list(out['frozen'])}")
-    init = spec.init
-    if init is not None:
-        if not isinstance(init, InitSpec):
-            raise JobSpecError(f"init must be None or an InitSpec; got {init!r}")
-        if _inside(init.source, out["run_dir"]):
-            raise JobSpecError(f"init.from must be another run's checkpoint, outside this job's run_dir "
-                               f"({run_dir}); got {init.source!r}")
-        if init.optimizer_state and out["optimizer"] == "lbfgs":
-            raise JobSpecError("init.optimizer_state = true cannot be used with LBFGS (its history spans every "
-                               "parameter of the source); set optimizer_state = false")
-    out["init"] = init
-    # the last word on retention is the checkpoint store's own check
-    try:
-        Retention(keep_last=out["keep_last"], keep_every=out["keep_every"], keep_best=out["keep_best"],
-                  metric=out["keep_metric"], mode=out["keep_mode"])
-    except ValueError as error:
-        raise JobSpecError(f"checkpoint: {error}") from error
-    return out
-
-
-def _checked_logging(spec: JobSpec, run_dir: str, on_object_storage: bool) -> dict[str, Any]:
-    """[logging]: each integration's key, and the package it needs installed (checked here,
-    before anything is written: a missing extra is a bad job, not a failed run)."""
+def _check_logging_together(out: Mapping[str, Any]) -> None:
+    """[logging]: the MLflow keys that need mlflow = true, event files beside a run on object
+    storage, and the package each integration needs installed (checked here, before anything
+    is written: a missing extra is a bad job, not a failed run)."""
     key = FIELD_KEYS
-    out: dict[str, Any] = {}
-    tensorboard = spec.tensorboard
-    if isinstance(tensorboard, os.PathLike):
-        tensorboard = os.fspath(tensorboard)
-    if not isinstance(tensorboard, (bool, str)) or (isinstance(tensorboard, str) and not tensorboard.strip()):
-        raise JobSpecError(f"{key['tensorboard']} must be true, false or a directory for the event files; got "
-                           f"{_got(tensorboard)}")
-    if isinstance(tensorboard, str):
-        if URL_SCHEME.match(tensorboard):
-            raise JobSpecError(f"{key['tensorboard']} must be a local directory (TensorBoard's event files are "
-                               f"written by the coordinator); got {_shown(tensorboard)}")
-        _check_path_text(key["tensorboard"], tensorboard)
-        if not os.path.isabs(tensorboard):
-            raise JobSpecError(f"{key['tensorboard']} must be an absolute path here (a job file's is resolved "
-                               f"against the file's directory); got {_shown(tensorboard)}")
-    elif tensorboard and on_object_storage:
+    run_dir = out["run_dir"]
+    if out["tensorboard"] is True and URL_SCHEME.match(run_dir):
         raise JobSpecError(f"{key['tensorboard']} = true writes the event files into the run directory, which is "
                            f"on object storage ({run_dir}); give a local directory instead, e.g. "
                            f"tensorboard = \"tensorboard/{Path(run_dir).name}\"")
-    out["tensorboard"] = tensorboard
-    out["mlflow"] = _check_bool(key["mlflow"], spec.mlflow)
-    out["mlflow_tracking_uri"] = _check_text(key["mlflow_tracking_uri"], spec.mlflow_tracking_uri,
-                                             "an MLflow tracking URI such as 'http://127.0.0.1:5000' or "
-                                             "'sqlite:///runs/mlflow.db'", optional=True)
-    out["mlflow_experiment"] = _check_text(key["mlflow_experiment"], spec.mlflow_experiment,
-                                           "the name of an MLflow experiment")
     if not out["mlflow"] and (out["mlflow_tracking_uri"] is not None
                               or out["mlflow_experiment"] != DEFAULT_MLFLOW_EXPERIMENT):
         raise JobSpecError(f"{key['mlflow_tracking_uri']} and {key['mlflow_experiment']} apply to MLflow logging, "
@@ -1048,12 +1012,10 @@ def _checked_logging(spec: JobSpec, run_dir: str, on_object_storage: bool) -> di
     # store is the user's choice
     if out["mlflow"]:
         mlflow_tracking_uri(out["mlflow_tracking_uri"])
-    out["ray_metrics"] = _check_bool(key["ray_metrics"], spec.ray_metrics)
     for field, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")):
         if out[field] is not False and importlib.util.find_spec(module) is None:
             raise JobSpecError(f"{key[field]} needs the {module} package, which is not installed here: "
                                f"pip install 'shardstep[{extra}]'")
-    return out
 
 
 def mlflow_tracking_uri(given: str | None) -> str:
