@@ -498,22 +498,22 @@ def test_missing_gradients_count_as_zero():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lbfgs_kernels_give_the_same_bits_serial_and_multithreaded(dtype):
     """Below PARALLEL_MIN_SIZE the kernels run on the calling thread: both builds agree."""
-    from shardstep.workers.optim.algorithms import lbfgs
+    from shardstep.workers.optim.algorithms.lbfgs import kernels
 
     rng = np.random.default_rng(7)
     n = 70_001
     buf = rng.standard_normal((5, n)).astype(dtype)
     rows, cols = np.array([0, 1, 2]), np.array([1, 3, 4])
-    tasks = lbfgs._n_tasks(n)
+    tasks = kernels._n_tasks(n)
     grams = []
     for build in ("parallel", "serial"):
         out = np.zeros((3, 3))
-        getattr(lbfgs._gram_kernel, build)(buf, rows, cols, tasks, out)
+        getattr(kernels._gram_kernel, build)(buf, rows, cols, tasks, out)
         combined = np.empty(n, dtype)
-        getattr(lbfgs._combine_kernel, build)(buf, rows, np.array([0.5, -2.0, 3.0]), combined)
+        getattr(kernels._combine_kernel, build)(buf, rows, np.array([0.5, -2.0, 3.0]), combined)
         axpy = np.empty(n, dtype)
-        getattr(lbfgs._axpy_kernel, build)(axpy, buf[0], dtype(0.3), buf[1])
-        grams.append((out, getattr(lbfgs._abs_sum_kernel, build)(buf[2], tasks),
-                       getattr(lbfgs._abs_max_kernel, build)(buf[3], tasks), combined, axpy))
+        getattr(kernels._axpy_kernel, build)(axpy, buf[0], dtype(0.3), buf[1])
+        grams.append((out, getattr(kernels._abs_sum_kernel, build)(buf[2], tasks),
+                       getattr(kernels._abs_max_kernel, build)(buf[3], tasks), combined, axpy))
     for parallel, serial in zip(*grams):
         assert np.array_equal(parallel, serial)

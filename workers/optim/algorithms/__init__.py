@@ -1,1 +1,1 @@
-"""One module per optimizer algorithm: its update rule and its torch-style class."""
+"""One module per optimizer algorithm (LBFGS: a package): its update rule and its torch-style class."""
