@@ -50,6 +50,8 @@ TARGET_RATIO = 1.3
 # how long the competitor trains before the measured run starts (its threads and caches warm)
 COMPETITOR_SETTLE = 3.0
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# calls of an empty actor method timed for the round-trip row
+ROUND_TRIPS = 300
 
 CONFIGURATIONS = {
     "ray-2x2": (["--backend", "ray", "--shards", "2", "--workers", "2"], "ray, 2 shards, 2 workers (1 thread each)"),
@@ -86,6 +88,36 @@ def compete() -> None:
         optimizer.step()
 
 
+def ray_round_trips(calls: int) -> None:
+    """The latency under every step's Ray calls: the median time of one call of an empty actor
+    method, on a private Ray node on loopback (a RESULT line, as the peer children print)."""
+    from benchmarks.peer.common import check_loopback, emit, loopback_environment
+
+    loopback_environment()
+    import ray
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    try:
+        check_loopback()
+
+        @ray.remote(num_cpus=0)
+        class Echo:
+            def ping(self) -> None:
+                return None
+
+        echo = Echo.remote()
+        ray.get(echo.ping.remote())
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            ray.get(echo.ping.remote())
+            seconds.append(time.perf_counter() - start)
+        emit({"system": "ray-round-trip", "calls": calls, "median": statistics.median(seconds)})
+    finally:
+        ray.shutdown()
+
+
 def _environment(extra: dict[str, str]) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
     environment.update(extra)
@@ -103,7 +135,8 @@ def measure(script: str, args: list[str], environment: dict[str, str], loaded: b
         if competitor.poll() is not None:
             raise RuntimeError(f"the competing job exited with {competitor.returncode}")
     try:
-        child = subprocess.run([sys.executable, str(PEER / script), *args], env=environment, cwd=ROOT,
+        program = Path(__file__).resolve() if script == "contention.py" else PEER / script
+        child = subprocess.run([sys.executable, str(program), *args], env=environment, cwd=ROOT,
                                capture_output=True, text=True, timeout=1800)
     finally:
         if competitor is not None:
@@ -123,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     parser.add_argument("--raw", type=Path, default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--compete", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--round-trips", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compete:
         compete()
+        return 0
+    if args.round_trips is not None:
+        ray_round_trips(args.round_trips)
         return 0
     import numpy
     import ray
@@ -137,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     runs: list[tuple[str, str, bool]] = [(configuration, environment, loaded) for configuration in CONFIGURATIONS
                                          for environment in ENVIRONMENTS for loaded in (False, True)]
-    runs += [("torch", "torch-defaults", loaded) for loaded in (False, True)]
+    runs += [(reference, "torch-defaults", loaded) for reference in ("torch", "round-trip") for loaded in (False, True)]
     medians: dict[tuple[str, str, bool], list[float]] = {run: [] for run in runs}
     for round_ in range(rounds):
         shift = round_ * len(runs) // rounds
@@ -146,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             if configuration == "torch":
                 results = measure("torch_run.py", ["--timed", str(timed)], _environment({}), loaded)
                 value = next(r["median"] for r in results if r["system"] == "torch-foreach")
+            elif configuration == "round-trip":
+                results = measure("contention.py", ["--round-trips", str(ROUND_TRIPS)], _environment({}), loaded)
+                value = results[0]["median"]
             else:
                 extra = CONFIGURATIONS[configuration][0]
                 results = measure("shardstep_run.py", [*extra, "--timed", str(timed), "--thread-environment"],
@@ -212,6 +252,9 @@ def render(medians: dict[tuple[str, str, bool], list[float]], header: dict[str, 
     lines.append(f"| torch, one process, 2 threads, Adam foreach (the yardstick) | torch's defaults | {_ms(quiet)} "
                  f"({rounds_of('torch', 'torch-defaults', False)}) | {_ms(loaded)} "
                  f"({rounds_of('torch', 'torch-defaults', True)}) | {loaded / quiet:.2f}x | - |")
+    quiet, loaded = cell("round-trip", "torch-defaults", False), cell("round-trip", "torch-defaults", True)
+    lines.append(f"| one Ray actor call of an empty method (median of {ROUND_TRIPS}) | - | {quiet * 1e3:.2f} "
+                 f"| {loaded * 1e3:.2f} | {loaded / quiet:.2f}x | - |")
     lines.append(END)
     return "\n".join(lines)
 
