@@ -255,8 +255,35 @@ def render(medians: dict[tuple[str, str, bool], list[float]], header: dict[str, 
     quiet, loaded = cell("round-trip", "torch-defaults", False), cell("round-trip", "torch-defaults", True)
     lines.append(f"| one Ray actor call of an empty method (median of {ROUND_TRIPS}) | - | {quiet * 1e3:.2f} "
                  f"| {loaded * 1e3:.2f} | {loaded / quiet:.2f}x | - |")
-    lines.append(END)
+    lines += ["", analysis(cell), END]
     return "\n".join(lines)
+
+
+def analysis(cell: Any) -> str:
+    """What the table says, in words, from this run's numbers."""
+    yardstick = cell("torch", "torch-defaults", True) / cell("torch", "torch-defaults", False)
+    inline = {environment: (cell("inline-2x2", environment, False), cell("inline-2x2", environment, True))
+              for environment in ENVIRONMENTS}
+    ray_ratios = [cell(c, e, True) / cell(c, e, False) for c in CONFIGURATIONS if c.startswith("ray")
+                  for e in ENVIRONMENTS]
+    trip_quiet, trip_loaded = cell("round-trip", "torch-defaults", False), cell("round-trip", "torch-defaults", True)
+    (passive_quiet, passive_loaded), (spin_quiet, spin_loaded) = inline["shardstep"], inline["openmp-default"]
+    return (
+        f"Reading the table. One torch process with 2 threads, the yardstick, is {yardstick:.2f}x slower beside "
+        "the competing job: on 2 cores a job that keeps both cores busy gets about half of them while another "
+        f"does the same, so no configuration that computes on both cores can stay within {TARGET_RATIO}x here, "
+        "shardstep's or torch's. Passive waiting pays where numba's and OpenBLAS's threads share one process: "
+        f"the inline backend's step takes {_ms(passive_quiet)} ms instead of {_ms(spin_quiet)} ms quiet "
+        f"({spin_quiet / passive_quiet:.2f}x faster) and {_ms(passive_loaded)} instead of {_ms(spin_loaded)} ms "
+        "beside the competitor. The Ray configurations, whose actors run one thread each (two in the 2x1 row), "
+        "are the same either way within the noise, and lose far more than the yardstick "
+        f"({min(ray_ratios):.1f}x to {max(ray_ratios):.1f}x): one call of an empty actor method takes "
+        f"{trip_loaded * 1e3:.2f} ms instead of {trip_quiet * 1e3:.2f} ms beside the competitor, whose threads are "
+        "always runnable, so every thread a call wakes (the caller's, Ray's I/O threads in both processes, the "
+        "actor's) waits for a core; a step of the engine is a chain of such calls and object transfers between "
+        "the coordinator, the workers and the shards (compute, then reduce and apply). Thread settings cannot "
+        "shorten that chain; fewer hand-offs per step would."
+    )
 
 
 if __name__ == "__main__":
