@@ -9,16 +9,14 @@ logits. Metrics: held-out ``accuracy`` and mean ``loss``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shardstep.checkpoints.layout import ParamSpec
-from shardstep.workers.nn import CrossEntropyLoss, Module
 from shardstep.workers.tasks.base import check_dtype
-from shardstep.workers.tasks.models import ModelTask, check_activation, check_widths, mlp, mlp_specs
+from shardstep.workers.tasks.models import MLPClassifierTask, check_activation, check_widths
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
 IMAGES, PIXELS, CLASSES, MAX_COUNT = 1797, 64, 10, 16
@@ -53,7 +51,7 @@ def load_digits(dtype: np.dtype) -> DigitsData:
     return DigitsData(inputs[~held_out], labels[~held_out], inputs[held_out], labels[held_out])
 
 
-class DigitsTask(ModelTask):
+class DigitsTask(MLPClassifierTask):
     """Classify 8x8 handwritten digits with an MLP and cross-entropy.
 
     hidden: widths of the hidden layers (default one layer of 256). activation: 'relu',
@@ -61,7 +59,6 @@ class DigitsTask(ModelTask):
     """
 
     name = "digits"
-    target_key = "labels"
 
     def __init__(self, *, hidden: int | Sequence[int] = (256,), activation: str = "relu",
                  dtype: str = "float32"):
@@ -76,29 +73,6 @@ class DigitsTask(ModelTask):
     def _data(self) -> DigitsData:
         return self.cached("data", lambda: load_digits(self.dtype))
 
-    def module_specs(self) -> tuple[ParamSpec, ...]:
-        return mlp_specs(self.sizes, self.dtype)
-
-    def build_module(self, rng: np.random.Generator) -> Module:
-        return mlp(self.sizes, self.activation, self.dtype, rng)
-
-    def make_criterion(self) -> CrossEntropyLoss:
-        return CrossEntropyLoss(reduction="sum")
-
-    def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        data = self._data()
-        return data.train_inputs, data.train_labels
-
     @property
     def train_size(self) -> int:
         return int(self._data().train_labels.size)
-
-    def logits(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
-        return self.forward(params, inputs)
-
-    def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
-        data = self._data()
-        logits = self.logits(params, data.held_out_inputs)
-        loss = CrossEntropyLoss(reduction="mean")(logits, data.held_out_labels)
-        accuracy = np.mean(logits.argmax(axis=1) == data.held_out_labels)
-        return {"accuracy": float(accuracy), "loss": float(loss)}

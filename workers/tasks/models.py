@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
-from shardstep.workers.nn import GELU, Linear, Module, ReLU, Sequential, Tanh
+from shardstep.workers.nn import GELU, CrossEntropyLoss, Linear, Module, ReLU, Sequential, Tanh
 from shardstep.workers.nn import functional as F
 from shardstep.workers.nn.layers import BatchNoise
 from shardstep.workers.nn.losses import Loss
@@ -273,3 +273,40 @@ class ModelTask(Task):
         """What the module takes for a batch's ``input_key`` array (default: the array itself;
         a task whose examples are rows reshapes them here)."""
         return inputs
+
+
+class MLPClassifierTask(ModelTask):
+    """A :class:`ModelTask` whose model is ``mlp(self.sizes, self.activation, self.dtype)``
+    trained with summed cross-entropy on labels, and evaluated on a held-out set (accuracy and
+    mean loss). A subclass gives ``sizes``, ``activation``, ``dtype``, ``train_size`` and
+    ``_data()``: the arrays ``train_inputs``, ``train_labels``, ``held_out_inputs`` and
+    ``held_out_labels``."""
+
+    target_key: ClassVar[str] = "labels"
+
+    @abstractmethod
+    def _data(self) -> Any:
+        """The training and held-out arrays (see the class docstring)."""
+
+    def module_specs(self) -> tuple[ParamSpec, ...]:
+        return mlp_specs(self.sizes, self.dtype)
+
+    def build_module(self, rng: np.random.Generator) -> Module:
+        return mlp(self.sizes, self.activation, self.dtype, rng)
+
+    def make_criterion(self) -> CrossEntropyLoss:
+        return CrossEntropyLoss(reduction="sum")
+
+    def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        data = self._data()
+        return data.train_inputs, data.train_labels
+
+    def logits(self, params: Mapping[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+        """The class scores of ``inputs`` (what a subclass with another head changes)."""
+        return self.forward(params, inputs)
+
+    def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
+        data = self._data()
+        logits = self.logits(params, data.held_out_inputs)
+        loss = CrossEntropyLoss(reduction="mean")(logits, data.held_out_labels)
+        return {"accuracy": float(np.mean(logits.argmax(axis=1) == data.held_out_labels)), "loss": float(loss)}

@@ -14,15 +14,12 @@ Metrics: held-out ``accuracy`` and ``loss``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from shardstep.checkpoints.layout import ParamSpec
-from shardstep.workers.nn import CrossEntropyLoss, Module
 from shardstep.workers.tasks.base import check_dtype, check_int
-from shardstep.workers.tasks.models import DATA_STREAM, ModelTask, check_activation, mlp, mlp_param_count, mlp_specs
+from shardstep.workers.tasks.models import DATA_STREAM, MLPClassifierTask, check_activation, mlp_param_count
 
 
 def width_for(params: int, depth: int, inputs: int, classes: int) -> int:
@@ -51,7 +48,7 @@ class TeacherData:
     held_out_labels: np.ndarray
 
 
-class SyntheticMLPTask(ModelTask):
+class SyntheticMLPTask(MLPClassifierTask):
     """A ``params``-sized MLP classifier on teacher-labelled Gaussian inputs.
 
     params: target parameter count (default 1,000,000). depth: hidden layers (default 4).
@@ -62,7 +59,6 @@ class SyntheticMLPTask(ModelTask):
     """
 
     name = "synthetic-mlp"
-    target_key = "labels"
 
     def __init__(self, *, params: int = 1_000_000, depth: int = 4, inputs: int = 256, classes: int = 10,
                  examples: int = 8192, eval_examples: int = 1024, activation: str = "relu",
@@ -100,25 +96,6 @@ class SyntheticMLPTask(ModelTask):
     def _data(self) -> TeacherData:
         return self.cached("data", self._make)
 
-    def module_specs(self) -> tuple[ParamSpec, ...]:
-        return mlp_specs(self.sizes, self.dtype)
-
-    def build_module(self, rng: np.random.Generator) -> Module:
-        return mlp(self.sizes, self.activation, self.dtype, rng)
-
-    def make_criterion(self) -> CrossEntropyLoss:
-        return CrossEntropyLoss(reduction="sum")
-
-    def training_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        data = self._data()
-        return data.train_inputs, data.train_labels
-
     @property
     def train_size(self) -> int:
         return self.examples_count
-
-    def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
-        data = self._data()
-        logits = self.forward(params, data.held_out_inputs)
-        loss = CrossEntropyLoss(reduction="mean")(logits, data.held_out_labels)
-        return {"accuracy": float(np.mean(logits.argmax(axis=1) == data.held_out_labels)), "loss": float(loss)}
