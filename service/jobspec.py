@@ -68,6 +68,7 @@ import numpy as np
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import Retention
 from shardstep.service.job_code import use_job_code
+from shardstep.workers.checks import is_integer, is_real
 from shardstep.workers.optim import Parameter, lr_scheduler
 from shardstep.workers.optim.builders import COMPOSITE_SCHEDULERS, SCHEDULER_NAMES, build_optimizer, build_scheduler
 from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
@@ -214,18 +215,10 @@ def _suggest(word: Any, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_int(path: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
-    if not _is_int(value):
+    if not is_integer(value):
         raise JobSpecError(f"{path} must be an integer >= {minimum}; got {_got(value)}")
     if value < minimum:
         raise JobSpecError(f"{path} must be an integer >= {minimum}; got {_shown(int(value))}")
@@ -239,7 +232,7 @@ def _check_real(path: str, value: Any, minimum: float, *, strict: bool, optional
     if value is None and optional:
         return None
     bound = f"{'>' if strict else '>='} {minimum:g}"
-    if not _is_real(value) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise JobSpecError(f"{path} must be a finite number {bound}; got {_got(value)}")
     if value < minimum or (strict and value == minimum):
         raise JobSpecError(f"{path} must be a finite number {bound}; got {_shown(value)}")
@@ -374,12 +367,12 @@ def _plain(path: str, value: Any, depth: int = 0) -> Any:
     deep; tuples become lists, numpy scalars Python numbers."""
     if value is None or isinstance(value, (bool, str)):
         return value
-    if _is_int(value):
+    if is_integer(value):
         if not INT64_MIN <= value <= INT64_MAX:
             raise JobSpecError(f"{path} must be an integer from {INT64_MIN} to {INT64_MAX} (int64, what numpy and "
                                f"msgpack carry); got {_shown(int(value))}")
         return int(value)
-    if _is_real(value):
+    if is_real(value):
         return float(value)
     if isinstance(value, (Mapping, list, tuple)) and depth == MAX_NESTING:
         kind = "a table" if isinstance(value, Mapping) else "an array"

@@ -7,9 +7,10 @@ what is allowed, so a bad call fails at the boundary and never deep inside numpy
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
+
+from shardstep.workers.checks import is_flag, is_integer, is_real
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 REDUCTIONS = ("mean", "sum", "none")
@@ -61,7 +62,7 @@ def reduction_name(owner: str, reduction, allowed: tuple[str, ...] = REDUCTIONS)
 
 def real(owner: str, name: str, value) -> float:
     """A real number (not a bool, not NaN)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{owner}: {name} must be a real number; got {value!r} of type {type(value).__name__}")
     value = float(value)
     if math.isnan(value):
@@ -70,13 +71,13 @@ def real(owner: str, name: str, value) -> float:
 
 
 def flag(owner: str, name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
+    if not is_flag(value):
         raise TypeError(f"{owner}: {name} must be a bool; got {value!r} of type {type(value).__name__}")
     return bool(value)
 
 
 def integer(owner: str, name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{owner}: {name} must be an int; got {value!r} of type {type(value).__name__}")
     return int(value)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
+from shardstep.workers.checks import is_integer
 from shardstep.workers.nn.layers import (
     GELU,
     AdaptiveAvgPool1d,
@@ -150,7 +150,7 @@ class ModelSpec:
                 ("in_channels", "out_channels") if name in CONVOLUTIONS else ())
             for key in keys:
                 value = args[key]
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                if not is_integer(value) or value < 1:
                     raise SpecError(f"{path}.layers[{index}].args.{key} must be an integer >= 1; got {_shown(value)}")
             if "bias" in args and not isinstance(args["bias"], bool):
                 raise SpecError(f"{path}.layers[{index}].args.bias must be true or false; got {_shown(args['bias'])}")
@@ -164,7 +164,7 @@ class ModelSpec:
                                 f"one example's shape, such as [1, 8, 8] ([channels, length] for Conv1d)")
             input_shape = [args["in_features"]]
         if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape
-                or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+                or not all(is_integer(d) and d >= 1
                            for d in input_shape)):
             raise SpecError(f"{path}.input_shape must be a list of positive integers (one example's shape); got "
                             f"{_shown(input_shape)}")

@@ -28,7 +28,6 @@ import copy
 import functools
 import importlib
 import math
-import numbers
 import types
 import warnings
 from bisect import bisect_right
@@ -40,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from shardstep.workers.checks import is_flag, is_integer, is_real
 from shardstep.workers.optim.optimizer import Optimizer
 
 __all__ = [
@@ -81,18 +81,8 @@ def _plain_number(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (numbers.Real, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _real(name: str, value: Any) -> Any:
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
     return _plain_number(value)
 
@@ -123,19 +113,19 @@ def _real_in(name: str, value: Any, interval: str) -> Any:
 
 def _positive_int(name: str, value: Any) -> int:
     # ValueError (not TypeError) for non-integers too, as torch raises for T_0 / total_steps
-    if not _is_int(value) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
     return int(value)
 
 
 def _non_negative_int(name: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
+    if not is_integer(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
     return int(value)
 
 
 def _last_epoch_argument(value: Any) -> int:
-    if not _is_int(value) or value < -1:
+    if not is_integer(value) or value < -1:
         raise ValueError(f"last_epoch must be an integer >= -1; got {value!r}")
     return int(value)
 
@@ -148,7 +138,7 @@ def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 
 
 def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
+    if not is_flag(value):
         raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}")
     return bool(value)
 
@@ -406,7 +396,7 @@ def _restore_functions(entries: Any, groups: int, owner: str, argument: str) -> 
     for index, entry in enumerate(entries):
         if isinstance(entry, Mapping) and set(entry) == {"same_as"}:
             first = entry["same_as"]
-            if not _is_int(first) or not 0 <= first < index:
+            if not is_integer(first) or not 0 <= first < index:
                 raise ValueError(f"{owner}: state {argument}[{index}] refers to entry {first!r}, which is not earlier")
             restored.append(restored[first])
         else:
@@ -419,7 +409,7 @@ def _restore_functions(entries: Any, groups: int, owner: str, argument: str) -> 
 
 
 def _float_list(owner: str, key: str, value: Any, length: int | None) -> list:
-    if not isinstance(value, (list, tuple)) or not all(_is_real(v) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(is_real(v) for v in value):
         raise ValueError(f"{owner}: state {key!r} must be a list of numbers; got {value!r}")
     if length is not None and len(value) != length:
         raise ValueError(
@@ -752,7 +742,7 @@ def _milestone_list(name: str, milestones: Any, *, strictly_increasing: bool) ->
         raise TypeError(f"{name} must be a list of integers; got {milestones!r}")
     values = list(milestones)
     for value in values:
-        if not _is_int(value) or value < 0:
+        if not is_integer(value) or value < 0:
             raise ValueError(f"{name} must be non-negative integers; got {milestones!r}")
     values = [int(v) for v in values]
     ordered = all(a < b if strictly_increasing else a <= b for a, b in zip(values, values[1:]))
@@ -1417,7 +1407,7 @@ class OneCycleLR(LRScheduler):
     def _checked_group_bounds(self, bounds: Any) -> list:
         keys = self._group_keys()
         if not isinstance(bounds, list) or len(bounds) != len(self.optimizer.param_groups) or not all(
-            isinstance(b, Mapping) and set(b) == set(keys) and all(_is_real(v) for v in b.values()) for b in bounds
+            isinstance(b, Mapping) and set(b) == set(keys) and all(is_real(v) for v in b.values()) for b in bounds
         ):
             raise ValueError(
                 f"OneCycleLR: state 'group_bounds' must hold {', '.join(keys)} for each of the "
@@ -1457,7 +1447,7 @@ def _check_children(owner: str, optimizer: Optimizer, schedulers: list[Any]) -> 
 
 
 def _integer_entry(owner: str, name: str, value: Any) -> int:
-    if not _is_int(value):
+    if not is_integer(value):
         raise ValueError(f"{owner}: state {name!r} must be an integer; got {value!r}")
     return int(value)
 

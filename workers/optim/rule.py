@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from shardstep.workers.checks import is_flag, is_real
 
 # torch keeps step counters and per-parameter scalar state (NAdam's mu_product, ASGD's eta
 # and mu) as 0-d tensors of ``torch.optim.optimizer._get_scalar_dtype()``: float64 when
@@ -135,14 +136,10 @@ def advance(step: np.ndarray) -> float:
 # hyperparameter checks: each names the argument, the value received and what is allowed
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def require_number(name: str, value: Any) -> float:
     if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.floating):
         value = value.item()
-    if not _is_number(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN; got {value}")
@@ -165,7 +162,7 @@ def check_interval(name: str, value: Any, low: float, high: float, *, closed_hig
 
 
 def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
+    if not is_flag(value):
         raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}")
 
 

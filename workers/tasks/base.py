@@ -30,7 +30,6 @@ ranks only through the order of floating-point additions.
 from __future__ import annotations
 
 import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
+from shardstep.workers.checks import is_integer, is_real
 from shardstep.workers.optim.param_groups import ParamGroupRule
 from shardstep.workers.optim.parameter import FLOAT_DTYPES, RowSparseGrad
 
@@ -95,7 +95,7 @@ class TaskArgumentError(ValueError):
 
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     """``value`` as an int in [minimum, maximum]; bool and non-integral values are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
     value = int(value)
     if value < minimum or (maximum is not None and value > maximum):
@@ -106,7 +106,7 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -
 
 def check_real(name: str, value: Any, minimum: float | None = None, *, open_min: bool = False) -> float:
     """``value`` as a finite float, above ``minimum`` (strictly when ``open_min``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite real number; got {value!r}")
     value = float(value)
     if minimum is not None and (value < minimum or (open_min and value == minimum)):

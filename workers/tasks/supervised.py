@@ -45,6 +45,7 @@ import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.storage import is_url
+from shardstep.workers.checks import is_integer
 from shardstep.workers.nn import Module
 from shardstep.workers.nn.spec import ModelSpec, SpecError
 from shardstep.workers.tasks.base import TaskArgumentError, check_dtype
@@ -141,7 +142,7 @@ class SupervisedTask(ModelTask):
             raise TaskArgumentError("data.validation must be a data file or a fraction; got an empty string")
         self.validation = float(validation) if isinstance(validation, numbers.Real) else validation
         split_seed = data.get("split_seed", 0)
-        if isinstance(split_seed, bool) or not isinstance(split_seed, numbers.Integral) or split_seed < 0:
+        if not is_integer(split_seed) or split_seed < 0:
             raise TaskArgumentError(f"data.split_seed must be an integer >= 0; got {split_seed!r}")
         if "split_seed" in data and not isinstance(self.validation, float):
             raise TaskArgumentError("data.split_seed chooses the rows a validation fraction holds out; it needs "
@@ -161,7 +162,7 @@ class SupervisedTask(ModelTask):
         if not isinstance(self.ray_data, bool):
             raise TaskArgumentError(f"data.ray_data must be true or false; got {self.ray_data!r}")
         row_servers = data.get("row_servers", 1)
-        if isinstance(row_servers, bool) or not isinstance(row_servers, numbers.Integral) or row_servers < 1:
+        if not is_integer(row_servers) or row_servers < 1:
             raise TaskArgumentError(f"data.row_servers must be an integer >= 1; got {row_servers!r}")
         if "row_servers" in data and not self.ray_data:
             raise TaskArgumentError("data.row_servers is the number of actors that serve the rows Ray Data reads; "

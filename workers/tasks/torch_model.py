@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-import numbers
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
+from shardstep.workers.checks import is_integer
 from shardstep.workers.nn.spec import LOSSES, SpecError, _entry
 from shardstep.workers.runtime import thread_budget
 
@@ -69,7 +69,7 @@ class TorchModelSpec:
             raise SpecError(f"{path}.args must be a table of {reference}'s keyword arguments; got {self.args!r}")
         shape = table.get("input_shape")
         if shape is not None and (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not shape
-                                  or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+                                  or not all(is_integer(d) and d >= 1
                                              for d in shape)):
             raise SpecError(f"{path}.input_shape must be a list of positive integers (one example's shape); got "
                             f"{shape!r}")

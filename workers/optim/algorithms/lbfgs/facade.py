@@ -9,10 +9,9 @@ shards' vectors.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
+from shardstep.workers.checks import is_integer
 from shardstep.workers.optim.algorithms.lbfgs.driver import LBFGSDriver, check_state
 from shardstep.workers.optim.algorithms.lbfgs.hyperparameters import RULE
 from shardstep.workers.optim.algorithms.lbfgs.vectors import LocalSlices
@@ -41,7 +40,7 @@ class LBFGS(Optimizer):
 
     def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7,
                  tolerance_change=1e-9, history_size=100, line_search_fn=None):
-        if max_eval is None and isinstance(max_iter, numbers.Integral) and not isinstance(max_iter, bool):
+        if max_eval is None and is_integer(max_iter):
             max_eval = max_iter * 5 // 4
         self._driver: LBFGSDriver | None = None
         super().__init__(params, dict(

@@ -8,11 +8,11 @@ constructor, ``add_param_group`` and ``load_state_dict``, as for every other rul
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 
+from shardstep.workers.checks import is_integer
 from shardstep.workers.optim.rule import Rule, check_min
 
 LINE_SEARCH_FNS = (None, "strong_wolfe")
@@ -24,7 +24,7 @@ LBFGS_DEFAULTS = dict(lr=1, max_iter=20, max_eval=25, tolerance_grad=1e-7, toler
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an int; got {value!r} of type {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}; got {value}")
