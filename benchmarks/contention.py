@@ -61,8 +61,20 @@ CONFIGURATIONS = {
     "inline-2x2": (["--backend", "inline", "--shards", "2", "--workers", "2"], "inline, 2 shards, 2 workers"),
 }
 # thread environment -> variables given to the measured process (after removing WAIT_VARIABLES)
-ENVIRONMENTS = {"shardstep": {}, "openmp-default": {"GOMP_SPINCOUNT": "300000"}}
-ENVIRONMENT_NAMES = {"shardstep": "shardstep's (passive)", "openmp-default": "OpenMP's defaults (spin)"}
+ENVIRONMENTS = {"shardstep": {}, "openmp-default": {"GOMP_SPINCOUNT": "300000"},
+                # the alternatives for the inline backend, whose one process runs every actor's work:
+                # numba's own thread pool instead of OpenMP, and one thread for numba and OpenBLAS
+                "workqueue": {"NUMBA_THREADING_LAYER": "workqueue"},
+                "one-thread": {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
+ENVIRONMENT_NAMES = {"shardstep": "shardstep's (passive)", "openmp-default": "OpenMP's defaults (spin)",
+                     "workqueue": "numba's workqueue layer instead of OpenMP",
+                     "one-thread": "shardstep's, 1 numba and 1 OpenBLAS thread"}
+# the thread environments each configuration runs under
+INLINE_ONLY = ("workqueue", "one-thread")
+
+
+def environments_of(configuration: str) -> list[str]:
+    return [e for e in ENVIRONMENTS if configuration.startswith("inline") or e not in INLINE_ONLY]
 
 
 def compete() -> None:
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     runs: list[tuple[str, str, bool]] = [(configuration, environment, loaded) for configuration in CONFIGURATIONS
-                                         for environment in ENVIRONMENTS for loaded in (False, True)]
+                                         for environment in environments_of(configuration)
+                                         for loaded in (False, True)]
     runs += [(reference, "torch-defaults", loaded) for reference in ("torch", "round-trip") for loaded in (False, True)]
     medians: dict[tuple[str, str, bool], list[float]] = {run: [] for run in runs}
     for round_ in range(rounds):
@@ -240,7 +253,7 @@ def render(medians: dict[tuple[str, str, bool], list[float]], header: dict[str, 
         "|---|---|---:|---:|---:|---|",
     ]
     for configuration, (_, described) in CONFIGURATIONS.items():
-        for environment in ENVIRONMENTS:
+        for environment in environments_of(configuration):
             quiet, loaded = cell(configuration, environment, False), cell(configuration, environment, True)
             ratio = loaded / quiet
             verdict = "met" if ratio <= TARGET_RATIO else f"missed by {ratio / TARGET_RATIO:.2f}x"
@@ -259,13 +272,30 @@ def render(medians: dict[tuple[str, str, bool], list[float]], header: dict[str, 
     return "\n".join(lines)
 
 
+def _alternatives(inline: dict[str, tuple[float, float]]) -> str:
+    """How the inline backend's other thread environments compare with shardstep's, quiet and loaded."""
+    chosen_quiet, chosen_loaded = inline["shardstep"]
+    words = []
+    for environment in INLINE_ONLY:
+        quiet, loaded = inline[environment]
+        verdict = ("slower both quiet and loaded" if quiet > chosen_quiet and loaded > chosen_loaded else
+                   "faster both quiet and loaded" if quiet < chosen_quiet and loaded < chosen_loaded else
+                   "faster " + ("quiet" if quiet < chosen_quiet else "loaded") + " but slower " +
+                   ("loaded" if quiet < chosen_quiet else "quiet"))
+        words.append(f"{ENVIRONMENT_NAMES[environment]} takes {_ms(quiet)} ms quiet and {_ms(loaded)} ms loaded "
+                     f"({verdict})")
+    return "; ".join(words)
+
+
 def analysis(cell: Any) -> str:
     """What the table says, in words, from this run's numbers."""
     yardstick = cell("torch", "torch-defaults", True) / cell("torch", "torch-defaults", False)
     inline = {environment: (cell("inline-2x2", environment, False), cell("inline-2x2", environment, True))
-              for environment in ENVIRONMENTS}
+              for environment in environments_of("inline-2x2")}
     ray_ratios = [cell(c, e, True) / cell(c, e, False) for c in CONFIGURATIONS if c.startswith("ray")
-                  for e in ENVIRONMENTS]
+                  for e in environments_of(c)]
+    ray_effects = [cell(c, "shardstep", loaded) / cell(c, "openmp-default", loaded) for c in CONFIGURATIONS
+                   if c.startswith("ray") for loaded in (False, True)]
     trip_quiet, trip_loaded = cell("round-trip", "torch-defaults", False), cell("round-trip", "torch-defaults", True)
     (passive_quiet, passive_loaded), (spin_quiet, spin_loaded) = inline["shardstep"], inline["openmp-default"]
     return (
@@ -275,8 +305,10 @@ def analysis(cell: Any) -> str:
         "shardstep's or torch's. Passive waiting pays where numba's and OpenBLAS's threads share one process: "
         f"the inline backend's step takes {_ms(passive_quiet)} ms instead of {_ms(spin_quiet)} ms quiet "
         f"({spin_quiet / passive_quiet:.2f}x faster) and {_ms(passive_loaded)} instead of {_ms(spin_loaded)} ms "
-        "beside the competitor. The Ray configurations, whose actors run one thread each (two in the 2x1 row), "
-        "are the same either way within the noise, and lose far more than the yardstick "
+        f"beside the competitor. The alternatives for that process: {_alternatives(inline)}. The Ray "
+        "configurations, whose actors run one thread each (two in the 2x1 row), take "
+        f"{min(ray_effects):.2f}x to {max(ray_effects):.2f}x the time with passive waiting that they take with "
+        "spinning threads (quiet and loaded), and lose far more than the yardstick "
         f"({min(ray_ratios):.1f}x to {max(ray_ratios):.1f}x): one call of an empty actor method takes "
         f"{trip_loaded * 1e3:.2f} ms instead of {trip_quiet * 1e3:.2f} ms beside the competitor, whose threads are "
         "always runnable, so every thread a call wakes (the caller's, Ray's I/O threads in both processes, the "
