@@ -81,17 +81,11 @@ def compete() -> None:
     """The competing job: the comparison's model trained by plain torch, 2 threads, until killed."""
     import torch
 
-    from benchmarks.peer.common import CLASSES, HIDDEN, INPUTS, LR
+    from benchmarks.peer.common import CLASSES, INPUTS, LR, torch_mlp
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    sizes = (INPUTS, *HIDDEN, CLASSES)
-    layers: list[Any] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
-        if index:
-            layers.append(torch.nn.ReLU())
-        layers.append(torch.nn.Linear(fan_in, fan_out))
-    model = torch.nn.Sequential(*layers)
+    model = torch_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     inputs, labels = torch.randn(256, INPUTS), torch.randint(0, CLASSES, (256,))
     while True:

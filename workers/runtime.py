@@ -1,4 +1,5 @@
-"""Process settings for code that runs inside actors."""
+"""Process settings for code that runs inside actors, and the thread environment every
+process of a run gets (the actors, and the ``shardstep`` command's own)."""
 
 from __future__ import annotations
 
