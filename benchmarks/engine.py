@@ -238,16 +238,14 @@ def local_compute(task: Any, timed: int) -> list[float]:
     from shardstep.checkpoints import ShardLayout
     from shardstep.checkpoints.layout import ParamSpec
     from shardstep.workers.gradient_worker import GradientWorker
-    from shardstep.workers.optim import Parameter
-    from shardstep.workers.optim.builders import build_optimizer
+    from shardstep.workers.optim.builders import optimizer_groups
     from shardstep.workers.shard import ShardActor
 
     initial = task.init_params(0)
     layout = ShardLayout(tuple(ParamSpec(n, tuple(a.shape), a.dtype.name) for n, a in initial.items()), 1)
-    placeholders = {n: Parameter(a.reshape(-1)[:0], name=n) for n, a in initial.items()}
-    local = build_optimizer("adam", {"lr": 1e-3}, placeholders, task.param_groups)
-    groups = [{"params": list(g["param_names"])} for g in local.param_groups]
-    hyperparameters = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in local.param_groups]
+    planned = optimizer_groups("adam", {"lr": 1e-3}, {n: a.dtype for n, a in initial.items()}, task.param_groups)
+    groups = [{"params": list(g["params"])} for g in planned.param_groups]
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in planned.param_groups]
     shard = ShardActor(0, layout, "adam", groups, {n: a.reshape(-1) for n, a in initial.items()})
     worker = GradientWorker(task, 0, 1, 0, TINY_BATCH, layout)
     batches = task.num_batches(TINY_BATCH)

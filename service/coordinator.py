@@ -74,10 +74,9 @@ from shardstep.service.pipeline import StepPipeline
 from shardstep.service.reporting import FAILED, FINISHED, KILLED, RayMetrics, Reporter, Reporters, RunInfo, group_labels
 from shardstep.service.run_dir import CHECKPOINT_DIR, INIT_FILE, JOB_FILE, METRICS_FILE, checkpoint_buffers, plain
 from shardstep.service.sharded_lbfgs import ShardedSpace
-from shardstep.workers.optim import Parameter, lr_scheduler
+from shardstep.workers.optim import lr_scheduler
 from shardstep.workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver
-from shardstep.workers.optim.builders import build_optimizer, build_scheduler
-from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.builders import OptimizerGroups, build_scheduler, optimizer_groups
 from shardstep.workers.tasks import make_task
 from shardstep.workers.tasks.base import Task
 
@@ -187,16 +186,16 @@ class ShardedOptimizer:
     ``SchedulableOptimizer``); ``step(closure)`` runs the closure and has the shards apply
     the rule (``apply`` is given by the coordinator). It holds no parameters or state."""
 
-    def __init__(self, local: Optimizer, apply: Callable[[list[dict]], None],
+    def __init__(self, groups: OptimizerGroups, apply: Callable[[list[dict]], None],
                  driver: LBFGSDriver | None = None):
-        self.defaults = dict(local.defaults)
+        self.defaults = dict(groups.defaults)
         self._step_count = 0
         self.param_groups = []
-        for group in local.param_groups:
+        for group in groups.param_groups:
             hyper = {k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
-            hyper["params"] = list(group["param_names"])
+            hyper["params"] = list(group["params"])
             self.param_groups.append(hyper)
-        self.rule = type(local).rule
+        self.rule = groups.rule
         self._apply = apply
         self.driver = driver
 
@@ -519,8 +518,8 @@ class Coordinator:
             return
         model = {param.name: param for param in self.task.param_specs()}
         trainable = [name for name in model if not spec.is_frozen(name)]
-        local = self._local_optimizer({name: model[name].dtype for name in trainable})
-        groups = {name: group for group in local.param_groups for name in group["param_names"]}
+        planned = self._optimizer_groups({name: model[name].dtype for name in trainable})
+        groups = {name: group for group in planned.param_groups for name in group["params"]}
         with open_init_source(spec.init, warn=self._event) as source:
             self.init_plan = plan_init(source, spec, model, groups)
             self.source_buffers = self._source_buffers(source)
@@ -602,27 +601,26 @@ class Coordinator:
                                      group_names=tuple(self._group_names())))
         return Running()
 
-    def _local_optimizer(self, trainable: Mapping[str, str]) -> Optimizer:
-        """The job's optimizer over zero-size stand-ins of the ``trainable`` parameters (name
-        -> dtype): its param groups (names and hyperparameters) are the run's. Frozen
-        parameters are in none, as with torch's ``requires_grad=False``."""
+    def _optimizer_groups(self, trainable: Mapping[str, str]) -> OptimizerGroups:
+        """The job's param groups (names and hyperparameters) over the ``trainable``
+        parameters (name -> dtype), from the optimizer's rule. Frozen parameters are in none,
+        as with torch's ``requires_grad=False``."""
         spec = self.spec
-        placeholders = {name: Parameter(np.zeros(0, dtype), name=name) for name, dtype in trainable.items()}
         rules = spec.group_rules(self.task, list(trainable))
-        return build_optimizer(spec.optimizer, spec.optimizer_args, placeholders, rules)
+        return optimizer_groups(spec.optimizer, spec.optimizer_args, trainable, rules)
 
     def _build_optimizer(self) -> None:
         spec = self.spec
-        local = self._local_optimizer({s.name: s.dtype for s in self.layout.params if not spec.is_frozen(s.name)})
+        groups = self._optimizer_groups({s.name: s.dtype for s in self.layout.params if not spec.is_frozen(s.name)})
         driver = None
         self.space = None
-        if isinstance(local, LBFGS):
+        if groups.rule is LBFGS.rule:
             if spec.clip_grad_norm is not None:
                 raise ValueError("clip_grad_norm cannot be used with LBFGS (its line search needs the true gradient)")
             dtypes = {s.dtype for s in self.layout.params}
             self.space = ShardedSpace(spec.shards, np.dtype(dtypes.pop()), self._lbfgs_call, self._wait)
             driver = LBFGSDriver(self.space)
-        self.optimizer = ShardedOptimizer(local, self._apply, driver)
+        self.optimizer = ShardedOptimizer(groups, self._apply, driver)
         self.schedulers = [build_scheduler(s.name, s.args, self.optimizer) for s in spec.schedulers]
 
     def _fused(self) -> bool:

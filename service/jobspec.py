@@ -10,12 +10,13 @@ fails here with the key that caused it instead of on a cluster minutes later:
 
 - the task, once, with ``make_task(name, **args)``, and its initial parameters (for their
   names and dtypes: no task exposes them without allocating them);
-- the optimizer, by ``shardstep.workers.optim.builders.build_optimizer``, over zero-size stand-ins that
-  carry the task's parameter names and dtypes, once per param-group rule and once with all
-  rules (a pattern that matches no parameter is an error);
 - the ``frozen`` patterns against the task's parameter names (each must match one; at
-  least one parameter must stay trainable), the optimizer then over the trainable ones;
-- every scheduler, by ``shardstep.workers.optim.builders.build_scheduler``, on that optimizer;
+  least one parameter must stay trainable);
+- the optimizer's param groups over the trainable parameters' names and dtypes, by
+  ``shardstep.workers.optim.builders.optimizer_groups`` from the optimizer's rule (nothing is
+  built), once per param-group rule and once with all rules (a pattern that matches no
+  parameter is an error);
+- every scheduler, by ``shardstep.workers.optim.builders.build_scheduler``, on those groups;
 - a metric named by ``schedulers[i].monitor`` or ``checkpoint.metric`` other than "loss"
   against the keys of one ``task.evaluate`` of the initial parameters (run only then);
 - the kind of gradient the task gives each trainable parameter (``Task.sparse_gradients``)
@@ -69,8 +70,13 @@ from shardstep.checkpoints.layout import ParamSpec
 from shardstep.checkpoints.run import Retention
 from shardstep.service.job_code import use_job_code
 from shardstep.workers.checks import is_integer, is_real
-from shardstep.workers.optim import Parameter, lr_scheduler
-from shardstep.workers.optim.builders import COMPOSITE_SCHEDULERS, SCHEDULER_NAMES, build_optimizer, build_scheduler
+from shardstep.workers.optim import lr_scheduler
+from shardstep.workers.optim.builders import (
+    COMPOSITE_SCHEDULERS,
+    SCHEDULER_NAMES,
+    build_scheduler,
+    optimizer_groups,
+)
 from shardstep.workers.optim.registry import CLASS_NAMES as OPTIMIZER_CLASS_NAMES
 from shardstep.workers.optim.registry import NAMES as OPTIMIZER_NAMES
 from shardstep.workers.optim.registry import optimizer_class
@@ -1053,14 +1059,13 @@ def _check_build(spec: JobSpec) -> None:
                                f"({', '.join(frozen)}); frozen parameters are in no param group")
     _check_gradient_kinds(spec, task, trainable)
 
-    def stand_ins() -> dict[str, Parameter]:
-        # frozen parameters are not the optimizer's (torch's requires_grad=False)
-        return {name: Parameter(np.zeros(0, dtypes[name]), name=name) for name in trainable}
-
-    # the builders raise TypeError or ValueError for the bad arguments they foresee; any other
-    # failure (an overflow on an extreme value) still names its key
+    # frozen parameters are not the optimizer's (torch's requires_grad=False)
+    trainable_dtypes = {name: dtypes[name] for name in trainable}
+    # the groups come from the optimizer's rule, built piece by piece so a failure names its
+    # key; the builders raise TypeError or ValueError for the bad arguments they foresee, and
+    # any other failure (an overflow on an extreme value) still names its key
     try:
-        build_optimizer(spec.optimizer, spec.optimizer_args, stand_ins(), ())
+        optimizer_groups(spec.optimizer, spec.optimizer_args, trainable_dtypes, ())
     except Exception as error:
         raise JobSpecError(f"{FIELD_KEYS['optimizer_args']}: {_message(error)}") from error
     if spec.param_groups is None:
@@ -1070,11 +1075,11 @@ def _check_build(spec: JobSpec) -> None:
         rules, where, hint = spec.param_groups, "param_groups", ""
     for index, rule in enumerate(rules):
         try:
-            build_optimizer(spec.optimizer, spec.optimizer_args, stand_ins(), (rule,))
+            optimizer_groups(spec.optimizer, spec.optimizer_args, trainable_dtypes, (rule,))
         except Exception as error:
             raise JobSpecError(f"{where}[{index}] (pattern {rule.pattern!r}): {_message(error)}{hint}") from error
     try:
-        optimizer = build_optimizer(spec.optimizer, spec.optimizer_args, stand_ins(), rules)
+        optimizer = optimizer_groups(spec.optimizer, spec.optimizer_args, trainable_dtypes, rules)
     except Exception as error:
         raise JobSpecError(f"{where}: {_message(error)}{hint}") from error
 

@@ -23,6 +23,15 @@ from shardstep.workers.optim.parameter import Parameter, RowSparseGrad
 from shardstep.workers.optim.rule import DEFAULT_DTYPES, Rule
 
 
+def hyperparameters(constructor_locals: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a torch-style constructor was called with, from the ``locals()`` it
+    takes first thing: every argument but ``self`` and ``params`` (``__class__`` is the cell
+    zero-argument ``super()`` adds). With ``Rule.stored_defaults`` this is the constructor's
+    whole body: torch's defaults are spelt once in its signature, checked against the rule's
+    by the optimizer tests."""
+    return {key: value for key, value in constructor_locals.items() if key not in ("self", "params", "__class__")}
+
+
 class Optimizer:
     """Base class with torch.optim.Optimizer's attributes and methods.
 

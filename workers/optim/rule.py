@@ -15,14 +15,11 @@ only on the step and the hyperparameters, so every slice holds the same value.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from shardstep.workers.checks import is_flag, is_real
 
 # torch keeps step counters and per-parameter scalar state (NAdam's mu_product, ASGD's eta
 # and mu) as 0-d tensors of ``torch.optim.optimizer._get_scalar_dtype()``: float64 when
@@ -72,15 +69,6 @@ def _checked_default_dtype(dtype: Any) -> np.dtype:
     return resolved
 
 
-# Flags that only select torch's device kernels or autograd behaviour. They are stored in
-# param_groups with torch's values so state_dicts interoperate.
-#  - foreach, fused: accepted and ignored; every update here is already one fused pass.
-#  - capturable, differentiable: only False is accepted (no CUDA graphs, no autograd through
-#    the step); True raises ValueError.
-IGNORED_FLAGS = ("foreach", "fused")
-FALSE_ONLY_FLAGS = ("capturable", "differentiable")
-
-
 @dataclass(frozen=True)
 class Rule:
     """One optimizer algorithm, shared by the facade and the shard actors."""
@@ -97,6 +85,12 @@ class Rule:
     # and sorted; values[k] is the gradient of row rows[k].
     update_rows: Callable[..., None] | None = None
     scalar_state: tuple[str, ...] = field(default=("step",))
+    # derive_defaults(given, stored): set the defaults torch's constructor computes from other
+    # arguments (LBFGS's max_eval from max_iter); ``given`` is what the caller passed
+    derive_defaults: Callable[[Mapping[str, Any], dict[str, Any]], None] | None = None
+    # the algorithm steps all its parameters as one concatenated vector (LBFGS): one param
+    # group, one dtype
+    one_vector: bool = False
 
     @property
     def accepts_dense(self) -> bool:
@@ -105,6 +99,31 @@ class Rule:
     @property
     def accepts_sparse(self) -> bool:
         return self.update_rows is not None
+
+    def stored_defaults(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``defaults`` a torch-style constructor called with the hyperparameters ``given``
+        stores: the rule's defaults, overridden by ``given``, in the rule's key order. A pair
+        given as a list (a job file's TOML array) is kept as the tuple torch's default spells,
+        so state_dicts compare equal whichever way it came."""
+        stored = {**self.defaults, **given}
+        for key, default in self.defaults.items():
+            if isinstance(default, tuple) and isinstance(stored[key], list):
+                stored[key] = tuple(stored[key])
+        if self.derive_defaults is not None:
+            self.derive_defaults(given, stored)
+        return stored
+
+
+def one_group_only(owner: str) -> ValueError:
+    """What an algorithm that steps one concatenated vector says of a second param group."""
+    return ValueError(f"{owner} doesn't support per-parameter options (parameter groups); "
+                      f"got a group beyond the first, allowed: 1 group")
+
+
+def one_dtype_only(owner: str, dtypes: Iterable[Any]) -> ValueError:
+    """What an algorithm that steps one concatenated vector says of parameters of mixed dtypes."""
+    return ValueError(f"{owner} needs all parameters in one dtype (its vectors are concatenated); "
+                      f"got {sorted(str(d) for d in dtypes)}")
 
 
 def new_step() -> np.ndarray:
@@ -130,75 +149,3 @@ def advance(step: np.ndarray) -> float:
     """Increment a step counter in place and return the new value as a Python float."""
     step += 1
     return float(step)
-
-
-# ---------------------------------------------------------------------------------------
-# hyperparameter checks: each names the argument, the value received and what is allowed
-
-
-def require_number(name: str, value: Any) -> float:
-    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.floating):
-        value = value.item()
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN; got {value}")
-    return value
-
-
-def check_min(name: str, value: Any, low: float = 0.0) -> None:
-    value = require_number(name, value)
-    if not value >= low:
-        raise ValueError(f"{name} must be >= {low:g}; got {value}")
-
-
-def check_interval(name: str, value: Any, low: float, high: float, *, closed_high: bool = False) -> None:
-    """Check ``low <= value < high`` (or ``<= high`` when ``closed_high``)."""
-    value = require_number(name, value)
-    inside = low <= value <= high if closed_high else low <= value < high
-    if not inside:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}; got {value}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not is_flag(value):
-        raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}")
-
-
-def check_pair(name: str, value: Any) -> tuple[Any, Any]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name} must be a pair (a, b); got {value!r}")
-    return value[0], value[1]
-
-
-def check_betas(group: Mapping[str, Any]) -> None:
-    """The Adam family's ``betas``: a pair, each in [0, 1)."""
-    beta1, beta2 = check_pair("betas", group["betas"])
-    check_interval("betas[0]", beta1, 0.0, 1.0)
-    check_interval("betas[1]", beta2, 0.0, 1.0)
-
-
-def check_adam_family(group: Mapping[str, Any]) -> None:
-    """The checks torch's Adam, AdamW, Adamax, NAdam and RAdam share."""
-    check_min("lr", group["lr"])
-    check_min("eps", group["eps"])
-    check_betas(group)
-    check_min("weight_decay", group["weight_decay"])
-    check_bool("maximize", group["maximize"])
-    check_device_flags(group)
-
-
-def check_device_flags(group: Mapping[str, Any]) -> None:
-    """Device-only flags: see IGNORED_FLAGS and FALSE_ONLY_FLAGS."""
-    for flag in IGNORED_FLAGS:
-        if flag in group and group[flag] not in (None, True, False):
-            raise ValueError(f"{flag} must be None, True or False; got {group[flag]!r}")
-    for flag in FALSE_ONLY_FLAGS:
-        if group.get(flag, False):
-            raise ValueError(
-                f"{flag}=True is a torch device feature shardstep does not have; "
-                f"got {flag}={group[flag]!r}, allowed: False"
-            )
-    if group.get("foreach") and group.get("fused"):
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

@@ -17,17 +17,10 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import decayed_square, elementwise_kernel, flat, scalars, signed, with_weight_decay
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_bool,
-    check_device_flags,
-    check_interval,
-    check_min,
-    new_step,
-)
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_step
 
 ADADELTA_DEFAULTS = dict(
     lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, maximize=False, capturable=False, foreach=None,
@@ -35,26 +28,21 @@ ADADELTA_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_interval("rho", group["rho"], 0.0, 1.0, closed_high=True)
-    check_min("eps", group["eps"])
-    check_min("weight_decay", group["weight_decay"])
-    check_bool("maximize", group["maximize"])
-    check_device_flags(group)
+validate = check.all_of(check.non_negative("lr"), check.within("rho", 0.0, 1.0, closed_high=True),
+                        check.non_negative("eps", "weight_decay"), check.flags("maximize"), check.device_flags)
 
 
 def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "square_avg": np.zeros_like(param), "acc_delta": np.zeros_like(param)}
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _adadelta_kernel(param, grad, square_avg, acc_delta, maximize, weight_decay, rho,
                      one_minus_rho, eps, neg_lr):
     for i in prange(param.size):
         p = param[i]
-        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
-        v = decayed_square(square_avg[i], g, rho, one_minus_rho)
+        g = kernels.with_weight_decay(kernels.signed(grad[i], maximize), p, weight_decay)
+        v = kernels.decayed_square(square_avg[i], g, rho, one_minus_rho)
         square_avg[i] = v
         u = acc_delta[i]
         delta = math.sqrt(u + eps) / math.sqrt(v + eps) * g
@@ -65,10 +53,11 @@ def _adadelta_kernel(param, grad, square_avg, acc_delta, maximize, weight_decay,
 def update(param, grad, state, group) -> None:
     advance(state["step"])
     rho = group["rho"]
-    weight_decay, rho_, one_minus_rho, eps, neg_lr = scalars(
+    weight_decay, rho_, one_minus_rho, eps, neg_lr = kernels.scalars(
         param.dtype, group["weight_decay"], rho, 1 - rho, group["eps"], -group["lr"])
-    _adadelta_kernel(flat(param), flat(grad), flat(state["square_avg"]), flat(state["acc_delta"]),
-                     bool(group["maximize"]), weight_decay, rho_, one_minus_rho, eps, neg_lr)
+    _adadelta_kernel(kernels.flat(param), kernels.flat(grad), kernels.flat(state["square_avg"]),
+                     kernels.flat(state["acc_delta"]), bool(group["maximize"]), weight_decay, rho_,
+                     one_minus_rho, eps, neg_lr)
 
 
 RULE = Rule(name="adadelta", defaults=ADADELTA_DEFAULTS, validate=validate, init_state=init_state,
@@ -82,7 +71,4 @@ class Adadelta(Optimizer):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
                  capturable=False, maximize=False, differentiable=False):
-        super().__init__(params, dict(
-            lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
-            capturable=capturable, foreach=foreach, differentiable=differentiable,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

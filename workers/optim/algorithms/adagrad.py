@@ -18,9 +18,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed, with_weight_decay
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import Rule, advance, check_bool, check_device_flags, check_min, new_step
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_step
 
 ADAGRAD_DEFAULTS = dict(
     lr=1e-2, lr_decay=0, eps=1e-10, weight_decay=0, initial_accumulator_value=0, foreach=None,
@@ -28,25 +29,21 @@ ADAGRAD_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("lr_decay", group["lr_decay"])
-    check_min("weight_decay", group["weight_decay"])
-    check_min("initial_accumulator_value", group["initial_accumulator_value"])
-    check_min("eps", group["eps"])
-    check_bool("maximize", group["maximize"])
-    check_device_flags(group)
+validate = check.all_of(
+    check.non_negative("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
+    check.flags("maximize"), check.device_flags,
+)
 
 
 def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "sum": np.full_like(param, group["initial_accumulator_value"])}
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _adagrad_kernel(param, grad, state_sum, maximize, weight_decay, eps, neg_clr):
     for i in prange(param.size):
         p = param[i]
-        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
+        g = kernels.with_weight_decay(kernels.signed(grad[i], maximize), p, weight_decay)
         s = state_sum[i] + g * g
         state_sum[i] = s
         # torch's addcdiv: p + value * g / std
@@ -58,7 +55,7 @@ def _adagrad_rows_kernel(param, rows, values, state_sum, maximize, eps, neg_clr)
     for k in prange(rows.size):
         r = rows[k]
         for j in range(param.shape[1]):
-            g = signed(values[k, j], maximize)
+            g = kernels.signed(values[k, j], maximize)
             s = state_sum[r, j] + g * g
             state_sum[r, j] = s
             # torch's sparse path: p.add_(g / std, alpha=-clr)
@@ -71,9 +68,9 @@ def _neg_clr(group, step: float) -> float:
 
 def update(param, grad, state, group) -> None:
     step = advance(state["step"])
-    weight_decay, eps, neg_clr = scalars(param.dtype, group["weight_decay"], group["eps"],
+    weight_decay, eps, neg_clr = kernels.scalars(param.dtype, group["weight_decay"], group["eps"],
                                          _neg_clr(group, step))
-    _adagrad_kernel(flat(param), flat(grad), flat(state["sum"]), bool(group["maximize"]),
+    _adagrad_kernel(kernels.flat(param), kernels.flat(grad), kernels.flat(state["sum"]), bool(group["maximize"]),
                     weight_decay, eps, neg_clr)
 
 
@@ -84,8 +81,8 @@ def update_rows(param, rows, values, state, group) -> None:
             f"weight_decay={group['weight_decay']}, allowed with sparse gradients: 0"
         )
     step = advance(state["step"])
-    eps, neg_clr = scalars(param.dtype, group["eps"], _neg_clr(group, step))
-    state_sum = flat(state["sum"]).reshape(param.shape)
+    eps, neg_clr = kernels.scalars(param.dtype, group["eps"], _neg_clr(group, step))
+    state_sum = kernels.flat(state["sum"]).reshape(param.shape)
     _adagrad_rows_kernel(param, rows, values, state_sum, bool(group["maximize"]), eps, neg_clr)
 
 
@@ -103,11 +100,7 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None):
-        super().__init__(params, dict(
-            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, foreach=foreach,
-            maximize=maximize, differentiable=differentiable, fused=fused,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p].update(RULE.init_state(p.data, group))

@@ -16,17 +16,10 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import (
-    adam_moments,
-    adam_weight_decay,
-    elementwise_kernel,
-    flat,
-    lerp_weight,
-    scalars,
-    signed,
-)
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import Rule, advance, check_adam_family, check_bool, new_step
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_step
 
 ADAM_DEFAULTS = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, maximize=False,
@@ -34,10 +27,7 @@ ADAM_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_adam_family(group)
-    for flag in ("amsgrad", "decoupled_weight_decay"):
-        check_bool(flag, group[flag])
+validate = check.all_of(check.adam_family, check.flags("amsgrad", "decoupled_weight_decay"))
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -47,13 +37,13 @@ def init_state(param: np.ndarray, group) -> dict:
     return state
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _adam_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize, amsgrad,
                  weight_decay, decoupled, decay, lerp_w, lerp_w_small, lerp_1mw,
                  beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size):
     for i in prange(param.size):
-        p, g = adam_weight_decay(param[i], signed(grad[i], maximize), weight_decay, decoupled, decay)
-        m, v = adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
+        p, g = kernels.adam_weight_decay(param[i], kernels.signed(grad[i], maximize), weight_decay, decoupled, decay)
+        m, v = kernels.adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
         if amsgrad:
             v = max(max_exp_avg_sq[i], v)
             max_exp_avg_sq[i] = v
@@ -67,16 +57,16 @@ def update(param, grad, state, group) -> None:
     lr, weight_decay = group["lr"], group["weight_decay"]
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    exp_avg_sq = flat(state["exp_avg_sq"])
-    max_exp_avg_sq = flat(state["max_exp_avg_sq"]) if group["amsgrad"] else exp_avg_sq
-    (decay, beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size, wd) = scalars(
+    exp_avg_sq = kernels.flat(state["exp_avg_sq"])
+    max_exp_avg_sq = kernels.flat(state["max_exp_avg_sq"]) if group["amsgrad"] else exp_avg_sq
+    (decay, beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size, wd) = kernels.scalars(
         param.dtype, 1 - lr * weight_decay, beta2, 1 - beta2, bias_correction2**0.5,
         group["eps"], -(lr / bias_correction1), weight_decay,
     )
     _adam_kernel(
-        flat(param), flat(grad), flat(state["exp_avg"]), exp_avg_sq, max_exp_avg_sq,
+        kernels.flat(param), kernels.flat(grad), kernels.flat(state["exp_avg"]), exp_avg_sq, max_exp_avg_sq,
         bool(group["maximize"]), bool(group["amsgrad"]), wd, bool(group["decoupled_weight_decay"]),
-        decay, *lerp_weight(param.dtype, 1 - beta1),
+        decay, *kernels.lerp_weight(param.dtype, 1 - beta1),
         beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
     )
 
@@ -92,9 +82,4 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-            capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

@@ -14,17 +14,10 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import (
-    elementwise_kernel,
-    flat,
-    lerp,
-    lerp_weight,
-    scalars,
-    signed,
-    with_weight_decay,
-)
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import Rule, advance, check_adam_family, new_step
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_step
 
 ADAMAX_DEFAULTS = dict(
     lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, maximize=False,
@@ -32,21 +25,20 @@ ADAMAX_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_adam_family(group)
+validate = check.adam_family
 
 
 def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_inf": np.zeros_like(param)}
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _adamax_kernel(param, grad, exp_avg, exp_inf, maximize, weight_decay, lerp_w, lerp_w_small,
                    lerp_1mw, beta2, eps, neg_clr):
     for i in prange(param.size):
         p = param[i]
-        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
-        m = lerp(exp_avg[i], g, lerp_w, lerp_w_small, lerp_1mw)
+        g = kernels.with_weight_decay(kernels.signed(grad[i], maximize), p, weight_decay)
+        m = kernels.lerp(exp_avg[i], g, lerp_w, lerp_w_small, lerp_1mw)
         exp_avg[i] = m
         # torch.maximum(exp_inf * beta2, |g| + eps), NaN-propagating like torch.maximum
         u = exp_inf[i] * beta2
@@ -61,11 +53,11 @@ def update(param, grad, state, group) -> None:
     step = advance(state["step"])
     beta1, beta2 = group["betas"]
     clr = group["lr"] / (1 - beta1**step)
-    weight_decay, beta2_, eps, neg_clr = scalars(
+    weight_decay, beta2_, eps, neg_clr = kernels.scalars(
         param.dtype, group["weight_decay"], beta2, group["eps"], -clr)
     _adamax_kernel(
-        flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_inf"]),
-        bool(group["maximize"]), weight_decay, *lerp_weight(param.dtype, 1 - beta1),
+        kernels.flat(param), kernels.flat(grad), kernels.flat(state["exp_avg"]), kernels.flat(state["exp_inf"]),
+        bool(group["maximize"]), weight_decay, *kernels.lerp_weight(param.dtype, 1 - beta1),
         beta2_, eps, neg_clr,
     )
 
@@ -81,8 +73,4 @@ class Adamax(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
                  maximize=False, differentiable=False, capturable=False):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps,
-            weight_decay=weight_decay, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, capturable=capturable,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

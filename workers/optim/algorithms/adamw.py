@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from shardstep.workers.optim.algorithms import adam
-from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
 
 RULE = dataclasses.replace(
     adam.RULE, name="adamw",
@@ -24,9 +24,4 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-            capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

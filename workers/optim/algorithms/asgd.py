@@ -18,19 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed, with_weight_decay
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_bool,
-    check_device_flags,
-    check_min,
-    new_scalar,
-    new_step,
-    require_number,
-    store_scalar,
-)
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_scalar, new_step, store_scalar
 
 ASGD_DEFAULTS = dict(
     lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None, maximize=False,
@@ -38,14 +29,9 @@ ASGD_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("weight_decay", group["weight_decay"])
-    # torch checks neither lambd, alpha nor t0; they must at least be numbers
-    for name in ("lambd", "alpha", "t0"):
-        require_number(name, group[name])
-    check_bool("maximize", group["maximize"])
-    check_device_flags(group)
+# torch checks neither lambd, alpha nor t0; they must at least be numbers
+validate = check.all_of(check.non_negative("lr", "weight_decay"), check.numbers("lambd", "alpha", "t0"),
+                        check.flags("maximize"), check.device_flags)
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -57,11 +43,11 @@ def init_state(param: np.ndarray, group) -> dict:
     }
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _asgd_kernel(param, grad, ax, maximize, weight_decay, decay, neg_eta, average, mu):
     for i in prange(param.size):
         p = param[i]
-        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
+        g = kernels.with_weight_decay(kernels.signed(grad[i], maximize), p, weight_decay)
         p = p * decay
         p = p + neg_eta * g
         param[i] = p
@@ -77,9 +63,9 @@ def update(param, grad, state, group) -> None:
     lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
     eta_value = float(state["eta"])
     mu_value = float(state["mu"])
-    decay, neg_eta, wd, mu = scalars(param.dtype, 1 - lambd * eta_value, -eta_value,
+    decay, neg_eta, wd, mu = kernels.scalars(param.dtype, 1 - lambd * eta_value, -eta_value,
                                      group["weight_decay"], mu_value)
-    _asgd_kernel(flat(param), flat(grad), flat(state["ax"]), bool(group["maximize"]), wd, decay,
+    _asgd_kernel(kernels.flat(param), kernels.flat(grad), kernels.flat(state["ax"]), bool(group["maximize"]), wd, decay,
                  neg_eta, mu_value != 1, mu)
     # torch writes torch.as_tensor of the Python float (its scalar dtype) into eta and mu
     store_scalar(state["eta"], lr / ((1 + lambd * lr * step) ** alpha))
@@ -97,7 +83,4 @@ class ASGD(Optimizer):
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
                  maximize=False, differentiable=False, capturable=False):
-        super().__init__(params, dict(
-            lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
-            maximize=maximize, differentiable=differentiable, capturable=capturable,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

@@ -20,26 +20,10 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import (
-    adam_moments,
-    adam_weight_decay,
-    elementwise_kernel,
-    flat,
-    lerp_weight,
-    scalars,
-    signed,
-)
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_adam_family,
-    check_bool,
-    check_min,
-    new_scalar,
-    new_step,
-    store_scalar,
-)
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_scalar, new_step, store_scalar
 
 NADAM_DEFAULTS = dict(
     lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
@@ -47,10 +31,8 @@ NADAM_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_adam_family(group)
-    check_min("momentum_decay", group["momentum_decay"])
-    check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+validate = check.all_of(check.adam_family, check.non_negative("momentum_decay"),
+                        check.flags("decoupled_weight_decay"))
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -62,13 +44,13 @@ def init_state(param: np.ndarray, group) -> dict:
     }
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _nadam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, decoupled, decay,
                   lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction2, eps,
                   grad_coef, exp_avg_coef):
     for i in prange(param.size):
-        p, g = adam_weight_decay(param[i], signed(grad[i], maximize), weight_decay, decoupled, decay)
-        m, v = adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
+        p, g = kernels.adam_weight_decay(param[i], kernels.signed(grad[i], maximize), weight_decay, decoupled, decay)
+        m, v = kernels.adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
         denom = math.sqrt(v / bias_correction2) + eps
         # two addcdiv_ calls: the parameter rounds after each
         p = p + grad_coef * g / denom
@@ -91,14 +73,14 @@ def update(param, grad, state, group) -> None:
     mu_product_next = mu_product_value * mu_next
     grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product_value)
     exp_avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
-    (decay, beta2_, one_minus_beta2, bc2, eps, grad_coef_, exp_avg_coef_, wd) = scalars(
+    (decay, beta2_, one_minus_beta2, bc2, eps, grad_coef_, exp_avg_coef_, wd) = kernels.scalars(
         param.dtype, 1 - lr * weight_decay, beta2, 1 - beta2, bias_correction2,
         group["eps"], grad_coef, exp_avg_coef, weight_decay,
     )
     _nadam_kernel(
-        flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_avg_sq"]),
+        kernels.flat(param), kernels.flat(grad), kernels.flat(state["exp_avg"]), kernels.flat(state["exp_avg_sq"]),
         bool(group["maximize"]), wd, bool(group["decoupled_weight_decay"]), decay,
-        *lerp_weight(param.dtype, 1 - beta1), beta2_, one_minus_beta2, bc2,
+        *kernels.lerp_weight(param.dtype, 1 - beta1), beta2_, one_minus_beta2, bc2,
         eps, grad_coef_, exp_avg_coef_,
     )
 
@@ -115,9 +97,4 @@ class NAdam(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps,
-            weight_decay=weight_decay, momentum_decay=momentum_decay,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
-            capturable=capturable, differentiable=differentiable,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

@@ -20,17 +20,10 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import (
-    adam_moments,
-    adam_weight_decay,
-    elementwise_kernel,
-    flat,
-    lerp_weight,
-    scalars,
-    signed,
-)
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import Rule, advance, check_adam_family, check_bool, new_step
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_step
 
 RADAM_DEFAULTS = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, maximize=False, foreach=None,
@@ -38,22 +31,20 @@ RADAM_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_adam_family(group)
-    check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+validate = check.all_of(check.adam_family, check.flags("decoupled_weight_decay"))
 
 
 def init_state(param: np.ndarray, group) -> dict:
     return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _radam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, decoupled, decay,
                   lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2, bias_correction1, lr,
                   rectify, eps, one, bias_correction2_sqrt, rect):
     for i in prange(param.size):
-        p, g = adam_weight_decay(param[i], signed(grad[i], maximize), weight_decay, decoupled, decay)
-        m, v = adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
+        p, g = kernels.adam_weight_decay(param[i], kernels.signed(grad[i], maximize), weight_decay, decoupled, decay)
+        m, v = kernels.adam_moments(exp_avg, exp_avg_sq, i, g, lerp_w, lerp_w_small, lerp_1mw, beta2, one_minus_beta2)
         u = m / bias_correction1 * lr
         if rectify:
             # torch: sqrt(bc2) / t is t.reciprocal() * sqrt(bc2), two roundings
@@ -74,14 +65,14 @@ def update(param, grad, state, group) -> None:
     rect = 1.0
     if rectify:
         rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-    (decay, beta2_, one_minus_beta2, bc1, lr_, eps, one, bc2_sqrt, rect_, wd) = scalars(
+    (decay, beta2_, one_minus_beta2, bc1, lr_, eps, one, bc2_sqrt, rect_, wd) = kernels.scalars(
         param.dtype, 1 - lr * weight_decay, beta2, 1 - beta2, bias_correction1, lr,
         group["eps"], 1, bias_correction2**0.5, rect, weight_decay,
     )
     _radam_kernel(
-        flat(param), flat(grad), flat(state["exp_avg"]), flat(state["exp_avg_sq"]),
+        kernels.flat(param), kernels.flat(grad), kernels.flat(state["exp_avg"]), kernels.flat(state["exp_avg_sq"]),
         bool(group["maximize"]), wd, bool(group["decoupled_weight_decay"]), decay,
-        *lerp_weight(param.dtype, 1 - beta1), beta2_, one_minus_beta2, bc1, lr_,
+        *kernels.lerp_weight(param.dtype, 1 - beta1), beta2_, one_minus_beta2, bc1, lr_,
         bool(rectify), eps, one, bc2_sqrt, rect_,
     )
 
@@ -97,8 +88,4 @@ class RAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, foreach=foreach, capturable=capturable,
-            decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

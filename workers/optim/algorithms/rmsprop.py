@@ -16,18 +16,10 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import (
-    decayed_square,
-    elementwise_kernel,
-    flat,
-    lerp,
-    lerp_weight,
-    scalars,
-    signed,
-    with_weight_decay,
-)
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import Rule, advance, check_bool, check_device_flags, check_min, new_step
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_step
 
 RMSPROP_DEFAULTS = dict(
     lr=1e-2, momentum=0, alpha=0.99, eps=1e-8, centered=False, weight_decay=0, capturable=False,
@@ -35,15 +27,8 @@ RMSPROP_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("eps", group["eps"])
-    check_min("momentum", group["momentum"])
-    check_min("weight_decay", group["weight_decay"])
-    check_min("alpha", group["alpha"])
-    for flag in ("centered", "maximize"):
-        check_bool(flag, group[flag])
-    check_device_flags(group)
+validate = check.all_of(check.non_negative("lr", "eps", "momentum", "weight_decay", "alpha"),
+                        check.flags("centered", "maximize"), check.device_flags)
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -55,17 +40,17 @@ def init_state(param: np.ndarray, group) -> dict:
     return state
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _rmsprop_kernel(param, grad, square_avg, grad_avg, buf, maximize, weight_decay, alpha,
                     one_minus_alpha, centered, lerp_w, lerp_w_small, lerp_1mw, eps, has_momentum,
                     momentum, neg_lr):
     for i in prange(param.size):
         p = param[i]
-        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
-        v = decayed_square(square_avg[i], g, alpha, one_minus_alpha)
+        g = kernels.with_weight_decay(kernels.signed(grad[i], maximize), p, weight_decay)
+        v = kernels.decayed_square(square_avg[i], g, alpha, one_minus_alpha)
         square_avg[i] = v
         if centered:
-            m = lerp(grad_avg[i], g, lerp_w, lerp_w_small, lerp_1mw)
+            m = kernels.lerp(grad_avg[i], g, lerp_w, lerp_w_small, lerp_1mw)
             grad_avg[i] = m
             avg = math.sqrt(v - m * m) + eps
         else:
@@ -87,16 +72,16 @@ def update(param, grad, state, group) -> None:
         state["momentum_buffer"] = np.zeros_like(param)
     if centered and "grad_avg" not in state:
         state["grad_avg"] = np.zeros_like(param)
-    square_avg = flat(state["square_avg"])
-    grad_avg = flat(state["grad_avg"]) if centered else square_avg
-    buf = flat(state["momentum_buffer"]) if momentum > 0 else square_avg
-    (weight_decay, alpha_, one_minus_alpha, eps, momentum_, neg_lr) = scalars(
+    square_avg = kernels.flat(state["square_avg"])
+    grad_avg = kernels.flat(state["grad_avg"]) if centered else square_avg
+    buf = kernels.flat(state["momentum_buffer"]) if momentum > 0 else square_avg
+    (weight_decay, alpha_, one_minus_alpha, eps, momentum_, neg_lr) = kernels.scalars(
         param.dtype, group["weight_decay"], alpha, 1 - alpha, group["eps"], momentum,
         -group["lr"],
     )
     _rmsprop_kernel(
-        flat(param), flat(grad), square_avg, grad_avg, buf, bool(group["maximize"]), weight_decay,
-        alpha_, one_minus_alpha, centered, *lerp_weight(param.dtype, 1 - alpha),
+        kernels.flat(param), kernels.flat(grad), square_avg, grad_avg, buf, bool(group["maximize"]), weight_decay,
+        alpha_, one_minus_alpha, centered, *kernels.lerp_weight(param.dtype, 1 - alpha),
         eps, momentum > 0, momentum_, neg_lr,
     )
 
@@ -113,8 +98,4 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False):
-        super().__init__(params, dict(
-            lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
-            weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
-            differentiable=differentiable,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

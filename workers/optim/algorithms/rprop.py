@@ -17,18 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import (
-    Rule,
-    advance,
-    check_bool,
-    check_device_flags,
-    check_min,
-    check_pair,
-    new_step,
-    require_number,
-)
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule, advance, new_step
 
 RPROP_DEFAULTS = dict(
     lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), foreach=None, maximize=False,
@@ -36,19 +28,23 @@ RPROP_DEFAULTS = dict(
 )
 
 
-def validate(group) -> None:
-    check_min("lr", group["lr"])
-    etaminus, etaplus = check_pair("etas", group["etas"])
-    etaminus = require_number("etas[0]", etaminus)
-    etaplus = require_number("etas[1]", etaplus)
+def _check_etas(group) -> None:
+    etaminus, etaplus = check.pair("etas", group["etas"])
+    etaminus = check.number("etas[0]", etaminus)
+    etaplus = check.number("etas[1]", etaplus)
     if not 0.0 < etaminus < 1.0 < etaplus:
         raise ValueError(f"etas must satisfy 0 < etas[0] < 1 < etas[1]; got ({etaminus}, {etaplus})")
+
+
+def _check_step_sizes(group) -> None:
     # torch does not check step_sizes; they must at least be a pair of numbers
-    low, high = check_pair("step_sizes", group["step_sizes"])
-    require_number("step_sizes[0]", low)
-    require_number("step_sizes[1]", high)
-    check_bool("maximize", group["maximize"])
-    check_device_flags(group)
+    low, high = check.pair("step_sizes", group["step_sizes"])
+    check.number("step_sizes[0]", low)
+    check.number("step_sizes[1]", high)
+
+
+validate = check.all_of(check.non_negative("lr"), _check_etas, _check_step_sizes, check.flags("maximize"),
+                        check.device_flags)
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -59,11 +55,11 @@ def init_state(param: np.ndarray, group) -> dict:
     }
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _rprop_kernel(param, grad, prev, step_size, maximize, etaminus, etaplus, step_size_min,
                   step_size_max, zero, one):
     for i in prange(param.size):
-        g = signed(grad[i], maximize)
+        g = kernels.signed(grad[i], maximize)
         product = g * prev[i]
         # torch: sign = product.sign() (0 for NaN), then sign -> etaplus / etaminus / 1
         if product > zero:
@@ -94,9 +90,9 @@ def update(param, grad, state, group) -> None:
     advance(state["step"])
     etaminus, etaplus = group["etas"]
     step_size_min, step_size_max = group["step_sizes"]
-    values = scalars(param.dtype, etaminus, etaplus, step_size_min, step_size_max, 0, 1)
-    _rprop_kernel(flat(param), flat(grad), flat(state["prev"]), flat(state["step_size"]),
-                  bool(group["maximize"]), *values)
+    values = kernels.scalars(param.dtype, etaminus, etaplus, step_size_min, step_size_max, 0, 1)
+    _rprop_kernel(kernels.flat(param), kernels.flat(grad), kernels.flat(state["prev"]),
+                  kernels.flat(state["step_size"]), bool(group["maximize"]), *values)
 
 
 RULE = Rule(name="rprop", defaults=RPROP_DEFAULTS, validate=validate, init_state=init_state, update=update)
@@ -109,8 +105,4 @@ class Rprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *, capturable=False,
                  foreach=None, maximize=False, differentiable=False):
-        super().__init__(params, dict(
-            lr=lr, etas=tuple(etas) if isinstance(etas, list) else etas,
-            step_sizes=tuple(step_sizes) if isinstance(step_sizes, list) else step_sizes,
-            foreach=foreach, maximize=maximize, differentiable=differentiable, capturable=capturable,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

@@ -14,27 +14,26 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed, with_weight_decay
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import Rule, check_bool, check_device_flags, check_min
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule
 
 SGD_DEFAULTS = dict(lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False,
                     foreach=None, differentiable=False, fused=None)
 
 
-def validate(group) -> None:
-    check_min("lr", group["lr"])
-    check_min("momentum", group["momentum"])
-    check_min("weight_decay", group["weight_decay"])
-    check_min("dampening", group["dampening"], float("-inf"))
-    check_bool("nesterov", group["nesterov"])
-    check_bool("maximize", group["maximize"])
+def _check_nesterov(group) -> None:
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(
             "nesterov momentum requires momentum > 0 and dampening = 0; got "
             f"momentum={group['momentum']}, dampening={group['dampening']}"
         )
-    check_device_flags(group)
+
+
+# torch checks no range for dampening
+validate = check.all_of(check.non_negative("lr", "momentum", "weight_decay"), check.numbers("dampening"),
+                        check.flags("nesterov", "maximize"), _check_nesterov, check.device_flags)
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -42,12 +41,12 @@ def init_state(param: np.ndarray, group) -> dict:
     return {}
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _sgd_kernel(param, grad, buf, maximize, weight_decay, has_momentum, first, momentum,
                 one_minus_dampening, nesterov, neg_lr):
     for i in prange(param.size):
         p = param[i]
-        g = with_weight_decay(signed(grad[i], maximize), p, weight_decay)
+        g = kernels.with_weight_decay(kernels.signed(grad[i], maximize), p, weight_decay)
         if has_momentum:
             if first:
                 b = g
@@ -67,9 +66,9 @@ def update(param, grad, state, group) -> None:
     if momentum != 0 and "momentum_buffer" not in state:
         state["momentum_buffer"] = np.empty_like(param)
         first = True
-    param, grad = flat(param), flat(grad)
-    buf = flat(state["momentum_buffer"]) if momentum != 0 else param
-    weight_decay, momentum_, one_minus_dampening, neg_lr = scalars(
+    param, grad = kernels.flat(param), kernels.flat(grad)
+    buf = kernels.flat(state["momentum_buffer"]) if momentum != 0 else param
+    weight_decay, momentum_, one_minus_dampening, neg_lr = kernels.scalars(
         param.dtype, group["weight_decay"], momentum, 1 - group["dampening"], -group["lr"])
     _sgd_kernel(param, grad, buf, bool(group["maximize"]), weight_decay, momentum != 0, first,
                 momentum_, one_minus_dampening, bool(group["nesterov"]), neg_lr)
@@ -98,8 +97,4 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
-        super().__init__(params, dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
-            fused=fused,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

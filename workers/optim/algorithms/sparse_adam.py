@@ -20,15 +20,16 @@ import math
 import numpy as np
 from numba import prange
 
-from shardstep.workers.optim.kernels import elementwise_kernel, flat, scalars, signed
-from shardstep.workers.optim.optimizer import Optimizer
-from shardstep.workers.optim.rule import Rule, check_betas, check_bool, require_number
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim import kernels
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
+from shardstep.workers.optim.rule import Rule
 
 SPARSE_ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False)
 
 
 def _check_positive(name: str, value) -> None:
-    value = require_number(name, value)
+    value = check.number(name, value)
     if not value > 0:
         raise ValueError(f"{name} must be > 0; got {value}")
 
@@ -36,8 +37,8 @@ def _check_positive(name: str, value) -> None:
 def validate(group) -> None:
     _check_positive("lr", group["lr"])
     _check_positive("eps", group["eps"])
-    check_betas(group)
-    check_bool("maximize", group["maximize"])
+    check.betas(group)
+    check.boolean("maximize", group["maximize"])
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -45,14 +46,14 @@ def init_state(param: np.ndarray, group) -> dict:
     return {"step": 0, "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
 
 
-@elementwise_kernel
+@kernels.elementwise_kernel
 def _sparse_adam_kernel(param, rows, values, exp_avg, exp_avg_sq, maximize, one_minus_beta1,
                         one_minus_beta2, eps, neg_step_size):
     # rows are unique, so rows update independently
     for k in prange(rows.size):
         r = rows[k]
         for j in range(param.shape[1]):
-            g = signed(values[k, j], maximize)
+            g = kernels.signed(values[k, j], maximize)
             m_old = exp_avg[r, j]
             m_update = (g - m_old) * one_minus_beta1
             exp_avg[r, j] = m_old + m_update
@@ -73,11 +74,11 @@ def update_rows(param, rows, values, state, group) -> None:
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
-    one_minus_beta1, one_minus_beta2, eps, neg_step_size = scalars(
+    one_minus_beta1, one_minus_beta2, eps, neg_step_size = kernels.scalars(
         param.dtype, 1 - beta1, 1 - beta2, group["eps"], -step_size)
     _sparse_adam_kernel(
-        param, rows, values, flat(state["exp_avg"]).reshape(param.shape),
-        flat(state["exp_avg_sq"]).reshape(param.shape), bool(group["maximize"]),
+        param, rows, values, kernels.flat(state["exp_avg"]).reshape(param.shape),
+        kernels.flat(state["exp_avg_sq"]).reshape(param.shape), bool(group["maximize"]),
         one_minus_beta1, one_minus_beta2, eps, neg_step_size,
     )
 
@@ -96,6 +97,4 @@ class SparseAdam(Optimizer):
     rule = RULE
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, maximize=maximize,
-        ))
+        super().__init__(params, self.rule.stored_defaults(hyperparameters(locals())))

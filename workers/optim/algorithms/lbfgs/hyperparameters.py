@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from shardstep.workers.checks import is_integer
-from shardstep.workers.optim.rule import Rule, check_min
+from shardstep.workers.optim import group_checks as check
+from shardstep.workers.optim.rule import Rule
 
 LINE_SEARCH_FNS = (None, "strong_wolfe")
 
@@ -34,15 +35,23 @@ def validate(group) -> None:
     lr = group["lr"]
     if isinstance(lr, np.ndarray) and lr.size != 1:
         raise ValueError(f"lr given as an array must have 1 element; got shape {lr.shape}")
-    check_min("lr", lr)
+    check.at_least("lr", lr)
     _check_int("max_iter", group["max_iter"], 1)
     _check_int("max_eval", group["max_eval"], 1)
-    check_min("tolerance_grad", group["tolerance_grad"])
-    check_min("tolerance_change", group["tolerance_change"])
+    check.at_least("tolerance_grad", group["tolerance_grad"])
+    check.at_least("tolerance_change", group["tolerance_change"])
     _check_int("history_size", group["history_size"], 1)
     fn = group["line_search_fn"]
     if not (fn is None or (isinstance(fn, str) and fn == "strong_wolfe")):
         raise ValueError(f"line_search_fn must be None or 'strong_wolfe'; got {fn!r}")
+
+
+def derive_defaults(given, stored) -> None:
+    """torch's ``max_eval=None``: ``max_iter * 5 // 4`` (left None when max_iter is not an int,
+    which ``validate`` then refuses)."""
+    if given.get("max_eval") is None:
+        max_iter = stored["max_iter"]
+        stored["max_eval"] = max_iter * 5 // 4 if is_integer(max_iter) else None
 
 
 def init_state(param: np.ndarray, group) -> dict:
@@ -53,4 +62,4 @@ def init_state(param: np.ndarray, group) -> dict:
 # not elementwise: the facade's generic per-parameter update does not apply (update=None);
 # LBFGS.step runs the driver instead.
 RULE = Rule(name="lbfgs", defaults=LBFGS_DEFAULTS, validate=validate, init_state=init_state,
-            update=None, scalar_state=())
+            update=None, scalar_state=(), derive_defaults=derive_defaults, one_vector=True)
