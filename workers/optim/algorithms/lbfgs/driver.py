@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,121 @@ from shardstep.workers.optim.algorithms.lbfgs.vectors import VectorSpace
 
 STATE_KEYS = ("func_evals", "n_iter", "al", "d", "t", "old_dirs", "old_stps", "ro", "H_diag",
               "prev_flat_grad", "prev_loss")
+
+
+def _unchanged(value, *_):
+    return value
+
+
+def _as_array(value):
+    """A dtype scalar (torch: a 0-d tensor) as a 0-d ndarray; Python numbers unchanged."""
+    return np.array(value) if isinstance(value, np.generic) else value
+
+
+def _as_scalar(value):
+    """A 0-d ndarray (torch: a 0-d tensor) as a numpy scalar of its dtype."""
+    return value[()] if isinstance(value, np.ndarray) else value
+
+
+def _as_plain(value):
+    """A dtype scalar as a Python float: the record holds plain values only."""
+    return None if value is None else (float(value) if isinstance(value, (np.generic, float)) else value)
+
+
+def _as_dtype(value, dt):
+    return None if value is None else dt(value)
+
+
+def _as_dtype_unless_int(value, dt):
+    # torch's initial H_diag is the integer 1, kept as such until the first pair
+    return value if isinstance(value, int) else _as_dtype(value, dt)
+
+
+def _check_int(name, value):
+    if not isinstance(value, numbers.Integral):
+        raise ValueError(f"LBFGS state {name!r} must be an int; got {value!r}")
+
+
+def _check_number(name, value):
+    if isinstance(value, np.ndarray):
+        if value.ndim != 0:
+            raise ValueError(f"LBFGS state {name!r} must be a scalar; got shape {value.shape}")
+    elif not isinstance(value, numbers.Real):
+        raise ValueError(f"LBFGS state {name!r} must be a number; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScalarKind:
+    """How one kind of scalar is written to each form and read back: torch's layout
+    (``to_torch``, ``from_torch``, and ``check``, which refuses a value of that layout) and
+    the record (``to_record``, ``from_record(value, dtype type)``)."""
+
+    to_torch: Callable[[Any], Any]
+    from_torch: Callable[[Any], Any]
+    to_record: Callable[[Any], Any]
+    from_record: Callable[[Any, Any], Any]
+    check: Callable[[str, Any], None]
+
+
+COUNT = ScalarKind(_unchanged, int, _unchanged, _unchanged, _check_int)
+# the same Python value in every form (the loss, a flag)
+PYTHON_NUMBER = ScalarKind(_unchanged, _unchanged, _unchanged, _unchanged, _check_number)
+# torch holds a 0-d tensor of the parameters' dtype, or a Python number where it computed one
+DTYPE_NUMBER = ScalarKind(_as_array, _as_scalar, _as_plain, _as_dtype, _check_number)
+H_DIAG = ScalarKind(_as_array, _as_scalar, _as_plain, _as_dtype_unless_int, _check_number)
+
+# when torch's layout holds a field
+ALWAYS, ONCE_SET, ONCE_STARTED = "always", "once not None", "once a step has iterated"
+
+
+@dataclass(frozen=True)
+class ScalarField:
+    """One scalar of :class:`LBFGSDriver`'s state: its attribute, its keys in the record and
+    in torch's layout (None: the record's only, as torch's layout implies it), its kind, its
+    value in a new driver and when torch's layout holds it. A list field holds a list of
+    values of its kind, or None in place of the list."""
+
+    attr: str
+    record_key: str
+    torch_key: str | None
+    kind: ScalarKind
+    initial: Any
+    in_torch: str = ALWAYS
+    is_list: bool = False
+    entries_may_be_none: bool = False
+
+    def held_by_torch(self, value: Any, started: bool) -> bool:
+        """Whether torch's layout holds the field at ``value``, in a driver that has
+        (``started``) or has not iterated."""
+        if self.torch_key is None:
+            return False
+        if self.in_torch == ONCE_STARTED:
+            return started
+        return value is not None or self.in_torch == ALWAYS
+
+    def fresh(self) -> Any:
+        return list(self.initial) if isinstance(self.initial, list) else self.initial
+
+    def encode(self, value: Any, write: Callable[..., Any], *args: Any) -> Any:
+        if not self.is_list:
+            return write(value, *args)
+        return None if value is None else [write(v, *args) for v in value]
+
+
+# in the record's order (torch's is STATE_KEYS'); a new scalar is declared here only
+STATE_FIELDS = (
+    ScalarField("func_evals", "func_evals", "func_evals", COUNT, 0),
+    ScalarField("n_iter", "n_iter", "n_iter", COUNT, 0),
+    # torch writes d, t, history, ... once a step has iterated, so its layout says it by 'd'
+    ScalarField("started", "started", None, PYTHON_NUMBER, False),
+    ScalarField("t", "t", "t", DTYPE_NUMBER, None, in_torch=ONCE_STARTED),
+    ScalarField("ro", "ro", "ro", DTYPE_NUMBER, [], in_torch=ONCE_STARTED, is_list=True),
+    ScalarField("h_diag", "h_diag", "H_diag", H_DIAG, 1, in_torch=ONCE_STARTED),
+    ScalarField("prev_loss", "prev_loss", "prev_loss", PYTHON_NUMBER, None, in_torch=ONCE_STARTED),
+    # torch creates al as [None] * history_size on the second iteration
+    ScalarField("al", "al", "al", DTYPE_NUMBER, None, in_torch=ONCE_SET, is_list=True,
+                entries_may_be_none=True),
+)
 
 
 def _to_scalar(value):
@@ -60,8 +176,10 @@ class LBFGSDriver:
     """torch.optim.LBFGS's step on a :class:`VectorSpace`: counters, scalars and the Gram
     matrix of the history live here, every vector in the space.
 
-    Persistent scalars mirror torch's state: ``func_evals``, ``n_iter``, ``t``, ``ro``,
-    ``h_diag``, ``prev_loss``, ``al``. ``hist_gram`` is the (2m, 2m) float64 Gram matrix of
+    Persistent scalars mirror torch's state, one attribute per field of :data:`STATE_FIELDS`
+    (``func_evals``, ``n_iter``, ``started``, ``t``, ``ro``, ``h_diag``, ``prev_loss``, ``al``),
+    which both :meth:`export_state` (torch's layout) and :meth:`scalar_state` (the sharded
+    checkpoint's record) write. ``hist_gram`` is the (2m, 2m) float64 Gram matrix of
     ``[s_0..s_{m-1}, y_0..y_{m-1}]``; it is not part of the state_dict and is rebuilt from the
     history vectors on load (one batched reduction).
     """
@@ -69,14 +187,7 @@ class LBFGSDriver:
     def __init__(self, space: VectorSpace):
         self.space = space
         self.dt = space.dtype.type
-        self.func_evals = 0
-        self.n_iter = 0
-        self.started = False  # torch writes d, t, history, ... once a step has iterated
-        self.t = None
-        self.ro: list = []
-        self.h_diag: Any = 1
-        self.prev_loss = None
-        self.al: list | None = None
+        self._set_scalars({field.attr: field.fresh() for field in STATE_FIELDS})
         self.hist_gram = np.zeros((0, 0))
 
     # -- reductions -----------------------------------------------------------------------
@@ -329,36 +440,44 @@ class LBFGSDriver:
         return orig_loss
 
     # -- state in torch's layout ----------------------------------------------------------
+    def _set_scalars(self, values: Mapping[str, Any]) -> None:
+        for attr, value in values.items():
+            setattr(self, attr, value)
+
     def export_state(self) -> dict:
         """torch's state for parameter 0: tensors as ndarrays, numbers as numbers."""
-        state: dict[str, Any] = {"func_evals": self.func_evals, "n_iter": self.n_iter}
-        if self.al is not None:
-            state["al"] = [None if a is None else _as_array(a) for a in self.al]
+        state: dict[str, Any] = {}
+        for field in STATE_FIELDS:
+            value = getattr(self, field.attr)
+            if field.held_by_torch(value, self.started):
+                state[field.torch_key] = field.encode(value, field.kind.to_torch)
         if self.started:
             space, m = self.space, self.space.history_len()
             state["d"] = space.export("d")
-            state["t"] = _as_array(self.t)
             state["old_dirs"] = [space.export(("y", i)) for i in range(m)]
             state["old_stps"] = [space.export(("s", i)) for i in range(m)]
-            state["ro"] = [_as_array(r) for r in self.ro]
-            state["H_diag"] = _as_array(self.h_diag)
             state["prev_flat_grad"] = space.export("prev_g")
-            state["prev_loss"] = self.prev_loss
-        return state
+        return {key: state[key] for key in STATE_KEYS if key in state}
 
     def import_state(self, state) -> None:
         """Load a state from :meth:`export_state` or torch (checked by :func:`check_state`)."""
         space = self.space
-        self.func_evals = int(state.get("func_evals", 0))
-        self.n_iter = int(state.get("n_iter", 0))
-        al = state.get("al")
-        self.al = None if al is None else [None if a is None else _as_scalar(a) for a in al]
-        self.started = state.get("d") is not None
+        started = state.get("d") is not None
+        values: dict[str, Any] = {"started": started}
+        for field in STATE_FIELDS:
+            if field.torch_key is None:
+                continue
+            if field.in_torch != ONCE_STARTED:
+                values[field.attr] = field.encode(state.get(field.torch_key, field.initial), field.kind.from_torch)
+            elif started:
+                values[field.attr] = field.encode(state[field.torch_key], field.kind.from_torch)
+            else:
+                values[field.attr] = field.fresh()
+        self._set_scalars(values)
         space.clear_history()
         space.release_temps()
         self.hist_gram = np.zeros((0, 0))
-        self.ro, self.h_diag, self.t, self.prev_loss = [], 1, None, None
-        if not self.started:
+        if not started:
             return
         space.load("d", state["d"])
         space.load("prev_g", state["prev_flat_grad"])
@@ -366,10 +485,6 @@ class LBFGSDriver:
             space.load("s", s)
             space.load("y", y)
             space.push_history("s", "y")
-        self.ro = [_as_scalar(r) for r in state["ro"]]
-        self.h_diag = _as_scalar(state["H_diag"])
-        self.t = _as_scalar(state["t"])
-        self.prev_loss = state["prev_loss"]
         self.rebuild_gram()
 
     def rebuild_gram(self) -> None:
@@ -382,37 +497,16 @@ class LBFGSDriver:
         """Every scalar of the driver as plain values (the sharded checkpoint keeps them in
         its coordinator record; the vectors are in the shards' files), with the history's
         length, which a space whose vectors live elsewhere needs back on load."""
-        def plain(value: Any) -> Any:
-            return None if value is None else (float(value) if isinstance(value, (np.generic, float)) else value)
-        return {
-            "func_evals": self.func_evals, "n_iter": self.n_iter, "started": self.started,
-            "t": plain(self.t), "ro": [plain(r) for r in self.ro], "h_diag": plain(self.h_diag),
-            "prev_loss": self.prev_loss, "al": None if self.al is None else [plain(a) for a in self.al],
-            "history": self.space.history_len(),
-        }
+        record = {field.record_key: field.encode(getattr(self, field.attr), field.kind.to_record)
+                  for field in STATE_FIELDS}
+        record["history"] = self.space.history_len()
+        return record
 
     def load_scalar_state(self, state: Mapping[str, Any]) -> None:
         """Load :meth:`scalar_state`'s values, cast back to the space's dtype (the space must
         already hold the vectors and ``state["history"]`` history pairs)."""
-        def cast(value: Any) -> Any:
-            return None if value is None else self.dt(value)
-        self.func_evals, self.n_iter, self.started = state["func_evals"], state["n_iter"], state["started"]
-        self.t = cast(state["t"])
-        self.ro = [cast(r) for r in state["ro"]]
-        # torch's initial H_diag is the integer 1, kept as such until the first pair
-        self.h_diag = state["h_diag"] if isinstance(state["h_diag"], int) else cast(state["h_diag"])
-        self.prev_loss = state["prev_loss"]
-        self.al = None if state["al"] is None else [cast(a) for a in state["al"]]
-
-
-def _as_array(value):
-    """A dtype scalar (torch: a 0-d tensor) as a 0-d ndarray; Python numbers unchanged."""
-    return np.array(value) if isinstance(value, np.generic) else value
-
-
-def _as_scalar(value):
-    """A 0-d ndarray (torch: a 0-d tensor) as a numpy scalar of its dtype."""
-    return value[()] if isinstance(value, np.ndarray) else value
+        self._set_scalars({field.attr: field.encode(state[field.record_key], field.kind.from_record, self.dt)
+                           for field in STATE_FIELDS})
 
 
 def check_state(state, numel: int) -> None:
