@@ -509,32 +509,30 @@ class LBFGSDriver:
                            for field in STATE_FIELDS})
 
 
+def _check_field(field: ScalarField, value: Any) -> None:
+    if not field.is_list:
+        field.kind.check(field.torch_key, value)
+    elif value is not None:
+        for i, entry in enumerate(value):
+            if entry is not None or not field.entries_may_be_none:
+                field.kind.check(f"{field.torch_key}[{i}]", entry)
+
+
 def check_state(state, numel: int) -> None:
     """Refuse an LBFGS state that is not torch's layout (see :meth:`LBFGSDriver.export_state`)."""
     unknown = set(state) - set(STATE_KEYS)
     if unknown:
         raise ValueError(f"LBFGS state has unknown keys {sorted(unknown)}; allowed: {list(STATE_KEYS)}")
-    for key in ("func_evals", "n_iter"):
-        if key in state and not isinstance(state[key], numbers.Integral):
-            raise ValueError(f"LBFGS state {key!r} must be an int; got {state[key]!r}")
+    torch_fields = [field for field in STATE_FIELDS if field.torch_key is not None]
+    for field in torch_fields:
+        if field.in_torch != ONCE_STARTED and field.torch_key in state:
+            _check_field(field, state[field.torch_key])
 
     def vector(name, value):
         if not isinstance(value, np.ndarray) or value.shape != (numel,):
             shape = getattr(value, "shape", type(value).__name__)
             raise ValueError(f"LBFGS state {name!r} must be a flat array of shape ({numel},); got {shape}")
 
-    def scalar(name, value, allow_none=False):
-        if value is None and allow_none:
-            return
-        if isinstance(value, np.ndarray):
-            if value.ndim != 0:
-                raise ValueError(f"LBFGS state {name!r} must be a scalar; got shape {value.shape}")
-        elif not isinstance(value, numbers.Real):
-            raise ValueError(f"LBFGS state {name!r} must be a number; got {value!r}")
-
-    if "al" in state and state["al"] is not None:
-        for i, a in enumerate(state["al"]):
-            scalar(f"al[{i}]", a, allow_none=True)
     if state.get("d") is None:
         if state.get("n_iter", 0):
             raise ValueError("LBFGS state has n_iter > 0 but no direction 'd'")
@@ -550,8 +548,7 @@ def check_state(state, numel: int) -> None:
     for key in ("old_dirs", "old_stps"):
         for i, v in enumerate(state[key]):
             vector(f"{key}[{i}]", v)
-    for i, r in enumerate(state["ro"]):
-        scalar(f"ro[{i}]", r)
-    scalar("t", state["t"])
-    scalar("H_diag", state["H_diag"])
-    scalar("prev_loss", state["prev_loss"])
+    # the history's scalars (one per pair, as its vectors just checked) before the single ones
+    started_fields = [field for field in torch_fields if field.in_torch == ONCE_STARTED]
+    for field in sorted(started_fields, key=lambda field: not field.is_list):
+        _check_field(field, state[field.torch_key])
