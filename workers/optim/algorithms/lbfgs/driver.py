@@ -87,7 +87,7 @@ DTYPE_NUMBER = ScalarKind(_as_array, _as_scalar, _as_plain, _as_dtype, _check_nu
 H_DIAG = ScalarKind(_as_array, _as_scalar, _as_plain, _as_dtype_unless_int, _check_number)
 
 # when torch's layout holds a field
-ALWAYS, ONCE_SET, ONCE_STARTED = "always", "once not None", "once a step has iterated"
+ALWAYS, ONCE_NOT_NONE, ONCE_STARTED = "always", "once not None", "once a step has iterated"
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ STATE_FIELDS = (
     ScalarField("h_diag", "h_diag", "H_diag", H_DIAG, 1, in_torch=ONCE_STARTED),
     ScalarField("prev_loss", "prev_loss", "prev_loss", PYTHON_NUMBER, None, in_torch=ONCE_STARTED),
     # torch creates al as [None] * history_size on the second iteration
-    ScalarField("al", "al", "al", DTYPE_NUMBER, None, in_torch=ONCE_SET, is_list=True,
+    ScalarField("al", "al", "al", DTYPE_NUMBER, None, in_torch=ONCE_NOT_NONE, is_list=True,
                 entries_may_be_none=True),
 )
 
