@@ -79,6 +79,7 @@ from shardstep.workers.optim.algorithms.lbfgs import LBFGS, LBFGSDriver
 from shardstep.workers.optim.builders import OptimizerGroups, build_scheduler, optimizer_groups
 from shardstep.workers.tasks import make_task
 from shardstep.workers.tasks.base import Task
+from shardstep.workers.training import TrainingOutcome
 
 __all__ = ["CHECKPOINT_DIR", "INIT_FILE", "JOB_FILE", "METRICS_FILE", "Coordinator", "RunResult", "TRANSITIONS",
            "InitPlan"]
@@ -252,17 +253,12 @@ class InFlightSave:
 
 
 @dataclass(frozen=True, eq=False)
-class RunResult:
-    """What a finished run reports: per-step records, evaluations, the final metrics, and
-    where things stand. :attr:`params` reads the final parameters from the final checkpoint
-    when asked (the coordinator itself never holds them)."""
+class RunResult(TrainingOutcome):
+    """What a finished run reports: the outcome (per-step records, evaluations, the final
+    metrics, where the data stream stands) and how the run went. :attr:`params` reads the
+    final parameters from the final checkpoint when asked (the coordinator itself never
+    holds them)."""
 
-    history: list[dict[str, Any]]
-    evaluations: list[dict[str, Any]]
-    metrics: dict[str, float]
-    steps: int
-    epoch: int
-    batch: int
     failures: int
     run_dir: Path | ObjectPath
     checkpoint_steps: list[int]

@@ -845,38 +845,38 @@ SETTING_TABLES: dict[str, dict[str, str]] = {
 def _rules_from_dicts(value: Any) -> tuple[ParamGroupRule, ...] | None:
     if value is None:
         return None
-    if not isinstance(value, (list, tuple)):
-        raise JobSpecError(f"param_groups must be None or a list of {{pattern, options}}; got {_got(value)}")
-    rules = []
-    for index, item in enumerate(value):
-        if isinstance(item, ParamGroupRule):
-            rules.append(item)
-            continue
-        path = f"param_groups[{index}]"
-        if not isinstance(item, Mapping) or set(item) != {"pattern", "options"}:
-            raise JobSpecError(f"{path} must be a dict with exactly the keys 'pattern' and 'options'; got {item!r}")
-        rules.append(_rule(path, item["pattern"], item["options"]))
-    return tuple(rules)
+    return _entries("param_groups", value, ParamGroupRule, "None or a list of {pattern, options}", _rule_from_dict)
 
 
 def _schedulers_from_dicts(value: Any) -> tuple[SchedulerSpec, ...]:
+    return _entries("schedulers", value, SchedulerSpec, "a list of {name, args, interval, monitor}",
+                    _scheduler_from_dict)
+
+
+def _entries(key: str, value: Any, kind: type, allowed: str, from_dict: Callable[[str, Any], Any]) -> tuple:
+    """A job file's array of tables ``key``: each entry ``kind`` as given, or made from its
+    table by ``from_dict(path, table)``."""
     if not isinstance(value, (list, tuple)):
-        raise JobSpecError(f"schedulers must be a list of {{name, args, interval, monitor}}; got {_got(value)}")
-    schedulers = []
-    for index, item in enumerate(value):
-        if isinstance(item, SchedulerSpec):
-            schedulers.append(item)
-            continue
-        path = f"schedulers[{index}]"
-        if not isinstance(item, Mapping):
-            raise JobSpecError(f"{path} must be a dict of name, args, interval, monitor; got {_got(item)}")
-        _check_keys(path, item, SCHEDULER_KEYS)
-        if "name" not in item:
-            raise JobSpecError(f"{path}.name is required: one of {', '.join(SCHEDULER_NAMES)}")
-        values = _scheduler_values(path, item["name"], item.get("args", {}), item.get("interval", "step"),
-                                   item.get("monitor", TRAINING_LOSS))
-        schedulers.append(SchedulerSpec(**values))
-    return tuple(schedulers)
+        raise JobSpecError(f"{key} must be {allowed}; got {_got(value)}")
+    return tuple(item if isinstance(item, kind) else from_dict(f"{key}[{index}]", item)
+                 for index, item in enumerate(value))
+
+
+def _rule_from_dict(path: str, item: Any) -> ParamGroupRule:
+    if not isinstance(item, Mapping) or set(item) != {"pattern", "options"}:
+        raise JobSpecError(f"{path} must be a dict with exactly the keys 'pattern' and 'options'; got {item!r}")
+    return _rule(path, item["pattern"], item["options"])
+
+
+def _scheduler_from_dict(path: str, item: Any) -> SchedulerSpec:
+    if not isinstance(item, Mapping):
+        raise JobSpecError(f"{path} must be a dict of name, args, interval, monitor; got {_got(item)}")
+    _check_keys(path, item, SCHEDULER_KEYS)
+    if "name" not in item:
+        raise JobSpecError(f"{path}.name is required: one of {', '.join(SCHEDULER_NAMES)}")
+    values = _scheduler_values(path, item["name"], item.get("args", {}), item.get("interval", "step"),
+                               item.get("monitor", TRAINING_LOSS))
+    return SchedulerSpec(**values)
 
 
 def _rule(path: str, pattern: Any, options: Any) -> ParamGroupRule:

@@ -42,22 +42,29 @@ Callback = Callable[[dict[str, Any]], Any]
 
 
 @dataclass(frozen=True, eq=False)
-class TrainingResult:
-    """What :func:`train` returns.
+class TrainingOutcome:
+    """What a training ends with, in this process (:class:`TrainingResult`) or on a cluster
+    (the coordinator's ``RunResult``).
 
-    params: the final parameters (copies, by name). history: one record per step, in order
-    (see :meth:`Trainer.step`). evaluations: ``{"step", "epoch", **metrics}`` for every
-    evaluation. metrics: the evaluation of the final parameters. steps: optimizer steps
-    taken. epoch, batch: where the data stream stands (the next batch to train on).
+    history: one record per step, in order (see :meth:`Trainer.step`). evaluations:
+    ``{"step", "epoch", **metrics}`` for every evaluation. metrics: the evaluation of the
+    final parameters. steps: optimizer steps taken. epoch, batch: where the data stream
+    stands (the next batch to train on).
     """
 
-    params: dict[str, np.ndarray]
     history: list[dict[str, Any]]
     evaluations: list[dict[str, Any]]
     metrics: dict[str, float]
     steps: int
     epoch: int
     batch: int
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingResult(TrainingOutcome):
+    """What :func:`train` returns: the outcome and the final parameters (copies, by name)."""
+
+    params: dict[str, np.ndarray]
 
 
 class Trainer:

@@ -51,12 +51,17 @@ def _adam_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize, ams
         param[i] = p + neg_step_size * m / denom
 
 
-def update(param, grad, state, group) -> None:
+def advance_with_bias_corrections(state, group) -> tuple[float, float, float, float, float]:
+    """Count the step and return ``(step, beta1, beta2, 1 - beta1**step, 1 - beta2**step)`` as
+    torch's single-tensor Adam and RAdam compute them, in Python floats."""
     step = advance(state["step"])
     beta1, beta2 = group["betas"]
+    return step, beta1, beta2, 1 - beta1**step, 1 - beta2**step
+
+
+def update(param, grad, state, group) -> None:
+    _, beta1, beta2, bias_correction1, bias_correction2 = advance_with_bias_corrections(state, group)
     lr, weight_decay = group["lr"], group["weight_decay"]
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
     exp_avg_sq = kernels.flat(state["exp_avg_sq"])
     max_exp_avg_sq = kernels.flat(state["max_exp_avg_sq"]) if group["amsgrad"] else exp_avg_sq
     (decay, beta2_, one_minus_beta2, bc2_sqrt, eps, neg_step_size, wd) = kernels.scalars(

@@ -22,8 +22,9 @@ from numba import prange
 
 from shardstep.workers.optim import group_checks as check
 from shardstep.workers.optim import kernels
+from shardstep.workers.optim.algorithms.adam import advance_with_bias_corrections
 from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
-from shardstep.workers.optim.rule import Rule, advance, new_step
+from shardstep.workers.optim.rule import Rule, new_step
 
 RADAM_DEFAULTS = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, maximize=False, foreach=None,
@@ -54,11 +55,8 @@ def _radam_kernel(param, grad, exp_avg, exp_avg_sq, maximize, weight_decay, deco
 
 
 def update(param, grad, state, group) -> None:
-    step = advance(state["step"])
-    beta1, beta2 = group["betas"]
+    step, beta1, beta2, bias_correction1, bias_correction2 = advance_with_bias_corrections(state, group)
     lr, weight_decay = group["lr"], group["weight_decay"]
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
     rectify = rho_t > 5.0
