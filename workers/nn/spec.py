@@ -27,44 +27,19 @@ import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.checks import is_integer
-from shardstep.workers.nn.layers import (
-    GELU,
-    AdaptiveAvgPool1d,
-    AdaptiveAvgPool2d,
-    AvgPool2d,
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv1d,
-    Conv2d,
-    Dropout,
-    Flatten,
-    LayerNorm,
-    Linear,
-    LogSoftmax,
-    MaxPool2d,
-    ReLU,
-    Sequential,
-    Softmax,
-    Tanh,
-)
-from shardstep.workers.nn.losses import (
-    BCEWithLogitsLoss,
-    CrossEntropyLoss,
-    HuberLoss,
-    L1Loss,
-    Loss,
-    MSELoss,
-    NLLLoss,
-    SmoothL1Loss,
-)
+from shardstep.workers.nn import layers as nn_layers
+from shardstep.workers.nn import losses as nn_losses
+from shardstep.workers.nn.layers import Linear, Sequential
+from shardstep.workers.nn.losses import Loss
 
-# layer name -> class; Linear and the convolutions have weights, and every layer's input shape
-# must be what the layers before it give (checked from model.input_shape, one example's shape)
-LAYERS: dict[str, type] = {"Linear": Linear, "Conv1d": Conv1d, "Conv2d": Conv2d, "ReLU": ReLU, "Tanh": Tanh,
-                           "GELU": GELU, "LogSoftmax": LogSoftmax, "Softmax": Softmax, "MaxPool2d": MaxPool2d,
-                           "AvgPool2d": AvgPool2d, "AdaptiveAvgPool1d": AdaptiveAvgPool1d,
-                           "AdaptiveAvgPool2d": AdaptiveAvgPool2d, "Flatten": Flatten, "LayerNorm": LayerNorm,
-                           "BatchNorm1d": BatchNorm1d, "BatchNorm2d": BatchNorm2d, "Dropout": Dropout}
+# layer name (its class's name) -> class; Linear and the convolutions have weights, and every
+# layer's input shape must be what the layers before it give (checked from model.input_shape,
+# one example's shape)
+LAYERS: dict[str, type] = {cls.__name__: cls for cls in (
+    nn_layers.Linear, nn_layers.Conv1d, nn_layers.Conv2d, nn_layers.ReLU, nn_layers.Tanh, nn_layers.GELU,
+    nn_layers.LogSoftmax, nn_layers.Softmax, nn_layers.MaxPool2d, nn_layers.AvgPool2d, nn_layers.AdaptiveAvgPool1d,
+    nn_layers.AdaptiveAvgPool2d, nn_layers.Flatten, nn_layers.LayerNorm, nn_layers.BatchNorm1d,
+    nn_layers.BatchNorm2d, nn_layers.Dropout)}
 # the layers built with the run's dtype and generator; a model needs a Linear or a convolution
 PARAMETRIC = ("Linear", "Conv1d", "Conv2d", "LayerNorm")
 # built with the run's dtype only (constant initialization)
@@ -74,13 +49,13 @@ CONVOLUTIONS = ("Conv1d", "Conv2d")
 # the layers of (channels, *spatial) examples, by the number of spatial axes
 SPATIAL_LAYERS = {"Conv1d": 1, "AdaptiveAvgPool1d": 1, "Conv2d": 2, "MaxPool2d": 2, "AvgPool2d": 2,
                   "AdaptiveAvgPool2d": 2}
-# loss name -> (class, kind): "classes" losses take class indices, "values" losses take
-# float targets of the output's shape, "binary" losses take 0/1 targets of the output's shape
-LOSSES: dict[str, tuple[type[Loss], str]] = {
-    "CrossEntropyLoss": (CrossEntropyLoss, "classes"), "NLLLoss": (NLLLoss, "classes"),
-    "MSELoss": (MSELoss, "values"), "L1Loss": (L1Loss, "values"), "SmoothL1Loss": (SmoothL1Loss, "values"),
-    "HuberLoss": (HuberLoss, "values"), "BCEWithLogitsLoss": (BCEWithLogitsLoss, "binary"),
-}
+# loss name (its class's name) -> (class, kind): "classes" losses take class indices, "values"
+# losses take float targets of the output's shape, "binary" losses take 0/1 targets of the
+# output's shape
+LOSSES: dict[str, tuple[type[Loss], str]] = {cls.__name__: (cls, kind) for cls, kind in (
+    (nn_losses.CrossEntropyLoss, "classes"), (nn_losses.NLLLoss, "classes"), (nn_losses.MSELoss, "values"),
+    (nn_losses.L1Loss, "values"), (nn_losses.SmoothL1Loss, "values"), (nn_losses.HuberLoss, "values"),
+    (nn_losses.BCEWithLogitsLoss, "binary"))}
 # arguments the spec chooses itself: the dtype and generator of the run, the reduction the
 # summable loss needs (see shardstep.workers.tasks.base)
 CHOSEN_ARGS = {"dtype": "the data's dtype (data.dtype)", "rng": "the run's seed",
