@@ -16,6 +16,16 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def float_dtype_or_none(value) -> np.dtype | None:
+    """``value`` (a dtype, a type or its name) as float32 or float64, or None when it is neither:
+    the caller raises its own error."""
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        return None
+    return dtype if dtype in FLOAT_DTYPES else None
+
+
 def float_array(owner: str, name: str, value) -> np.ndarray:
     """``value`` as a float32/float64 ndarray (lists of Python floats become float64)."""
     array = np.asarray(value)

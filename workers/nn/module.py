@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from shardstep.workers.optim.parameter import FLOAT_DTYPES, Parameter, RowSparseGrad
+from shardstep.workers.nn.checks import float_dtype_or_none
+from shardstep.workers.optim.parameter import Parameter, RowSparseGrad
 
 
 def as_generator(rng, owner: str) -> np.random.Generator:
@@ -32,11 +33,8 @@ def as_generator(rng, owner: str) -> np.random.Generator:
 
 
 def float_dtype(dtype, owner: str) -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved not in FLOAT_DTYPES:
+    resolved = float_dtype_or_none(dtype)
+    if resolved is None:
         raise TypeError(f"{owner}: dtype must be float32 or float64; got {dtype!r}")
     return resolved
 
@@ -168,20 +166,26 @@ class Module:
         for name, child in self._modules.items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
+    def _named_members(self, registry: str, prefix: str, remove_duplicate: bool) -> Iterator[tuple[str, Any]]:
+        """(dotted name, value) of every entry of each module's ``registry`` (``"_parameters"`` or
+        ``"_buffers"``) that is not None, modules depth first; with ``remove_duplicate`` a value
+        held by several modules comes once, under its first name."""
+        seen: set[int] = set()
+        for module_name, module in self.named_modules(prefix):
+            for name, value in getattr(module, registry).items():
+                if value is None:
+                    continue
+                if remove_duplicate:
+                    if id(value) in seen:
+                        continue
+                    seen.add(id(value))
+                yield f"{module_name}.{name}" if module_name else name, value
+
     def named_parameters(self, prefix: str = "", remove_duplicate: bool = True) -> list[tuple[str, Parameter]]:
         """(dotted name, Parameter) pairs in registration order: ``"weight"`` in a Linear,
         ``"0.weight"`` for the first layer of a Sequential. A Parameter shared by two modules
         is listed once, under its first name (as torch)."""
-        seen: set[int] = set()
-        pairs = []
-        for module_name, module in self.named_modules(prefix):
-            for name, param in module._parameters.items():
-                if remove_duplicate:
-                    if id(param) in seen:
-                        continue
-                    seen.add(id(param))
-                pairs.append((f"{module_name}.{name}" if module_name else name, param))
-        return pairs
+        return list(self._named_members("_parameters", prefix, remove_duplicate))
 
     def parameters(self) -> list[Parameter]:
         return [param for _, param in self.named_parameters()]
@@ -189,18 +193,7 @@ class Module:
     def named_buffers(self, prefix: str = "", remove_duplicate: bool = True) -> list[tuple[str, np.ndarray]]:
         """(dotted name, array) of every buffer that is not None, in registration order, modules
         depth first (``"1.running_mean"``); an array shared by two modules is listed once."""
-        seen: set[int] = set()
-        pairs = []
-        for module_name, module in self.named_modules(prefix):
-            for name, array in module._buffers.items():
-                if array is None:
-                    continue
-                if remove_duplicate:
-                    if id(array) in seen:
-                        continue
-                    seen.add(id(array))
-                pairs.append((f"{module_name}.{name}" if module_name else name, array))
-        return pairs
+        return list(self._named_members("_buffers", prefix, remove_duplicate))
 
     def buffers(self) -> list[np.ndarray]:
         return [array for _, array in self.named_buffers()]

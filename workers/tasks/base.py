@@ -39,8 +39,9 @@ import numpy as np
 
 from shardstep.checkpoints.layout import ParamSpec
 from shardstep.workers.checks import is_integer, is_real
+from shardstep.workers.nn.checks import float_dtype_or_none
 from shardstep.workers.optim.param_groups import ParamGroupRule
-from shardstep.workers.optim.parameter import FLOAT_DTYPES, RowSparseGrad
+from shardstep.workers.optim.parameter import RowSparseGrad
 
 Grad = np.ndarray | RowSparseGrad
 
@@ -116,11 +117,8 @@ def check_real(name: str, value: Any, minimum: float | None = None, *, open_min:
 
 def check_dtype(name: str, value: Any) -> np.dtype:
     """float32 or float64, given as a dtype, a type or its name."""
-    try:
-        dtype = np.dtype(value)
-    except TypeError:
-        dtype = None
-    if dtype not in FLOAT_DTYPES:
+    dtype = float_dtype_or_none(value)
+    if dtype is None:
         raise ValueError(f"{name} must be 'float32' or 'float64'; got {value!r}")
     return dtype
 
