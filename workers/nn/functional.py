@@ -847,6 +847,17 @@ def kl_div_backward(saved: KLDivSaved, grad_output=1.0) -> np.ndarray:
 
 # -- ranking and cosine embedding -------------------------------------------------------------
 
+def _paired_inputs(owner: str, reduction: str, margin: float, input1, input2):
+    """The checked reduction, margin, two inputs and their common dtype of a loss that compares
+    ``input1`` with ``input2`` under a margin."""
+    reduction = reduction_name(owner, reduction)
+    margin = real(owner, "margin", margin)
+    x1 = float_array(owner, "input1", input1)
+    x2 = float_array(owner, "input2", input2)
+    dtype = same_dtype(owner, ("input1", "input2"), (x1, x2))
+    return reduction, margin, x1, x2, dtype
+
+
 class MarginRankingSaved(NamedTuple):
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -859,11 +870,7 @@ def margin_ranking_loss_forward(input1, input2, target, margin: float = 0.0, red
     """max(0, -y (x1 - x2) + margin) with y = 1 (x1 should rank higher) or -1 (torch does not
     check y's values, nor does this)."""
     owner = "MarginRankingLoss"
-    reduction = reduction_name(owner, reduction)
-    margin = real(owner, "margin", margin)
-    x1 = float_array(owner, "input1", input1)
-    x2 = float_array(owner, "input2", input2)
-    dtype = same_dtype(owner, ("input1", "input2"), (x1, x2))
+    reduction, margin, x1, x2, dtype = _paired_inputs(owner, reduction, margin, input1, input2)
     target = numeric_like(owner, "target", target, dtype)
     same_shape(owner, ("input1", "input2", "target"), (x1, x2, target))
     with np.errstate(invalid="ignore", over="ignore"):
@@ -902,11 +909,7 @@ def cosine_embedding_loss_forward(input1, input2, target, margin: float = 0.0, r
     """1 - cos(x1, x2) where y = 1, max(0, cos(x1, x2) - margin) where y = -1, 0 for other y
     (torch's cosine_embedding_loss, 1e-12 added to each squared norm)."""
     owner = "CosineEmbeddingLoss"
-    reduction = reduction_name(owner, reduction)
-    margin = real(owner, "margin", margin)
-    x1 = float_array(owner, "input1", input1)
-    x2 = float_array(owner, "input2", input2)
-    dtype = same_dtype(owner, ("input1", "input2"), (x1, x2))
+    reduction, margin, x1, x2, dtype = _paired_inputs(owner, reduction, margin, input1, input2)
     shape = same_shape(owner, ("input1", "input2"), (x1, x2))
     target = numeric_like(owner, "target", target, dtype)
     if len(shape) not in (1, 2) or target.shape != shape[:-1]:
