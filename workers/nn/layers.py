@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -787,6 +787,12 @@ class Dropout(_Elementwise):
 
 
 class _SoftmaxBase(_Elementwise):
+    """A normalization along ``dim`` whose gradient needs only its output: ``_function(x, axis)``
+    and ``_backward_function(grad, output, axis)`` are the subclass's pair from functional."""
+
+    _function: Callable[[np.ndarray, int], np.ndarray]
+    _backward_function: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
     def __init__(self, dim: int | None = None):
         super().__init__()
         self.dim = None if dim is None else integer(type(self).__name__, "dim", dim)
@@ -794,6 +800,18 @@ class _SoftmaxBase(_Elementwise):
     def _axis(self, ndim: int) -> int:
         dim = F.implicit_softmax_dim(ndim) if self.dim is None else self.dim
         return F.softmax_axis(type(self).__name__, dim, ndim)
+
+    def forward(self, x) -> np.ndarray:
+        x = self._input(x)
+        axis = self._axis(x.ndim)
+        output = self._function(x, axis)
+        self._cache = (output, axis)
+        return output
+
+    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
+        output, axis = self._cached()
+        grad = self._grad(grad_output, output)
+        return self._backward_function(grad, output, axis) if need_input_grad else None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -803,31 +821,13 @@ class LogSoftmax(_SoftmaxBase):
     """log softmax along ``dim``, computed as x - max - log(sum(exp(x - max))): finite for any
     finite input. ``dim=None`` picks torch's legacy implicit dimension."""
 
-    def forward(self, x) -> np.ndarray:
-        x = self._input(x)
-        axis = self._axis(x.ndim)
-        output = F.log_softmax(x, axis)
-        self._cache = (output, axis)
-        return output
-
-    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
-        output, axis = self._cached()
-        grad = self._grad(grad_output, output)
-        return F.log_softmax_backward(grad, output, axis) if need_input_grad else None
+    _function = staticmethod(F.log_softmax)
+    _backward_function = staticmethod(F.log_softmax_backward)
 
 
 class Softmax(_SoftmaxBase):
-    def forward(self, x) -> np.ndarray:
-        x = self._input(x)
-        axis = self._axis(x.ndim)
-        output = F.softmax(x, axis)
-        self._cache = (output, axis)
-        return output
-
-    def backward(self, grad_output, need_input_grad: bool = True) -> np.ndarray | None:
-        output, axis = self._cached()
-        grad = self._grad(grad_output, output)
-        return F.softmax_backward(grad, output, axis) if need_input_grad else None
+    _function = staticmethod(F.softmax)
+    _backward_function = staticmethod(F.softmax_backward)
 
 
 class Sequential(Module):
