@@ -17,6 +17,7 @@ accepted: use ``reduction``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,6 +38,9 @@ class Loss:
     state; ``backward(grad_output=1.0)`` runs the functional backward on it."""
 
     reductions: ClassVar[tuple[str, ...]] = REDUCTIONS
+    # (saved, grad_output) -> the gradient of each non-target input: the functional backward
+    # that goes with what the subclass's forward saved
+    _backward_function: ClassVar[Callable[[Any, Any], Any] | None] = None
 
     def __init__(self, reduction: str = "mean"):
         self.reduction = reduction_name(type(self).__name__, reduction, self.reductions)
@@ -61,7 +65,9 @@ class Loss:
         return self._saved
 
     def backward(self, grad_output=1.0):
-        raise NotImplementedError
+        if self._backward_function is None:
+            raise NotImplementedError
+        return self._backward_function(self._saved_state(), grad_output)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reduction={self.reduction!r})"
@@ -74,6 +80,8 @@ def _optional_float_array(owner: str, name: str, value):
 class NLLLoss(Loss):
     """Negative log-likelihood of class indices given log-probabilities (torch.nn.NLLLoss)."""
 
+    _backward_function = staticmethod(F.nll_loss_backward)
+
     def __init__(self, weight=None, *, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__(reduction)
         self.weight = _optional_float_array("NLLLoss", "weight", weight)
@@ -82,13 +90,12 @@ class NLLLoss(Loss):
     def forward(self, input, target):
         return self._finish(*F.nll_loss_forward(input, target, self.weight, self.ignore_index, self.reduction))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.nll_loss_backward(self._saved_state(), grad_output)
-
 
 class CrossEntropyLoss(Loss):
     """LogSoftmax over the class axis followed by NLLLoss (class-index targets) or the
     cross-entropy with class-probability targets, with optional label smoothing."""
+
+    _backward_function = staticmethod(F.cross_entropy_backward)
 
     def __init__(self, weight=None, *, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0):
@@ -104,12 +111,11 @@ class CrossEntropyLoss(Loss):
         return self._finish(*F.cross_entropy_forward(input, target, self.weight, self.ignore_index,
                                                      self.reduction, self.label_smoothing))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.cross_entropy_backward(self._saved_state(), grad_output)
-
 
 class TripletMarginLoss(Loss):
     """max(margin + d(a, p) - d(a, n), 0) with d the p-norm distance (torch.nn.TripletMarginLoss)."""
+
+    _backward_function = staticmethod(F.triplet_margin_loss_backward)
 
     def __init__(self, margin: float = 1.0, p: float = 2.0, eps: float = 1e-6, swap: bool = False, *,
                  reduction: str = "mean"):
@@ -126,33 +132,30 @@ class TripletMarginLoss(Loss):
         return self._finish(*F.triplet_margin_loss_forward(anchor, positive, negative, self.margin, self.p,
                                                            self.eps, self.swap, self.reduction))
 
-    def backward(self, grad_output=1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return F.triplet_margin_loss_backward(self._saved_state(), grad_output)
-
 
 class MSELoss(Loss):
+    _backward_function = staticmethod(F.mse_loss_backward)
+
     def __init__(self, *, reduction: str = "mean"):
         super().__init__(reduction)
 
     def forward(self, input, target):
         return self._finish(*F.mse_loss_forward(input, target, self.reduction))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.mse_loss_backward(self._saved_state(), grad_output)
-
 
 class L1Loss(Loss):
+    _backward_function = staticmethod(F.l1_loss_backward)
+
     def __init__(self, *, reduction: str = "mean"):
         super().__init__(reduction)
 
     def forward(self, input, target):
         return self._finish(*F.l1_loss_forward(input, target, self.reduction))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.l1_loss_backward(self._saved_state(), grad_output)
-
 
 class SmoothL1Loss(Loss):
+    _backward_function = staticmethod(F.smooth_l1_loss_backward)
+
     def __init__(self, *, reduction: str = "mean", beta: float = 1.0):
         super().__init__(reduction)
         self.beta = real("SmoothL1Loss", "beta", beta)
@@ -162,11 +165,10 @@ class SmoothL1Loss(Loss):
     def forward(self, input, target):
         return self._finish(*F.smooth_l1_loss_forward(input, target, self.reduction, self.beta))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.smooth_l1_loss_backward(self._saved_state(), grad_output)
-
 
 class HuberLoss(Loss):
+    _backward_function = staticmethod(F.huber_loss_backward)
+
     def __init__(self, reduction: str = "mean", delta: float = 1.0):
         super().__init__(reduction)
         self.delta = real("HuberLoss", "delta", delta)
@@ -176,12 +178,11 @@ class HuberLoss(Loss):
     def forward(self, input, target):
         return self._finish(*F.huber_loss_forward(input, target, self.reduction, self.delta))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.huber_loss_backward(self._saved_state(), grad_output)
-
 
 class BCELoss(Loss):
     """Binary cross-entropy of probabilities in [0, 1]; logs clamped at -100 as in torch."""
+
+    _backward_function = staticmethod(F.binary_cross_entropy_backward)
 
     def __init__(self, weight=None, *, reduction: str = "mean"):
         super().__init__(reduction)
@@ -190,13 +191,12 @@ class BCELoss(Loss):
     def forward(self, input, target):
         return self._finish(*F.binary_cross_entropy_forward(input, target, self.weight, self.reduction))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.binary_cross_entropy_backward(self._saved_state(), grad_output)
-
 
 class BCEWithLogitsLoss(Loss):
     """Sigmoid + binary cross-entropy in one stable expression, with per-element ``weight`` and
     per-class ``pos_weight`` (both broadcast to the input's shape)."""
+
+    _backward_function = staticmethod(F.binary_cross_entropy_with_logits_backward)
 
     def __init__(self, weight=None, *, reduction: str = "mean", pos_weight=None):
         super().__init__(reduction)
@@ -207,14 +207,12 @@ class BCEWithLogitsLoss(Loss):
         return self._finish(*F.binary_cross_entropy_with_logits_forward(
             input, target, self.weight, self.reduction, self.pos_weight))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.binary_cross_entropy_with_logits_backward(self._saved_state(), grad_output)
-
 
 class KLDivLoss(Loss):
     """KL divergence with the input as log-probabilities; reduction also takes 'batchmean'."""
 
     reductions = F.KL_REDUCTIONS
+    _backward_function = staticmethod(F.kl_div_backward)
 
     def __init__(self, *, reduction: str = "mean", log_target: bool = False):
         super().__init__(reduction)
@@ -223,11 +221,10 @@ class KLDivLoss(Loss):
     def forward(self, input, target):
         return self._finish(*F.kl_div_forward(input, target, self.reduction, self.log_target))
 
-    def backward(self, grad_output=1.0) -> np.ndarray:
-        return F.kl_div_backward(self._saved_state(), grad_output)
-
 
 class MarginRankingLoss(Loss):
+    _backward_function = staticmethod(F.margin_ranking_loss_backward)
+
     def __init__(self, margin: float = 0.0, *, reduction: str = "mean"):
         super().__init__(reduction)
         self.margin = real("MarginRankingLoss", "margin", margin)
@@ -235,17 +232,13 @@ class MarginRankingLoss(Loss):
     def forward(self, input1, input2, target):
         return self._finish(*F.margin_ranking_loss_forward(input1, input2, target, self.margin, self.reduction))
 
-    def backward(self, grad_output=1.0) -> tuple[np.ndarray, np.ndarray]:
-        return F.margin_ranking_loss_backward(self._saved_state(), grad_output)
-
 
 class CosineEmbeddingLoss(Loss):
+    _backward_function = staticmethod(F.cosine_embedding_loss_backward)
+
     def __init__(self, margin: float = 0.0, *, reduction: str = "mean"):
         super().__init__(reduction)
         self.margin = real("CosineEmbeddingLoss", "margin", margin)
 
     def forward(self, input1, input2, target):
         return self._finish(*F.cosine_embedding_loss_forward(input1, input2, target, self.margin, self.reduction))
-
-    def backward(self, grad_output=1.0) -> tuple[np.ndarray, np.ndarray]:
-        return F.cosine_embedding_loss_backward(self._saved_state(), grad_output)
