@@ -546,6 +546,13 @@ class LRScheduler:
         if self._momentum_key is not None:
             self._last_momentum = [_read_momentum(g, self._momentum_key) for g in self.optimizer.param_groups]
 
+    def _restore_last_lr(self, last_lr: list) -> None:
+        """Take ``last_lr`` (checked) as the last rates and write them into the param groups,
+        as the step that computed them did."""
+        self._last_lr = last_lr
+        for group, rate in zip(self.optimizer.param_groups, last_lr):
+            group["lr"] = rate
+
     # -- state ------------------------------------------------------------------------------
 
     def _set_fields(self, **arguments: Any) -> None:
@@ -655,9 +662,7 @@ class LRScheduler:
             self.last_epoch = last_epoch
             self._step_count = step_count
             self.base_lrs = base_lrs
-            self._last_lr = last_lr
-            for group, rate in zip(self.optimizer.param_groups, last_lr):
-                group["lr"] = rate
+            self._restore_last_lr(last_lr)
             apply_momentum()
 
         return apply
@@ -1105,9 +1110,7 @@ class ReduceLROnPlateau(LRScheduler):
 
         def apply() -> None:
             apply_fields()
-            self._last_lr = last_lr
-            for group, rate in zip(self.optimizer.param_groups, last_lr):
-                group["lr"] = rate
+            self._restore_last_lr(last_lr)
 
         return apply
 
@@ -1502,9 +1505,7 @@ class _Composite(LRScheduler):
             # children first: the last rates written must be the composite's own
             for apply_child in appliers:
                 apply_child()
-            self._last_lr = last_lr
-            for group, rate in zip(self.optimizer.param_groups, last_lr):
-                group["lr"] = rate
+            self._restore_last_lr(last_lr)
             apply_momentum()
 
         return apply
