@@ -1,7 +1,7 @@
-"""The one registry of optimizer algorithms: name -> (module, class).
+"""The one registry of optimizer algorithms: name -> class name.
 
-Adding an optimizer is one file in ``workers/optim/algorithms/`` (its rule and its
-torch-style class) and one entry here. Modules load on first use.
+Adding an optimizer is one file in ``workers/optim/algorithms/`` named like its registry name
+(its rule and its torch-style class) and one entry here. Modules load on first use.
 """
 
 from __future__ import annotations
@@ -10,24 +10,25 @@ import importlib
 
 from shardstep.workers.optim.rule import Rule
 
-_ALGORITHMS: dict[str, tuple[str, str]] = {
-    "sgd": ("sgd", "SGD"),
-    "adagrad": ("adagrad", "Adagrad"),
-    "rmsprop": ("rmsprop", "RMSprop"),
-    "adadelta": ("adadelta", "Adadelta"),
-    "adam": ("adam", "Adam"),
-    "adamw": ("adamw", "AdamW"),
-    "adamax": ("adamax", "Adamax"),
-    "nadam": ("nadam", "NAdam"),
-    "radam": ("radam", "RAdam"),
-    "sparse_adam": ("sparse_adam", "SparseAdam"),
-    "asgd": ("asgd", "ASGD"),
-    "rprop": ("rprop", "Rprop"),
-    "lbfgs": ("lbfgs", "LBFGS"),
+# each class is in the module (or package) workers/optim/algorithms/<name>
+_ALGORITHMS: dict[str, str] = {
+    "sgd": "SGD",
+    "adagrad": "Adagrad",
+    "rmsprop": "RMSprop",
+    "adadelta": "Adadelta",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamax": "Adamax",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "sparse_adam": "SparseAdam",
+    "asgd": "ASGD",
+    "rprop": "Rprop",
+    "lbfgs": "LBFGS",
 }
 
 NAMES: tuple[str, ...] = tuple(_ALGORITHMS)
-CLASS_NAMES: dict[str, str] = {cls: name for name, (_, cls) in _ALGORITHMS.items()}
+CLASS_NAMES: dict[str, str] = {cls: name for name, cls in _ALGORITHMS.items()}
 
 
 def optimizer_class(name: str) -> type:
@@ -36,8 +37,7 @@ def optimizer_class(name: str) -> type:
     if key not in _ALGORITHMS:
         allowed = ", ".join(NAMES)
         raise ValueError(f"unknown optimizer {name!r}; allowed: {allowed}")
-    module, cls = _ALGORITHMS[key]
-    return getattr(importlib.import_module(f"shardstep.workers.optim.algorithms.{module}"), cls)
+    return getattr(importlib.import_module(f"shardstep.workers.optim.algorithms.{key}"), _ALGORITHMS[key])
 
 
 def rule(name: str) -> Rule:
