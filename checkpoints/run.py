@@ -33,7 +33,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -679,6 +679,17 @@ def _first_difference(a: dict, b: dict) -> str:
 # reading committed checkpoints
 
 
+def numbered_names(names: Iterable[str], pattern: re.Pattern[str]) -> list[tuple[Any, ...]]:
+    """``(*numbers, name)`` of every name ``pattern`` matches whole, its groups (all digits) read
+    as ints: the names in numeric order, whatever order the listing gave them in."""
+    found = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match:
+            found.append((*map(int, match.groups()), name))
+    return sorted(found)
+
+
 def _step_entries(root: Path) -> list[tuple[int, str]]:
     """``(step, name)`` of every ``step-<k>`` entry of a run directory, committed or not,
     oldest first (pending, deleting and set-aside names never match)."""
@@ -691,12 +702,7 @@ def _step_entries(root: Path) -> list[tuple[int, str]]:
             return []
         except OSError as error:
             raise CheckpointError(f"cannot list {root}: {error.strerror or error}") from error
-    entries = []
-    for name in names:
-        match = STEP_DIR.fullmatch(name)
-        if match:
-            entries.append((int(match.group(1)), name))
-    return sorted(entries)
+    return numbered_names(names, STEP_DIR)
 
 
 def committed_steps(root: str | os.PathLike) -> list[int]:

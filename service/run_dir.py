@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from shardstep.checkpoints.errors import CheckpointError
+from shardstep.checkpoints.run import numbered_names
 from shardstep.checkpoints.storage import ObjectPath, get_object, location, put_object
 
 JOB_FILE = "job.json"
@@ -515,12 +516,7 @@ def _segments(run_dir: ObjectPath) -> list[tuple[int, int, str]]:
         _, objects = (run_dir / LOG_SEGMENTS).children()
     except CheckpointError as error:
         raise RunLogError(f"cannot list {run_dir / LOG_SEGMENTS}: {error}") from None
-    found = []
-    for name in objects:
-        match = LOG_SEGMENT.fullmatch(name)
-        if match:
-            found.append((int(match.group(1)), int(match.group(2)), name))
-    return sorted(found)
+    return numbered_names(objects, LOG_SEGMENT)
 
 
 def _segment_log(run_dir: ObjectPath) -> _SegmentLog:
