@@ -131,24 +131,27 @@ class RatingsTask(Task):
     def mean_rating(self) -> float:
         return self.cached("mean", lambda: float(np.mean(self._data().train_ratings, dtype=np.float64)))
 
+    def _held_out_rmse(self, prediction) -> float:
+        """The RMSE of ``prediction`` (one rating, or one per held-out pair) on the held-out
+        ratings, in float64."""
+        error = np.asarray(self._data().held_out_ratings, np.float64) - np.asarray(prediction, np.float64)
+        return float(np.sqrt(np.mean(error * error)))
+
     @property
     def baseline_rmse(self) -> float:
         """Held-out RMSE of predicting the mean training rating for every pair."""
-        data = self._data()
-        return _rmse(data.held_out_ratings, self.mean_rating)
+        return self._held_out_rmse(self.mean_rating)
 
     @property
     def bias_rmse(self) -> float:
         """Held-out RMSE of the true mean, user and item biases without the interaction
         term: a model below it has learned the user-item factors."""
-        data = self._data()
-        return _rmse(data.held_out_ratings, data.held_out_biases)
+        return self._held_out_rmse(self._data().held_out_biases)
 
     @property
     def noise_rmse(self) -> float:
         """Held-out RMSE of the true (noise-free) model."""
-        data = self._data()
-        return _rmse(data.held_out_ratings, data.held_out_truth)
+        return self._held_out_rmse(self._data().held_out_truth)
 
     @property
     def train_size(self) -> int:
@@ -208,7 +211,7 @@ class RatingsTask(Task):
     def evaluate(self, params: Mapping[str, np.ndarray]) -> dict[str, float]:
         data = self._data()
         prediction = self.predict(params, data.held_out_users, data.held_out_items)
-        return {"rmse": _rmse(data.held_out_ratings, prediction)}
+        return {"rmse": self._held_out_rmse(prediction)}
 
 
 def _all_grads(tables: dict[str, BoundModule]) -> dict:
@@ -216,8 +219,3 @@ def _all_grads(tables: dict[str, BoundModule]) -> dict:
     for bound in tables.values():
         grads.update(bound.grads())
     return grads
-
-
-def _rmse(ratings: np.ndarray, prediction) -> float:
-    error = np.asarray(ratings, np.float64) - np.asarray(prediction, np.float64)
-    return float(np.sqrt(np.mean(error * error)))
