@@ -29,6 +29,7 @@ import numpy as np
 from shardstep.checkpoints import RunCheckpoint, dump
 from shardstep.checkpoints.torch_files import require_torch, save_export
 from shardstep.service.run_dir import checkpoint_buffers
+from shardstep.workers.optim.algorithms.lbfgs.driver import STATE_KEYS, torch_scalars
 from shardstep.workers.shard import LBFGS_PREFIX
 
 _HISTORY = re.compile(r"(s|y)\.(\d+)")
@@ -105,21 +106,13 @@ def torch_lbfgs_state_dict(checkpoint: RunCheckpoint, params: dict[str, np.ndarr
     def vector(key: str) -> np.ndarray:
         return np.concatenate([pieces[index][LBFGS_PREFIX + key].reshape(-1) for index in range(len(names))])
 
-    def scalar(value: Any) -> Any:
-        return None if value is None else np.array(value, dtype=dtype)
-
-    scalars = checkpoint.extra["coordinator"]["lbfgs"]
-    state: dict[str, Any] = {"func_evals": scalars["func_evals"], "n_iter": scalars["n_iter"]}
-    if scalars["al"] is not None:
-        state["al"] = [scalar(a) for a in scalars["al"]]
-    if scalars["started"]:
+    record = checkpoint.extra["coordinator"]["lbfgs"]
+    state: dict[str, Any] = torch_scalars(record, dtype)
+    if record["started"]:
         history = sorted({int(m.group(2)) for key in first if (m := _HISTORY.fullmatch(key[len(LBFGS_PREFIX):]))})
         state["d"] = vector("d")
-        state["t"] = scalar(scalars["t"])
         state["old_dirs"] = [vector(f"y.{i}") for i in history]
         state["old_stps"] = [vector(f"s.{i}") for i in history]
-        state["ro"] = [scalar(r) for r in scalars["ro"]]
-        state["H_diag"] = scalar(scalars["h_diag"])
         state["prev_flat_grad"] = vector("prev_g")
-        state["prev_loss"] = scalars["prev_loss"]
+    state = {key: state[key] for key in STATE_KEYS if key in state}
     return {"state": {0: state}, "param_groups": exported["param_groups"]}

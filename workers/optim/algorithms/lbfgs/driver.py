@@ -509,6 +509,16 @@ class LBFGSDriver:
                            for field in STATE_FIELDS})
 
 
+def torch_scalars(record: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+    """The scalars of torch's layout, keys and types as :meth:`LBFGSDriver.export_state`
+    writes them, from a record of :meth:`LBFGSDriver.scalar_state` (a sharded checkpoint's
+    export has the record and the vectors, but no driver)."""
+    dt = np.dtype(dtype).type
+    values = {field.attr: field.encode(record[field.record_key], field.kind.from_record, dt) for field in STATE_FIELDS}
+    return {field.torch_key: field.encode(values[field.attr], field.kind.to_torch) for field in STATE_FIELDS
+            if field.held_by_torch(values[field.attr], values["started"])}
+
+
 def _check_field(field: ScalarField, value: Any) -> None:
     if not field.is_list:
         field.kind.check(field.torch_key, value)

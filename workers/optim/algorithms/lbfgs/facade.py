@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardstep.workers.checks import is_integer
 from shardstep.workers.optim.algorithms.lbfgs.driver import LBFGSDriver, check_state
 from shardstep.workers.optim.algorithms.lbfgs.hyperparameters import RULE
 from shardstep.workers.optim.algorithms.lbfgs.vectors import LocalSlices
-from shardstep.workers.optim.optimizer import Optimizer
+from shardstep.workers.optim.optimizer import Optimizer, hyperparameters
 from shardstep.workers.optim.parameter import Parameter
+from shardstep.workers.optim.rule import one_dtype_only, one_group_only
 
 
 def _cast(value, dtype):
@@ -40,20 +40,12 @@ class LBFGS(Optimizer):
 
     def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7,
                  tolerance_change=1e-9, history_size=100, line_search_fn=None):
-        if max_eval is None and is_integer(max_iter):
-            max_eval = max_iter * 5 // 4
+        given = hyperparameters(locals())
         self._driver: LBFGSDriver | None = None
-        super().__init__(params, dict(
-            lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
-            tolerance_change=tolerance_change, history_size=history_size,
-            line_search_fn=line_search_fn,
-        ))
+        super().__init__(params, self.rule.stored_defaults(given))
         dtypes = {p.dtype for p in self._params}
         if len(dtypes) != 1:
-            raise ValueError(
-                f"LBFGS needs all parameters in one dtype (its vectors are concatenated); "
-                f"got {sorted(str(d) for d in dtypes)}"
-            )
+            raise one_dtype_only("LBFGS", dtypes)
 
     @property
     def _params(self) -> list[Parameter]:
@@ -63,10 +55,7 @@ class LBFGS(Optimizer):
         super().add_param_group(param_group)
         if len(self.param_groups) > 1:
             self.param_groups.pop()
-            raise ValueError(
-                "LBFGS doesn't support per-parameter options (parameter groups); "
-                "got a group beyond the first, allowed: 1 group"
-            )
+            raise one_group_only("LBFGS")
 
     def _space(self) -> LocalSlices:
         return LocalSlices([[(p, 0, p.size) for p in self._params]], self._params[0].dtype)
